@@ -1,0 +1,70 @@
+# Two commands from a fresh clone: `make run` (every notebook on the tiny model) and `make test`.
+# Both install first, into .venv, with the standard venv module.
+
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build by default; a GPU machine: `make install TORCH=torch` (see README.md).
+TORCH ?= torch==2.13.0
+KERNEL ?= flux-decoupled
+# The model every notebook uses in `make run` (tiny, medium, flux-dev, flux-schnell, a hub id, a folder).
+FLUX_MODEL ?= tiny
+PYTEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+
+.PHONY: help install run test lab kernel clean distclean
+
+help:
+	@echo "make install   create .venv and install the project (TORCH=$(TORCH))"
+	@echo "make run       execute every notebook on FLUX_MODEL=$(FLUX_MODEL); executed copies in outputs/executed/"
+	@echo "make test      unit tests + every notebook through nbval"
+	@echo "make lab       JupyterLab on the project's kernel"
+	@echo "make kernel    register the '$(KERNEL)' kernel for a Jupyter outside .venv"
+	@echo "make clean     remove what the notebooks made (outputs/), keeping outputs/README.md"
+
+# Idempotent: reinstalls only when pyproject.toml or TORCH changed since the last install.
+install:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@want="$(TORCH) $$(cksum < pyproject.toml)"; \
+	if [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then \
+	  echo "install: $(VENV) is up to date ($(TORCH))"; \
+	else \
+	  set -e; \
+	  $(BIN)/python -m pip install --quiet --upgrade pip; \
+	  $(BIN)/python -m pip install --quiet "$(TORCH)"; \
+	  $(BIN)/python -m pip install --quiet -e ".[test]"; \
+	  $(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null; \
+	  echo "$$want" > $(STAMP); \
+	  echo "install: done; torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	fi
+
+run: install
+	@mkdir -p outputs/executed
+	@total_start=$$(date +%s.%N); \
+	for nb in $(NOTEBOOKS); do \
+	  name=$$(basename $$nb); start=$$(date +%s.%N); \
+	  echo "== $$name (FLUX_MODEL=$(FLUX_MODEL))"; \
+	  if ! FLUX_MODEL="$(FLUX_MODEL)" $(BIN)/papermill --kernel $(KERNEL) --cwd notebooks \
+	        "$$nb" "outputs/executed/$$name"; then \
+	    echo "FAILED: $$name; the executed copy with the error is outputs/executed/$$name" >&2; exit 1; \
+	  fi; \
+	  awk -v a="$$start" -v b="$$(date +%s.%N)" -v n="$$name" 'BEGIN { printf "%s: %.1f s\n", n, b - a }'; \
+	done; \
+	awk -v a="$$total_start" -v b="$$(date +%s.%N)" 'BEGIN { printf "all notebooks: %.1f s\n", b - a }'
+
+test: install
+	FLUX_MODEL=tiny $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL)
+
+kernel: install
+	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "Python 3 ($(KERNEL))"
+
+clean:
+	find outputs -mindepth 1 -not -name README.md -delete
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info .pytest_cache

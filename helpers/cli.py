@@ -1,0 +1,86 @@
+"""The command line: ``python -m helpers SUBCOMMAND``.
+
+Each subcommand calls the same helper functions the notebooks use, so a stage can run as its own
+process: in a script, a test, or on a GPU machine. Exit status: 0 on success, 2 on a user error
+(one line on stderr, no traceback), 1 on anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from helpers.errors import UserError
+
+_EPILOG = "Exit status: 0 success, 2 user error (one line, no traceback), 1 unexpected error."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from helpers.budget import format_bytes
+    from helpers.files import folder_size
+    from helpers.models import TWINS, model_path, resolve_model, twin_folder, twin_is_built
+
+    ref = resolve_model(args.name)
+    if args.components and ref.kind != "hub":
+        raise UserError("--components only applies to hub models; a twin or a local folder is used whole.")
+    fresh = ref.kind == "twin" and (args.rebuild or not twin_is_built(ref.name, twin_folder(ref.name)))
+    start = time.perf_counter()
+    if fresh:
+        print(f"building the {ref.name} twin (random weights, FLUX.1 layout)...", file=sys.stderr)
+    path = model_path(args.name, components=args.components or None, download=args.download, rebuild=args.rebuild)
+    if fresh:
+        took = time.perf_counter() - start
+        print(f"built in {took:.1f} s, {format_bytes(folder_size(path))} on disk", file=sys.stderr)
+    elif ref.name in TWINS:
+        print(f"reusing the {ref.name} twin ({format_bytes(folder_size(path))})", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m helpers",
+        description="Run FLUX.1 in decoupled stages on small hardware. The notebooks teach each stage; "
+        "these commands run the same code as separate processes.",
+        epilog=_EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+
+    p = sub.add_parser(
+        "model",
+        help="resolve a model name to a local folder (builds the tiny/medium twin on first use)",
+        description="Print the local folder of MODEL in the diffusers layout. tiny and medium are built "
+        "here on first use (random weights, FLUX.1's block structure) and reused after; hub models come "
+        "from the Hugging Face cache, fetched only with --download.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, a hub id, or a local folder")
+    p.add_argument("--download", action="store_true", help="fetch a hub model that is not cached yet")
+    p.add_argument("--rebuild", action="store_true", help="build a twin again even if it exists")
+    p.add_argument("--components", nargs="+", metavar="NAME", help="hub models: fetch only these components")
+    p.set_defaults(func=_cmd_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,77 @@
+"""Where results go, and writing them safely.
+
+Everything the notebooks and commands make lives under one ``outputs/`` folder (git-ignored).
+Files are written atomically: to a temporary file in the same folder, then renamed over the
+target, so a crash never leaves half a file, and an existing file is only replaced when asked.
+Explained in ``00_environment-check.ipynb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from helpers.errors import UserError
+
+#: Environment variable that moves the whole ``outputs/`` folder (CI, tests, shared machines).
+OUTPUTS_ENV = "FLUX_OUTPUTS"
+
+
+def project_root() -> Path | None:
+    """The project's folder (the one with ``pyproject.toml`` and ``notebooks/``), if installed from it."""
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file() and (here / "notebooks").is_dir():
+        return here
+    return None
+
+
+def outputs_dir() -> Path:
+    """The folder for everything the project makes: ``$FLUX_OUTPUTS``, else ``<project>/outputs``.
+
+    Outside a project checkout (an installed package) it falls back to ``./outputs``.
+    """
+    env = os.environ.get(OUTPUTS_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    root = project_root()
+    return (root / "outputs") if root else Path.cwd().resolve() / "outputs"
+
+
+def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, to replace an existing file unless ``overwrite`` is set."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a file name to write.")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite) to replace it.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    The temporary file lives in the same folder (so the rename is atomic) and keeps the target's
+    suffix (so writers that look at it, such as PIL, pick the right format). On an exception the
+    temporary file is removed and the target is left untouched.
+    """
+    path = check_can_write(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if not overwrite and path.exists():
+            raise UserError(f"{path} appeared while writing; kept it, nothing replaced.")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def folder_size(path: str | os.PathLike) -> int:
+    """Total bytes of the files under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -1,0 +1,195 @@
+"""Measure what a block of work costs, and give memory back between experiments.
+
+``with measure("encode") as m: ...`` records wall time, the peak resident memory (RSS) of this
+process during the block and, where there is a GPU, the peak GPU memory allocated by PyTorch.
+:func:`free_memory` runs the garbage collector, empties PyTorch's GPU cache and asks the C allocator
+to return freed pages, and reports memory before and after, so a notebook can show that it was freed.
+Explained in ``00_environment-check.ipynb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from helpers.budget import format_bytes
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reset_kernel_peak() -> bool:
+    """Reset Linux's high-water mark of RSS (VmHWM) so it measures from now; False where unsupported."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _kernel_peak() -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cuda():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+@dataclass
+class Measurement:
+    """Time and memory of one measured block; filled in when the block ends."""
+
+    label: str = ""
+    wall_s: float = 0.0
+    rss_before: int = 0
+    rss_after: int = 0
+    peak_rss: int = 0
+    #: peak bytes allocated by PyTorch per GPU index, empty without a GPU
+    peak_gpu: dict[int, int] = field(default_factory=dict)
+    #: how the RSS peak was read: "kernel" (exact, Linux VmHWM) or "sampled" (polled)
+    rss_method: str = "sampled"
+
+    @property
+    def peak_rss_delta(self) -> int:
+        """How far the peak rose above where the block started."""
+        return max(0, self.peak_rss - self.rss_before)
+
+    def as_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "wall_s": self.wall_s,
+            "rss_before_bytes": self.rss_before,
+            "rss_after_bytes": self.rss_after,
+            "peak_rss_bytes": self.peak_rss,
+            "peak_gpu_bytes": {str(k): v for k, v in self.peak_gpu.items()} or None,
+        }
+
+    def __str__(self) -> str:
+        head = f"{self.label}: " if self.label else ""
+        text = (
+            f"{head}{self.wall_s:.2f} s, peak RSS {format_bytes(self.peak_rss)} "
+            f"(+{format_bytes(self.peak_rss_delta)} over the start)"
+        )
+        for i, b in self.peak_gpu.items():
+            text += f", peak GPU {i} {format_bytes(b)}"
+        return text
+
+    def _repr_pretty_(self, p, cycle) -> None:  # IPython shows the readable line
+        p.text(str(self))
+
+
+@contextlib.contextmanager
+def measure(label: str = "", interval_s: float = 0.005) -> Iterator[Measurement]:
+    """Measure wall time, peak RSS and peak GPU memory of the ``with`` block.
+
+    On Linux the peak comes from the kernel's own high-water mark, reset at the start of the block,
+    so short spikes are not missed; elsewhere a background thread samples RSS every ``interval_s``.
+    GPU peaks come from ``torch.cuda.max_memory_allocated`` after resetting its statistics.
+    """
+    m = Measurement(label=label)
+    proc = psutil.Process()
+    cuda = _cuda()
+    if cuda is not None:
+        for i in range(cuda.device_count()):
+            cuda.reset_peak_memory_stats(i)
+    exact = _reset_kernel_peak()
+    m.rss_before = int(proc.memory_info().rss)
+    sampled = [m.rss_before]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            sampled[0] = max(sampled[0], int(proc.memory_info().rss))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.wall_s = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        m.rss_after = int(proc.memory_info().rss)
+        peak = max(sampled[0], m.rss_after)
+        kernel = _kernel_peak() if exact else None
+        if kernel is not None:
+            peak = max(peak, kernel)
+            m.rss_method = "kernel"
+        m.peak_rss = peak
+        if cuda is not None:
+            m.peak_gpu = {i: int(cuda.max_memory_allocated(i)) for i in range(cuda.device_count())}
+
+
+@dataclass
+class FreeReport:
+    """Memory before and after :func:`free_memory`."""
+
+    rss_before: int
+    rss_after: int
+    gpu_before: dict[int, int] = field(default_factory=dict)
+    gpu_after: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def freed(self) -> int:
+        return self.rss_before - self.rss_after
+
+    def __str__(self) -> str:
+        text = (
+            f"RSS {format_bytes(self.rss_before)} -> {format_bytes(self.rss_after)} "
+            f"(freed {format_bytes(max(0, self.freed))})"
+        )
+        for i in self.gpu_before:
+            text += f"; GPU {i} allocated {format_bytes(self.gpu_before[i])} -> {format_bytes(self.gpu_after[i])}"
+        return text
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self))
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
+def free_memory() -> FreeReport:
+    """Collect garbage, empty PyTorch's GPU cache, return freed pages to the OS; report before/after.
+
+    Only memory nothing refers to can be freed: ``del`` the models first (in a notebook, also
+    ``Out`` and ``_`` may hold them).
+    """
+    cuda = _cuda()
+    before = rss_bytes()
+    gpu_before = {i: int(cuda.memory_allocated(i)) for i in range(cuda.device_count())} if cuda else {}
+    gc.collect()
+    if cuda is not None:
+        cuda.synchronize()
+        cuda.empty_cache()
+    _malloc_trim()
+    gpu_after = {i: int(cuda.memory_allocated(i)) for i in range(cuda.device_count())} if cuda else {}
+    return FreeReport(before, rss_bytes(), gpu_before, gpu_after)

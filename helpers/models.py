@@ -1,0 +1,486 @@
+"""Model names, and the offline twins of FLUX.1 that the notebooks run on.
+
+One name picks the model everywhere (:func:`resolve_model`):
+
+- ``tiny`` (default) and ``medium``: a randomly initialised FLUX.1 built here, on first use, in the
+  real diffusers layout (``model_index.json``, ``scheduler/``, ``text_encoder/`` CLIP,
+  ``tokenizer/``, ``text_encoder_2/`` T5 encoder, ``tokenizer_2/``, ``transformer/``, ``vae/``), with
+  the real classes and block structure (T5: 24 blocks; Flux: 19 double + 38 single blocks; CLIP: 12
+  layers; VAE: 4 levels of 2 ResNet blocks) but tiny widths. It loads back with the same
+  ``from_pretrained`` calls a real checkpoint gets. Its weights are random: its images are noise.
+- ``flux-dev`` / ``flux-schnell``: black-forest-labs/FLUX.1-dev (gated) and FLUX.1-schnell (open).
+- any other hub id (``owner/name``), or a local folder in the diffusers layout.
+
+``$FLUX_MODEL`` overrides the notebooks' default for a whole run. Explained in
+``00_environment-check.ipynb``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from helpers.errors import UserError
+from helpers.files import outputs_dir
+
+#: Environment variable that picks the model for a whole run of the notebooks.
+MODEL_ENV = "FLUX_MODEL"
+DEFAULT_MODEL = "tiny"
+
+ALIASES = {
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
+GATED = {"black-forest-labs/FLUX.1-dev"}
+
+#: The pipeline's parts, each a subfolder of a diffusers FLUX checkpoint.
+COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae")
+
+#: Bump when the builder changes what it writes; older twin folders are then rebuilt.
+BUILDER_VERSION = 1
+MARKER = "twin.json"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------- the twins
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    """Widths of one twin; depths are FLUX.1's own."""
+
+    clip_hidden: int
+    clip_heads: int
+    clip_ff: int
+    t5_d_model: int
+    t5_heads: int
+    t5_d_kv: int
+    t5_d_ff: int
+    flux_heads: int
+    flux_head_dim: int
+    flux_axes_rope: tuple[int, int, int]
+    vae_channels: tuple[int, int, int, int]
+    vae_groups: int
+    seed: int = 0
+    clip_layers: int = 12
+    t5_layers: int = 24
+    flux_double: int = 19
+    flux_single: int = 38
+    guidance_embeds: bool = True  # FLUX.1-dev's transformer; schnell has none
+    #: split the big weights into shards as the real checkpoint does (T5: 2 files, Flux: 3 files)
+    t5_shards: int = 2
+    flux_shards: int = 3
+
+
+TWINS: dict[str, TwinSpec] = {
+    "tiny": TwinSpec(
+        clip_hidden=32, clip_heads=2, clip_ff=64,
+        t5_d_model=32, t5_heads=4, t5_d_kv=8, t5_d_ff=64,
+        flux_heads=2, flux_head_dim=16, flux_axes_rope=(4, 6, 6),
+        vae_channels=(16, 16, 32, 32), vae_groups=8,
+    ),
+    # about 1.2 GB in bfloat16: the CPU benchmarks' model
+    "medium": TwinSpec(
+        clip_hidden=256, clip_heads=4, clip_ff=1024,
+        t5_d_model=512, t5_heads=8, t5_d_kv=64, t5_d_ff=1280,
+        flux_heads=5, flux_head_dim=128, flux_axes_rope=(16, 56, 56),
+        vae_channels=(32, 64, 128, 128), vae_groups=32,
+    ),
+}
+
+
+def clip_vocab() -> dict[str, int]:
+    """CLIP's byte-level alphabet with no merges: every byte, alone and word-final, then the specials.
+
+    Bytes are written as printable characters the way byte-level BPE does: printable Latin-1 bytes
+    stand for themselves, the others are moved to code points from 256 up.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    shifted = 0
+    chars = []
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+#: Whole-word pieces of the T5 twin's vocabulary (with the word-start mark); the rest is characters.
+T5_WORDS = (
+    "a an the of and in on at with by for to from is are over under near into "
+    "photo photograph picture painting drawing portrait landscape illustration render "
+    "cat dog bird horse fish tree flower forest mountain river lake sea ocean sky cloud sun moon star "
+    "city street house castle room window door car boat train road bridge "
+    "man woman child person people face hand eye "
+    "red orange yellow green blue purple pink black white gray grey brown gold silver "
+    "big small tall old young new bright dark light night day morning evening "
+    "beautiful detailed realistic cinematic sharp soft style art "
+    "holding sitting standing walking wearing made"
+).split()
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """The T5 twin's Unigram vocabulary, fixed in code: specials, then whole words, then characters.
+
+    Scores make whole words win over spelling them out; any text of printable ASCII tokenises
+    without unknowns.
+    """
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -8.0)]
+    pieces += [("\u2581" + w, -5.0) for w in T5_WORDS]
+    chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    pieces += [("\u2581" + c, -9.0) for c in chars]
+    pieces += [(c, -10.0) for c in chars]
+    return pieces
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def twin_configs(spec: TwinSpec) -> dict[str, dict]:
+    """The configs of a twin's components, in the real FLUX.1-dev shapes except for widths."""
+    clip_vocab_size = len(clip_vocab())
+    return {
+        "text_encoder": dict(
+            vocab_size=clip_vocab_size,
+            hidden_size=spec.clip_hidden,
+            intermediate_size=spec.clip_ff,
+            projection_dim=spec.clip_hidden,
+            num_hidden_layers=spec.clip_layers,
+            num_attention_heads=spec.clip_heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            # the legacy id 2 makes CLIP pool at the highest token id, <|endoftext|>, as in FLUX.1
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        ),
+        "text_encoder_2": dict(
+            vocab_size=_round_up(len(t5_vocab()), 64),
+            d_model=spec.t5_d_model,
+            d_kv=spec.t5_d_kv,
+            d_ff=spec.t5_d_ff,
+            num_layers=spec.t5_layers,
+            num_decoder_layers=spec.t5_layers,
+            num_heads=spec.t5_heads,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            layer_norm_epsilon=1e-6,
+            tie_word_embeddings=False,
+            is_encoder_decoder=False,
+            use_cache=False,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+        "transformer": dict(
+            patch_size=1,
+            in_channels=64,
+            num_layers=spec.flux_double,
+            num_single_layers=spec.flux_single,
+            attention_head_dim=spec.flux_head_dim,
+            num_attention_heads=spec.flux_heads,
+            joint_attention_dim=spec.t5_d_model,
+            pooled_projection_dim=spec.clip_hidden,
+            guidance_embeds=spec.guidance_embeds,
+            axes_dims_rope=tuple(spec.flux_axes_rope),
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=tuple(spec.vae_channels),
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=16,
+            norm_num_groups=spec.vae_groups,
+            sample_size=1024,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=True,
+            force_upcast=True,
+        ),
+        # FLUX.1-dev's scheduler, unchanged
+        "scheduler": dict(
+            num_train_timesteps=1000,
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
+    }
+
+
+def _marker(name: str, spec: TwinSpec) -> dict:
+    spec_dict = asdict(spec)
+    return {
+        "twin": name,
+        "builder_version": BUILDER_VERSION,
+        "spec": json.loads(json.dumps(spec_dict)),
+        "note": "Random weights in the FLUX.1 layout, built offline; its images are noise.",
+    }
+
+
+def _shard_size(module, shards: int) -> int:
+    """A shard size that splits ``module``'s weights into about ``shards`` files."""
+    sizes = [t.numel() * t.element_size() for t in module.state_dict().values()]
+    return max(1, sum(sizes) // shards + max(sizes))
+
+
+def _write_twin(spec: TwinSpec, folder: Path) -> None:
+    """Build every component from fixed seeds and save it in the diffusers layout (bfloat16)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    configs = twin_configs(spec)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+        torch.manual_seed(spec.seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
+        torch.manual_seed(spec.seed + 1)
+        text_encoder_2 = T5EncoderModel(T5Config(**configs["text_encoder_2"])).eval()
+        torch.manual_seed(spec.seed + 2)
+        transformer = FluxTransformer2DModel(**configs["transformer"]).eval()
+        torch.manual_seed(spec.seed + 3)
+        vae = AutoencoderKL(**configs["vae"]).eval()
+
+    # real model_max_length values (77 and 512), or truncation would silently do nothing
+    tokenizer = CLIPTokenizer(vocab=clip_vocab(), merges=[], model_max_length=77)
+    tokenizer_2 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+    scheduler = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
+
+    # the real checkpoints store every component in bfloat16 (cast tensor by tensor: diffusers'
+    # Module.to() warns about modules it would keep in float32, of which FLUX has none)
+    for module in (text_encoder, text_encoder_2, transformer, vae):
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.to(torch.bfloat16)
+
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+    )
+    pipe.save_config(folder)  # model_index.json
+    scheduler.save_pretrained(folder / "scheduler")
+    tokenizer.save_pretrained(folder / "tokenizer")
+    tokenizer_2.save_pretrained(folder / "tokenizer_2")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    text_encoder_2.save_pretrained(folder / "text_encoder_2", max_shard_size=_shard_size(text_encoder_2, spec.t5_shards))
+    transformer.save_pretrained(folder / "transformer", max_shard_size=_shard_size(transformer, spec.flux_shards))
+    vae.save_pretrained(folder / "vae")
+
+
+def twin_folder(name: str) -> Path:
+    """Where the twin ``name`` is kept: ``outputs/models/<name>``."""
+    return outputs_dir() / "models" / name
+
+
+def twin_is_built(name: str, folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a complete twin made by this builder version with these widths."""
+    marker = Path(folder) / MARKER
+    try:
+        return json.loads(marker.read_text()) == _marker(name, TWINS[name])
+    except (OSError, ValueError):
+        return False
+
+
+def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
+    """The folder of twin ``name`` (``tiny`` or ``medium``), building it first if needed.
+
+    Reuses a complete folder; otherwise builds into a temporary sibling folder and renames it into
+    place, so an interrupted build never leaves a half-written twin behind. Deterministic: two
+    builds give byte-identical files.
+    """
+    if name not in TWINS:
+        raise UserError(f"unknown twin {name!r}; the twins are {', '.join(TWINS)}.")
+    folder = Path(folder) if folder is not None else twin_folder(name)
+    if not rebuild and twin_is_built(name, folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_twin(TWINS[name], tmp)
+        (tmp / MARKER).write_text(json.dumps(_marker(name, TWINS[name]), indent=2) + "\n")
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+            folder.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- the model knob
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model name means: a twin, a hub repository, or a local folder."""
+
+    name: str
+    kind: Literal["twin", "hub", "local"]
+    repo_id: str | None = None
+    path: Path | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.repo_id in GATED
+
+    @property
+    def variant(self) -> Literal["dev", "schnell"] | None:
+        """Which FLUX.1 the name is known to be, for its usual steps and guidance."""
+        if self.kind == "twin":
+            return "dev"  # the twins mirror FLUX.1-dev's config
+        text = (self.repo_id or str(self.path or "")).lower()
+        return "schnell" if "schnell" in text else "dev" if "dev" in text else None
+
+
+def default_model() -> str:
+    """The notebooks' model: ``$FLUX_MODEL`` when set, else ``tiny``."""
+    return os.environ.get(MODEL_ENV, "").strip() or DEFAULT_MODEL
+
+
+def resolve_model(name: str | None = None) -> ModelRef:
+    """Say what a model name means (no building, no download): see the module docstring."""
+    if name is None:
+        name = default_model()
+    text = str(name).strip()
+    if not text:
+        raise UserError(f"no model named; use one of {', '.join([*TWINS, *ALIASES])}, a hub id or a folder.")
+    if text in TWINS:
+        return ModelRef(text, "twin")
+    if text in ALIASES:
+        return ModelRef(text, "hub", repo_id=ALIASES[text])
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{text} is a file; a model is a folder in the diffusers layout (with model_index.json).")
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{text} has no model_index.json: it is not a model folder in the diffusers layout.")
+        return ModelRef(text, "local", path=path.resolve())
+    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        return ModelRef(text, "hub", repo_id=text)
+    raise UserError(
+        f"unknown model {text!r}: no such folder, and not a hub id; "
+        f"use one of {', '.join([*TWINS, *ALIASES])}, a hub id (owner/name) or a local folder."
+    )
+
+
+def hub_patterns(components: tuple[str, ...] | list[str] | None = None) -> list[str]:
+    """The files to fetch for ``components`` only (all by default), never the single-file checkpoints."""
+    wanted = COMPONENTS if components is None else tuple(components)
+    unknown = [c for c in wanted if c not in COMPONENTS]
+    if unknown:
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; the components are {', '.join(COMPONENTS)}.")
+    return ["model_index.json", *[f"{c}/*" for c in wanted]]
+
+
+def _hub_help(ref: ModelRef) -> str:
+    page = f"https://huggingface.co/{ref.repo_id}"
+    if ref.gated:
+        return (
+            f"{ref.repo_id} is gated: accept its licence at {page} while logged in, then log in here "
+            "with `hf auth login` (or set HF_TOKEN)"
+        )
+    return f"see {page}"
+
+
+def hub_snapshot(ref: ModelRef, components=None, download: bool = False) -> Path:
+    """The local folder of a hub model, from the Hugging Face cache; fetch it only if ``download``.
+
+    Only the files of ``components`` are looked for or fetched. Access to a gated model is checked
+    before any download, with a message that says how to get it.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = hub_patterns(components)
+    try:
+        return Path(snapshot_download(ref.repo_id, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        if not download:
+            raise UserError(
+                f"{ref.repo_id} is not in your Hugging Face cache; fetch it with "
+                f"`python -m helpers model {ref.name} --download` ({_hub_help(ref)})."
+            ) from None
+    from huggingface_hub import auth_check
+
+    try:
+        auth_check(ref.repo_id)
+    except GatedRepoError:
+        raise UserError(f"no access to {ref.repo_id}: {_hub_help(ref)}.") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{ref.repo_id} was not found on the hub (or is private: log in with `hf auth login`).") from None
+    except Exception as err:  # network down, proxy, ...
+        raise UserError(f"cannot reach the hub to fetch {ref.repo_id} ({type(err).__name__}); check your connection.") from None
+    return Path(snapshot_download(ref.repo_id, allow_patterns=patterns))
+
+
+def model_path(name: str | None = None, components=None, download: bool = False, rebuild: bool = False) -> Path:
+    """A local folder in the diffusers layout for model ``name``: built, found in the cache, or given."""
+    ref = resolve_model(name)
+    if ref.kind == "twin":
+        return build_twin(ref.name, rebuild=rebuild)
+    if ref.kind == "local":
+        return ref.path
+    return hub_snapshot(ref, components=components, download=download)
+
+
+def describe_pipeline(pipe) -> list[dict]:
+    """One row per component of a loaded pipeline: class, blocks, parameters, bytes, dtype."""
+    rows = []
+    for comp in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
+        params = sum(p.numel() for p in module.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        rows.append({
+            "component": comp,
+            "class": type(module).__name__,
+            "blocks": block_counts(module),
+            "params": params,
+            "bytes": nbytes,
+            "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+        })
+    return rows
+
+
+def block_counts(module) -> str:
+    """The repeated blocks of a FLUX.1 component, as text (``24 T5Block``, ``19 double + 38 single``)."""
+    name = type(module).__name__
+    if name == "FluxTransformer2DModel":
+        return f"{len(module.transformer_blocks)} double + {len(module.single_transformer_blocks)} single"
+    if name == "T5EncoderModel":
+        return f"{len(module.encoder.block)} T5Block"
+    if name == "CLIPTextModel":
+        clip = getattr(module, "text_model", module)  # transformers 5 flattened CLIPTextModel
+        return f"{len(clip.encoder.layers)} CLIPEncoderLayer"
+    if name == "AutoencoderKL":
+        enc = sum(len(b.resnets) for b in module.encoder.down_blocks)
+        dec = sum(len(b.resnets) for b in module.decoder.up_blocks)
+        return f"{len(module.encoder.down_blocks)} levels, {enc} + {dec} ResnetBlock2D"
+    return ""
