@@ -134,7 +134,8 @@ class Budget:
         return sum(b for _, b in self.tiers)
 
     def __str__(self) -> str:
-        return ",".join(f"{t}={format_bytes(b, spaced=False)}" for t, b in self.tiers)
+        """The command-line form, exact: ``parse_budget(str(b)) == b``."""
+        return ",".join(f"{t}={_exact_size(b)}" for t, b in self.tiers)
 
 
 def parse_budget(spec: Budget | Mapping | str, model_bytes: int | None = None) -> Budget:
@@ -195,18 +196,24 @@ def parse_budget(spec: Budget | Mapping | str, model_bytes: int | None = None) -
     return Budget(tuple(sorted(tiers.items(), key=lambda kv: _tier_order(kv[0]))), source=source)
 
 
-def format_bytes(n: int | float, spaced: bool = True) -> str:
-    """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB)."""
-    sep = " " if spaced else ""
+def _exact_size(n: int) -> str:
+    """The shortest size text that reads back as exactly ``n`` bytes."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale and (n * 10**4) % scale == 0:  # at most 4 decimals, none lost
+            text = f"{n / scale:.4f}".rstrip("0").rstrip(".")
+            if parse_size(text + unit) == n:
+                return text + unit
+    return str(n)
+
+
+def format_bytes(n: int | float) -> str:
+    """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB), for people."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            if unit == "B":
-                return f"{int(value)}{sep}B" if spaced else str(int(value))
-            text = f"{value:.2f}".rstrip("0").rstrip(".")
-            return f"{text}{sep}{unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f}".rstrip("0").rstrip(".") + f" {unit}"
         value /= 1024
-    raise AssertionError("unreachable")
+    return f"{value:.2f}".rstrip("0").rstrip(".") + " TiB"
 
 
 # --------------------------------------------------------------------------- hardware
