@@ -9,6 +9,8 @@ KERNEL ?= flux-decoupled
 # The model every notebook uses in `make run` (tiny, medium, flux-dev, flux-schnell, a hub id, a folder).
 FLUX_MODEL ?= tiny
 PYTEST_ARGS ?=
+# extra flags for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899"
+LAB_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -58,7 +60,8 @@ test: install
 	FLUX_MODEL=tiny $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL) \
+	  $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 kernel: install
 	$(BIN)/python -m ipykernel install --user --name $(KERNEL) --display-name "Python 3 ($(KERNEL))"

@@ -281,3 +281,16 @@ def test_hub_model_found_in_cache_loads(empty_hub_cache, tiny_folder):
     from transformers import CLIPTextModel
 
     assert CLIPTextModel.from_pretrained(path / "text_encoder").config.num_hidden_layers == 12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").environ.get("RUN_SLOW"), reason="builds 1.2 GB; set RUN_SLOW=1")
+def test_medium_builds_and_loads(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.files import folder_size
+
+    folder = build_twin("medium", tmp_path / "medium")
+    assert 1e9 <= folder_size(folder) <= 2e9
+    flux = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+    assert len(flux.transformer_blocks) == 19 and len(flux.single_transformer_blocks) == 38
