@@ -108,6 +108,8 @@ def measure(label: str = "", interval_s: float = 0.005) -> Iterator[Measurement]
     On Linux the peak comes from the kernel's own high-water mark, reset at the start of the block,
     so short spikes are not missed; elsewhere a background thread samples RSS every ``interval_s``.
     GPU peaks come from ``torch.cuda.max_memory_allocated`` after resetting its statistics.
+    Nested blocks reset the same counters: an outer block then relies on sampling for the part
+    before the inner one.
     """
     m = Measurement(label=label)
     proc = psutil.Process()
