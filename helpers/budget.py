@@ -27,6 +27,18 @@ Tier = Union[int, str]
 #: The method's budget: 8.5 GiB of GPU memory on a 12 GB card and 30 GiB of a 48 GB machine's RAM.
 METHOD_BUDGET: dict[Tier, str] = {0: "8.5GiB", "cpu": "30GiB"}
 
+#: Budgets for common cards, each with the method's 30 GiB of RAM. The GPU tier leaves room for the
+#: CUDA context, activations and the VAE's decode: about 3 GiB on small cards (the method keeps
+#: 8.5 GiB of a 12 GB card), about 10% on big ones.
+PRESETS: dict[str, dict[Tier, str]] = {
+    "8 GB GPU": {0: "5.5GiB", "cpu": "30GiB"},
+    "12 GB GPU (the method)": {0: "8.5GiB", "cpu": "30GiB"},
+    "16 GB GPU": {0: "12.5GiB", "cpu": "30GiB"},
+    "24 GB GPU": {0: "20GiB", "cpu": "30GiB"},
+    "80 GB GPU": {0: "72GiB", "cpu": "30GiB"},
+    "no GPU": {"cpu": "30GiB"},
+}
+
 NAMED_TIERS = ("mps", "cpu", "disk")
 
 ACCEPTED_FORMS = (
@@ -132,6 +144,11 @@ class Budget:
     @property
     def total(self) -> int:
         return sum(b for _, b in self.tiers)
+
+    def describe(self) -> str:
+        """For people: ``GPU 0 8.5 GiB, CPU RAM 30 GiB``."""
+        names = {"cpu": "CPU RAM", "disk": "disk", "mps": "MPS"}
+        return ", ".join(f"{names.get(t, f'GPU {t}')} {format_bytes(b)}" for t, b in self.tiers)
 
     def __str__(self) -> str:
         """The command-line form, exact: ``parse_budget(str(b)) == b``."""

@@ -45,6 +45,45 @@ def _cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_footprint(args: argparse.Namespace) -> int:
+    import json
+
+    from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
+    from helpers.devicemap import summarise, tier_label
+    from helpers.footprint import footprint, plan_stages, report
+    from helpers.models import TWINS, resolve_model
+    from helpers.report import Table
+
+    ref = resolve_model(args.model)
+    spec = args.max_memory if args.max_memory is not None else METHOD_BUDGET
+    parse_budget(spec, model_bytes=1)  # reject a bad budget before building anything
+    like_name = args.like or ("flux-dev" if ref.kind == "twin" and args.max_memory is None else None)
+    if like_name:
+        resolve_model(like_name)
+    fp = footprint(args.model)
+    like = footprint(like_name) if like_name else None
+    plans = plan_stages(fp, spec, like=like)
+    data = report(fp, plans)
+    data["max_memory"] = str(spec) if isinstance(spec, str) else str(parse_budget(spec))
+    if like is not None:
+        data["budget_scaled_like"] = like.model
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(Table(fp.rows(), title=f"{fp.model}: parameters and weights per dtype (GiB = 2**30 bytes, GB = 10**9)"))
+    print()
+    scaled = f", scaled to {fp.model} as {like.model} would be split" if like is not None else ""
+    print(f"plan under max_memory {data['max_memory']}{scaled}:")
+    for name, plan in plans.items():
+        tiers = ", ".join(f"{tier_label(t)} {format_bytes(b)}" for t, b in plan.tier_bytes().items())
+        print(f"  {name} ({str(plan.dtype).replace('torch.', '')}): {'fits' if plan.fits else 'DOES NOT FIT'}; {tiers}")
+        print(f"    {plan.advice}")
+    print()
+    rows = [r for plan in plans.values() for r in summarise(plan.components)]
+    print(Table(rows, formats={"bytes": format_bytes}, title="where the blocks go (from / to: first and last unit on the tier)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m helpers",
@@ -67,6 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="build a twin again even if it exists")
     p.add_argument("--components", nargs="+", metavar="NAME", help="hub models: fetch only these components")
     p.set_defaults(func=_cmd_model)
+
+    p = sub.add_parser(
+        "footprint",
+        help="measure every component without weights, and plan each stage under a memory budget",
+        description="Build each component of MODEL as a skeleton on the meta device (no weights, no download "
+        "for flux-dev/flux-schnell, whose configs ship with this package), report parameters and bytes per "
+        "dtype, and place each stage (text encoding in float32, diffusion in bfloat16) under the budget. "
+        "Planning for a GPU tier works on a machine without one.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--model", default=None, metavar="MODEL",
+                   help="tiny, medium, flux-dev, flux-schnell, a hub id or a local folder (default: $FLUX_MODEL or tiny)")
+    p.add_argument("--max-memory", metavar="SPEC",
+                   help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: the method\'s) or shares "0=40%%,cpu=100%%"')
+    p.add_argument("--like", metavar="MODEL",
+                   help="scale the budget from this model's sizes (default for tiny/medium without --max-memory: flux-dev)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=_cmd_footprint)
     return parser
 
 

@@ -55,3 +55,33 @@ def test_model_local_folder(tiny_folder):
 def test_user_errors_are_one_line_exit_2(tmp_path, args, fragment):
     # an empty hub cache, and offline: flux-dev cannot be found and must say how to get it
     assert_user_error(run(*args, env_extra={"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}), fragment)
+
+
+def test_footprint_json_for_flux_dev_needs_no_download():
+    import json
+
+    result = run("footprint", "--model", "flux-dev", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["components"]["transformer"]["params"] == 11_901_408_320
+    assert data["plan"]["text_encoding"]["fits"] and data["plan"]["diffusion"]["fits"]
+    assert data["plan"]["text_encoding"]["dtype"] == "float32" and data["plan"]["diffusion"]["dtype"] == "bfloat16"
+
+
+def test_footprint_table_for_tiny_and_a_custom_budget():
+    result = run("footprint", "--model", "tiny")
+    assert result.returncode == 0 and "scaled to tiny as flux-dev would be split" in result.stdout
+    assert "text_encoder_2.encoder.block.9" in result.stdout  # the same split as the real T5
+    custom = run("footprint", "--model", "flux-schnell", "--max-memory", "0=24GiB,cpu=16GiB")
+    assert custom.returncode == 0 and "DOES NOT FIT" not in custom.stdout
+    tight = run("footprint", "--model", "flux-dev", "--max-memory", "0=4GiB,cpu=8GiB")
+    assert tight.returncode == 0 and "DOES NOT FIT" in tight.stdout and "more CPU RAM" in tight.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["footprint", "--model", "flux-dev", "--max-memory", "gpu=8GiB"], "write 0 for the first GPU"),
+    (["footprint", "--model", "nope"], "unknown model"),
+    (["footprint", "--model", "flux-dev", "--like", "nope"], "unknown model"),
+])
+def test_footprint_user_errors(args, fragment):
+    assert_user_error(run(*args), fragment)

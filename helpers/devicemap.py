@@ -1,0 +1,223 @@
+"""Device maps: which blocks of a model go to which memory tier under a budget.
+
+:func:`plan_component` asks accelerate's ``infer_auto_device_map`` for a placement of a model
+(a weightless skeleton is enough) with the model's own ``_no_split_modules``, then expands the map
+to the model's blocks so that each block has a tier and a size. :func:`draw_plan` pictures it.
+Explained in ``01_memory-footprint.ipynb``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from helpers.budget import Budget, Tier, format_bytes
+
+#: colours of the tiers in every chart: GPUs green, mps teal, cpu blue, disk orange, overflow red
+TIER_COLOURS = {"gpu": "#2ca02c", "mps": "#17becf", "cpu": "#1f77b4", "disk": "#ff7f0e", "overflow": "#d62728"}
+
+
+def tier_label(tier: Tier) -> str:
+    return f"GPU {tier}" if isinstance(tier, int) else {"cpu": "CPU RAM", "disk": "disk", "mps": "MPS"}.get(tier, str(tier))
+
+
+def tier_colour(tier: Tier | str) -> str:
+    if isinstance(tier, int) or (isinstance(tier, str) and tier.isdigit()):
+        return TIER_COLOURS["gpu"]
+    return TIER_COLOURS.get(str(tier), "#7f7f7f")
+
+
+@dataclass
+class Unit:
+    """One placeable piece of a model: a block, or a small module outside the blocks."""
+
+    name: str
+    nbytes: int
+    tier: Tier
+
+
+@dataclass
+class ComponentPlan:
+    """Where one component's units go."""
+
+    component: str
+    dtype: torch.dtype
+    units: list[Unit] = field(default_factory=list)
+    #: accelerate's own (condensed) device map, as it would be passed to ``from_pretrained``
+    device_map: dict[str, Tier] = field(default_factory=dict)
+
+    def tier_bytes(self) -> dict[Tier, int]:
+        out: dict[Tier, int] = {}
+        for u in self.units:
+            out[u.tier] = out.get(u.tier, 0) + u.nbytes
+        return out
+
+
+@contextlib.contextmanager
+def _quiet_missing_gpu() -> Iterator[None]:
+    """accelerate warns 'Device 0 is not available' when planning for a GPU this machine lacks.
+
+    Planning for a GPU tier needs no GPU: the plan is arithmetic on sizes. The notebooks say so
+    once instead of showing the warning on every call.
+    """
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "is not available, available devices are" not in record.getMessage()
+
+    log = logging.getLogger("accelerate.utils.modeling")
+    flt = _Drop()
+    log.addFilter(flt)
+    try:
+        yield
+    finally:
+        log.removeFilter(flt)
+
+
+def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...]) -> list[tuple[str, int]]:
+    """The model's placeable units in order, each with its parameter count (shared weights once).
+
+    A unit is a module of a no-split class (a block), or a module with parameters that holds no
+    block. Parameters counted by an earlier unit (tied weights) are not counted again.
+    """
+    no_split = set(no_split)
+
+    def holds_block(module: torch.nn.Module) -> bool:
+        return any(type(m).__name__ in no_split for m in module.modules())
+
+    names: list[str] = []
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if type(child).__name__ in no_split or not holds_block(child):
+                if any(True for _ in child.parameters()):
+                    names.append(name)
+            else:
+                walk(f"{name}.", child)
+
+    walk("", model)
+    seen: set[int] = set()
+    counts = []
+    for name in names:
+        n = 0
+        for p in model.get_submodule(name).parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        counts.append((name, n))
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    if own:
+        counts.insert(0, ("", own))
+    return counts
+
+
+def _tier_of(unit: str, device_map: dict[str, Tier]) -> Tier:
+    best, tier = -1, "disk"
+    for key, value in device_map.items():
+        if key == "" or unit == key or unit.startswith(key + "."):
+            if len(key) > best:
+                best, tier = len(key), value
+    return tier
+
+
+def plan_component(
+    model: torch.nn.Module,
+    budget: Budget,
+    dtype: torch.dtype,
+    component: str = "",
+    whole: bool = False,
+) -> ComponentPlan:
+    """Place ``model`` under ``budget`` in ``dtype``; ``whole`` puts it on the first tier with room.
+
+    Uses ``infer_auto_device_map`` with the model's ``_no_split_modules`` (blocks are never cut) and a
+    fresh ``max_memory`` dict (accelerate rewrites the one it gets). Units that fit no budgeted tier
+    land on ``"disk"``, as accelerate does; whether that is allowed is the caller's call.
+    """
+    from accelerate import infer_auto_device_map
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    size = torch.tensor([], dtype=dtype).element_size()
+    units = [(name, n * size) for name, n in model_units(model, no_split)]
+    if whole:
+        total = sum(b for _, b in units)
+        tier = next((t for t, room in budget.tiers if room >= total and t != "disk"), "disk")
+        device_map: dict[str, Tier] = {"": tier}
+    else:
+        with _quiet_missing_gpu():
+            device_map = infer_auto_device_map(
+                model, max_memory=budget.max_memory(), no_split_module_classes=no_split, dtype=dtype
+            )
+    plan = ComponentPlan(component=component, dtype=dtype, device_map=dict(device_map))
+    for name, nbytes in units:
+        full = f"{component}.{name}" if component and name else (component or name)
+        plan.units.append(Unit(full, nbytes, _tier_of(name, device_map)))
+    return plan
+
+
+def remaining(budget: Budget, used: dict[Tier, int]) -> Budget:
+    """What is left of ``budget`` after ``used``; tiers with nothing left are dropped."""
+    left = tuple((t, b - used.get(t, 0)) for t, b in budget.tiers if b - used.get(t, 0) > 0)
+    return Budget(left, source=f"{budget} minus what is placed")
+
+
+def draw_plan(plans: list[ComponentPlan], title: str = "", ax=None, budget: Budget | None = None):
+    """One row per component, one box per unit (width = bytes), coloured by tier."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(12, 0.9 + 0.75 * len(plans)))
+    overflow = set()
+    if budget is not None:
+        overflow = {"disk"} - set(budget.names)
+    tiers_seen: dict[str, str] = {}
+    longest = max((sum(u.nbytes for u in p.units) for p in plans), default=0)
+    unit_name, scale = next((n, s) for n, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+                            if longest >= s or s == 1)
+    for row, plan in enumerate(reversed(plans)):
+        x = 0.0
+        for unit in plan.units:
+            gib = unit.nbytes / scale
+            key = "overflow" if unit.tier in overflow else unit.tier
+            colour = TIER_COLOURS["overflow"] if key == "overflow" else tier_colour(unit.tier)
+            label = "does not fit" if key == "overflow" else tier_label(unit.tier)
+            tiers_seen[label] = colour
+            ax.barh(row, gib, left=x, color=colour, edgecolor="white", linewidth=0.6, height=0.7)
+            x += gib
+    ax.set_yticks(range(len(plans)), [p.component for p in reversed(plans)], fontsize=12)
+    ax.set_xlabel(f"{unit_name} (each box is one block or module)", fontsize=12)
+    ax.tick_params(axis="x", labelsize=11)
+    if title:
+        ax.set_title(title, fontsize=13)
+    ax.legend(handles=[Patch(color=c, label=l) for l, c in tiers_seen.items()], loc="center left",
+              bbox_to_anchor=(1.01, 0.5), fontsize=11, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return ax
+
+
+def summarise(plans: list[ComponentPlan]) -> list[dict]:
+    """Rows per component and tier: how many units and bytes land there, and which range of blocks."""
+    rows = []
+    for plan in plans:
+        by_tier: dict[Tier, list[Unit]] = {}
+        for u in plan.units:
+            by_tier.setdefault(u.tier, []).append(u)
+        for tier, units in by_tier.items():
+            rows.append({
+                "component": plan.component,
+                "tier": tier_label(tier),
+                "units": len(units),
+                "bytes": sum(u.nbytes for u in units),
+                "from": units[0].name,
+                "to": units[-1].name,
+            })
+    return rows
+
+
+def format_tier_bytes(tiers: dict[Tier, int]) -> str:
+    return ", ".join(f"{tier_label(t)} {format_bytes(b)}" for t, b in tiers.items())

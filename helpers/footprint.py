@@ -1,0 +1,395 @@
+"""Measure FLUX.1 before loading it: weightless skeletons, bytes per dtype, and a plan per stage.
+
+Each component is built as a skeleton on PyTorch's meta device (accelerate's ``init_empty_weights``):
+the real module tree with shapes but no storage, so even the 12-billion-parameter transformer costs
+nothing to build. Counting its parameters gives the bytes it needs in any dtype. The published
+configs of FLUX.1-dev and FLUX.1-schnell ship with this package (``helpers/configs/``), so this
+needs no download. :func:`plan_stages` then places every stage under a memory budget.
+Explained in ``01_memory-footprint.ipynb``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget
+from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
+from helpers.errors import UserError
+from helpers.models import TWINS, resolve_model, twin_configs
+
+#: dtypes reported for every component, by the names torch gives them
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
+
+#: Published configs shipped as package data, copied from the hub repositories of the same name
+#: (black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell, each component's config.json).
+SHIPPED = {"black-forest-labs/FLUX.1-dev": "FLUX.1-dev", "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the method: which components it holds at once, in which dtype.
+
+    ``whole`` components go on the first tier with room (the method loads them without a map);
+    the others are split at block boundaries by accelerate.
+    """
+
+    dtype: torch.dtype
+    whole: tuple[str, ...]
+    mapped: tuple[str, ...]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.whole + self.mapped
+
+
+STAGES: dict[str, Stage] = {
+    # CLIP loaded whole, the big T5 encoder split across tiers: float32, as the method does
+    "text_encoding": Stage(torch.float32, whole=("text_encoder",), mapped=("text_encoder_2",)),
+    # the VAE whole on the fastest tier, the transformer split: bfloat16
+    "diffusion": Stage(torch.bfloat16, whole=("vae",), mapped=("transformer",)),
+}
+
+
+# --------------------------------------------------------------------------- configs and skeletons
+
+
+def shipped_configs(name: str) -> dict[str, dict]:
+    """The shipped configs of ``FLUX.1-dev`` or ``FLUX.1-schnell``, per component."""
+    root = resources.files("helpers") / "configs" / name
+    return {c: json.loads((root / c / "config.json").read_text()) for c in COMPONENT_ORDER}
+
+
+def _folder_configs(folder: Path) -> dict[str, dict]:
+    missing = [c for c in COMPONENT_ORDER if not (folder / c / "config.json").is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a FLUX.1 folder.")
+    return {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENT_ORDER}
+
+
+def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
+    """``(name, configs)`` for a model name; no weights, no download.
+
+    Twins come from their builder, FLUX.1-dev/schnell from the shipped configs, a local folder from
+    its ``config.json`` files, another hub id from the Hugging Face cache if its configs are there.
+    """
+    ref = resolve_model(model)
+    if ref.kind == "twin":
+        return ref.name, twin_configs(TWINS[ref.name])
+    if ref.kind == "local":
+        return ref.name, _folder_configs(ref.path)
+    if ref.repo_id in SHIPPED:
+        return ref.name, shipped_configs(SHIPPED[ref.repo_id])
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(ref.repo_id, allow_patterns=["*/config.json"], local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"no config shipped for {ref.repo_id} and none in your Hugging Face cache; fetch its configs with "
+            f"`hf download {ref.repo_id} --include '*/config.json'` or pass a local folder."
+        ) from None
+    return ref.name, _folder_configs(folder)
+
+
+def skeleton(component: str, config: dict, tie: bool = True) -> torch.nn.Module:
+    """Build ``component`` from ``config`` on the meta device: shapes, no storage.
+
+    ``tie=True`` re-ties shared weights after ``init_empty_weights``: under transformers 5 it leaves
+    T5's ``shared`` and ``encoder.embed_tokens`` as two tensors, one tensor in the real checkpoint,
+    and the footprint would count ~0.5 GiB twice (the trap notebook 01 shows).
+    """
+    from accelerate import init_empty_weights
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        if component == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            module = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
+        elif component == "text_encoder_2":
+            from transformers import T5Config, T5EncoderModel
+
+            module = T5EncoderModel(T5Config.from_dict(cfg))
+        elif component == "transformer":
+            from diffusers import FluxTransformer2DModel
+
+            module = FluxTransformer2DModel.from_config(cfg)
+        elif component == "vae":
+            from diffusers import AutoencoderKL
+
+            module = AutoencoderKL.from_config(cfg)
+        else:
+            raise UserError(f"unknown component {component!r}; the components are {', '.join(COMPONENT_ORDER)}.")
+    if tie and hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval()
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Parameters, each shared tensor once (``parameters()`` skips repeats of the same tensor)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- footprint
+
+
+@dataclass
+class ComponentFootprint:
+    component: str
+    cls: str
+    params: int
+
+    def nbytes(self, dtype: str | torch.dtype) -> int:
+        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        return self.params * torch.tensor([], dtype=dt).element_size()
+
+
+@dataclass
+class Footprint:
+    """Parameters and bytes of every component of one model, from skeletons."""
+
+    model: str
+    components: dict[str, ComponentFootprint]
+    skeletons: dict[str, torch.nn.Module] = field(repr=False, default_factory=dict)
+
+    def nbytes(self, dtype: str | torch.dtype, components=None) -> int:
+        names = components or list(self.components)
+        return sum(self.components[c].nbytes(dtype) for c in names)
+
+    @property
+    def params(self) -> int:
+        return sum(c.params for c in self.components.values())
+
+    def rows(self) -> list[dict]:
+        """Table rows: class, parameters, and GiB and GB per dtype."""
+        rows = []
+        for c in [*self.components.values(), None]:
+            name, cls, params = (c.component, c.cls, c.params) if c else ("total", "", self.params)
+            row = {"component": name, "class": cls, "params": params}
+            for dt in DTYPES:
+                nbytes = c.nbytes(dt) if c else self.nbytes(dt)
+                row[f"{dt} GiB"] = round(nbytes / 2**30, 3)
+            row["float32 GB"] = round((c.nbytes("float32") if c else self.nbytes("float32")) / 1e9, 3)
+            rows.append(row)
+        return rows
+
+    def as_dict(self) -> dict:
+        return {
+            c.component: {"class": c.cls, "params": c.params, "bytes": {dt: c.nbytes(dt) for dt in DTYPES}}
+            for c in self.components.values()
+        }
+
+
+def footprint(model: str | None = None, tie: bool = True) -> Footprint:
+    """Footprint of every component of ``model`` (see :func:`component_configs`), built on meta."""
+    name, configs = component_configs(model)
+    comps, skels = {}, {}
+    for comp in COMPONENT_ORDER:
+        module = skeleton(comp, configs[comp], tie=tie)
+        skels[comp] = module
+        comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module))
+    return Footprint(name, comps, skels)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class StagePlan:
+    """Where each component of a stage goes under a budget, and whether it fits."""
+
+    stage: str
+    dtype: torch.dtype
+    budget: Budget
+    components: list[ComponentPlan]
+    fits: bool = False
+    overflow: int = 0
+    advice: str = ""
+
+    def tier_bytes(self) -> dict[Tier, int]:
+        out: dict[Tier, int] = {}
+        for plan in self.components:
+            for tier, nbytes in plan.tier_bytes().items():
+                out[tier] = out.get(tier, 0) + nbytes
+        return out
+
+    def as_dict(self) -> dict:
+        tiers: dict[str, dict] = {}
+        for plan in self.components:
+            for unit in plan.units:
+                entry = tiers.setdefault(str(unit.tier), {"bytes": 0, "modules": []})
+                entry["bytes"] += unit.nbytes
+                entry["modules"].append(unit.name)
+        return {
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "tiers": tiers,
+            "fits": self.fits,
+            "advice": self.advice,
+            "max_memory_bytes": {str(t): b for t, b in self.budget.tiers},
+        }
+
+
+def _scaled(budget: Budget, num: int, den: int) -> Budget:
+    return Budget(tuple((t, max(1, b * num // den)) for t, b in budget.tiers), source=f"{budget} x {num / den:.3g}")
+
+
+def _place(
+    fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str,
+    like: Footprint | None = None, like_budget: Budget | None = None,
+) -> StagePlan:
+    """Place the stage's components one after another, each in what the earlier ones left.
+
+    With ``like``, each component is placed in what the same component of ``like`` gets under
+    ``like_budget``, scaled by the two components' size ratio: a small model then splits the way
+    the big one does, even where its components' relative sizes differ.
+    """
+    left, ref_left, plans = budget, like_budget, []
+    order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
+    for comp, whole in order:
+        room = left
+        if like is not None:
+            own, ref = fp.components[comp].params, like.components[comp].params
+            room = _scaled(ref_left, own, ref)
+            ref_plan = plan_component(like.skeletons[comp], ref_left, dtype, component=comp, whole=whole)
+            ref_left = remaining(ref_left, {t: b for t, b in ref_plan.tier_bytes().items() if t != "disk"})
+        plan = plan_component(fp.skeletons[comp], room, dtype, component=comp, whole=whole)
+        plans.append(plan)
+        left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
+    # show components in pipeline order
+    plans.sort(key=lambda p: COMPONENT_ORDER.index(p.component))
+    result = StagePlan(name, dtype, budget, plans)
+    on_disk = result.tier_bytes().get("disk", 0)
+    result.overflow = max(0, on_disk - (budget["disk"] if "disk" in budget else 0))
+    result.fits = result.overflow == 0
+    return result
+
+
+def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int:
+    """The least extra room on ``tier`` (to 1/64 GiB) that makes the stage fit; found by bisection."""
+    step = 2**24
+    base = dict(budget.tiers)
+
+    def fits(extra: int) -> bool:
+        trial = dict(base)
+        trial[tier] = trial.get(tier, 0) + extra
+        return _place(fp, stage, parse_budget(trial), dtype, "").fits
+
+    hi = step
+    while not fits(hi):
+        hi *= 2
+        if hi > 2**50:
+            return hi
+    lo = 0
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
+    tiers = plan.tier_bytes()
+    if plan.fits:
+        used = [t for t in tiers if tiers[t] > 0]
+        if len(used) == 1:
+            return f"fits whole on {tier_label(used[0])} ({format_bytes(tiers[used[0]])})."
+        parts = ", ".join(f"{tier_label(t)} {format_bytes(tiers[t])}" for t in used)
+        return (
+            f"fits across tiers ({parts}): blocks off the fastest tier wait on a slower one and are moved "
+            f"to {tier_label(used[0])} when their turn comes."
+        )
+    slow = "cpu" if "cpu" in plan.budget else next((t for t in plan.budget.names if t != "disk"), "cpu")
+    extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow)
+    have = plan.budget[slow] if slow in plan.budget else 0
+    options = [f"give {tier_label(slow)} {format_bytes(extra)} more ({slow}={math.ceil((have + extra) / 2**30)}GiB)"]
+    if "disk" not in plan.budget:
+        options.append(f"add a disk tier (disk={math.ceil(plan.overflow / 2**30) + 1}GiB; slow)")
+    if plan.dtype == torch.float32:
+        half = fp.nbytes(torch.bfloat16, list(stage.components))
+        options.append(f"use bfloat16 (the stage then needs {format_bytes(half)})")
+    return f"does not fit: needs {format_bytes(extra)} more {tier_label(slow)}; " + ", or ".join(options) + "."
+
+
+def plan_stages(
+    fp: Footprint,
+    max_memory=METHOD_BUDGET,
+    dtypes: dict[str, torch.dtype | str] | None = None,
+    like: Footprint | None = None,
+) -> dict[str, StagePlan]:
+    """Place every stage of the method under ``max_memory``; ``dtypes`` overrides a stage's dtype.
+
+    Shares in the budget (``"0=40%"``) are of the stage's size. With ``like`` (say the real
+    FLUX.1-dev), the budget is read against that model and scaled down, component by component,
+    so that a twin splits its blocks the way the real model does under the same budget.
+    """
+    plans = {}
+    for name, stage in STAGES.items():
+        dt = (dtypes or {}).get(name, stage.dtype)
+        dt = DTYPES[dt] if isinstance(dt, str) else dt
+        own = fp.nbytes(dt, list(stage.components))
+        if like is None:
+            budget = parse_budget(max_memory, model_bytes=own)
+            plan = _place(fp, stage, budget, dt, name)
+        else:
+            ref = like.nbytes(dt, list(stage.components))
+            like_budget = parse_budget(max_memory, model_bytes=ref)
+            budget = _scaled(like_budget, own, ref)
+            plan = _place(fp, stage, budget, dt, name, like=like, like_budget=like_budget)
+        plan.advice = _advice(fp, stage, plan)
+        plans[name] = plan
+    return plans
+
+
+def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:
+    """The JSON of ``python -m helpers footprint --json``."""
+    return {
+        "model": fp.model,
+        "components": fp.as_dict(),
+        "plan": {name: plan.as_dict() for name, plan in plans.items()},
+    }
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def plot_footprint(fp: Footprint, budget: Budget | None = None, ax=None, title: str = ""):
+    """Stacked bars of the components per dtype (GiB), with the budget's tiers as lines."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 5.5))
+    colours = {"text_encoder": "#9467bd", "text_encoder_2": "#8c564b", "transformer": "#e377c2", "vae": "#bcbd22"}
+    names = list(DTYPES)
+    bottoms = [0.0] * len(names)
+    for comp in fp.components.values():
+        heights = [comp.nbytes(dt) / 2**30 for dt in names]
+        ax.bar(names, heights, bottom=bottoms, label=f"{comp.component} ({comp.cls})", color=colours.get(comp.component))
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    for i, total in enumerate(bottoms):
+        ax.text(i, total, f"{total:.1f} GiB", ha="center", va="bottom", fontsize=12)
+    if budget is not None:
+        running = 0
+        styles = ["--", ":", "-."]
+        for k, (tier, nbytes) in enumerate(budget.tiers):
+            running += nbytes
+            label = " + ".join(tier_label(t) for t, _ in budget.tiers[: k + 1])
+            ax.axhline(running / 2**30, linestyle=styles[k % 3], color="black", linewidth=1.5)
+            ax.text(len(names) - 0.5, running / 2**30, f" {label}: {running / 2**30:.1f} GiB", va="bottom", ha="right", fontsize=11)
+    ax.set_ylabel("GiB", fontsize=12)
+    ax.tick_params(labelsize=12)
+    ax.set_title(title or f"{fp.model}: weights per dtype", fontsize=13)
+    ax.legend(fontsize=10, loc="upper right", bbox_to_anchor=(1.0, 0.93))
+    ax.spines[["top", "right"]].set_visible(False)
+    return ax

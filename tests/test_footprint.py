@@ -1,0 +1,220 @@
+import json
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+from helpers.budget import METHOD_BUDGET, PRESETS, parse_budget
+from helpers.devicemap import draw_plan, model_units, plan_component, remaining, summarise
+from helpers.errors import UserError
+from helpers.footprint import (
+    COMPONENT_ORDER,
+    DTYPES,
+    STAGES,
+    component_configs,
+    footprint,
+    plan_stages,
+    plot_footprint,
+    report,
+    skeleton,
+)
+
+GiB = 2**30
+
+# Parameter counts of the real components, from the shipped configs (each shared tensor once).
+REAL_PARAMS = {
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 4_762_310_656,
+    "vae": 83_819_683,
+}
+TRANSFORMER_PARAMS = {"flux-dev": 11_901_408_320, "flux-schnell": 11_891_178_560}  # schnell: no guidance embedder
+T5_SHARED = 32128 * 4096  # the embedding T5 shares between `shared` and `encoder.embed_tokens`
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return footprint("flux-dev")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return footprint("tiny")
+
+
+@pytest.mark.parametrize("model", ["flux-dev", "flux-schnell"])
+def test_real_parameter_counts(model):
+    fp = footprint(model)
+    assert {c: fp.components[c].params for c in REAL_PARAMS} == REAL_PARAMS
+    assert fp.components["transformer"].params == TRANSFORMER_PARAMS[model]
+    assert [c.cls for c in fp.components.values()] == [
+        "CLIPTextModel", "T5EncoderModel", "FluxTransformer2DModel", "AutoencoderKL"]
+
+
+def test_published_figures(dev):
+    clip, t5, flux = (dev.components[c].nbytes("float32") for c in ("text_encoder", "text_encoder_2", "transformer"))
+    assert 0.45 * GiB < clip < 0.46 * GiB  # the method's "under 460 MB" is ~0.46 GiB (492 MB)
+    assert t5 > 17 * GiB
+    assert round(flux / GiB, 1) == 44.3
+    assert dev.nbytes("float32") > 61 * GiB
+
+
+def test_bytes_are_params_times_dtype_size(dev):
+    for comp in dev.components.values():
+        assert comp.nbytes("float32") == 4 * comp.params
+        assert comp.nbytes("bfloat16") == 2 * comp.params
+        assert comp.nbytes("float8_e4m3fn") == comp.params
+    assert set(DTYPES) == {"float32", "bfloat16", "float8_e4m3fn"}
+
+
+def test_tied_t5_embedding_counted_once(dev):
+    untied = footprint("flux-dev", tie=False)
+    t5, t5_untied = dev.components["text_encoder_2"].params, untied.components["text_encoder_2"].params
+    # the trap: init_empty_weights under transformers 5 leaves them as two tensors
+    assert t5_untied - t5 == T5_SHARED
+    module = dev.skeletons["text_encoder_2"]
+    assert module.shared.weight is module.encoder.embed_tokens.weight
+
+
+def test_skeletons_hold_no_storage(dev):
+    for module in dev.skeletons.values():
+        assert {p.device.type for p in module.parameters()} == {"meta"}
+
+
+def test_twin_configs_match_a_built_twin(tiny_folder, tiny):
+    local = footprint(str(tiny_folder))
+    assert {c: local.components[c].params for c in COMPONENT_ORDER} == {c: tiny.components[c].params for c in COMPONENT_ORDER}
+
+
+def test_unknown_hub_model_without_config(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match="no config shipped"):
+        component_configs("someone/unknown-flux")
+    with pytest.raises(UserError, match="not a FLUX.1 folder"):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "model_index.json").write_text("{}")
+        component_configs(str(tmp_path / "m"))
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _tiers_of(plan, component):
+    return {u.tier for p in plan.components if p.component == component for u in p.units}
+
+
+def test_method_budget_reproduces_the_method(dev):
+    plans = plan_stages(dev, METHOD_BUDGET)
+    enc, diff = plans["text_encoding"], plans["diffusion"]
+    assert enc.dtype == torch.float32 and diff.dtype == torch.bfloat16
+    assert enc.fits and _tiers_of(enc, "text_encoder_2") == {0, "cpu"}  # T5 split between GPU and RAM
+    assert _tiers_of(enc, "text_encoder") == {0}  # CLIP whole on the GPU
+    assert diff.fits and _tiers_of(diff, "transformer") == {0, "cpu"}
+    assert _tiers_of(diff, "vae") == {0}
+    for plan in plans.values():
+        tiers = plan.tier_bytes()
+        assert tiers[0] <= 8.5 * GiB and tiers["cpu"] <= 30 * GiB
+
+
+def test_transformer_does_not_fit_in_float32_and_advice_says_what_to_do(dev):
+    plan = plan_stages(dev, METHOD_BUDGET, dtypes={"diffusion": "float32"})["diffusion"]
+    assert not plan.fits and plan.overflow > 0
+    assert "does not fit" in plan.advice and "bfloat16" in plan.advice and "disk" in plan.advice
+    # the extra RAM the advice names is enough, and 2/64 GiB less is not
+    extra = float(plan.advice.split("needs ")[1].split(" GiB")[0]) * GiB
+    more = plan_stages(dev, {0: "8.5GiB", "cpu": int(30 * GiB + extra + 2**24)}, dtypes={"diffusion": "float32"})
+    less = plan_stages(dev, {0: "8.5GiB", "cpu": int(30 * GiB + extra - 2**25)}, dtypes={"diffusion": "float32"})
+    assert more["diffusion"].fits and not less["diffusion"].fits
+
+
+def test_presets(dev):
+    outcome = {name: {s: p.fits for s, p in plan_stages(dev, spec).items()} for name, spec in PRESETS.items()}
+    assert outcome["80 GB GPU"] == {"text_encoding": True, "diffusion": True}
+    big = plan_stages(dev, PRESETS["80 GB GPU"])["diffusion"]
+    assert big.tier_bytes().keys() == {0}  # bf16 transformer whole on an 80 GB card
+    nogpu = plan_stages(dev, PRESETS["no GPU"])
+    assert all(p.tier_bytes().keys() == {"cpu"} for p in nogpu.values())
+
+
+def test_disk_tier_absorbs_overflow(dev):
+    plan = plan_stages(dev, {0: "8.5GiB", "cpu": "30GiB", "disk": "100GiB"}, dtypes={"diffusion": "float32"})
+    assert plan["diffusion"].fits and plan["diffusion"].tier_bytes()["disk"] > 0
+
+
+def test_tiny_splits_like_the_real_model(dev, tiny):
+    real, twin = plan_stages(dev), plan_stages(tiny, like=dev)
+    for stage in STAGES:
+        for a, b in zip(real[stage].components, twin[stage].components):
+            count = lambda plan, tier: sum(1 for u in plan.units if u.tier == tier)  # noqa: E731
+            for tier in (0, "cpu"):
+                # T5 splits at the same block; the transformer within one unit (its embedders are
+                # relatively larger in the twin)
+                assert abs(count(a, tier) - count(b, tier)) <= (0 if a.component == "text_encoder_2" else 1)
+
+
+def test_shares_are_of_the_stage(tiny):
+    plans = plan_stages(tiny, "0=40%,cpu=100%")
+    for name, plan in plans.items():
+        stage_bytes = tiny.nbytes(plan.dtype, list(STAGES[name].components))
+        assert plan.budget[0] == int(stage_bytes * 0.4)
+        assert plan.fits and plan.tier_bytes()[0] <= plan.budget[0]
+
+
+def test_report_json_shape_and_exact_integers(dev):
+    data = json.loads(json.dumps(report(dev, plan_stages(dev))))
+    assert set(data) == {"model", "components", "plan"} and data["model"] == "flux-dev"
+    for comp, entry in data["components"].items():
+        assert set(entry) == {"class", "params", "bytes"} and isinstance(entry["params"], int)
+        assert entry["bytes"] == {"float32": 4 * entry["params"], "bfloat16": 2 * entry["params"],
+                                  "float8_e4m3fn": entry["params"]}
+    for name, stage in data["plan"].items():
+        assert {"dtype", "tiers", "fits", "advice"} <= set(stage)
+        assert isinstance(stage["fits"], bool) and stage["advice"]
+        size = {"float32": 4, "bfloat16": 2}[stage["dtype"]]
+        total = sum(data["components"][c]["params"] for c in STAGES[name].components) * size
+        assert sum(t["bytes"] for t in stage["tiers"].values()) == total  # every byte placed once
+        assert set(stage["tiers"]) == {"0", "cpu"}
+        assert all(isinstance(m, str) for t in stage["tiers"].values() for m in t["modules"])
+
+
+# --------------------------------------------------------------------------- devicemap and charts
+
+
+def test_model_units_are_blocks(tiny):
+    t5 = [name for name, _ in model_units(tiny.skeletons["text_encoder_2"], ["T5Block"])]
+    assert t5[0] == "shared" and t5[-1] == "encoder.final_layer_norm"
+    assert [n for n in t5 if n.startswith("encoder.block.")] == [f"encoder.block.{i}" for i in range(24)]
+    flux_units = model_units(tiny.skeletons["transformer"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"])
+    assert sum(n for _, n in flux_units) == tiny.components["transformer"].params
+    assert sum(1 for name, _ in flux_units if name.startswith("single_transformer_blocks.")) == 38
+
+
+def test_plan_component_whole_and_remaining(tiny):
+    budget = parse_budget({"cpu": "1MiB", "disk": "1GiB"})
+    whole = plan_component(tiny.skeletons["vae"], budget, torch.float32, "vae", whole=True)
+    assert {u.tier for u in whole.units} == {"disk"}  # 1.4 MiB in float32 does not fit 1 MiB of RAM
+    left = remaining(parse_budget(METHOD_BUDGET), {0: int(8.5 * GiB)})
+    assert left.names == ["cpu"]
+    rows = summarise([whole])
+    assert rows[0]["units"] == len(whole.units) and rows[0]["tier"] == "disk"
+
+
+def test_charts_draw(dev):
+    import matplotlib.pyplot as plt
+
+    ax = plot_footprint(dev, parse_budget(METHOD_BUDGET))
+    heights = sum(p.get_height() for p in ax.patches[:: len(DTYPES)])  # the float32 bar, stacked
+    assert heights == pytest.approx(dev.nbytes("float32") / GiB)
+    plans = plan_stages(dev, dtypes={"diffusion": "float32"})
+    ax = draw_plan(plans["diffusion"].components, "diffusion", budget=plans["diffusion"].budget)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "does not fit" in labels and "GPU 0" in labels
+    plt.close("all")
+
+
+def test_skeleton_rejects_unknown_component():
+    with pytest.raises(UserError, match="unknown component"):
+        skeleton("unet", {})
