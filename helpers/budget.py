@@ -223,6 +223,31 @@ def _exact_size(n: int) -> str:
     return str(n)
 
 
+def one_tier_down(spec: Budget | Mapping | str) -> dict[Tier, object]:
+    """The same budget one tier down, for a machine without a GPU: GPU 0 becomes RAM, RAM becomes disk.
+
+    ``{0: "8.5GiB", "cpu": "30GiB"}`` becomes ``{"cpu": "8.5GiB", "disk": "30GiB"}``; shares stay
+    shares. A budget with no GPU tier is returned unchanged.
+    """
+    if isinstance(spec, Budget):
+        items = dict(spec.tiers)
+    elif isinstance(spec, str):
+        parse_budget(spec, model_bytes=2**40)  # reject a malformed budget here, with the usual message
+        text = spec.strip()
+        pairs = ast.literal_eval(text).items() if text.startswith("{") else (
+            (k, v.strip()) for k, _, v in (part.partition("=") for part in text.split(",")))
+        items = {_parse_tier(k): v for k, v in pairs}
+    else:
+        items = {_parse_tier(k): v for k, v in spec.items()}
+    gpus = sorted(t for t in items if isinstance(t, int))
+    if not gpus:
+        return items
+    shifted: dict[Tier, object] = {"cpu": items[gpus[0]]}
+    if "cpu" in items:
+        shifted["disk"] = items["cpu"]
+    return shifted
+
+
 def format_bytes(n: int | float) -> str:
     """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB), for people."""
     value = float(n)

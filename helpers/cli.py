@@ -56,7 +56,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
     ref = resolve_model(args.model)
     spec = args.max_memory if args.max_memory is not None else METHOD_BUDGET
-    parse_budget(spec, model_bytes=1)  # reject a bad budget before building anything
+    parse_budget(spec, model_bytes=2**40)  # reject a bad budget before building anything (shares: any size)
     like_name = args.like or ("flux-dev" if ref.kind == "twin" and args.max_memory is None else None)
     if like_name:
         resolve_model(like_name)

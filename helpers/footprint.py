@@ -191,11 +191,14 @@ class Footprint:
         }
 
 
-def footprint(model: str | None = None, tie: bool = True) -> Footprint:
-    """Footprint of every component of ``model`` (see :func:`component_configs`), built on meta."""
+def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_ORDER) -> Footprint:
+    """Footprint of the components of ``model`` (all by default), built on meta.
+
+    Configs come from :func:`component_configs`: no weights, no download.
+    """
     name, configs = component_configs(model)
     comps, skels = {}, {}
-    for comp in COMPONENT_ORDER:
+    for comp in [c for c in COMPONENT_ORDER if c in components]:
         module = skeleton(comp, configs[comp], tie=tie)
         skels[comp] = module
         comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module))
@@ -240,30 +243,12 @@ class StagePlan:
         }
 
 
-def _scaled(budget: Budget, num: int, den: int) -> Budget:
-    return Budget(tuple((t, max(1, b * num // den)) for t, b in budget.tiers), source=f"{budget} x {num / den:.3g}")
-
-
-def _place(
-    fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str,
-    like: Footprint | None = None, like_budget: Budget | None = None,
-) -> StagePlan:
-    """Place the stage's components one after another, each in what the earlier ones left.
-
-    With ``like``, each component is placed in what the same component of ``like`` gets under
-    ``like_budget``, scaled by the two components' size ratio: a small model then splits the way
-    the big one does, even where its components' relative sizes differ.
-    """
-    left, ref_left, plans = budget, like_budget, []
+def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str) -> StagePlan:
+    """Place the stage's components one after another, each in what the earlier ones left."""
+    left, plans = budget, []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
-        room = left
-        if like is not None:
-            own, ref = fp.components[comp].params, like.components[comp].params
-            room = _scaled(ref_left, own, ref)
-            ref_plan = plan_component(like.skeletons[comp], ref_left, dtype, component=comp, whole=whole)
-            ref_left = remaining(ref_left, {t: b for t, b in ref_plan.tier_bytes().items() if t != "disk"})
-        plan = plan_component(fp.skeletons[comp], room, dtype, component=comp, whole=whole)
+        plan = plan_component(fp.skeletons[comp], left, dtype, component=comp, whole=whole)
         plans.append(plan)
         left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
     # show components in pipeline order
@@ -273,6 +258,36 @@ def _place(
     result.overflow = max(0, on_disk - (budget["disk"] if "disk" in budget else 0))
     result.fits = result.overflow == 0
     return result
+
+
+def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget: Budget) -> Budget:
+    """The budget that, for ``fp``, means what ``like_budget`` means for the model of ``like_plan``.
+
+    Both models have the same blocks under the same names. Each tier gets the bytes, in ``fp``, of
+    the blocks the reference put there, plus the reference's unused room on that tier scaled by the
+    size ratio of the split components (the room is what decides whether one more block fits).
+    """
+    from helpers.devicemap import model_units
+
+    size = torch.tensor([], dtype=like_plan.dtype).element_size()
+    own_units: dict[str, int] = {}
+    for comp in stage.components:
+        module = fp.skeletons[comp]
+        for unit, n in model_units(module, list(getattr(module, "_no_split_modules", None) or [])):
+            own_units[f"{comp}.{unit}" if unit else comp] = n * size
+    ratio = (fp.nbytes(like_plan.dtype, list(stage.mapped)), like_plan_bytes(like_plan, stage.mapped))
+    tiers = []
+    for tier, nbytes in like_budget.tiers:
+        ref_units = [u for p in like_plan.components for u in p.units if u.tier == tier]
+        ref_bytes = sum(u.nbytes for u in ref_units)
+        own_bytes = sum(own_units.get(u.name, 0) for u in ref_units)
+        room = max(0, nbytes - ref_bytes) * ratio[0] // ratio[1]
+        tiers.append((tier, max(1, own_bytes + room)))
+    return Budget(tuple(tiers), source=f"{like_budget} as {fp.model} sees it")
+
+
+def like_plan_bytes(plan: StagePlan, components) -> int:
+    return sum(u.nbytes for p in plan.components if p.component in components for u in p.units)
 
 
 def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int:
@@ -327,26 +342,25 @@ def plan_stages(
     max_memory=METHOD_BUDGET,
     dtypes: dict[str, torch.dtype | str] | None = None,
     like: Footprint | None = None,
+    stages=tuple(STAGES),
 ) -> dict[str, StagePlan]:
-    """Place every stage of the method under ``max_memory``; ``dtypes`` overrides a stage's dtype.
+    """Place the method's ``stages`` (all by default) under ``max_memory``; ``dtypes`` overrides a stage's dtype.
 
     Shares in the budget (``"0=40%"``) are of the stage's size. With ``like`` (say the real
-    FLUX.1-dev), the budget is read against that model and scaled down, component by component,
-    so that a twin splits its blocks the way the real model does under the same budget.
+    FLUX.1-dev), the budget is read against that model and translated into this model's bytes
+    (see :func:`_budget_like`), so that a twin splits its blocks the way the real model does.
     """
     plans = {}
-    for name, stage in STAGES.items():
+    for name in stages:
+        stage = STAGES[name]
         dt = (dtypes or {}).get(name, stage.dtype)
         dt = DTYPES[dt] if isinstance(dt, str) else dt
-        own = fp.nbytes(dt, list(stage.components))
         if like is None:
-            budget = parse_budget(max_memory, model_bytes=own)
-            plan = _place(fp, stage, budget, dt, name)
+            budget = parse_budget(max_memory, model_bytes=fp.nbytes(dt, list(stage.components)))
         else:
-            ref = like.nbytes(dt, list(stage.components))
-            like_budget = parse_budget(max_memory, model_bytes=ref)
-            budget = _scaled(like_budget, own, ref)
-            plan = _place(fp, stage, budget, dt, name, like=like, like_budget=like_budget)
+            like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
+            budget = _budget_like(fp, stage, _place(like, stage, like_budget, dt, name), like_budget)
+        plan = _place(fp, stage, budget, dt, name)
         plan.advice = _advice(fp, stage, plan)
         plans[name] = plan
     return plans

@@ -144,15 +144,17 @@ def test_disk_tier_absorbs_overflow(dev):
     assert plan["diffusion"].fits and plan["diffusion"].tier_bytes()["disk"] > 0
 
 
-def test_tiny_splits_like_the_real_model(dev, tiny):
-    real, twin = plan_stages(dev), plan_stages(tiny, like=dev)
+@pytest.mark.parametrize("budget", [METHOD_BUDGET, *PRESETS.values(), {"cpu": "8.5GiB", "disk": "30GiB"}],
+                         ids=["method", *PRESETS, "one tier down"])
+def test_tiny_splits_exactly_like_the_real_model(dev, tiny, budget):
+    real, twin = plan_stages(dev, budget), plan_stages(tiny, budget, like=dev)
     for stage in STAGES:
+        assert twin[stage].fits == real[stage].fits
         for a, b in zip(real[stage].components, twin[stage].components):
-            count = lambda plan, tier: sum(1 for u in plan.units if u.tier == tier)  # noqa: E731
-            for tier in (0, "cpu"):
-                # T5 splits at the same block; the transformer within one unit (its embedders are
-                # relatively larger in the twin)
-                assert abs(count(a, tier) - count(b, tier)) <= (0 if a.component == "text_encoder_2" else 1)
+            assert [u.name for u in a.units] == [u.name for u in b.units]
+            assert [u.tier for u in a.units] == [u.tier for u in b.units], (stage, a.component)
+        for tier, nbytes in twin[stage].tier_bytes().items():  # and the twin's usage is within its budget
+            assert tier == "disk" or nbytes <= twin[stage].budget[tier]
 
 
 def test_shares_are_of_the_stage(tiny):
