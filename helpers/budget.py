@@ -10,6 +10,7 @@ means to ``infer_auto_device_map``. Explained in ``00_environment-check.ipynb``.
 from __future__ import annotations
 
 import ast
+import math
 import os
 import re
 import shutil
@@ -246,6 +247,17 @@ def one_tier_down(spec: Budget | Mapping | str) -> dict[Tier, object]:
     if "cpu" in items:
         shifted["disk"] = items["cpu"]
     return shifted
+
+
+def round_up_size(n: int | float) -> str:
+    """A budget-style size at least ``n`` bytes, rounded up to two significant digits: ``7.9GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            value = n / scale
+            digits = 1 if value < 10 else 0
+            rounded = math.ceil(value * 10**digits) / 10**digits
+            return f"{rounded:g}{unit}"
+    return str(math.ceil(n))
 
 
 def format_bytes(n: int | float) -> str:

@@ -84,6 +84,27 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    from helpers.budget import format_bytes
+    from helpers.encode import encode_prompts
+    from helpers.report import Table
+
+    result = encode_prompts(
+        args.model, args.prompt, args.out, max_memory=args.max_memory,
+        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, create_folder=False,
+    )
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for difference in result.differences:
+        print(f"note: the applied device map differs from the plan: {difference}", file=sys.stderr)
+    m = result.measurement
+    print(result.path)
+    print(f"wall time {m.wall_s:.2f} s, peak RSS {format_bytes(m.peak_rss)} (+{format_bytes(m.peak_rss_delta)})"
+          + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items()), file=sys.stderr)
+    print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m helpers",
@@ -124,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale the budget from this model's sizes (default for tiny/medium without --max-memory: flux-dev)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_footprint)
+
+    p = sub.add_parser(
+        "encode",
+        help="stage 1: encode prompts with CLIP + T5 under a memory budget, into an embeddings file",
+        description="Load CLIP whole and the T5 encoder split across memory tiers by the budget's device map "
+        "(float32), encode the prompts, and save the embeddings (bfloat16) to --out with their metadata. "
+        "Prints the file's path on stdout, time and peak memory per tier on stderr.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="a prompt; repeat for a batch in one file")
+    p.add_argument("--max-memory", metavar="SPEC",
+                   help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: that, or "cpu=8.5GiB,disk=30GiB" '
+                   "without a GPU; scaled to the twins as the real model would be split)")
+    p.add_argument("--max-sequence-length", type=int, default=512, metavar="N",
+                   help="T5 tokens per prompt, 1 to 512 (FLUX.1-schnell: at most 256; default 512)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (its folder must exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_encode)
     return parser
 
 

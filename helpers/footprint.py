@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget
+from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
 from helpers.models import TWINS, resolve_model, twin_configs
@@ -291,8 +291,8 @@ def like_plan_bytes(plan: StagePlan, components) -> int:
 
 
 def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int:
-    """The least extra room on ``tier`` (to 1/64 GiB) that makes the stage fit; found by bisection."""
-    step = 2**24
+    """The least extra room on ``tier`` (to 1/4096 of the stage's size) that makes it fit; by bisection."""
+    step = max(1, fp.nbytes(dtype, list(stage.components)) // 4096)
     base = dict(budget.tiers)
 
     def fits(extra: int) -> bool:
@@ -328,9 +328,9 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     slow = "cpu" if "cpu" in plan.budget else next((t for t in plan.budget.names if t != "disk"), "cpu")
     extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow)
     have = plan.budget[slow] if slow in plan.budget else 0
-    options = [f"give {tier_label(slow)} {format_bytes(extra)} more ({slow}={math.ceil((have + extra) / 2**30)}GiB)"]
+    options = [f"give {tier_label(slow)} {format_bytes(extra)} more ({slow}={round_up_size(have + extra)})"]
     if "disk" not in plan.budget:
-        options.append(f"add a disk tier (disk={math.ceil(plan.overflow / 2**30) + 1}GiB; slow)")
+        options.append(f"add a disk tier (disk={round_up_size(plan.overflow * 1.1)}; slow)")
     if plan.dtype == torch.float32:
         half = fp.nbytes(torch.bfloat16, list(stage.components))
         options.append(f"use bfloat16 (the stage then needs {format_bytes(half)})")

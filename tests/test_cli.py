@@ -85,3 +85,38 @@ def test_footprint_table_for_tiny_and_a_custom_budget():
 ])
 def test_footprint_user_errors(args, fragment):
     assert_user_error(run(*args), fragment)
+
+
+def test_footprint_accepts_shares():
+    result = run("footprint", "--model", "tiny", "--max-memory", "0=40%,cpu=100%")
+    assert result.returncode == 0, result.stderr
+
+
+def test_encode_prints_path_time_and_tiers(tmp_path):
+    out = tmp_path / "e.safetensors"
+    result = run("encode", "--model", "tiny", "--prompt", "a red cat", "--prompt", "a dog",
+                 "--max-sequence-length", "32", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out) and out.is_file()
+    assert "wall time" in result.stderr and "peak RSS" in result.stderr and "disk" in result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["encode", "--prompt", "", "--out", "{tmp}/e.safetensors"], "the prompt is empty"),
+    (["encode", "--prompt", "a", "--out", "{tmp}/no/e.safetensors"], "does not exist"),
+    (["encode", "--prompt", "a", "--out", "{tmp}/e.safetensors", "--max-memory", "cpu=1KiB"], "too small"),
+    (["encode", "--prompt", "a", "--out", "{tmp}/e.safetensors", "--max-memory", "0=8.5GiB;"], "accepted forms"),
+    (["encode", "--prompt", "a", "--out", "{tmp}/e.safetensors", "--max-sequence-length", "9999"], "512"),
+    (["encode", "--prompt", "a", "--out", "{tmp}/e.safetensors", "--model", "nope"], "unknown model"),
+    (["encode", "--prompt", "a"], "--out"),
+])
+def test_encode_user_errors(tmp_path, args, fragment):
+    assert_user_error(run(*[a.replace("{tmp}", str(tmp_path)) for a in args]), fragment)
+
+
+def test_encode_keeps_an_existing_file(tmp_path):
+    out = tmp_path / "e.safetensors"
+    out.write_bytes(b"keep me")
+    assert_user_error(run("encode", "--prompt", "a", "--out", str(out)), "already exists")
+    assert out.read_bytes() == b"keep me"
+    assert run("encode", "--prompt", "a", "--out", str(out), "--overwrite").returncode == 0

@@ -1,0 +1,222 @@
+"""The hand-off between the stages: prompt embeddings in a safetensors file.
+
+Stage 1 (text encoding) writes ``prompt_embeds`` ``[batch, tokens, joint_dim]``,
+``pooled_prompt_embeds`` ``[batch, pooled_dim]`` and ``text_ids`` ``[tokens, 3]`` in bfloat16, with
+string metadata that says what made them. Stage 2 (diffusion) validates the file against the model
+that will consume it, from the header alone (no tensor is read, no weight is loaded), and explains
+any mismatch in one message that says what to do. Written atomically: a crash never leaves half a
+file under the final name. Explained in ``02_text-encoding-offload.ipynb``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from helpers.errors import UserError
+from helpers.files import atomic_path
+
+FORMAT = "flux-embeddings"
+FORMAT_VERSION = "1"
+REQUIRED = ("prompt_embeds", "pooled_prompt_embeds")
+OPTIONAL = ("text_ids",)
+STORED_DTYPE = torch.bfloat16
+MAKER = "notebook 02_text-encoding-offload or `python -m helpers encode`"
+
+#: the config entries of the text encoders that decide what their embeddings mean
+_FINGERPRINT_KEYS = {
+    "text_encoder": ("hidden_size", "num_hidden_layers", "vocab_size", "max_position_embeddings", "projection_dim"),
+    "text_encoder_2": ("d_model", "d_kv", "d_ff", "num_heads", "num_layers", "vocab_size", "feed_forward_proj"),
+}
+
+
+def fingerprint(configs: dict[str, dict]) -> str:
+    """A short hash of the text encoders' shapes: two models share it only if their embeddings agree.
+
+    ``configs`` maps ``text_encoder`` / ``text_encoder_2`` to their config dicts (for instance from
+    :func:`helpers.footprint.component_configs`).
+    """
+    facts = {c: {k: configs[c].get(k) for k in keys} for c, keys in _FINGERPRINT_KEYS.items()}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    import helpers
+
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "helpers": helpers.__version__}
+
+
+@dataclass
+class EmbeddingsHeader:
+    """What a file says about itself, read without loading a tensor."""
+
+    path: Path
+    metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+
+    @property
+    def prompts(self) -> list[str]:
+        return json.loads(self.metadata.get("prompts", "[]"))
+
+    @property
+    def batch(self) -> int:
+        return self.shapes["prompt_embeds"][0]
+
+    @property
+    def max_sequence_length(self) -> int:
+        return int(self.metadata["max_sequence_length"])
+
+    def summary(self) -> dict:
+        return {
+            "file": str(self.path),
+            "bytes": self.path.stat().st_size,
+            "tensors": {k: f"{self.dtypes[k]} {list(v)}" for k, v in self.shapes.items()},
+            **{k: (json.loads(v) if k in ("prompts", "versions") else v) for k, v in self.metadata.items()},
+        }
+
+
+def save_embeddings(
+    path: str | os.PathLike,
+    prompt_embeds: torch.Tensor,
+    pooled_prompt_embeds: torch.Tensor,
+    text_ids: torch.Tensor | None = None,
+    *,
+    model: str,
+    fingerprint: str,
+    prompts: list[str],
+    max_sequence_length: int,
+    overwrite: bool = False,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write the embeddings in bfloat16 with their metadata, atomically; refuse to replace unless asked."""
+    if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
+        raise ValueError("prompt_embeds must be [batch, tokens, dim] and pooled_prompt_embeds [batch, dim]")
+    if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0] or prompt_embeds.shape[0] != len(prompts):
+        raise ValueError(
+            f"batch sizes disagree: {prompt_embeds.shape[0]} prompt_embeds, "
+            f"{pooled_prompt_embeds.shape[0]} pooled, {len(prompts)} prompts"
+        )
+    from safetensors.torch import save_file
+
+    tensors = {
+        "prompt_embeds": prompt_embeds.detach().to("cpu", STORED_DTYPE).contiguous(),
+        "pooled_prompt_embeds": pooled_prompt_embeds.detach().to("cpu", STORED_DTYPE).contiguous(),
+    }
+    if text_ids is not None:
+        tensors["text_ids"] = text_ids.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": str(model),
+        "fingerprint": fingerprint,
+        "prompts": json.dumps(list(prompts), ensure_ascii=False),
+        "max_sequence_length": str(int(max_sequence_length)),
+        "dtype": str(STORED_DTYPE).replace("torch.", ""),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": json.dumps(_versions()),
+        **(extra or {}),
+    }
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
+    """The file's metadata, tensor names, shapes and dtypes, from the header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no embeddings file at {path}; make one with {MAKER}.")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the embeddings file (.safetensors) made by {MAKER}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path} is not a readable safetensors file ({err}); make it again with {MAKER}.") from None
+    return EmbeddingsHeader(path, metadata, shapes, dtypes)
+
+
+def validate(
+    path: str | os.PathLike,
+    expected_fingerprint: str | None = None,
+    joint_attention_dim: int | None = None,
+    pooled_projection_dim: int | None = None,
+) -> EmbeddingsHeader:
+    """Check an embeddings file against the model that will consume it, before any weight loads.
+
+    Checks the format, the tensor names, shapes and dtypes, and (when given) the fingerprint of the
+    text encoders and the transformer's input widths. Raises :class:`UserError` saying what is wrong
+    and what to do.
+    """
+    header = read_header(path)
+    meta, shapes = header.metadata, header.shapes
+    where = header.path
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{where} is a safetensors file but not an embeddings file (no '{FORMAT}' header); make one with {MAKER}.")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{where} has format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION!r}; "
+            f"make it again with {MAKER}."
+        )
+    missing = [k for k in REQUIRED if k not in shapes]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}; make it again with {MAKER}.")
+    pe, pooled = shapes["prompt_embeds"], shapes["pooled_prompt_embeds"]
+    if len(pe) != 3 or len(pooled) != 2 or pe[0] != pooled[0]:
+        raise UserError(
+            f"{where} has prompt_embeds {list(pe)} and pooled_prompt_embeds {list(pooled)}: expected "
+            f"[batch, tokens, dim] and [batch, dim] with the same batch; make it again with {MAKER}."
+        )
+    for name in REQUIRED:
+        if header.dtypes[name] != "BF16":
+            raise UserError(f"{where}: {name} is {header.dtypes[name]}, expected BF16; make it again with {MAKER}.")
+    try:
+        prompts = header.prompts
+        seq = header.max_sequence_length
+    except (ValueError, KeyError):
+        raise UserError(f"{where} has a damaged header (prompts / max_sequence_length); make it again with {MAKER}.") from None
+    if len(prompts) != pe[0] or seq != pe[1]:
+        raise UserError(
+            f"{where}: header says {len(prompts)} prompt(s) of {seq} tokens, tensors hold {pe[0]} of {pe[1]}; "
+            f"make it again with {MAKER}."
+        )
+    if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+        raise UserError(
+            f"{where} was encoded by model {meta.get('model')!r} (text encoders {meta.get('fingerprint')}), "
+            f"whose embeddings do not fit this model (text encoders {expected_fingerprint}); encode the prompt "
+            f"again with the same model ({MAKER})."
+        )
+    if joint_attention_dim is not None and pe[2] != joint_attention_dim:
+        raise UserError(
+            f"{where}: prompt_embeds are {pe[2]} wide, this transformer takes {joint_attention_dim}; encode the "
+            f"prompt again with this model ({MAKER})."
+        )
+    if pooled_projection_dim is not None and pooled[1] != pooled_projection_dim:
+        raise UserError(
+            f"{where}: pooled_prompt_embeds are {pooled[1]} wide, this transformer takes {pooled_projection_dim}; "
+            f"encode the prompt again with this model ({MAKER})."
+        )
+    return header
+
+
+def load_embeddings(path: str | os.PathLike, **checks) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
+    """Validate (``checks`` as for :func:`validate`), then load the tensors (on the CPU, bfloat16)."""
+    from safetensors.torch import load_file
+
+    header = validate(path, **checks)
+    return load_file(str(header.path)), header

@@ -1,0 +1,308 @@
+"""Stage 1, text encoding: CLIP whole, the big T5 split across memory tiers, embeddings to a file.
+
+The steps, each a function the notebook calls in turn and :func:`encode_prompts` chains (for the
+widget and ``python -m helpers encode``):
+
+1. :func:`text_encoding_plan`: the T5 skeleton on meta, placed under the budget (no weights);
+   a budget too small is refused here, before anything loads, with the smallest one that works;
+2. :func:`load_text_encoders`: the real weights, loaded with that device map (tiers on disk read
+   from an offload folder), and the map accelerate actually applied checked against the plan;
+3. :func:`encode`: ``FluxPipeline.encode_prompt`` with only the encoders and tokenizers;
+4. :func:`helpers.embeddings.save_embeddings`: bfloat16, atomically.
+
+Explained in ``02_text-encoding-offload.ipynb``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers.budget import METHOD_BUDGET, Budget, Tier, detect_hardware, format_bytes, one_tier_down
+from helpers.errors import UserError
+from helpers.files import check_can_write, outputs_dir
+
+TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+
+def default_text_budget(has_gpu: bool | None = None):
+    """The method's budget, or the same one tier down (RAM + disk) on a machine without a GPU."""
+    if has_gpu is None:
+        has_gpu = bool(detect_hardware().gpus)
+    return METHOD_BUDGET if has_gpu else one_tier_down(METHOD_BUDGET)
+
+
+def embeddings_path(name: str) -> Path:
+    """``outputs/embeddings/<name>.safetensors``."""
+    return outputs_dir() / "embeddings" / f"{name}.safetensors"
+
+
+# --------------------------------------------------------------------------- 1. plan
+
+
+def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto"):
+    """Place CLIP (whole) and T5 (split) under the budget in float32; refuse a budget that is too small.
+
+    ``like="auto"`` translates the default budget (the real model's) for the twins, so the tiny T5
+    splits the way the real one does; a budget you give is used as given (shares are of the stage). Returns a
+    :class:`helpers.footprint.StagePlan`. Only skeletons are built: nothing is loaded.
+    """
+    from helpers.footprint import footprint, plan_stages
+    from helpers.models import resolve_model
+
+    ref = resolve_model(model)
+    if like == "auto":  # the default budget is the real model's: translate it for a twin
+        like = "flux-dev" if ref.kind == "twin" and max_memory is None else None
+    if max_memory is None:
+        max_memory = default_text_budget()
+    from helpers.budget import parse_budget
+
+    parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
+    fp = footprint(ref.name if ref.kind != "local" else str(ref.path), components=TEXT_COMPONENTS)
+    like_fp = footprint(like, components=TEXT_COMPONENTS) if like else None
+    plan = plan_stages(fp, max_memory, like=like_fp, stages=("text_encoding",))["text_encoding"]
+    if not plan.fits:
+        raise UserError(f"the budget ({plan.budget.describe()}) is too small for text encoding: {plan.advice}")
+    return plan
+
+
+# --------------------------------------------------------------------------- 2. load
+
+
+def torch_device(tier: Tier) -> torch.device:
+    """The device that computes for a tier: GPU ``i`` for tier ``i``, else the CPU."""
+    return torch.device("cuda", tier) if isinstance(tier, int) else torch.device("cpu")
+
+
+@dataclass
+class TextEncoders:
+    """The loaded text encoders, with the plan they were loaded by and the map that was applied."""
+
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    text_encoder_2: torch.nn.Module
+    tokenizer_2: object
+    plan: object
+    applied: dict[str, Tier]
+    device: torch.device
+    offload_folder: Path | None = None
+    differences: list[str] = field(default_factory=list)
+
+
+def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str]:
+    """What differs between the planned device map and ``model.hf_device_map``; empty when they agree.
+
+    accelerate may condense or expand entries (a whole ``encoder`` vs its blocks), so both maps are
+    compared module by module: each name of either map gets the tier of its longest prefix in each.
+    """
+
+    def tier(name: str, mapping: dict[str, Tier]) -> Tier | None:
+        best, found = -1, None
+        for key, value in mapping.items():
+            if key == "" or name == key or name.startswith(key + "."):
+                if len(key) > best:
+                    best, found = len(key), value
+        return found
+
+    every = set(planned) | set(applied)
+    # compare at the finest level either map names: skip a name that another name refines
+    names = sorted(n for n in every if not any(o != n and (n == "" or o.startswith(n + ".")) for o in every))
+    out = []
+    for name in names:
+        a, b = tier(name, planned), tier(name, applied)
+        if a != b:
+            out.append(f"{name or '(whole model)'}: planned {a}, applied {b}")
+    return out
+
+
+def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None) -> TextEncoders:
+    """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
+
+    ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
+    accelerate expects it to exist).
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    folder = Path(folder)
+    by_comp = {p.component: p for p in plan.components}
+    clip_tier = by_comp["text_encoder"].device_map[""]
+    t5_map = dict(by_comp["text_encoder_2"].device_map)
+    if "disk" in t5_map.values():
+        offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "text_encoder_2")
+        offload_folder.mkdir(parents=True, exist_ok=True)
+    else:
+        offload_folder = None
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
+    text_encoder_2 = T5EncoderModel.from_pretrained(
+        folder / "text_encoder_2", dtype=torch.float32, device_map=t5_map, offload_folder=offload_folder
+    )
+    applied = dict(getattr(text_encoder_2, "hf_device_map", {"": "cpu"}))
+    fastest = min((t for t in [clip_tier, *t5_map.values()] if t != "disk"), key=lambda t: (not isinstance(t, int), str(t)))
+    return TextEncoders(
+        text_encoder=text_encoder.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        plan=plan,
+        applied=applied,
+        device=torch_device(fastest),
+        offload_folder=offload_folder,
+        differences=compare_maps(t5_map, applied),
+    )
+
+
+# --------------------------------------------------------------------------- 3. encode
+
+
+def check_prompts(prompts: str | list[str]) -> list[str]:
+    """A list of non-empty prompts, or a :class:`UserError` saying which one is empty."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UserError("no prompt given; write at least one.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            where = "the prompt" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)}"
+            raise UserError(f"{where} is empty; write what the image should show.")
+    return prompts
+
+
+def check_max_sequence_length(n: int, variant: str | None = None) -> int:
+    """1 to 512 tokens (T5's limit); FLUX.1-schnell was trained with at most 256."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"max_sequence_length must be a whole number of tokens from 1 to 512, not {n!r}.")
+    if n > 512:
+        raise UserError(f"max_sequence_length {n} is more than T5's 512 tokens; use 512 or less.")
+    if variant == "schnell" and n > 256:
+        raise UserError(f"FLUX.1-schnell takes at most 256 tokens (max_sequence_length {n}); use 256 or less.")
+    return n
+
+
+def token_report(prompts: list[str], tokenizer, tokenizer_2, max_sequence_length: int) -> list[dict]:
+    """Tokens per prompt for CLIP (77 max) and T5 (``max_sequence_length``), and whether they get cut."""
+    rows = []
+    for p in prompts:
+        clip_n = len(tokenizer(p).input_ids)
+        t5_n = len(tokenizer_2(p).input_ids)
+        rows.append({
+            "prompt": p if len(p) <= 60 else p[:57] + "...",
+            "clip tokens": clip_n,
+            "t5 tokens": t5_n,
+            "cut": "T5" if t5_n > max_sequence_length else ("CLIP" if clip_n > tokenizer.model_max_length else ""),
+        })
+    return rows
+
+
+def truncation_warnings(rows: list[dict], max_sequence_length: int, clip_max: int = 77) -> list[str]:
+    out = []
+    for i, r in enumerate(rows, 1):
+        if r["t5 tokens"] > max_sequence_length:
+            out.append(
+                f"prompt {i} is {r['t5 tokens']} T5 tokens; only the first {max_sequence_length} are used "
+                f"(raise max_sequence_length up to 512, or shorten it)."
+            )
+        elif r["clip tokens"] > clip_max:
+            out.append(f"prompt {i} is {r['clip tokens']} CLIP tokens; CLIP reads only the first {clip_max}.")
+    return out
+
+
+@torch.no_grad()
+def encode(encoders: TextEncoders, prompts: list[str], max_sequence_length: int):
+    """``FluxPipeline.encode_prompt`` with only the encoders and tokenizers: the method's stage 1.
+
+    Returns ``(prompt_embeds, pooled_prompt_embeds, text_ids)`` in float32.
+    """
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(
+        scheduler=None, vae=None, transformer=None,
+        text_encoder=encoders.text_encoder, tokenizer=encoders.tokenizer,
+        text_encoder_2=encoders.text_encoder_2, tokenizer_2=encoders.tokenizer_2,
+    )
+    return pipe.encode_prompt(
+        prompt=prompts, prompt_2=None, device=encoders.device, max_sequence_length=max_sequence_length
+    )
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+@dataclass
+class EncodeResult:
+    path: Path
+    plan: object
+    applied: dict
+    differences: list[str]
+    tokens: list[dict]
+    warnings: list[str]
+    measurement: object
+    shapes: dict
+
+    def per_tier(self) -> list[dict]:
+        """Peak use per tier against the budget: GPU memory, RAM growth over the start, disk."""
+        budget: Budget = self.plan.budget
+        tiers = self.plan.tier_bytes()
+        rows = []
+        for tier, allowed in budget.tiers:
+            if isinstance(tier, int):
+                used, what = self.measurement.peak_gpu.get(tier, 0), "peak allocated"
+            elif tier == "cpu":
+                used, what = self.measurement.peak_rss_delta, "peak RSS rise"
+            else:
+                used, what = tiers.get(tier, 0), "weights read from disk"
+            rows.append({"tier": str(tier), "budget": format_bytes(allowed), "planned weights": format_bytes(tiers.get(tier, 0)),
+                         "measured": format_bytes(used), "what": what})
+        return rows
+
+
+def encode_prompts(
+    model: str | None,
+    prompts: str | list[str],
+    out: str | os.PathLike,
+    max_memory=None,
+    max_sequence_length: int = 512,
+    overwrite: bool = False,
+    create_folder: bool = True,
+) -> EncodeResult:
+    """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load."""
+    from helpers.embeddings import fingerprint, save_embeddings
+    from helpers.footprint import component_configs
+    from helpers.memory import measure
+    from helpers.models import model_path, resolve_model
+
+    ref = resolve_model(model)
+    prompts = check_prompts(prompts)
+    check_max_sequence_length(max_sequence_length, ref.variant)
+    out = Path(out)
+    if not out.parent.exists():
+        if not create_folder:
+            raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent} is not a folder; choose another output path.")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}; choose a folder you can write to.")
+    check_can_write(out, overwrite)
+    plan = text_encoding_plan(model, max_memory)
+    folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
+    _, configs = component_configs(model if ref.kind != "local" else str(ref.path))
+
+    with measure("text encoding") as m:
+        encoders = load_text_encoders(folder, plan)
+        tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
+        prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
+        path = save_embeddings(
+            out, prompt_embeds, pooled, text_ids, model=ref.name, fingerprint=fingerprint(configs),
+            prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
+        )
+    result = EncodeResult(
+        path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
+        warnings=truncation_warnings(tokens, max_sequence_length), measurement=m,
+        shapes={"prompt_embeds": list(prompt_embeds.shape), "pooled_prompt_embeds": list(pooled.shape)},
+    )
+    del encoders
+    return result

@@ -1,0 +1,139 @@
+import torch
+import pytest
+
+from helpers.budget import parse_budget
+from helpers.embeddings import fingerprint, load_embeddings, read_header
+from helpers.encode import (
+    compare_maps,
+    encode,
+    encode_prompts,
+    load_text_encoders,
+    text_encoding_plan,
+    token_report,
+    truncation_warnings,
+)
+from helpers.errors import UserError
+from helpers.footprint import component_configs
+
+PROMPTS = ["a photo of a red cat sitting on a window", "a dog on a bridge at night"]
+ONE_TIER_DOWN = {"cpu": "8.5GiB", "disk": "30GiB"}  # the method's budget without a GPU, translated to the twin
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return text_encoding_plan(None, None)  # the default on this CPU machine: one tier down, as the real T5
+
+
+def test_default_plan_splits_t5_over_ram_and_disk(plan):
+    t5 = next(p for p in plan.components if p.component == "text_encoder_2")
+    tiers = [u.tier for u in t5.units]
+    assert set(tiers) == {"cpu", "disk"}
+    # the real T5 under the method's budget: shared + embed_tokens + 9 blocks on the fast tier
+    assert tiers.count("cpu") == 11 and t5.units[10].name == "text_encoder_2.encoder.block.8"
+
+
+def test_device_mapped_encoding_equals_the_one_piece_pipeline(tiny_folder, plan, tmp_path):
+    from diffusers import FluxPipeline
+
+    encoders = load_text_encoders(tiny_folder, plan, offload_folder=tmp_path / "offload")
+    assert encoders.differences == []  # the applied map is the plan
+    assert set(encoders.applied.values()) == {"cpu", "disk"}
+    ours = encode(encoders, PROMPTS, max_sequence_length=64)
+
+    pipe = FluxPipeline.from_pretrained(tiny_folder, dtype=torch.float32, transformer=None, vae=None)
+    theirs = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, max_sequence_length=64)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert ours[0].shape == (2, 64, 32) and ours[1].shape == (2, 32)
+
+
+def test_compare_maps():
+    assert compare_maps({"encoder": "cpu"}, {"encoder.block.0": "cpu", "encoder.block.1": "cpu"}) == []
+    diff = compare_maps({"a": "cpu", "b": "disk"}, {"a": "cpu", "b": "cpu"})
+    assert diff == ["b: planned disk, applied cpu"]
+
+
+def test_encode_prompts_writes_a_valid_file(tmp_path):
+    out = tmp_path / "e.safetensors"
+    result = encode_prompts("tiny", PROMPTS, out, max_sequence_length=64)
+    assert result.path == out and result.differences == [] and result.warnings == []
+    tensors, header = load_embeddings(out, expected_fingerprint=fingerprint(component_configs("tiny")[1]),
+                                      joint_attention_dim=32, pooled_projection_dim=32)
+    assert header.prompts == PROMPTS and tensors["prompt_embeds"].shape == (2, 64, 32)
+    assert {row["tier"] for row in result.per_tier()} == {"cpu", "disk"}
+    assert result.measurement.wall_s > 0
+
+
+def test_long_prompt_is_warned_with_token_counts(tmp_path):
+    long = "a photo of a cat " * 20
+    result = encode_prompts("tiny", [long], tmp_path / "long.safetensors", max_sequence_length=16)
+    assert len(result.warnings) == 1
+    n = result.tokens[0]["t5 tokens"]
+    assert n > 16 and f"is {n} T5 tokens; only the first 16 are used" in result.warnings[0]
+
+
+def test_token_report_flags_clip_cut(tiny_folder):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
+    t5 = T5TokenizerFast.from_pretrained(tiny_folder / "tokenizer_2")
+    rows = token_report(["word " * 100], clip, t5, 512)
+    assert rows[0]["cut"] == "CLIP" and "CLIP reads only the first 77" in truncation_warnings(rows, 512)[0]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(model="/no/such/model"), "unknown model"),
+    (dict(prompts=""), "the prompt is empty"),
+    (dict(prompts=["ok", "  "]), "prompt 2 of 2 is empty"),
+    (dict(prompts=[]), "no prompt given"),
+    (dict(max_memory="cpu=lots"), "not a number with a unit"),
+    (dict(max_memory="cpu=1KiB"), "too small for text encoding: does not fit: needs"),
+    (dict(max_sequence_length=0), "from 1 to 512"),
+    (dict(max_sequence_length=600), "more than T5's 512"),
+])
+def test_rejections_before_any_load(tmp_path, monkeypatch, kwargs, fragment):
+    import helpers.encode as enc
+
+    def must_not_load(*a, **k):
+        raise AssertionError("loaded weights before rejecting the input")
+
+    monkeypatch.setattr(enc, "load_text_encoders", must_not_load)
+    args = dict(model="tiny", prompts=["a cat"], out=tmp_path / "e.safetensors")
+    args.update(kwargs)
+    with pytest.raises(UserError, match=fragment):
+        encode_prompts(args.pop("model"), args.pop("prompts"), args.pop("out"), **args)
+
+
+def test_too_small_budget_names_the_smallest_that_works(tmp_path):
+    with pytest.raises(UserError) as info:
+        encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory="cpu=100KiB")
+    smallest = str(info.value).split("(cpu=")[1].split(")")[0]
+    encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory=f"cpu={smallest}")  # and it does
+
+
+def test_output_rejections(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        encode_prompts("tiny", ["a cat"], tmp_path / "missing" / "e.safetensors", create_folder=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        encode_prompts("tiny", ["a cat"], tmp_path / "afile" / "e.safetensors")
+    existing = tmp_path / "e.safetensors"
+    existing.write_bytes(b"precious")
+    with pytest.raises(UserError, match="already exists"):
+        encode_prompts("tiny", ["a cat"], existing)
+    assert existing.read_bytes() == b"precious"
+
+
+def test_schnell_takes_at_most_256_tokens(tmp_path):
+    from helpers.encode import check_max_sequence_length
+
+    assert check_max_sequence_length(256, "schnell") == 256
+    with pytest.raises(UserError, match="FLUX.1-schnell takes at most 256"):
+        check_max_sequence_length(512, "schnell")
+
+
+def test_header_records_the_run(tmp_path):
+    out = encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_sequence_length=32).path
+    meta = read_header(out).metadata
+    assert meta["model"] == "tiny" and meta["max_sequence_length"] == "32"
