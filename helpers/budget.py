@@ -173,7 +173,7 @@ def parse_budget(spec: Budget | Mapping | str, model_bytes: int | None = None) -
         if text.startswith("{"):
             try:
                 spec = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except Exception:  # ValueError, SyntaxError, TypeError (unhashable keys), MemoryError, ...
                 raise _fail(f"{text!r} is not a readable dict") from None
             if not isinstance(spec, dict):
                 raise _fail(f"{text!r} is not a dict")
@@ -243,6 +243,8 @@ def one_tier_down(spec: Budget | Mapping | str) -> dict[Tier, object]:
     gpus = sorted(t for t in items if isinstance(t, int))
     if not gpus:
         return items
+    if len(gpus) > 1 or "disk" in items:
+        raise _fail("only a budget with one GPU and no disk tier can be moved one tier down; write the RAM + disk budget yourself")
     shifted: dict[Tier, object] = {"cpu": items[gpus[0]]}
     if "cpu" in items:
         shifted["disk"] = items["cpu"]

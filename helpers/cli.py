@@ -50,7 +50,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
     from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
     from helpers.devicemap import summarise, tier_label
-    from helpers.footprint import footprint, plan_stages, report
+    from helpers.footprint import component_configs, footprint, plan_stages, report
     from helpers.models import TWINS, resolve_model
     from helpers.report import Table
 
@@ -59,7 +59,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     parse_budget(spec, model_bytes=2**40)  # reject a bad budget before building anything (shares: any size)
     like_name = args.like or ("flux-dev" if ref.kind == "twin" and args.max_memory is None else None)
     if like_name:
-        resolve_model(like_name)
+        component_configs(like_name)  # a bad --like fails here, before any skeleton is built
     fp = footprint(args.model)
     like = footprint(like_name) if like_name else None
     plans = plan_stages(fp, spec, like=like)

@@ -153,9 +153,29 @@ def plan_component(
                 model, max_memory=budget.max_memory(), no_split_module_classes=no_split, dtype=dtype
             )
     plan = ComponentPlan(component=component, dtype=dtype, device_map=dict(device_map))
+    seen: set[int] = set()
     for name, nbytes in units:
-        full = f"{component}.{name}" if component and name else (component or name)
-        plan.units.append(Unit(full, nbytes, _tier_of(name, device_map)))
+        finer = [k for k in device_map if name == "" or k.startswith(name + ".")]
+        if not finer:
+            pieces = [(name, nbytes, _tier_of(name, device_map))]
+        else:
+            # accelerate split this small module further: place its parameters one by one
+            pieces_by_key: dict[str, list] = {}
+            module = model.get_submodule(name) if name else model
+            for pname, p in module.named_parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                full_param = f"{name}.{pname}" if name else pname
+                key = max((k for k in device_map if k == "" or full_param.startswith(k + ".")), key=len, default=name)
+                entry = pieces_by_key.setdefault(key or name, [0, _tier_of(full_param, device_map)])
+                entry[0] += p.numel() * size
+            pieces = [(key, b, tier) for key, (b, tier) in pieces_by_key.items()]
+        if not finer:
+            seen.update(id(p) for p in (model.get_submodule(name) if name else model).parameters())
+        for piece, b, tier in pieces:
+            full = f"{component}.{piece}" if component and piece else (component or piece)
+            plan.units.append(Unit(full, b, tier))
     return plan
 
 

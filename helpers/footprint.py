@@ -70,11 +70,25 @@ def shipped_configs(name: str) -> dict[str, dict]:
     return {c: json.loads((root / c / "config.json").read_text()) for c in COMPONENT_ORDER}
 
 
+#: a key each component's config must have, to tell a FLUX.1 folder from something else
+_REQUIRED_KEYS = {"text_encoder": "hidden_size", "text_encoder_2": "d_model", "transformer": "num_single_layers",
+                  "vae": "latent_channels"}
+
+
 def _folder_configs(folder: Path) -> dict[str, dict]:
     missing = [c for c in COMPONENT_ORDER if not (folder / c / "config.json").is_file()]
     if missing:
         raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a FLUX.1 folder.")
-    return {c: json.loads((folder / c / "config.json").read_text()) for c in COMPONENT_ORDER}
+    configs = {}
+    for comp in COMPONENT_ORDER:
+        path = folder / comp / "config.json"
+        try:
+            configs[comp] = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path} is not readable JSON ({err}); fetch or copy that file again.") from None
+        if not isinstance(configs[comp], dict) or _REQUIRED_KEYS[comp] not in configs[comp]:
+            raise UserError(f"{path} has no {_REQUIRED_KEYS[comp]!r}: not a FLUX.1 {comp} config.")
+    return configs
 
 
 def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
@@ -221,11 +235,13 @@ class StagePlan:
     advice: str = ""
 
     def tier_bytes(self) -> dict[Tier, int]:
+        """Bytes per tier, fastest tier first."""
         out: dict[Tier, int] = {}
         for plan in self.components:
             for tier, nbytes in plan.tier_bytes().items():
                 out[tier] = out.get(tier, 0) + nbytes
-        return out
+        order = [*self.budget.names, "disk"]
+        return dict(sorted(out.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
     def as_dict(self) -> dict:
         tiers: dict[str, dict] = {}
@@ -290,8 +306,11 @@ def like_plan_bytes(plan: StagePlan, components) -> int:
     return sum(u.nbytes for p in plan.components if p.component in components for u in p.units)
 
 
-def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int:
-    """The least extra room on ``tier`` (to 1/4096 of the stage's size) that makes it fit; by bisection."""
+def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int | None:
+    """The least extra room on ``tier`` (to 1/4096 of the stage's size) that makes it fit; by bisection.
+
+    ``None`` when no amount on that tier helps.
+    """
     step = max(1, fp.nbytes(dtype, list(stage.components)) // 4096)
     base = dict(budget.tiers)
 
@@ -304,7 +323,7 @@ def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtyp
     while not fits(hi):
         hi *= 2
         if hi > 2**50:
-            return hi
+            return None
     lo = 0
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
@@ -316,8 +335,9 @@ def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtyp
 
 def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     tiers = plan.tier_bytes()
+    order = [*plan.budget.names, "disk"]
     if plan.fits:
-        used = [t for t in tiers if tiers[t] > 0]
+        used = sorted((t for t in tiers if tiers[t] > 0), key=lambda t: order.index(t) if t in order else len(order))
         if len(used) == 1:
             return f"fits whole on {tier_label(used[0])} ({format_bytes(tiers[used[0]])})."
         parts = ", ".join(f"{tier_label(t)} {format_bytes(tiers[t])}" for t in used)
@@ -328,13 +348,17 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     slow = "cpu" if "cpu" in plan.budget else next((t for t in plan.budget.names if t != "disk"), "cpu")
     extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow)
     have = plan.budget[slow] if slow in plan.budget else 0
-    options = [f"give {tier_label(slow)} {format_bytes(extra)} more ({slow}={round_up_size(have + extra)})"]
+    options = []
+    if extra is not None:
+        options.append(f"give {tier_label(slow)} {format_bytes(extra)} more ({slow}={round_up_size(have + extra)})")
     if "disk" not in plan.budget:
         options.append(f"add a disk tier (disk={round_up_size(plan.overflow * 1.1)}; slow)")
     if plan.dtype == torch.float32:
         half = fp.nbytes(torch.bfloat16, list(stage.components))
         options.append(f"use bfloat16 (the stage then needs {format_bytes(half)})")
-    return f"does not fit: needs {format_bytes(extra)} more {tier_label(slow)}; " + ", or ".join(options) + "."
+    need = f"needs {format_bytes(extra)} more {tier_label(slow)}" if extra is not None else (
+        f"more {tier_label(slow)} alone does not help")
+    return f"does not fit: {need}; " + ", or ".join(options) + "."
 
 
 def plan_stages(
@@ -357,11 +381,14 @@ def plan_stages(
         dt = DTYPES[dt] if isinstance(dt, str) else dt
         if like is None:
             budget = parse_budget(max_memory, model_bytes=fp.nbytes(dt, list(stage.components)))
+            plan = _place(fp, stage, budget, dt, name)
+            plan.advice = _advice(fp, stage, plan)
         else:
             like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
-            budget = _budget_like(fp, stage, _place(like, stage, like_budget, dt, name), like_budget)
-        plan = _place(fp, stage, budget, dt, name)
-        plan.advice = _advice(fp, stage, plan)
+            like_plan = _place(like, stage, like_budget, dt, name)
+            plan = _place(fp, stage, _budget_like(fp, stage, like_plan, like_budget), dt, name)
+            # advice in the reference's bytes: the budget the user wrote is the reference's
+            plan.advice = f"as {like.model} under {like_budget}: {_advice(like, stage, like_plan)}"
         plans[name] = plan
     return plans
 

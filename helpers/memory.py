@@ -23,6 +23,8 @@ import psutil
 from helpers.budget import format_bytes
 
 _STATUS = Path("/proc/self/status")
+_ACTIVE: list["Measurement"] = []
+_ACTIVE_LOCK = threading.Lock()
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -71,6 +73,9 @@ class Measurement:
     peak_gpu: dict[int, int] = field(default_factory=dict)
     #: how the RSS peak was read: "kernel" (exact, Linux VmHWM) or "sampled" (polled)
     rss_method: str = "sampled"
+    # peaks handed over by blocks nested inside this one (they reset the shared counters)
+    _carried_rss: int = field(default=0, repr=False)
+    _carried_gpu: dict[int, int] = field(default_factory=dict, repr=False)
 
     @property
     def peak_rss_delta(self) -> int:
@@ -108,16 +113,25 @@ def measure(label: str = "", interval_s: float = 0.005) -> Iterator[Measurement]
     On Linux the peak comes from the kernel's own high-water mark, reset at the start of the block,
     so short spikes are not missed; elsewhere a background thread samples RSS every ``interval_s``.
     GPU peaks come from ``torch.cuda.max_memory_allocated`` after resetting its statistics.
-    Nested blocks reset the same counters: an outer block then relies on sampling for the part
-    before the inner one.
+    Blocks may nest (or run in several threads): a block that resets the counters first hands the
+    peaks so far to the blocks around it.
     """
     m = Measurement(label=label)
     proc = psutil.Process()
     cuda = _cuda()
-    if cuda is not None:
-        for i in range(cuda.device_count()):
-            cuda.reset_peak_memory_stats(i)
-    exact = _reset_kernel_peak()
+    with _ACTIVE_LOCK:
+        # resetting the counters would erase the peaks of enclosing blocks: hand them over first
+        kernel_now = _kernel_peak()
+        for outer in _ACTIVE:
+            outer._carried_rss = max(outer._carried_rss, kernel_now or 0)
+            if cuda is not None:
+                for i in range(cuda.device_count()):
+                    outer._carried_gpu[i] = max(outer._carried_gpu.get(i, 0), int(cuda.max_memory_allocated(i)))
+        if cuda is not None:
+            for i in range(cuda.device_count()):
+                cuda.reset_peak_memory_stats(i)
+        exact = _reset_kernel_peak()
+        _ACTIVE.append(m)
     m.rss_before = int(proc.memory_info().rss)
     sampled = [m.rss_before]
     stop = threading.Event()
@@ -135,15 +149,18 @@ def measure(label: str = "", interval_s: float = 0.005) -> Iterator[Measurement]
         m.wall_s = time.perf_counter() - start
         stop.set()
         sampler.join()
-        m.rss_after = int(proc.memory_info().rss)
-        peak = max(sampled[0], m.rss_after)
-        kernel = _kernel_peak() if exact else None
-        if kernel is not None:
-            peak = max(peak, kernel)
-            m.rss_method = "kernel"
-        m.peak_rss = peak
-        if cuda is not None:
-            m.peak_gpu = {i: int(cuda.max_memory_allocated(i)) for i in range(cuda.device_count())}
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(m)
+            m.rss_after = int(proc.memory_info().rss)
+            peak = max(sampled[0], m.rss_after, m._carried_rss)
+            kernel = _kernel_peak() if exact else None
+            if kernel is not None:
+                peak = max(peak, kernel)
+                m.rss_method = "kernel"
+            m.peak_rss = peak
+            if cuda is not None:
+                m.peak_gpu = {i: max(int(cuda.max_memory_allocated(i)), m._carried_gpu.get(i, 0))
+                              for i in range(cuda.device_count())}
 
 
 @dataclass

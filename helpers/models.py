@@ -304,6 +304,16 @@ def twin_is_built(name: str, folder: str | os.PathLike) -> bool:
         return False
 
 
+def _remove_stale_builds(folder: Path) -> None:
+    """Remove temporary folders that killed builds left next to ``folder`` (their process is gone)."""
+    import psutil
+
+    for stale in folder.parent.glob(f".{folder.name}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if stale.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
     """The folder of twin ``name`` (``tiny`` or ``medium``), building it first if needed.
 
@@ -316,7 +326,10 @@ def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebu
     folder = Path(folder) if folder is not None else twin_folder(name)
     if not rebuild and twin_is_built(name, folder):
         return folder
+    if folder.exists() and not (folder / MARKER).is_file() and any(folder.iterdir()):
+        raise UserError(f"{folder} exists and is not a twin built here (no {MARKER}); choose an empty or new folder.")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(folder)
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -351,11 +364,23 @@ class ModelRef:
 
     @property
     def variant(self) -> Literal["dev", "schnell"] | None:
-        """Which FLUX.1 the name is known to be, for its usual steps and guidance."""
+        """FLUX.1-dev-like (guidance embedder) or schnell-like, for the usual steps and guidance.
+
+        Known names answer directly; a local folder answers from its transformer config
+        (``guidance_embeds``); an unknown hub id gives ``None``.
+        """
         if self.kind == "twin":
             return "dev"  # the twins mirror FLUX.1-dev's config
-        text = (self.repo_id or str(self.path or "")).lower()
-        return "schnell" if "schnell" in text else "dev" if "dev" in text else None
+        known = {"black-forest-labs/FLUX.1-dev": "dev", "black-forest-labs/FLUX.1-schnell": "schnell"}
+        if self.repo_id in known:
+            return known[self.repo_id]
+        if self.path is not None:
+            try:
+                cfg = json.loads((self.path / "transformer" / "config.json").read_text())
+                return "dev" if cfg.get("guidance_embeds") else "schnell"
+            except (OSError, ValueError):
+                return None
+        return None
 
 
 def default_model() -> str:
@@ -382,6 +407,12 @@ def resolve_model(name: str | None = None) -> ModelRef:
             raise UserError(f"{text} has no model_index.json: it is not a model folder in the diffusers layout.")
         return ModelRef(text, "local", path=path.resolve())
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(text)
+        except HFValidationError as err:
+            raise UserError(f"{text!r} is not a valid hub id ({err}); and no such folder exists either.") from None
         return ModelRef(text, "hub", repo_id=text)
     raise UserError(
         f"unknown model {text!r}: no such folder, and not a hub id; "

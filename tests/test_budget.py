@@ -103,6 +103,7 @@ def test_sizes_agree_with_accelerate():
         ("cpu=150%", "between 0% and 100%"),
         ("{0: '8GiB'", "not a readable dict"),
         ("{1, 2}", "is not a dict"),
+        ("{[1]: '1GiB'}", "not a readable dict"),
         ([("cpu", "1GiB")], "cannot be made from list"),
         (8 * GiB, "cannot be made from int"),
     ],
@@ -163,3 +164,14 @@ def test_detect_hardware(tmp_path):
     assert "RAM" in text and "Disk" in text
     if not hw.gpus:
         assert hw.tiers() == ["cpu", "disk"] and "No GPU" in text
+
+
+def test_one_tier_down():
+    from helpers.budget import one_tier_down
+
+    assert one_tier_down(METHOD_BUDGET) == {"cpu": "8.5GiB", "disk": "30GiB"}
+    assert one_tier_down("0=40%,cpu=100%") == {"cpu": "40%", "disk": "100%"}
+    assert one_tier_down({"cpu": "1GiB"}) == {"cpu": "1GiB"}
+    for spec in ({0: "8GiB", 1: "8GiB", "cpu": "30GiB"}, {0: "8GiB", "cpu": "8GiB", "disk": "9GiB"}):
+        with pytest.raises(BudgetError, match="one GPU and no disk tier"):
+            one_tier_down(spec)

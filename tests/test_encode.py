@@ -137,3 +137,17 @@ def test_header_records_the_run(tmp_path):
     out = encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_sequence_length=32).path
     meta = read_header(out).metadata
     assert meta["model"] == "tiny" and meta["max_sequence_length"] == "32"
+
+
+def test_widget_encodes_and_reports_errors_in_the_page(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
+    from helpers.widgets import encode_panel
+
+    panel = encode_panel("tiny", ["a cat", "a dog"], 32, "from-widget")
+    panel.click()
+    assert (tmp_path / "embeddings" / "from-widget.safetensors").is_file()
+    assert panel.status.value.startswith("done in") and not panel.button.disabled
+    assert panel.button.description == "Encode"
+    panel.children[0].value = "   "  # an empty prompt box
+    panel.click()
+    assert "failed" in panel.status.value and not panel.button.disabled

@@ -97,6 +97,14 @@ def test_unknown_hub_model_without_config(tmp_path, monkeypatch):
         (tmp_path / "m").mkdir()
         (tmp_path / "m" / "model_index.json").write_text("{}")
         component_configs(str(tmp_path / "m"))
+    for comp in COMPONENT_ORDER:
+        (tmp_path / "m" / comp).mkdir()
+        (tmp_path / "m" / comp / "config.json").write_text('{"_class_name": "X"}')
+    with pytest.raises(UserError, match="has no 'hidden_size'"):
+        component_configs(str(tmp_path / "m"))
+    (tmp_path / "m" / "text_encoder" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not readable JSON"):
+        component_configs(str(tmp_path / "m"))
 
 
 # --------------------------------------------------------------------------- plans
@@ -137,6 +145,27 @@ def test_presets(dev):
     assert big.tier_bytes().keys() == {0}  # bf16 transformer whole on an 80 GB card
     nogpu = plan_stages(dev, PRESETS["no GPU"])
     assert all(p.tier_bytes().keys() == {"cpu"} for p in nogpu.values())
+
+
+def test_modules_accelerate_splits_further_are_placed_not_lost(dev):
+    # at ~820 MiB of GPU accelerate splits the small time_text_embed module into its children
+    plan = plan_stages(dev, {0: "820MiB", "cpu": "100GiB"})["diffusion"]
+    assert plan.fits and "disk" not in plan.tier_bytes()
+    names = [u.name for p in plan.components for u in p.units]
+    assert any(n.startswith("transformer.time_text_embed.") for n in names)
+    assert sum(plan.tier_bytes().values()) == dev.nbytes("bfloat16", ["transformer", "vae"])
+
+
+def test_advice_names_the_fastest_tier_first(dev):
+    plan = plan_stages(dev, {0: "760MiB", "cpu": "100GiB"})["diffusion"]
+    assert list(plan.tier_bytes()) == [0, "cpu"]
+    assert "moved to GPU 0" in plan.advice
+
+
+def test_twin_advice_speaks_in_the_real_model_bytes(dev, tiny):
+    plan = plan_stages(tiny, {0: "5.5GiB", "cpu": "14GiB"}, like=dev)["diffusion"]
+    assert not plan.fits and plan.advice.startswith("as flux-dev under 0=5.5GiB,cpu=14GiB: does not fit")
+    assert "(cpu=18GiB)" in plan.advice
 
 
 def test_disk_tier_absorbs_overflow(dev):

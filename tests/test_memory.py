@@ -64,3 +64,14 @@ def test_free_memory_collects_unreachable_cycles():
     assert report.freed >= 150 * MiB
     assert "RSS" in str(report) and "freed" in str(report)
     assert abs(report.rss_after - rss_bytes()) < 50 * MiB
+
+
+def test_nested_blocks_keep_the_outer_peak():
+    # sampling off (one sample a minute): only the kernel's counter, handed over, can see the spike
+    with measure("outer", interval_s=60) as outer:
+        spike = np.ones(300 * MiB, dtype=np.uint8)
+        del spike
+        with measure("inner", interval_s=60) as inner:
+            pass
+    assert inner.peak_rss_delta < 100 * MiB
+    assert outer.peak_rss_delta >= 250 * MiB

@@ -166,21 +166,36 @@ def test_reused_not_rebuilt(tiny_folder):
     assert {p: p.stat().st_mtime_ns for p in tiny_folder.rglob("*.safetensors")} == stamp
 
 
-def test_incomplete_or_stale_folder_is_rebuilt(tmp_path, tiny_folder):
-    broken = tmp_path / "tiny"
-    shutil.copytree(tiny_folder, broken)
-    (broken / MARKER).unlink()  # as if a build was interrupted
-    (broken / "transformer" / "config.json").write_text("{}")
-    assert not twin_is_built("tiny", broken)
-    build_twin("tiny", broken)
-    assert twin_is_built("tiny", broken)
-    assert _hashes(broken) == _hashes(tiny_folder)
+def test_stale_twin_is_rebuilt_and_foreign_folders_are_refused(tmp_path, tiny_folder):
+    twin = tmp_path / "tiny"
+    shutil.copytree(tiny_folder, twin)
+    stale = json.loads((twin / MARKER).read_text())
+    stale["builder_version"] = 0  # made by an older builder
+    (twin / MARKER).write_text(json.dumps(stale))
+    (twin / "transformer" / "config.json").write_text("{}")
+    assert not twin_is_built("tiny", twin)
+    build_twin("tiny", twin)
+    assert twin_is_built("tiny", twin) and _hashes(twin) == _hashes(tiny_folder)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
-    stale = json.loads((broken / MARKER).read_text())
-    stale["builder_version"] = 0
-    (broken / MARKER).write_text(json.dumps(stale))
-    assert not twin_is_built("tiny", broken)
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not a twin built here"):
+        build_twin("tiny", mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_builds_killed_earlier_are_cleaned_up(tmp_path, tiny_folder):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".tiny.building-{dead.stdout.strip()}"  # a process that no longer exists
+    leftover.mkdir()
+    (leftover / "half.safetensors").write_bytes(b"x")
+    build_twin("tiny", tmp_path / "tiny")
+    assert not leftover.exists()
 
 
 def test_medium_is_one_to_two_gb_in_bf16():
@@ -217,6 +232,9 @@ def test_resolve_names(tmp_path, tiny_folder, monkeypatch):
     assert local.kind == "local" and local.path == tiny_folder.resolve()
     assert model_path(str(tiny_folder)) == tiny_folder.resolve()
 
+    assert resolve_model("someone/flux-devil-merge").variant is None  # unknown: not guessed from the name
+    assert local.variant == "dev"  # read from the folder's transformer config (guidance_embeds)
+
     monkeypatch.setenv("FLUX_MODEL", "flux-schnell")
     assert default_model() == "flux-schnell" and resolve_model().repo_id.endswith("schnell")
     monkeypatch.setenv("FLUX_MODEL", "")
@@ -225,6 +243,8 @@ def test_resolve_names(tmp_path, tiny_folder, monkeypatch):
 
 @pytest.mark.parametrize("make, fragment", [
     (lambda d: "", "no model named"),
+    (lambda d: "a/b--c", "not a valid hub id"),
+    (lambda d: "owner/" + "x" * 100, "not a valid hub id"),
     (lambda d: "no-such-model", "unknown model"),
     (lambda d: str(d / "missing" / "folder"), "unknown model"),
     (lambda d: (d / "f.txt").write_text("x") and str(d / "f.txt"), "is a file"),
