@@ -262,6 +262,13 @@ def round_up_size(n: int | float) -> str:
     return str(math.ceil(n))
 
 
+def default_budget(has_gpu: bool | None = None) -> dict[Tier, str]:
+    """The method's budget, or the same one tier down (RAM + disk) on a machine without a GPU."""
+    if has_gpu is None:
+        has_gpu = bool(detect_hardware().gpus)
+    return dict(METHOD_BUDGET) if has_gpu else one_tier_down(METHOD_BUDGET)
+
+
 def format_bytes(n: int | float) -> str:
     """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB), for people."""
     value = float(n)

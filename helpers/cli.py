@@ -102,6 +102,102 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     print(f"wall time {m.wall_s:.2f} s, peak RSS {format_bytes(m.peak_rss)} (+{format_bytes(m.peak_rss_delta)})"
           + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items()), file=sys.stderr)
     print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
+    _write_report(args.report, m)
+    return 0
+
+
+def _write_report(path: str | None, measurement, **extra) -> None:
+    """For `generate`: the child stage's measurement, as JSON."""
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps({**measurement.as_dict(), **extra}))
+
+
+def _cmd_diffuse(args: argparse.Namespace) -> int:
+    from helpers.budget import format_bytes
+    from helpers.diffuse import diffuse_file
+    from helpers.report import Table
+
+    result = diffuse_file(
+        args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
+        height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
+        create_folder=False,
+    )
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for difference in result.differences:
+        print(f"note: the applied device map differs from the plan: {difference}", file=sys.stderr)
+    for path in result.paths:
+        print(path)
+    m = result.measurement
+    print(f"wall time {m.wall_s:.2f} s ({result.s_per_step:.2f} s per step), peak RSS {format_bytes(m.peak_rss)} "
+          f"(+{format_bytes(m.peak_rss_delta)})" + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items()),
+          file=sys.stderr)
+    print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
+    _write_report(args.report, m, s_per_step=result.s_per_step, paths=[str(p) for p in result.paths])
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from helpers.budget import format_bytes
+    from helpers.diffuse import check_settings, output_paths
+    from helpers.encode import check_max_sequence_length, check_prompts
+    from helpers.files import check_can_write
+    from helpers.models import resolve_model
+
+    # everything that can be checked without a model is checked before the first stage starts
+    ref = resolve_model(args.model)
+    prompts = check_prompts(args.prompt)
+    check_max_sequence_length(args.max_sequence_length, ref.variant)
+    check_settings(args.height, args.width, 1 if args.steps is None else args.steps,
+                   0.0 if args.guidance is None else args.guidance)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
+    for p in output_paths(out, len(prompts)):
+        check_can_write(p, args.overwrite)
+    embeddings = Path(args.embeddings) if args.embeddings else out.with_suffix(".safetensors")
+    check_can_write(embeddings, args.overwrite)
+
+    def stage(name: str, argv: list[str]) -> dict:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            report = f.name
+        try:
+            done = subprocess.run([sys.executable, "-m", "helpers", name, *argv, "--report", report])
+            if done.returncode != 0:
+                raise SystemExit(done.returncode)
+            return json.loads(Path(report).read_text())
+        finally:
+            Path(report).unlink(missing_ok=True)
+
+    common = ["--model", args.model] if args.model else []
+    budget = ["--max-memory", args.max_memory] if args.max_memory else []
+    overwrite = ["--overwrite"] if args.overwrite else []
+    encode_argv = [*common, *sum((["--prompt", p] for p in prompts), []), "--max-sequence-length",
+                   str(args.max_sequence_length), "--out", str(embeddings), *budget, *overwrite]
+    diffuse_argv = [*common, "--embeddings", str(embeddings), "--out", str(out), "--seed", str(args.seed),
+                    "--height", str(args.height), "--width", str(args.width), *budget, *overwrite]
+    if args.steps is not None:
+        diffuse_argv += ["--steps", str(args.steps)]
+    if args.guidance is not None:
+        diffuse_argv += ["--guidance", str(args.guidance)]
+    print("stage 1: text encoding (its own process)", file=sys.stderr)
+    first = stage("encode", encode_argv)
+    print("stage 2: diffusion (its own process)", file=sys.stderr)
+    second = stage("diffuse", diffuse_argv)
+    print("\nstage          wall time  peak RSS", file=sys.stderr)
+    for name, r in (("text encoding", first), ("diffusion", second)):
+        gpu = "".join(f", peak GPU {k} {format_bytes(v)}" for k, v in (r.get("peak_gpu_bytes") or {}).items())
+        print(f"{name:14} {r['wall_s']:8.2f} s  {format_bytes(r['peak_rss_bytes'])}{gpu}", file=sys.stderr)
+    print(f"{'total':14} {first['wall_s'] + second['wall_s']:8.2f} s  (model work only; each process also pays "
+          "its imports)", file=sys.stderr)
     return 0
 
 
@@ -164,7 +260,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens per prompt, 1 to 512 (FLUX.1-schnell: at most 256; default 512)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (its folder must exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_encode)
+
+    def image_knobs(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="denoising steps (default: 28 for FLUX.1-dev-like models, 4 for schnell)")
+        q.add_argument("--seed", type=int, default=0, metavar="S", help="seeds a CPU generator: same image on any device")
+        q.add_argument("--guidance", type=float, default=None, metavar="G",
+                       help="guidance scale (default: 3.5 for dev-like models, 0 for schnell)")
+        q.add_argument("--height", type=int, default=1024, metavar="H", help="pixels, a multiple of 16 (default 1024)")
+        q.add_argument("--width", type=int, default=1024, metavar="W", help="pixels, a multiple of 16 (default 1024)")
+        q.add_argument("--max-memory", metavar="SPEC",
+                       help='budget per tier (default: "0=8.5GiB,cpu=30GiB", or "cpu=8.5GiB,disk=30GiB" without a GPU)')
+        q.add_argument("--overwrite", action="store_true", help="replace existing files")
+
+    p = sub.add_parser(
+        "diffuse",
+        help="stage 2: make images from an embeddings file, the transformer in bfloat16 under a budget",
+        description="Check the embeddings file against the model (before any weight loads), load the "
+        "bfloat16 transformer with the budget's device map and the VAE whole, and save one PNG per prompt "
+        "(a batch of N writes OUT-1.png ... OUT-N.png), with the settings in its metadata.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--embeddings", required=True, metavar="FILE", help="made by `encode` or notebook 02")
+    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
+    p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
+    image_knobs(p)
+    p.add_argument("--report", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_diffuse)
+
+    p = sub.add_parser(
+        "generate",
+        help="encode then diffuse, each stage in its own process, the embeddings file in between",
+        description="Run `encode` and then `diffuse` as two child processes (a fresh process each, as a "
+        "fresh kernel is for the notebooks), handing over the embeddings through a file (default: OUT with "
+        "the suffix .safetensors). Prints each stage's wall time and peak memory, and the total.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
+    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
+    p.add_argument("--embeddings", metavar="FILE", help="where to keep the embeddings (default: OUT as .safetensors)")
+    p.add_argument("--max-sequence-length", type=int, default=512, metavar="N", help="T5 tokens, 1 to 512 (schnell: 256)")
+    image_knobs(p)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -21,18 +21,11 @@ from pathlib import Path
 
 import torch
 
-from helpers.budget import METHOD_BUDGET, Budget, Tier, detect_hardware, format_bytes, one_tier_down
+from helpers.budget import Budget, Tier, format_bytes
 from helpers.errors import UserError
 from helpers.files import check_can_write, outputs_dir
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
-
-
-def default_text_budget(has_gpu: bool | None = None):
-    """The method's budget, or the same one tier down (RAM + disk) on a machine without a GPU."""
-    if has_gpu is None:
-        has_gpu = bool(detect_hardware().gpus)
-    return METHOD_BUDGET if has_gpu else one_tier_down(METHOD_BUDGET)
 
 
 def embeddings_path(name: str) -> Path:
@@ -46,27 +39,11 @@ def embeddings_path(name: str) -> Path:
 def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto"):
     """Place CLIP (whole) and T5 (split) under the budget in float32; refuse a budget that is too small.
 
-    ``like="auto"`` translates the default budget (the real model's) for the twins, so the tiny T5
-    splits the way the real one does; a budget you give is used as given (shares are of the stage). Returns a
-    :class:`helpers.footprint.StagePlan`. Only skeletons are built: nothing is loaded.
+    See :func:`helpers.footprint.plan_stage`: only skeletons are built, nothing is loaded.
     """
-    from helpers.footprint import footprint, plan_stages
-    from helpers.models import resolve_model
+    from helpers.footprint import plan_stage
 
-    ref = resolve_model(model)
-    if like == "auto":  # the default budget is the real model's: translate it for a twin
-        like = "flux-dev" if ref.kind == "twin" and max_memory is None else None
-    if max_memory is None:
-        max_memory = default_text_budget()
-    from helpers.budget import parse_budget
-
-    parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
-    fp = footprint(ref.name if ref.kind != "local" else str(ref.path), components=TEXT_COMPONENTS)
-    like_fp = footprint(like, components=TEXT_COMPONENTS) if like else None
-    plan = plan_stages(fp, max_memory, like=like_fp, stages=("text_encoding",))["text_encoding"]
-    if not plan.fits:
-        raise UserError(f"the budget ({plan.budget.describe()}) is too small for text encoding: {plan.advice}")
-    return plan
+    return plan_stage("text_encoding", model, max_memory, like)
 
 
 # --------------------------------------------------------------------------- 2. load

@@ -393,6 +393,32 @@ def plan_stages(
     return plans
 
 
+def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto") -> StagePlan:
+    """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
+
+    ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
+    translates that default budget for a twin, so it splits where the real model does; a budget
+    you give is used as given (shares are of the stage).
+    """
+    from helpers.budget import default_budget
+    from helpers.models import resolve_model
+
+    ref = resolve_model(model)
+    if like == "auto":
+        like = "flux-dev" if ref.kind == "twin" and max_memory is None else None
+    if max_memory is None:
+        max_memory = default_budget()
+    parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
+    comps = STAGES[stage].components
+    name = ref.name if ref.kind != "local" else str(ref.path)
+    fp = footprint(name, components=comps)
+    like_fp = footprint(like, components=comps) if like else None
+    plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,))[stage]
+    if not plan.fits:
+        raise UserError(f"the budget ({plan.budget.describe()}) is too small for {stage.replace('_', ' ')}: {plan.advice}")
+    return plan
+
+
 def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:
     """The JSON of ``python -m helpers footprint --json``."""
     return {

@@ -120,3 +120,21 @@ def test_encode_keeps_an_existing_file(tmp_path):
     assert_user_error(run("encode", "--prompt", "a", "--out", str(out)), "already exists")
     assert out.read_bytes() == b"keep me"
     assert run("encode", "--prompt", "a", "--out", str(out), "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["diffuse", "--embeddings", "{tmp}/none.safetensors", "--out", "{tmp}/x.png"], "no embeddings file"),
+    (["generate", "--prompt", "a", "--out", "{tmp}/x.png", "--height", "100"], "nearest valid sizes are 96 and 112"),
+    (["generate", "--prompt", "a", "--out", "{tmp}/x.png", "--steps", "0"], "1 or more"),
+    (["generate", "--prompt", "", "--out", "{tmp}/x.png"], "the prompt is empty"),
+    (["generate", "--prompt", "a", "--out", "{tmp}/missing/x.png"], "does not exist"),
+    (["generate", "--model", "flux-schnell", "--prompt", "a", "--out", "{tmp}/x.png"], "at most 256"),
+])
+def test_diffuse_and_generate_user_errors(tmp_path, args, fragment):
+    assert_user_error(run(*[a.replace("{tmp}", str(tmp_path)) for a in args]), fragment)
+
+
+def test_generate_refuses_to_replace_and_keeps_files(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"mine")
+    assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png")), "already exists")
+    assert (tmp_path / "x.png").read_bytes() == b"mine"

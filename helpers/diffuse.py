@@ -1,0 +1,318 @@
+"""Stage 2, diffusion: from the embeddings file to images, in bfloat16 under the memory budget.
+
+The steps, each a function the notebook calls in turn and :func:`diffuse_file` chains (for the
+widget and ``python -m helpers diffuse``):
+
+1. :func:`check_settings` and :func:`helpers.embeddings.validate`: sizes, steps, guidance and the
+   embeddings file checked against the model, before any weight loads;
+2. :func:`diffusion_plan`: the transformer skeleton placed under the budget in bfloat16 (the VAE
+   whole on the fastest tier); a budget too small is refused with the smallest one that works;
+3. :func:`load_diffusion`: transformer loaded with that device map, VAE whole, a ``FluxPipeline``
+   without encoders or tokenizers;
+4. :func:`generate`: the pipeline called with the embeddings moved to the transformer's dtype and
+   device, a CPU generator seeded for the same image on any device, a progress bar, time per step.
+
+Explained in ``03_bf16-diffusion.ipynb``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers.budget import Budget, format_bytes
+from helpers.errors import UserError
+from helpers.files import check_can_write, outputs_dir
+
+DIFFUSION_COMPONENTS = ("transformer", "vae")
+#: the usual settings of each FLUX.1 variant
+USUAL = {
+    "dev": {"steps": 28, "guidance": 3.5, "max_sequence_length": 512},
+    "schnell": {"steps": 4, "guidance": 0.0, "max_sequence_length": 256},
+}
+MULTIPLE = 16  # the VAE halves the size 3 times, then the transformer packs 2x2 patches
+
+
+def image_path(name: str) -> Path:
+    """``outputs/images/<name>.png``."""
+    return outputs_dir() / "images" / f"{name}.png"
+
+
+# --------------------------------------------------------------------------- 1. checks
+
+
+def nearest_sizes(n: int) -> tuple[int, int]:
+    """The valid sizes (multiples of 16) just below and just above ``n``."""
+    low = max(MULTIPLE, n // MULTIPLE * MULTIPLE)
+    return low, low + MULTIPLE if low < n or n < MULTIPLE else low
+
+
+def check_settings(height: int, width: int, steps: int, guidance: float, variant: str | None = None,
+                   max_sequence_length: int | None = None) -> list[str]:
+    """Reject sizes, steps and guidance FLUX cannot use; return notes on unusual but valid choices."""
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < MULTIPLE:
+            raise UserError(f"{name} must be a whole number of pixels, at least {MULTIPLE}, not {value!r}.")
+        if value % MULTIPLE:
+            low, high = nearest_sizes(value)
+            raise UserError(f"{name} {value} is not a multiple of {MULTIPLE}; the nearest valid sizes are {low} and {high}.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a whole number, 1 or more, not {steps!r}.")
+    try:
+        guidance = float(guidance)
+    except (TypeError, ValueError):
+        raise UserError(f"guidance must be a number, not {guidance!r}.") from None
+    if guidance < 0 or guidance != guidance:
+        raise UserError(f"guidance must be 0 or more, not {guidance}.")
+    notes = []
+    if variant == "schnell":
+        if max_sequence_length is not None and max_sequence_length > 256:
+            raise UserError(
+                f"FLUX.1-schnell takes at most 256 tokens, and these embeddings have {max_sequence_length}; "
+                "encode again with --max-sequence-length 256."
+            )
+        if steps != 4:
+            notes.append(f"FLUX.1-schnell is distilled for about 4 steps; {steps} works but is unusual.")
+        if guidance:
+            notes.append("FLUX.1-schnell has no guidance embedder: guidance is ignored (0 is usual).")
+    elif variant == "dev":
+        if guidance == 0:
+            notes.append("FLUX.1-dev usually runs with guidance about 3.5; 0.0 is the method's choice, not a rule.")
+    return notes
+
+
+def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto"):
+    """The transformer split and the VAE whole under the budget, in bfloat16; nothing is loaded."""
+    from helpers.footprint import plan_stage
+
+    return plan_stage("diffusion", model, max_memory, like)
+
+
+def expected_inputs(model: str | None) -> dict:
+    """What an embeddings file must match for ``model``: text-encoder fingerprint and input widths."""
+    from helpers.embeddings import fingerprint
+    from helpers.footprint import component_configs
+    from helpers.models import resolve_model
+
+    ref = resolve_model(model)
+    _, configs = component_configs(ref.name if ref.kind != "local" else str(ref.path))
+    return {
+        "expected_fingerprint": fingerprint(configs),
+        "joint_attention_dim": configs["transformer"].get("joint_attention_dim"),
+        "pooled_projection_dim": configs["transformer"].get("pooled_projection_dim"),
+    }
+
+
+# --------------------------------------------------------------------------- 2. load
+
+
+@dataclass
+class Diffusion:
+    """The loaded transformer and VAE, the pipeline around them, and the plan they follow."""
+
+    pipe: object
+    plan: object
+    applied: dict
+    differences: list[str]
+    device: torch.device
+    offload_folder: Path | None = None
+
+
+def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None) -> Diffusion:
+    """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
+
+    Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
+    ("Expected one of cpu, cuda, ... device string: disk"). Blocks mapped to disk are written to
+    ``offload_folder`` (created if missing) as one file per tensor.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from helpers.encode import compare_maps, torch_device
+
+    folder = Path(folder)
+    by_comp = {p.component: p for p in plan.components}
+    vae_tier = by_comp["vae"].device_map[""]
+    t_map = dict(by_comp["transformer"].device_map)
+    if "disk" in t_map.values():
+        offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "transformer")
+        offload_folder.mkdir(parents=True, exist_ok=True)
+    else:
+        offload_folder = None
+    transformer = FluxTransformer2DModel.from_pretrained(
+        folder / "transformer", dtype=torch.bfloat16, device_map=t_map, offload_folder=offload_folder
+    )
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    applied = dict(getattr(transformer, "hf_device_map", None) or {"": vae_tier})
+    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=compare_maps(t_map, applied),
+                     device=torch_device(vae_tier), offload_folder=offload_folder)
+
+
+# --------------------------------------------------------------------------- 3. generate
+
+
+@dataclass
+class Generation:
+    images: list
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def s_per_step(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+
+
+@torch.no_grad()
+def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, steps: int, guidance: float,
+             height: int, width: int, progress: bool = True) -> Generation:
+    """The method's diffusion call: embeddings in, images out; one image per prompt in the file.
+
+    The embeddings are moved to the transformer's dtype and execution device (the pipeline does not
+    do it), and the seed seeds a CPU generator, so the same seed gives the same image on any device.
+    """
+    pipe = diffusion.pipe
+    pipe.set_progress_bar_config(disable=not progress, desc="denoising")
+    dtype = pipe.transformer.dtype
+    prompt_embeds = tensors["prompt_embeds"].to(diffusion.device, dtype)
+    pooled = tensors["pooled_prompt_embeds"].to(diffusion.device, dtype)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step_end(_pipe, _step, _timestep, kwargs):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+        return kwargs
+
+    out = pipe(
+        prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=steps,
+        guidance_scale=guidance, height=height, width=width,
+        generator=torch.Generator("cpu").manual_seed(int(seed)), callback_on_step_end=on_step_end,
+    )
+    return Generation(images=list(out.images), step_times=times)
+
+
+def grid(images: list, columns: int | None = None):
+    """The images side by side (a gallery), in rows of ``columns``."""
+    from PIL import Image
+
+    columns = columns or min(4, len(images))
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        sheet.paste(img, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+# --------------------------------------------------------------------------- all of it
+
+
+def output_paths(out: str | os.PathLike, batch: int) -> list[Path]:
+    """``out`` for one image; ``<stem>-1.png`` ... ``<stem>-N.png`` for a batch of N."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out.name}: images are saved as PNG; use a .png name.")
+    if batch == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}.png") for i in range(1, batch + 1)]
+
+
+@dataclass
+class DiffuseResult:
+    paths: list[Path]
+    images: list
+    plan: object
+    applied: dict
+    differences: list[str]
+    notes: list[str]
+    measurement: object
+    step_times: list[float]
+    header: object
+
+    @property
+    def s_per_step(self) -> float:
+        return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
+
+    def per_tier(self) -> list[dict]:
+        """Peak use per tier against the budget (as for text encoding)."""
+        budget: Budget = self.plan.budget
+        tiers = self.plan.tier_bytes()
+        rows = []
+        for tier, allowed in budget.tiers:
+            if isinstance(tier, int):
+                used, what = self.measurement.peak_gpu.get(tier, 0), "peak allocated"
+            elif tier == "cpu":
+                used, what = self.measurement.peak_rss_delta, "peak RSS rise"
+            else:
+                used, what = tiers.get(tier, 0), "weights offloaded to disk"
+            rows.append({"tier": str(tier), "budget": format_bytes(allowed),
+                         "planned weights": format_bytes(tiers.get(tier, 0)), "measured": format_bytes(used), "what": what})
+        return rows
+
+
+def diffuse_file(
+    embeddings: str | os.PathLike,
+    out: str | os.PathLike,
+    model: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    guidance: float | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    max_memory=None,
+    overwrite: bool = False,
+    create_folder: bool = True,
+    progress: bool = True,
+) -> DiffuseResult:
+    """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
+
+    ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
+    variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0).
+    """
+    from helpers.embeddings import read_header, validate
+    from helpers.images import save_image
+    from helpers.memory import measure
+    from helpers.models import model_path, resolve_model
+    from safetensors.torch import load_file
+
+    header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
+    if model is None:
+        model = header.metadata.get("model") or None
+    ref = resolve_model(model)
+    usual = USUAL.get(ref.variant or "dev")
+    steps = usual["steps"] if steps is None else steps
+    guidance = usual["guidance"] if guidance is None else guidance
+    header = validate(embeddings, **expected_inputs(model))
+    notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length)
+    paths = output_paths(out, header.batch)
+    for p in paths:
+        if not p.parent.exists():
+            if not create_folder:
+                raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
+            p.parent.mkdir(parents=True, exist_ok=True)
+        if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+            raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
+        check_can_write(p, overwrite)
+    plan = diffusion_plan(model, max_memory)
+    folder = model_path(model, components=["scheduler", "transformer", "vae"])
+
+    with measure("diffusion") as m:
+        diffusion = load_diffusion(folder, plan)
+        tensors = load_file(str(header.path))
+        result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
+    fp = header.metadata.get("fingerprint", "")
+    for i, (path, image, prompt) in enumerate(zip(paths, result.images, header.prompts)):
+        save_image(image, path, overwrite=overwrite, metadata={
+            "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "height": height,
+            "width": width, "model": ref.name, "embeddings": str(header.path), "embeddings_fingerprint": fp,
+            "batch_index": i, "batch_size": header.batch,
+        })
+    return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=diffusion.applied,
+                         differences=diffusion.differences, notes=notes, measurement=m,
+                         step_times=result.step_times, header=header)
