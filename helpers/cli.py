@@ -51,7 +51,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
     from helpers.devicemap import summarise, tier_label
     from helpers.footprint import component_configs, footprint, plan_stages, report
-    from helpers.models import TWINS, resolve_model
+    from helpers.models import resolve_model
     from helpers.report import Table
 
     ref = resolve_model(args.model)

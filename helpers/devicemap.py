@@ -241,3 +241,24 @@ def summarise(plans: list[ComponentPlan]) -> list[dict]:
 
 def format_tier_bytes(tiers: dict[Tier, int]) -> str:
     return ", ".join(f"{tier_label(t)} {format_bytes(b)}" for t, b in tiers.items())
+
+
+def tier_usage(plan, measurement) -> list[dict]:
+    """Per tier of a stage's budget: what was planned, and what a measured run used.
+
+    GPU tiers: peak memory allocated by PyTorch; ``cpu``: the rise of the process's resident memory
+    over the start of the run (the weights plus the run's own bookkeeping); ``disk``: the weights the
+    plan keeps there.
+    """
+    tiers = plan.tier_bytes()
+    rows = []
+    for tier, allowed in plan.budget.tiers:
+        if isinstance(tier, int):
+            used, what = measurement.peak_gpu.get(tier, 0), "peak allocated"
+        elif tier == "cpu":
+            used, what = measurement.peak_rss_delta, "peak RSS rise"
+        else:
+            used, what = tiers.get(tier, 0), "weights kept on disk"
+        rows.append({"tier": str(tier), "budget": format_bytes(allowed), "planned weights": format_bytes(tiers.get(tier, 0)),
+                     "measured": format_bytes(used), "what": what})
+    return rows

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from helpers.budget import Budget, format_bytes
 from helpers.errors import UserError
 from helpers.files import check_can_write, outputs_dir
 
@@ -240,20 +239,10 @@ class DiffuseResult:
         return sum(self.step_times) / len(self.step_times) if self.step_times else 0.0
 
     def per_tier(self) -> list[dict]:
-        """Peak use per tier against the budget (as for text encoding)."""
-        budget: Budget = self.plan.budget
-        tiers = self.plan.tier_bytes()
-        rows = []
-        for tier, allowed in budget.tiers:
-            if isinstance(tier, int):
-                used, what = self.measurement.peak_gpu.get(tier, 0), "peak allocated"
-            elif tier == "cpu":
-                used, what = self.measurement.peak_rss_delta, "peak RSS rise"
-            else:
-                used, what = tiers.get(tier, 0), "weights offloaded to disk"
-            rows.append({"tier": str(tier), "budget": format_bytes(allowed),
-                         "planned weights": format_bytes(tiers.get(tier, 0)), "measured": format_bytes(used), "what": what})
-        return rows
+        """Peak use per tier against the budget (see :func:`helpers.devicemap.tier_usage`)."""
+        from helpers.devicemap import tier_usage
+
+        return tier_usage(self.plan, self.measurement)
 
 
 def diffuse_file(

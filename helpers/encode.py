@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from helpers.budget import Budget, Tier, format_bytes
+from helpers.budget import Tier
 from helpers.errors import UserError
 from helpers.files import check_can_write, outputs_dir
 
@@ -220,20 +220,10 @@ class EncodeResult:
     shapes: dict
 
     def per_tier(self) -> list[dict]:
-        """Peak use per tier against the budget: GPU memory, RAM growth over the start, disk."""
-        budget: Budget = self.plan.budget
-        tiers = self.plan.tier_bytes()
-        rows = []
-        for tier, allowed in budget.tiers:
-            if isinstance(tier, int):
-                used, what = self.measurement.peak_gpu.get(tier, 0), "peak allocated"
-            elif tier == "cpu":
-                used, what = self.measurement.peak_rss_delta, "peak RSS rise"
-            else:
-                used, what = tiers.get(tier, 0), "weights read from disk"
-            rows.append({"tier": str(tier), "budget": format_bytes(allowed), "planned weights": format_bytes(tiers.get(tier, 0)),
-                         "measured": format_bytes(used), "what": what})
-        return rows
+        """Peak use per tier against the budget (see :func:`helpers.devicemap.tier_usage`)."""
+        from helpers.devicemap import tier_usage
+
+        return tier_usage(self.plan, self.measurement)
 
 
 def encode_prompts(

@@ -11,7 +11,6 @@ Explained in ``01_memory-footprint.ipynb``.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path

@@ -98,3 +98,65 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
         display(Table(result.per_tier(), title="per tier"))
 
     return Panel([prompt_box, w.HBox([length, name]), replace], "Encode", run)
+
+
+def embeddings_choices() -> list[str]:
+    """The embeddings files in ``outputs/embeddings/``, newest first."""
+    from helpers.files import outputs_dir
+
+    folder = outputs_dir() / "embeddings"
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    return [p.stem for p in files]
+
+
+def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, height: int, width: int,
+                  overwrite: bool = True, max_memory=None, model: str | None = None) -> Panel:
+    """Embeddings file (from ``outputs/embeddings/``), seed, steps, guidance, size, and a Generate button.
+
+    Generate calls :func:`helpers.diffuse.diffuse_file`, saves to ``outputs/images/`` and shows the
+    images under the button.
+    """
+    from IPython.display import display
+
+    from helpers.diffuse import diffuse_file, grid, image_path
+    from helpers.encode import embeddings_path
+    from helpers.images import enlarge
+
+    choices = embeddings_choices()
+    if embeddings not in choices:
+        choices = [embeddings, *choices]
+    source = w.Dropdown(options=choices, value=embeddings, description="Embeddings")
+    refresh = w.Button(icon="refresh", tooltip="list outputs/embeddings/ again", layout=w.Layout(width="3em"))
+
+    def relist(_=None) -> None:
+        current = source.value
+        source.options = embeddings_choices() or [current]
+        if current in source.options:
+            source.value = current
+
+    refresh.on_click(relist)
+    seed_box = w.IntText(value=seed, description="Seed")
+    steps_box = w.BoundedIntText(value=steps, min=1, max=200, description="Steps")
+    guidance_box = w.BoundedFloatText(value=guidance, min=0.0, max=30.0, step=0.5, description="Guidance")
+    height_box = w.IntText(value=height, description="Height")
+    width_box = w.IntText(value=width, description="Width")
+    replace = w.Checkbox(value=overwrite, description="replace an image of the same name")
+
+    def run(panel: Panel) -> None:
+        panel.status.value = "checking, then loading and denoising..."
+        name = f"{source.value}-seed{seed_box.value}"
+        result = diffuse_file(
+            embeddings_path(source.value), image_path(name), model=model, steps=steps_box.value,
+            seed=seed_box.value, guidance=guidance_box.value, height=height_box.value, width=width_box.value,
+            max_memory=max_memory, overwrite=replace.value,
+        )
+        panel.status.value = f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step)"
+        for note in result.notes:
+            display(_message(f"note: {note}", "#a60"))
+        display(_message("saved " + ", ".join(str(p) for p in result.paths)))
+        sheet = grid(result.images)
+        display(enlarge(sheet, max(1, 256 // max(sheet.height, 1))))
+
+    inputs = [w.HBox([source, refresh]), w.HBox([seed_box, steps_box, guidance_box]),
+              w.HBox([height_box, width_box]), replace]
+    return Panel(inputs, "Generate", run)

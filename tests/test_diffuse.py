@@ -165,3 +165,21 @@ def test_settings_notes_and_sizes():
     assert [p.name for p in output_paths("a.png", 3)] == ["a-1.png", "a-2.png", "a-3.png"]
     sheet = grid([Image.new("RGB", (8, 8))] * 5, columns=4)
     assert sheet.size == (32, 16)
+
+
+def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
+    import shutil
+
+    monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
+    (tmp_path / "embeddings").mkdir()
+    shutil.copy(embeddings, tmp_path / "embeddings" / "pair.safetensors")
+    from helpers.widgets import diffuse_panel, embeddings_choices
+
+    assert embeddings_choices() == ["pair"]
+    panel = diffuse_panel("pair", seed=5, steps=1, guidance=3.5, height=64, width=64)
+    panel.click()
+    assert (tmp_path / "images" / "pair-seed5-1.png").is_file() and panel.status.value.startswith("done in")
+    height = panel.children[2].children[0]
+    height.value = 72
+    panel.click()
+    assert "failed" in panel.status.value and not panel.button.disabled and panel.button.description == "Generate"

@@ -1,7 +1,6 @@
 import torch
 import pytest
 
-from helpers.budget import parse_budget
 from helpers.embeddings import fingerprint, load_embeddings, read_header
 from helpers.encode import (
     compare_maps,
