@@ -16,12 +16,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: help install run test lab kernel clean distclean
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || echo /usr/bin/chromium)
+
+.PHONY: help install run test test-browser lab kernel clean distclean
 
 help:
 	@echo "make install   create .venv and install the project (TORCH=$(TORCH))"
 	@echo "make run       execute every notebook on FLUX_MODEL=$(FLUX_MODEL); executed copies in outputs/executed/"
 	@echo "make test      unit tests + every notebook through nbval"
+	@echo "make test-browser  the workshop in JupyterLab, driven in Chromium (needs the chromium package)"
 	@echo "make lab       JupyterLab on the project's kernel"
 	@echo "make kernel    register the '$(KERNEL)' kernel for a Jupyter outside .venv"
 	@echo "make clean     remove what the notebooks made (outputs/), keeping outputs/README.md"
@@ -58,6 +61,10 @@ run: install
 
 test: install
 	FLUX_MODEL=tiny $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-browser: install
+	@test -x "$(CHROMIUM)" || { echo "test-browser needs Chromium: sudo apt-get install chromium (or CHROMIUM=/path/to/chromium)" >&2; exit 1; }
+	FLUX_BROWSER_TESTS=1 CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest tests/browser -s $(PYTEST_ARGS)
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL) \

@@ -37,18 +37,19 @@ class Panel(w.VBox):
         self.button.description = "working..."
         self.status.value = ""
         self.output.clear_output()
-        try:
-            with self.output:
+        # catch inside the output context: in a kernel, Output swallows what escapes it and prints
+        # a traceback instead of our one-line message
+        with self.output:
+            try:
                 self._run(self)
-        except UserError as err:
-            self.show_error(str(err))
-        except Exception as err:  # unexpected: say so, keep the traceback at hand
-            self.show_error(f"unexpected error: {type(err).__name__}: {err}")
-            with self.output:
+            except UserError as err:
+                self.show_error(str(err))
+            except Exception as err:  # unexpected: say so, keep the traceback at hand
+                self.show_error(f"unexpected error: {type(err).__name__}: {err}")
                 print(traceback.format_exc())
-        finally:
-            self.button.disabled = False
-            self.button.description = label
+            finally:
+                self.button.disabled = False
+                self.button.description = label
 
     def show_error(self, text: str) -> None:
         self.status.value = '<span style="color:#c00">failed</span>'

@@ -21,6 +21,10 @@ os.environ.setdefault("FLUX_OUTPUTS", tempfile.mkdtemp(prefix="flux-test-outputs
 os.environ.setdefault("FLUX_MODEL", "tiny")
 
 
+# The browser test needs Chromium and a JupyterLab server: `make test-browser` runs it on purpose.
+collect_ignore = [] if os.environ.get("FLUX_BROWSER_TESTS") else ["browser"]
+
+
 class NetworkAccessError(RuntimeError):
     """A test tried to reach a non-local address."""
 
