@@ -147,24 +147,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from helpers.budget import format_bytes
-    from helpers.diffuse import check_settings, output_paths
-    from helpers.encode import check_max_sequence_length, check_prompts
+    from helpers.diffuse import check_seed, check_settings, diffusion_plan, output_paths
+    from helpers.encode import check_max_sequence_length, check_prompts, text_encoding_plan
     from helpers.files import check_can_write
     from helpers.models import resolve_model
 
-    # everything that can be checked without a model is checked before the first stage starts
+    # everything is checked before the first stage starts: inputs, outputs, and both stages' plans
     ref = resolve_model(args.model)
     prompts = check_prompts(args.prompt)
-    check_max_sequence_length(args.max_sequence_length, ref.variant)
+    length = args.max_sequence_length or (256 if ref.variant == "schnell" else 512)
+    check_max_sequence_length(length, ref.variant)
+    check_seed(args.seed)
     check_settings(args.height, args.width, 1 if args.steps is None else args.steps,
                    0.0 if args.guidance is None else args.guidance)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
-    for p in output_paths(out, len(prompts)):
+    images = output_paths(out, len(prompts))
+    for p in images:
         check_can_write(p, args.overwrite)
     embeddings = Path(args.embeddings) if args.embeddings else out.with_suffix(".safetensors")
-    check_can_write(embeddings, args.overwrite)
+    if embeddings.suffix != ".safetensors" or embeddings.resolve() in {p.resolve() for p in images}:
+        raise UserError(f"--embeddings {embeddings} must be a .safetensors file apart from the images.")
+    if embeddings.exists() and not args.overwrite:
+        raise UserError(
+            f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
+            f"{embeddings} --out {out}; or pass --overwrite to encode again."
+        )
+    text_encoding_plan(args.model, args.max_memory)
+    diffusion_plan(args.model, args.max_memory)
 
     def stage(name: str, argv: list[str]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -177,17 +188,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         finally:
             Path(report).unlink(missing_ok=True)
 
-    common = ["--model", args.model] if args.model else []
-    budget = ["--max-memory", args.max_memory] if args.max_memory else []
+    common = [f"--model={args.model}"] if args.model else []
+    budget = [f"--max-memory={args.max_memory}"] if args.max_memory else []
     overwrite = ["--overwrite"] if args.overwrite else []
-    encode_argv = [*common, *sum((["--prompt", p] for p in prompts), []), "--max-sequence-length",
-                   str(args.max_sequence_length), "--out", str(embeddings), *budget, *overwrite]
-    diffuse_argv = [*common, "--embeddings", str(embeddings), "--out", str(out), "--seed", str(args.seed),
-                    "--height", str(args.height), "--width", str(args.width), *budget, *overwrite]
+    # --opt=value throughout: a prompt or path may start with "-"
+    encode_argv = [*common, *[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
+                   f"--out={embeddings}", *budget, *overwrite]
+    diffuse_argv = [*common, f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}",
+                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite]
     if args.steps is not None:
-        diffuse_argv += ["--steps", str(args.steps)]
+        diffuse_argv.append(f"--steps={args.steps}")
     if args.guidance is not None:
-        diffuse_argv += ["--guidance", str(args.guidance)]
+        diffuse_argv.append(f"--guidance={args.guidance}")
     print("stage 1: text encoding (its own process)", file=sys.stderr)
     first = stage("encode", encode_argv)
     print("stage 2: diffusion (its own process)", file=sys.stderr)
@@ -256,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory", metavar="SPEC",
                    help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: that, or "cpu=8.5GiB,disk=30GiB" '
                    "without a GPU; scaled to the twins as the real model would be split)")
-    p.add_argument("--max-sequence-length", type=int, default=512, metavar="N",
-                   help="T5 tokens per prompt, 1 to 512 (FLUX.1-schnell: at most 256; default 512)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 tokens per prompt, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (its folder must exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help=argparse.SUPPRESS)
@@ -302,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
     p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
     p.add_argument("--embeddings", metavar="FILE", help="where to keep the embeddings (default: OUT as .safetensors)")
-    p.add_argument("--max-sequence-length", type=int, default=512, metavar="N", help="T5 tokens, 1 to 512 (schnell: 256)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
     return parser

@@ -50,6 +50,13 @@ def nearest_sizes(n: int) -> tuple[int, int]:
     return low, low + MULTIPLE if low < n or n < MULTIPLE else low
 
 
+def check_seed(seed: int) -> int:
+    """A seed a CPU generator takes: a whole number from 0 to 2**64 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise UserError(f"seed must be a whole number from 0 to 2**64 - 1, not {seed!r}.")
+    return seed
+
+
 def check_settings(height: int, width: int, steps: int, guidance: float, variant: str | None = None,
                    max_sequence_length: int | None = None) -> list[str]:
     """Reject sizes, steps and guidance FLUX cannot use; return notes on unusual but valid choices."""
@@ -119,6 +126,17 @@ class Diffusion:
     differences: list[str]
     device: torch.device
     offload_folder: Path | None = None
+    temporary: bool = False
+
+    def close(self) -> None:
+        """Drop the models and remove a temporary offload folder (its files are this run's copies)."""
+        self.pipe = None
+        if self.temporary and self.offload_folder is not None:
+            import gc
+            import shutil
+
+            gc.collect()  # the memory maps of the offloaded tensors go with the model
+            shutil.rmtree(self.offload_folder, ignore_errors=True)
 
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None) -> Diffusion:
@@ -126,8 +144,11 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
 
     Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
     ("Expected one of cpu, cuda, ... device string: disk"). Blocks mapped to disk are written to
-    ``offload_folder`` (created if missing) as one file per tensor.
+    ``offload_folder`` (created if missing) as one file per tensor; without one, a fresh folder under
+    ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
     """
+    import tempfile
+
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import compare_maps, torch_device
@@ -136,8 +157,13 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
+    temporary = False
     if "disk" in t_map.values():
-        offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "transformer")
+        if offload_folder is None:
+            root = outputs_dir() / "offload"
+            root.mkdir(parents=True, exist_ok=True)
+            offload_folder, temporary = Path(tempfile.mkdtemp(prefix="transformer-", dir=root)), True
+        offload_folder = Path(offload_folder)
         offload_folder.mkdir(parents=True, exist_ok=True)
     else:
         offload_folder = None
@@ -150,7 +176,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     applied = dict(getattr(transformer, "hf_device_map", None) or {"": vae_tier})
     return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=compare_maps(t_map, applied),
-                     device=torch_device(vae_tier), offload_folder=offload_folder)
+                     device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
 
 
 # --------------------------------------------------------------------------- 3. generate
@@ -271,8 +297,13 @@ def diffuse_file(
     from safetensors.torch import load_file
 
     header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
+    check_seed(seed)
     if model is None:
         model = header.metadata.get("model") or None
+        try:
+            ref = resolve_model(model)
+        except UserError as err:
+            raise UserError(f"{header.path} names model {model!r}, which is not usable here ({err}); pass --model.") from None
     ref = resolve_model(model)
     usual = USUAL.get(ref.variant or "dev")
     steps = usual["steps"] if steps is None else steps
@@ -293,8 +324,12 @@ def diffuse_file(
 
     with measure("diffusion") as m:
         diffusion = load_diffusion(folder, plan)
-        tensors = load_file(str(header.path))
-        result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
+        try:
+            tensors = load_file(str(header.path))
+            result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
+        finally:
+            applied, differences = diffusion.applied, diffusion.differences
+            diffusion.close()
     fp = header.metadata.get("fingerprint", "")
     for i, (path, image, prompt) in enumerate(zip(paths, result.images, header.prompts)):
         save_image(image, path, overwrite=overwrite, metadata={
@@ -302,6 +337,6 @@ def diffuse_file(
             "width": width, "model": ref.name, "embeddings": str(header.path), "embeddings_fingerprint": fp,
             "batch_index": i, "batch_size": header.batch,
         })
-    return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=diffusion.applied,
-                         differences=diffusion.differences, notes=notes, measurement=m,
+    return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
+                         differences=differences, notes=notes, measurement=m,
                          step_times=result.step_times, header=header)

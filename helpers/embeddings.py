@@ -188,8 +188,10 @@ def validate(
     try:
         prompts = header.prompts
         seq = header.max_sequence_length
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         raise UserError(f"{where} has a damaged header (prompts / max_sequence_length); make it again with {MAKER}.") from None
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts) or pe[0] < 1 or pe[1] < 1:
+        raise UserError(f"{where} has a damaged header or empty tensors (no prompts, or no tokens); make it again with {MAKER}.")
     if len(prompts) != pe[0] or seq != pe[1]:
         raise UserError(
             f"{where}: header says {len(prompts)} prompt(s) of {seq} tokens, tensors hold {pe[0]} of {pe[1]}; "

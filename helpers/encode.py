@@ -231,7 +231,7 @@ def encode_prompts(
     prompts: str | list[str],
     out: str | os.PathLike,
     max_memory=None,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     overwrite: bool = False,
     create_folder: bool = True,
 ) -> EncodeResult:
@@ -243,8 +243,12 @@ def encode_prompts(
 
     ref = resolve_model(model)
     prompts = check_prompts(prompts)
+    if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
+        max_sequence_length = 256 if ref.variant == "schnell" else 512
     check_max_sequence_length(max_sequence_length, ref.variant)
     out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out.name}: embeddings are saved as .safetensors; use a name ending in .safetensors.")
     if not out.parent.exists():
         if not create_folder:
             raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
@@ -263,7 +267,8 @@ def encode_prompts(
         tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
         prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
         path = save_embeddings(
-            out, prompt_embeds, pooled, text_ids, model=ref.name, fingerprint=fingerprint(configs),
+            out, prompt_embeds, pooled, text_ids, model=str(ref.path) if ref.kind == "local" else ref.name,
+            fingerprint=fingerprint(configs),
             prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
         )
     result = EncodeResult(

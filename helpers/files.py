@@ -46,7 +46,10 @@ def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise UserError(f"{path} is a folder; give a file name to write.")
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite) to replace it.")
+        raise UserError(
+            f"{path} already exists; choose another name, or allow replacing it (--overwrite on the command line, "
+            "overwrite=True in code, the 'replace' box in a widget)."
+        )
     return path
 
 
@@ -67,6 +70,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         yield tmp
         if not overwrite and path.exists():
             raise UserError(f"{path} appeared while writing; kept it, nothing replaced.")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing, as any new file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

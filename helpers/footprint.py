@@ -392,12 +392,31 @@ def plan_stages(
     return plans
 
 
-def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto") -> StagePlan:
+def check_tiers_exist(budget: Budget) -> None:
+    """Refuse, before loading, a budget whose GPU (or MPS) tier this machine does not have.
+
+    Planning for such a tier is fine anywhere (notebook 01); running a stage on it is not.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for tier in budget.names:
+        if isinstance(tier, int) and tier >= gpus:
+            have = f"GPUs 0 to {gpus - 1}" if gpus else "no GPU"
+            raise UserError(
+                f"the budget ({budget.describe()}) puts weights on GPU {tier}, and this machine has {have}; "
+                'without a GPU run one tier down, e.g. "cpu=8.5GiB,disk=30GiB" (or leave the budget out).'
+            )
+        if tier == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"the budget ({budget.describe()}) names the mps tier, which this machine lacks.")
+
+
+def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto",
+               runnable: bool = True) -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
 
     ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
     translates that default budget for a twin, so it splits where the real model does; a budget
-    you give is used as given (shares are of the stage).
+    you give is used as given (shares are of the stage). ``runnable`` (the default) also refuses
+    tiers this machine lacks, since the plan is about to be loaded.
     """
     from helpers.budget import default_budget
     from helpers.models import resolve_model
@@ -407,14 +426,28 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
         like = "flux-dev" if ref.kind == "twin" and max_memory is None else None
     if max_memory is None:
         max_memory = default_budget()
-    parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
+    checked = parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
+    if runnable:
+        check_tiers_exist(checked)
     comps = STAGES[stage].components
     name = ref.name if ref.kind != "local" else str(ref.path)
     fp = footprint(name, components=comps)
     like_fp = footprint(like, components=comps) if like else None
     plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,))[stage]
+    what = stage.replace("_", " ")
     if not plan.fits:
-        raise UserError(f"the budget ({plan.budget.describe()}) is too small for {stage.replace('_', ' ')}: {plan.advice}")
+        advice = plan.advice.split(", or use bfloat16")[0].rstrip(".") + "." if runnable else plan.advice
+        raise UserError(f"the budget ({plan.budget.describe()}) is too small for {what}: {advice}")
+    if runnable:
+        for comp in plan.components:
+            on_disk = all(u.tier == "disk" for u in comp.units)
+            whole_on_disk = comp.component in STAGES[stage].whole and any(u.tier == "disk" for u in comp.units)
+            if on_disk or whole_on_disk:
+                raise UserError(
+                    f"the budget ({plan.budget.describe()}) leaves {comp.component} on disk with no RAM or GPU to "
+                    f"compute on; give the cpu tier room for it (for {what}: at least "
+                    f"{format_bytes(sum(u.nbytes for u in comp.units) if comp.component in STAGES[stage].whole else max(u.nbytes for u in comp.units))})."
+                )
     return plan
 
 

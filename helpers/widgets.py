@@ -82,13 +82,14 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     replace = w.Checkbox(value=overwrite, description="replace a file of the same name")
 
     def run(panel: Panel) -> None:
-        lines = [line.strip() for line in prompt_box.value.splitlines() if line.strip()]
-        if not name.value.strip():
-            from helpers.errors import UserError
+        from helpers.errors import UserError
 
-            raise UserError("the file name is empty; give the embeddings a name.")
+        lines = [line.strip() for line in prompt_box.value.splitlines() if line.strip()]
+        stem = name.value.strip().removesuffix(".safetensors")
+        if not stem or stem.startswith(".") or "/" in stem or "\\" in stem:
+            raise UserError("give the embeddings a plain file name (no folders, not starting with a dot).")
         panel.status.value = f"encoding {len(lines)} prompt(s)..."
-        result = encode_prompts(model, lines or [""], embeddings_path(name.value.strip()), max_memory=max_memory,
+        result = encode_prompts(model, lines or [""], embeddings_path(stem), max_memory=max_memory,
                                 max_sequence_length=int(length.value), overwrite=replace.value)
         m = result.measurement
         panel.status.value = f"done in {m.wall_s:.1f} s"
@@ -107,7 +108,7 @@ def embeddings_choices() -> list[str]:
 
     folder = outputs_dir() / "embeddings"
     files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
-    return [p.stem for p in files]
+    return [p.stem for p in files if not p.name.startswith(".")]  # not the temporary files of a write
 
 
 def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, height: int, width: int,

@@ -138,3 +138,19 @@ def test_generate_refuses_to_replace_and_keeps_files(tmp_path):
     (tmp_path / "x.png").write_bytes(b"mine")
     assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png")), "already exists")
     assert (tmp_path / "x.png").read_bytes() == b"mine"
+
+
+def test_generate_checks_the_whole_run_first_and_passes_odd_prompts(tmp_path):
+    # a diffusion budget too small is refused before stage 1 runs: no embeddings file appears
+    assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--max-memory", "cpu=2MiB"),
+                      "too small for diffusion")
+    assert not (tmp_path / "x.safetensors").exists()
+    assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--embeddings",
+                          str(tmp_path / "x.png")), "apart from the images")
+    done = run("generate", "--prompt=-a red cat", "--out", str(tmp_path / "y.png"), "--steps", "1",
+               "--height", "32", "--width", "32")
+    assert done.returncode == 0, done.stderr
+    assert_user_error(run("generate", "--prompt=-a red cat", "--out", str(tmp_path / "y.png")), "already exists")
+    (tmp_path / "y.png").unlink()  # as if stage 2 had failed: the embeddings are there, the image is not
+    again = run("generate", "--prompt=-a red cat", "--out", str(tmp_path / "y.png"))
+    assert_user_error(again, "python -m helpers diffuse --embeddings")

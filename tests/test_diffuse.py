@@ -183,3 +183,28 @@ def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
     height.value = 72
     panel.click()
     assert "failed" in panel.status.value and not panel.button.disabled and panel.button.description == "Generate"
+
+
+def test_seed_and_damaged_headers_are_refused(tmp_path, embeddings, no_load):
+    with pytest.raises(UserError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
+        diffuse_file(embeddings, tmp_path / "x.png", seed=2**64, steps=1, **SIZE)
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    meta = {"format": "flux-embeddings", "format_version": "1", "prompts": "5", "max_sequence_length": "8",
+            "fingerprint": fingerprint(component_configs("tiny")[1])}
+    save_file({"prompt_embeds": torch.zeros(1, 8, 32, dtype=torch.bfloat16),
+               "pooled_prompt_embeds": torch.zeros(1, 32, dtype=torch.bfloat16)}, str(bad), metadata=meta)
+    with pytest.raises(UserError, match="damaged header"):
+        diffuse_file(bad, tmp_path / "x.png", model="tiny", steps=1, **SIZE)
+
+
+def test_a_budget_that_leaves_the_transformer_on_disk_is_refused(tmp_path, embeddings, no_load):
+    with pytest.raises(UserError, match="on disk with no RAM or GPU to compute on|too small"):
+        diffuse_file(embeddings, tmp_path / "x.png", steps=1, max_memory="cpu=1%,disk=100%", **SIZE)
+
+
+def test_no_offload_copies_are_left_behind(tmp_path, embeddings, monkeypatch):
+    monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
+    diffuse_file(embeddings, tmp_path / "x.png", steps=1, progress=False, **SIZE)
+    assert not [p for p in (tmp_path / "offload").iterdir()]  # the run's temporary folder is gone

@@ -150,3 +150,55 @@ def test_widget_encodes_and_reports_errors_in_the_page(tmp_path, monkeypatch):
     panel.children[0].value = "   "  # an empty prompt box
     panel.click()
     assert "failed" in panel.status.value and not panel.button.disabled
+
+
+def test_a_gpu_tier_on_a_machine_without_one_is_refused_before_loading(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="puts weights on GPU 0, and this machine has no GPU; without a GPU run one tier down"):
+        encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory="0=8GiB,cpu=30GiB")
+
+
+@pytest.mark.parametrize("budget", ["disk=100GiB", "cpu=1KiB,disk=100GiB"])
+def test_a_budget_with_nothing_to_compute_on_is_refused(tmp_path, budget):
+    with pytest.raises(UserError, match="on disk with no RAM or GPU to compute on|too small"):
+        encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory=budget)
+
+
+def test_schnell_like_models_default_to_256_tokens(tmp_path, tiny_folder):
+    import json
+    import shutil
+
+    schnell = tmp_path / "schnell-like"
+    shutil.copytree(tiny_folder, schnell)
+    cfg = json.loads((schnell / "transformer" / "config.json").read_text())
+    cfg["guidance_embeds"] = False
+    (schnell / "transformer" / "config.json").write_text(json.dumps(cfg))
+    out = encode_prompts(str(schnell), ["a cat"], tmp_path / "e.safetensors").path
+    assert read_header(out).max_sequence_length == 256
+    assert read_header(out).metadata["model"] == str(schnell.resolve())  # a local model is stored absolute
+
+
+def test_output_must_be_safetensors_and_files_are_shareable(tmp_path):
+    import os
+    import stat
+
+    with pytest.raises(UserError, match="end.* .safetensors|ending in .safetensors"):
+        encode_prompts("tiny", ["a cat"], tmp_path / "e.png")
+    out = encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_sequence_length=8).path
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def test_widget_refuses_names_with_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
+    from helpers.widgets import embeddings_choices, encode_panel
+
+    panel = encode_panel("tiny", ["a cat"], 8, "../escaped")
+    panel.click()
+    assert "failed" in panel.status.value and not (tmp_path / "escaped.safetensors").exists()
+    (tmp_path / "embeddings").mkdir(exist_ok=True)
+    (tmp_path / "embeddings" / ".half.tmp.safetensors").write_bytes(b"")
+    (tmp_path / "embeddings" / "real.safetensors").write_bytes(b"")
+    assert embeddings_choices() == ["real"]
