@@ -176,6 +176,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     text_encoding_plan(args.model, args.max_memory)
     diffusion_plan(args.model, args.max_memory)
+    from helpers.models import COMPONENTS, model_path
+
+    model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)
 
     def stage(name: str, argv: list[str]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:

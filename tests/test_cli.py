@@ -128,7 +128,9 @@ def test_encode_keeps_an_existing_file(tmp_path):
     (["generate", "--prompt", "a", "--out", "{tmp}/x.png", "--steps", "0"], "1 or more"),
     (["generate", "--prompt", "", "--out", "{tmp}/x.png"], "the prompt is empty"),
     (["generate", "--prompt", "a", "--out", "{tmp}/missing/x.png"], "does not exist"),
-    (["generate", "--model", "flux-schnell", "--prompt", "a", "--out", "{tmp}/x.png"], "at most 256"),
+    (["generate", "--model", "flux-schnell", "--prompt", "a", "--out", "{tmp}/x.png", "--max-sequence-length", "512"],
+     "at most 256"),
+    (["generate", "--model", "flux-schnell", "--prompt", "a", "--out", "{tmp}/x.png"], "not in your Hugging Face cache"),
 ])
 def test_diffuse_and_generate_user_errors(tmp_path, args, fragment):
     assert_user_error(run(*[a.replace("{tmp}", str(tmp_path)) for a in args]), fragment)
