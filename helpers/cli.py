@@ -123,7 +123,7 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     result = diffuse_file(
         args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
         height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
-        create_folder=False,
+        create_folder=False, offload=args.offload,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, metavar="FILE", help="made by `encode` or notebook 02")
     p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
+    p.add_argument("--offload", choices=["accelerate", "stream"], default="accelerate",
+                   help="accelerate: the method's device map and hooks (default); stream: read offloaded blocks "
+                   "from the checkpoint one block ahead (RAM + disk only, for now)")
     image_knobs(p)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)

@@ -127,10 +127,13 @@ class Diffusion:
     device: torch.device
     offload_folder: Path | None = None
     temporary: bool = False
+    streamer: object = None
 
     def close(self) -> None:
         """Drop the models and remove a temporary offload folder (its files are this run's copies)."""
         self.pipe = None
+        if self.streamer is not None:
+            self.streamer.close()
         if self.temporary and self.offload_folder is not None:
             import gc
             import shutil
@@ -139,13 +142,17 @@ class Diffusion:
             shutil.rmtree(self.offload_folder, ignore_errors=True)
 
 
-def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None) -> Diffusion:
+def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
+                   offload: str = "accelerate") -> Diffusion:
     """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
 
     Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
     ("Expected one of cpu, cuda, ... device string: disk"). Blocks mapped to disk are written to
     ``offload_folder`` (created if missing) as one file per tensor; without one, a fresh folder under
     ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
+
+    ``offload="stream"`` (machines without a GPU): the blocks that do not fit the cpu tier are read
+    straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block pool.
     """
     import tempfile
 
@@ -157,6 +164,10 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
+    if offload == "stream":
+        return _load_streaming(folder, plan, vae_tier)
+    if offload != "accelerate":
+        raise UserError(f"unknown offload {offload!r}; use 'accelerate' (the method's hooks) or 'stream'.")
     temporary = False
     if "disk" in t_map.values():
         if offload_folder is None:
@@ -177,6 +188,28 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     applied = dict(getattr(transformer, "hf_device_map", None) or {"": vae_tier})
     return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=compare_maps(t_map, applied),
                      device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
+
+
+def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from helpers.offload import load_streaming
+
+    if any(isinstance(t, int) for t in plan.budget.names):
+        raise UserError("offload 'stream' runs one tier down (RAM + disk) for now; use 'accelerate' with a GPU tier.")
+    vae_bytes = sum(u.nbytes for p in plan.components if p.component == "vae" for u in p.units)
+    cpu = plan.budget["cpu"] - vae_bytes if "cpu" in plan.budget else 0
+    transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
+                                           ["transformer_blocks", "single_transformer_blocks"])
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    streamed = {b.name for b in streamer.blocks} if streamer else set()
+    applied = {n: ("disk" if n in streamed else "cpu") for n, _ in transformer.named_children()}
+    applied.update({b: "disk" for b in streamed})
+    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=[], device=torch.device("cpu"),
+                     streamer=streamer)
 
 
 # --------------------------------------------------------------------------- 3. generate
@@ -284,6 +317,7 @@ def diffuse_file(
     overwrite: bool = False,
     create_folder: bool = True,
     progress: bool = True,
+    offload: str = "accelerate",
 ) -> DiffuseResult:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
@@ -319,11 +353,13 @@ def diffuse_file(
         if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
             raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
         check_can_write(p, overwrite)
+    if offload not in ("accelerate", "stream"):
+        raise UserError(f"unknown offload {offload!r}; use 'accelerate' (the method's hooks) or 'stream'.")
     plan = diffusion_plan(model, max_memory)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
 
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan)
+        diffusion = load_diffusion(folder, plan, offload=offload)
         try:
             tensors = load_file(str(header.path))
             result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
