@@ -216,6 +216,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from helpers.bench import run
+    from helpers.budget import format_bytes
+    from helpers.files import check_can_write
+    from helpers.report import Table
+
+    if args.json:
+        check_can_write(args.json, overwrite=True)
+    data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
+               strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr))
+    floor = data["floor"]
+    print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
+          f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
+    rows = [{"strategy": r["strategy"], "s/step": round(r["s_per_step"], 4), "x floor": round(r["ratio_to_floor"] or 0, 2),
+             "peak RSS": format_bytes(r["peak_rss_bytes"]), "streamed/step": format_bytes(r["bytes_streamed_per_step"]),
+             "max diff": r["max_abs_diff_vs_resident"]} for r in data["results"]]
+    print(Table(rows, title=f"{data['model']}, {data['height']}x{data['width']}, {data['max_memory']}"))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m helpers",
@@ -324,6 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "bench",
+        help="time the transformer's offload strategies, each in its own process, on the same inputs",
+        description="Run each offload strategy of the diffusion transformer in a fresh process (random inputs "
+        "from a fixed seed, the model's shapes), and report seconds per step, peak RSS, bytes streamed per step "
+        "and the largest difference from the resident output, with the floor: max(compute, bytes to move / "
+        "measured disk bandwidth). CPU strategies: resident, accelerate, stream, diffusers-group.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
+    p.add_argument("--max-memory", metavar="SPEC", help='budget (default "cpu=8.5GiB,disk=30GiB" translated for twins)')
+    p.add_argument("--steps", type=int, default=3, metavar="N", help="timed transformer calls (after one warm-up)")
+    p.add_argument("--height", type=int, default=64, metavar="H")
+    p.add_argument("--width", type=int, default=64, metavar="W")
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="default: all that run on this machine")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -15,6 +15,7 @@ import json
 import queue
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class BlockStreamer:
             self.free.put(buf)
         self.ready: queue.Queue = queue.Queue()
         self.bytes_read = 0
+        #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the model
+        self.events: list[tuple[str, int, float, float]] = []
+        self._compute_start: dict[int, float] = {}
         self._files: dict[Path, object] = {}
         self._stop = threading.Event()
         self._handles = []
@@ -117,6 +121,7 @@ class BlockStreamer:
             if self._stop.is_set():
                 break
             block = self.blocks[i % len(self.blocks)]
+            started = time.perf_counter()
             view = memoryview(buf.numpy())
             for _, path, offset, nbytes, _, _, pos in block.tensors:
                 f = self._files.get(path)
@@ -125,6 +130,7 @@ class BlockStreamer:
                 f.seek(offset)
                 f.readinto(view[pos:pos + nbytes])
             self.bytes_read += block.nbytes
+            self.events.append(("read", i % len(self.blocks), started, time.perf_counter()))
             self.ready.put((i % len(self.blocks), buf))
             i += 1
 
@@ -150,12 +156,14 @@ class BlockStreamer:
                 owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
             self._originals[i] = originals
             self._current[i] = buf
+            self._compute_start[i] = time.perf_counter()
             return None
 
         return pre
 
     def _make_post(self, i: int):
         def post(module, args, output):
+            self.events.append(("compute", i, self._compute_start.pop(i), time.perf_counter()))
             for pname, param in self._originals.pop(i).items():
                 owner_name, _, leaf = pname.rpartition(".")
                 owner = module.get_submodule(owner_name) if owner_name else module

@@ -78,3 +78,29 @@ def test_diffuse_with_stream_gives_the_same_image(tmp_path):
     assert np.array_equal(np.asarray(Image.open(a.paths[0])), np.asarray(Image.open(b.paths[0])))
     with pytest.raises(UserError, match="unknown offload"):
         diffuse_file(emb, tmp_path / "x.png", offload="magic", **args)
+
+
+def test_bench_json_shape_and_equal_outputs(tmp_path):
+    from helpers.bench import run
+
+    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"], progress=lambda _: None)
+    assert {"model", "device", "max_memory", "max_memory_bytes", "baseline_rss_bytes", "steps", "height", "width",
+            "results"} <= set(data)
+    assert data["device"] == "cpu" and set(data["max_memory_bytes"]) == {"cpu", "disk"}
+    assert [r["strategy"] for r in data["results"]] == ["resident", "accelerate", "stream"]
+    for r in data["results"]:
+        assert {"strategy", "s_per_step", "peak_rss_bytes", "peak_gpu_bytes", "bytes_streamed_per_step",
+                "max_abs_diff_vs_resident"} <= set(r)
+        assert r["max_abs_diff_vs_resident"] == 0.0 and r["peak_gpu_bytes"] is None and r["s_per_step"] > 0
+    assert data["results"][0]["bytes_streamed_per_step"] == 0 and data["results"][2]["bytes_streamed_per_step"] > 0
+    assert data["floor"]["s_per_step"] > 0
+
+
+def test_bench_rejects_unknown_and_gpu_only_strategies():
+    from helpers.bench import run
+
+    with pytest.raises(UserError, match="unknown strategy"):
+        run("tiny", strategies=["magic"], progress=lambda _: None)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a GPU"):
+            run("tiny", strategies=["diffusers-model"], progress=lambda _: None)

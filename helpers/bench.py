@@ -1,0 +1,210 @@
+"""Benchmark of offload strategies for the diffusion transformer, each in its own fresh process.
+
+``python -m helpers bench`` runs every strategy on the same inputs (random latents and embeddings
+from a fixed seed, the model's real shapes) and reports seconds per step, peak memory, the bytes
+streamed per step and the largest difference from the resident output, next to the floor: the
+time one step cannot beat, max(compute, bytes that must move / measured bandwidth).
+Each strategy runs as ``python -m helpers.bench STRATEGY CONFIG OUT`` so that no strategy inherits
+another's memory. Explained in ``04_offload-strategies.ipynb``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from helpers.errors import UserError
+
+CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group")
+GPU_ONLY = ("diffusers-model", "diffusers-sequential")
+TOKENS = 64  # text tokens in the benchmark's embeddings
+
+
+def _inputs(config: dict, model) -> dict:
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(0)
+    h, w = config["height"] // 16, config["width"] // 16
+    cfg = model.config
+    inputs = dict(
+        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16),
+        encoder_hidden_states=torch.randn(1, TOKENS, cfg.joint_attention_dim, generator=g).to(torch.bfloat16),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16),
+        timestep=torch.tensor([0.5], dtype=torch.bfloat16),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.bfloat16),
+        txt_ids=torch.zeros(TOKENS, 3, dtype=torch.bfloat16),
+        return_dict=False,
+    )
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+def _load(strategy: str, config: dict, work: Path):
+    """The transformer under ``strategy``; returns (model, bytes streamed per call or a callable, cleanup)."""
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.diffuse import diffusion_plan
+
+    folder = Path(config["folder"])
+    if strategy == "resident":
+        return FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16), lambda: 0, None
+    plan = diffusion_plan(config["model"], config["max_memory"])
+    comps = {p.component: p for p in plan.components}
+    if strategy == "accelerate":
+        t_map = comps["transformer"].device_map
+        disk = sum(u.nbytes for u in comps["transformer"].units if u.tier == "disk")
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16, device_map=t_map,
+                                                       offload_folder=work / "offload")
+        return model, lambda: disk, None
+    if strategy == "stream":
+        from helpers.offload import load_streaming
+
+        vae = sum(u.nbytes for u in comps["vae"].units)
+        cpu = plan.budget["cpu"] - vae if "cpu" in plan.budget else 0
+        model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
+                                         ["transformer_blocks", "single_transformer_blocks"])
+        calls = [0]
+
+        def streamed() -> float:
+            return streamer.bytes_read / max(calls[0], 1) if streamer else 0
+
+        model._bench_calls = calls
+        return model, streamed, (streamer.close if streamer else None)
+    if strategy == "diffusers-group":
+        from diffusers.hooks import apply_group_offloading
+
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        blocks = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "transformer_blocks." in n)
+        apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
+                               num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
+        return model, lambda: blocks, None
+    raise UserError(f"unknown strategy {strategy!r}; on this machine: {', '.join(CPU_STRATEGIES)}.")
+
+
+def run_one(strategy: str, config: dict, out: Path) -> dict:
+    """Measure one strategy in this process (the child side of :func:`run`)."""
+    from helpers.memory import measure, rss_bytes
+
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
+    baseline = rss_bytes()
+    with measure(strategy) as m:
+        model, streamed, cleanup = _load(strategy, config, work)
+        model.eval()
+        inputs = _inputs(config, model)
+        times = []
+        with torch.no_grad():
+            for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
+                start = time.perf_counter()
+                output = model(**inputs)[0]
+                times.append(time.perf_counter() - start)
+                if hasattr(model, "_bench_calls"):
+                    model._bench_calls[0] += 1
+    torch.save(output, out.with_suffix(".pt"))
+    result = {
+        "strategy": strategy,
+        "s_per_step": statistics.median(times[1:]),
+        "peak_rss_bytes": m.peak_rss,
+        "peak_gpu_bytes": None,
+        "bytes_streamed_per_step": int(streamed()),
+        "baseline_rss_bytes": baseline,
+        "step_times": times[1:],
+    }
+    streamer = getattr(cleanup, "__self__", None)
+    if streamer is not None and getattr(streamer, "events", None):
+        origin = streamer.events[0][2]
+        result["timeline"] = [(k, i, s - origin, e - origin) for k, i, s, e in streamer.events[-4 * len(streamer.blocks):]]
+    if cleanup:
+        cleanup()
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def disk_bandwidth(folder: Path, limit: int = 2**30) -> float:
+    """Bytes per second reading the checkpoint's files into a reused buffer, as the streamer does."""
+    files = sorted((folder / "transformer").glob("*.safetensors"))
+    buf = bytearray(2**24)
+    view = memoryview(buf)
+    total, start = 0, time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while total < limit:
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+    return total / max(time.perf_counter() - start, 1e-9)
+
+
+def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
+        strategies=None, progress=print) -> dict:
+    """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``."""
+    from helpers.budget import default_budget, parse_budget
+    from helpers.diffuse import check_settings, diffusion_plan
+    from helpers.models import model_path, resolve_model
+
+    ref = resolve_model(model)
+    check_settings(height, width, steps, 0.0)
+    strategies = list(strategies or CPU_STRATEGIES)
+    has_gpu = torch.cuda.is_available()
+    for s in strategies:
+        if s not in CPU_STRATEGIES + GPU_ONLY:
+            raise UserError(f"unknown strategy {s!r}; the strategies are {', '.join(CPU_STRATEGIES + GPU_ONLY)}.")
+        if s in GPU_ONLY and not has_gpu:
+            raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
+    if has_gpu:
+        raise UserError("the benchmark's GPU strategies are not written yet; run it on a machine without a GPU "
+                        "(or hide the GPU with CUDA_VISIBLE_DEVICES='').")
+    budget_spec = max_memory if max_memory is not None else default_budget(False)
+    plan = diffusion_plan(ref.name if ref.kind != "local" else str(ref.path), budget_spec)  # checks the budget
+    folder = model_path(model, components=["scheduler", "transformer", "vae"])
+    config = {"model": ref.name if ref.kind != "local" else str(ref.path), "folder": str(folder),
+              "max_memory": budget_spec, "steps": steps, "height": height, "width": width}
+    results, outputs = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        for s in strategies:
+            progress(f"{s}: running in its own process...")
+            out = Path(tmp) / s
+            done = subprocess.run([sys.executable, "-m", "helpers.bench", s, json.dumps(config), str(out)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"strategy {s} failed:\n{done.stderr[-3000:]}")
+            results.append(json.loads(out.with_suffix(".json").read_text()))
+            outputs[s] = torch.load(out.with_suffix(".pt"))
+    reference = outputs.get("resident")
+    for r in results:
+        out = outputs[r["strategy"]]
+        r["max_abs_diff_vs_resident"] = None if reference is None else float((out.float() - reference.float()).abs().max())
+    bandwidth = disk_bandwidth(folder)
+    compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident"), None)
+    streamed = max((r["bytes_streamed_per_step"] for r in results if r["strategy"] == "accelerate"), default=0)
+    floor = max(compute or 0.0, streamed / bandwidth)
+    for r in results:
+        r["ratio_to_floor"] = r["s_per_step"] / floor if floor else None
+    return {
+        "model": config["model"], "device": "cpu", "max_memory": str(parse_budget(budget_spec, model_bytes=2**40)
+                                                                     if "%" not in str(budget_spec) else budget_spec),
+        "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
+        "baseline_rss_bytes": min(r.pop("baseline_rss_bytes") for r in results),
+        "steps": steps, "height": height, "width": width,
+        "floor": {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
+                  "compute_s_per_step": compute, "s_per_step": floor},
+        "results": results,
+    }
+
+
+if __name__ == "__main__":  # the child: python -m helpers.bench STRATEGY CONFIG OUT
+    __import__("helpers")  # its logging filters, as in the parent
+
+    _strategy, _config, _out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    _result = run_one(_strategy, _config, _out)
+    _out.with_suffix(".json").write_text(json.dumps(_result))
