@@ -93,6 +93,14 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
     """Measure one strategy in this process (the child side of :func:`run`)."""
     from helpers.memory import measure, rss_bytes
 
+    import importlib
+
+    # the baseline is a process after its imports, before any weight
+    for module, name in (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
+                         ("helpers.offload", None)):
+        loaded = importlib.import_module(module)
+        if name:
+            getattr(loaded, name)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
     baseline = rss_bytes()
     with measure(strategy) as m:
