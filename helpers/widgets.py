@@ -14,6 +14,19 @@ from collections.abc import Callable
 import ipywidgets as w
 
 
+def shown(path) -> str:
+    """A path as a person reads it: ``outputs/embeddings/x.safetensors`` when it is under outputs/."""
+    from pathlib import Path
+
+    from helpers.files import outputs_dir
+
+    path = Path(path)
+    try:
+        return str(Path("outputs") / path.resolve().relative_to(outputs_dir()))
+    except ValueError:
+        return str(path)
+
+
 def _message(text: str, colour: str = "#333") -> w.HTML:
     return w.HTML(f'<div style="color:{colour};white-space:pre-wrap">{html.escape(text)}</div>')
 
@@ -93,7 +106,7 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
                                 max_sequence_length=int(length.value), overwrite=replace.value)
         m = result.measurement
         panel.status.value = f"done in {m.wall_s:.1f} s"
-        display(_message(f"saved {result.path}\n{len(lines)} prompt(s), {result.shapes['prompt_embeds']}, "
+        display(_message(f"saved {shown(result.path)}\n{len(lines)} prompt(s), {result.shapes['prompt_embeds']}, "
                          f"peak RSS {format_bytes(m.peak_rss)}"))
         for warning in result.warnings:
             display(_message(f"warning: {warning}", "#a60"))
@@ -155,7 +168,7 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         panel.status.value = f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step)"
         for note in result.notes:
             display(_message(f"note: {note}", "#a60"))
-        display(_message("saved " + ", ".join(str(p) for p in result.paths)))
+        display(_message("saved " + ", ".join(shown(p) for p in result.paths)))
         sheet = grid(result.images)
         display(enlarge(sheet, max(1, 256 // max(sheet.height, 1))))
 
