@@ -156,7 +156,7 @@ def disk_bandwidth(folder: Path, limit: int = 2**30) -> float:
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
         strategies=None, progress=print) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``."""
-    from helpers.budget import default_budget, parse_budget
+    from helpers.budget import default_budget
     from helpers.diffuse import check_settings, diffusion_plan
     from helpers.models import model_path, resolve_model
 
@@ -199,8 +199,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     for r in results:
         r["ratio_to_floor"] = r["s_per_step"] / floor if floor else None
     return {
-        "model": config["model"], "device": "cpu", "max_memory": str(parse_budget(budget_spec, model_bytes=2**40)
-                                                                     if "%" not in str(budget_spec) else budget_spec),
+        "model": config["model"], "device": "cpu", "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
         "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
         "baseline_rss_bytes": min(r.pop("baseline_rss_bytes") for r in results),
         "steps": steps, "height": height, "width": width,
