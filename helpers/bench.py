@@ -91,7 +91,7 @@ def _load(strategy: str, config: dict, work: Path):
 
 def run_one(strategy: str, config: dict, out: Path) -> dict:
     """Measure one strategy in this process (the child side of :func:`run`)."""
-    from helpers.memory import measure, rss_bytes
+    from helpers.memory import drop_page_cache, measure, rss_bytes
 
     import importlib
 
@@ -110,6 +110,8 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         times = []
         with torch.no_grad():
             for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
+                if config.get("cache", "cold") == "cold":  # the disk tier read from the disk, not from spare RAM
+                    drop_page_cache(work, Path(config["folder"]) / "transformer")
                 start = time.perf_counter()
                 output = model(**inputs)[0]
                 times.append(time.perf_counter() - start)
@@ -137,31 +139,77 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
     return result
 
 
-def disk_bandwidth(folder: Path, limit: int = 2**30) -> float:
-    """Bytes per second reading the checkpoint's files into a reused buffer, as the streamer does."""
+def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30) -> float:
+    """Bytes per second reading the checkpoint's files, as the streamer reads them.
+
+    ``cold``: the files' cached pages dropped first and read with ``O_DIRECT`` where the file system
+    allows it (the disk itself); ``warm``: through the page cache, as it is after a first read.
+    """
+    import mmap
+    import os
+
+    from helpers.memory import drop_page_cache
+
     files = sorted((folder / "transformer").glob("*.safetensors"))
-    buf = bytearray(2**24)
+    if cache == "cold":
+        drop_page_cache(*files)
+    else:
+        for path in files:  # bring them into the cache first
+            with open(path, "rb") as f:
+                while f.read(2**24):
+                    pass
+    chunk = 2**24
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
     view = memoryview(buf)
     total, start = 0, time.perf_counter()
     for path in files:
-        with open(path, "rb", buffering=0) as f:
+        flags = os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if cache == "cold" else 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = 0
             while total < limit:
-                n = f.readinto(view)
+                try:
+                    n = os.preadv(fd, [view], offset)
+                except OSError:  # O_DIRECT refused at read time
+                    os.close(fd)
+                    fd = os.open(path, os.O_RDONLY)
+                    continue
                 if not n:
                     break
+                offset += n
                 total += n
+        finally:
+            os.close(fd)
+    view.release()
+    buf.close()
     return total / max(time.perf_counter() - start, 1e-9)
 
 
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
-        strategies=None, progress=print) -> dict:
-    """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``."""
+        strategies=None, progress=print, cache: str = "cold") -> dict:
+    """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
+
+    ``cache="cold"`` (default): before each step the page cache of the checkpoint and of every
+    offload folder is dropped, so a strategy that reads from the disk tier reads from the disk, as
+    on a machine whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the
+    disk tier: faster than the budget allows on a machine that is really that small).
+    """
     from helpers.budget import default_budget
     from helpers.diffuse import check_settings, diffusion_plan
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
     check_settings(height, width, steps, 0.0)
+    if cache not in ("cold", "warm"):
+        raise UserError(f"cache must be 'cold' or 'warm', not {cache!r}.")
+    if cache == "cold":
+        import os
+
+        if not hasattr(os, "posix_fadvise"):
+            raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
     strategies = list(strategies or CPU_STRATEGIES)
     has_gpu = torch.cuda.is_available()
     for s in strategies:
@@ -176,7 +224,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     plan = diffusion_plan(ref.name if ref.kind != "local" else str(ref.path), budget_spec)  # checks the budget
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
     config = {"model": ref.name if ref.kind != "local" else str(ref.path), "folder": str(folder),
-              "max_memory": budget_spec, "steps": steps, "height": height, "width": width}
+              "max_memory": budget_spec, "steps": steps, "height": height, "width": width, "cache": cache}
     results, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for s in strategies:
@@ -192,7 +240,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     for r in results:
         out = outputs[r["strategy"]]
         r["max_abs_diff_vs_resident"] = None if reference is None else float((out.float() - reference.float()).abs().max())
-    bandwidth = disk_bandwidth(folder)
+    bandwidth = disk_bandwidth(folder, cache)
     compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident"), None)
     streamed = max((r["bytes_streamed_per_step"] for r in results if r["strategy"] == "accelerate"), default=0)
     floor = max(compute or 0.0, streamed / bandwidth)
@@ -202,7 +250,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         "model": config["model"], "device": "cpu", "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
         "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
         "baseline_rss_bytes": min(r.pop("baseline_rss_bytes") for r in results),
-        "steps": steps, "height": height, "width": width,
+        "steps": steps, "height": height, "width": width, "cache": cache,
         "floor": {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
                   "compute_s_per_step": compute, "s_per_step": floor},
         "results": results,

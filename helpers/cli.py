@@ -228,14 +228,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         check_can_write(args.json, overwrite=True)
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
-               strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr))
+               strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
     rows = [{"strategy": r["strategy"], "s/step": round(r["s_per_step"], 4), "x floor": round(r["ratio_to_floor"] or 0, 2),
              "peak RSS": format_bytes(r["peak_rss_bytes"]), "streamed/step": format_bytes(r["bytes_streamed_per_step"]),
              "max diff": r["max_abs_diff_vs_resident"]} for r in data["results"]]
-    print(Table(rows, title=f"{data['model']}, {data['height']}x{data['width']}, {data['max_memory']}"))
+    print(Table(rows, title=f"{data['model']}, {data['height']}x{data['width']}, {data['max_memory']}, "
+                            f"{data['cache']} cache"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=2))
@@ -367,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=64, metavar="H")
     p.add_argument("--width", type=int, default=64, metavar="W")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="default: all that run on this machine")
+    p.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                   help="cold (default): drop the page cache of the weight files before each step, so the disk tier "
+                   "is read from the disk as on a machine whose RAM is the budget; warm: leave them cached")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=_cmd_bench)
     return parser

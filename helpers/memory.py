@@ -212,3 +212,31 @@ def free_memory() -> FreeReport:
     _malloc_trim()
     gpu_after = {i: int(cuda.memory_allocated(i)) for i in range(cuda.device_count())} if cuda else {}
     return FreeReport(before, rss_bytes(), gpu_before, gpu_after)
+
+
+def drop_page_cache(*paths: str | Path) -> int:
+    """Ask the kernel to forget its cached copy of these files (or every file under these folders).
+
+    A budget's disk tier means the weights there are not in RAM; on a machine with RAM to spare the
+    page cache would still keep them, and every read from "disk" would be a copy from memory. The
+    benchmark drops the cache before each step so that disk reads come from the disk, as they would
+    on a machine whose RAM is the budget. Written pages are flushed first (only clean pages can go).
+    Returns the bytes of the files handled; raises :class:`OSError` where the system cannot do it.
+    """
+    import os
+
+    if not hasattr(os, "posix_fadvise"):
+        raise OSError("this system cannot drop a file's cached pages (no posix_fadvise)")
+    total = 0
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                total += os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+    return total

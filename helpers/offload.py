@@ -11,7 +11,9 @@ Explained in ``04_offload-strategies.ipynb``.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import queue
 import struct
 import threading
@@ -25,7 +27,7 @@ from helpers.errors import UserError
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-_ALIGN = 64
+_PAGE = 4096  # O_DIRECT reads whole, aligned pages
 
 
 def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:
@@ -51,12 +53,100 @@ def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int
 
 
 @dataclass
+class _Tensor:
+    owner: torch.nn.Module  # the module holding the parameter
+    leaf: str  # its name there
+    read_pos: int  # where the stored bytes land in the read buffer
+    nbytes: int  # stored bytes
+    stored: torch.dtype
+    shape: list[int]
+    pos: int = 0  # where the values the model computes with sit in a pool buffer
+
+
+@dataclass
 class _Block:
     name: str
     module: torch.nn.Module
-    # (parameter path inside the block, file, offset, nbytes, dtype, shape, position in the buffer)
-    tensors: list = field(default_factory=list)
-    nbytes: int = 0
+    tensors: list[_Tensor] = field(default_factory=list)
+    # runs of adjacent bytes in one file, widened to whole pages:
+    # (file, page-aligned offset, bytes to read, bytes that matter, page-aligned position in the read buffer)
+    ranges: list[tuple[Path, int, int, int, int]] = field(default_factory=list)
+    read_nbytes: int = 0  # the read buffer's size for this block
+    nbytes: int = 0  # the pool buffer's size for this block
+    #: per pool buffer: the parameters (views of that buffer) swapped in while the block computes
+    params: list[list[torch.nn.Parameter]] = field(default_factory=list)
+    meta: list[torch.nn.Parameter] = field(default_factory=list)  # what is swapped back after
+
+
+def _align(n: int, to: int = 64) -> int:
+    return (n + to - 1) // to * to
+
+
+def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, dtype: torch.dtype | None) -> _Block:
+    """Where each tensor of a block is in the files and where it goes in the buffers.
+
+    The block's tensors are grouped into runs of adjacent bytes in the same file (safetensors keeps a
+    block's tensors together: names are sorted), so that one read brings a whole run. A run is read
+    from the page before it to the page after it into a page-aligned place, so every tensor sits at
+    the same address modulo 4096 as in the file (aligned as its dtype needs) and the read can bypass
+    the page cache.
+    """
+    block = _Block(name, module)
+    located = []
+    for pname, param in module.named_parameters():
+        full = f"{name}.{pname}"
+        if full not in index:
+            raise UserError(f"{full} is not in the checkpoint at {folder}; cannot stream {name}.")
+        path, offset, nbytes, stored, shape = index[full]
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        located.append((path, offset, nbytes, _DTYPES[stored], shape, owner, leaf, param))
+    located.sort(key=lambda t: (str(t[0]), t[1]))
+    runs: list[list] = []  # [path, start, end, tensors]
+    for path, offset, nbytes, stored, shape, owner, leaf, param in located:
+        if not runs or runs[-1][0] != path or runs[-1][2] != offset:
+            runs.append([path, offset, offset, []])
+        runs[-1][2] = offset + nbytes
+        runs[-1][3].append((offset, _Tensor(owner, leaf, 0, nbytes, stored, shape), param))
+    cursor = 0
+    for path, start, end, members in runs:
+        # read whole pages from a page boundary (what O_DIRECT needs), into a page-aligned place
+        first = start - start % _PAGE
+        pos = _align(cursor, _PAGE)
+        length = _align(end - first, _PAGE)
+        block.ranges.append((path, first, length, end - first, pos))
+        for offset, tensor, param in members:
+            tensor.read_pos = pos + offset - first
+            block.tensors.append(tensor)
+            block.meta.append(param)
+        cursor = pos + length
+    block.read_nbytes = cursor
+    if dtype is None or all(t.stored == dtype or not t.stored.is_floating_point for t in block.tensors):
+        for t in block.tensors:
+            t.pos = t.read_pos
+        block.nbytes = block.read_nbytes
+    else:  # converted: each tensor at its own aligned place in the target dtype
+        pos = 0
+        for t in block.tensors:
+            t.pos = pos
+            pos += _align(torch.Size(t.shape).numel() * _itemsize(_target(t.stored, dtype)))
+        block.nbytes = pos
+    return block
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and stored.is_floating_point else stored
+
+
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of uint8 starting on a page boundary (O_DIRECT reads into page-aligned memory)."""
+    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % _PAGE
+    return raw[skip:skip + nbytes]
 
 
 class BlockStreamer:
@@ -64,110 +154,193 @@ class BlockStreamer:
 
     ``blocks``: the block names to stream, in the order the forward pass calls them (each call of
     the model runs them all in this order). ``pool``: how many blocks may be in RAM at once
-    (2: one computing, one being read).
+    (2: one computing, one being read). ``dtype``: the dtype to compute in, when it is not the one
+    stored (T5 in float32 from a bfloat16 checkpoint): the reader then reads into one staging buffer
+    and converts into the pool, and the staging buffer counts in ``ram_bytes``.
+
+    ``direct``: read with ``O_DIRECT``, straight from the disk into the pool, so that the streamed
+    weights take no page cache (RAM the budget does not have) and the copy costs no CPU time;
+    where the file system refuses it, reads fall back to the page cache.
     """
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], pool: int = 2,
-                 pool_bytes: int | None = None) -> None:
+                 pool_bytes: int | None = None, dtype: torch.dtype | None = None, direct: bool = True) -> None:
+        folder = Path(folder)
         index = read_safetensors_index(folder)
-        self.blocks: list[_Block] = []
-        for name in blocks:
-            block = _Block(name, model.get_submodule(name))
-            pos = 0
-            for pname, _ in block.module.named_parameters():
-                full = f"{name}.{pname}"
-                if full not in index:
-                    raise UserError(f"{full} is not in the checkpoint at {folder}; cannot stream {name}.")
-                path, offset, nbytes, dtype, shape = index[full]
-                block.tensors.append((pname, path, offset, nbytes, _DTYPES[dtype], shape, pos))
-                pos += (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-            block.nbytes = pos
-            self.blocks.append(block)
+        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
         self.largest = max((b.nbytes for b in self.blocks), default=0)
-        if pool_bytes is not None and self.largest * pool > pool_bytes:
+        self.convert = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in self.blocks)
+        stage = max((b.read_nbytes for b in self.blocks), default=0) if self.convert else 0
+        #: bytes of RAM the streamer holds: the pool, and the staging buffer when converting
+        self.ram_bytes = self.largest * pool + stage
+        if pool_bytes is not None and self.ram_bytes > pool_bytes:
             raise UserError(
-                f"streaming needs {pool} buffers of the largest block ({self.largest:,} bytes each), more than the "
-                f"{pool_bytes:,} bytes the RAM tier has left; give the cpu tier more room."
+                f"streaming needs {pool} buffers of the largest block ({self.largest:,} bytes each)"
+                + (f" and a {stage:,}-byte staging buffer" if stage else "")
+                + f", more than the {pool_bytes:,} bytes the RAM tier has left; give the cpu tier more room."
             )
-        self.buffers = [torch.empty(self.largest, dtype=torch.uint8) for _ in range(pool)]
+        self.buffers = [_page_aligned(self.largest) for _ in range(pool)]
+        self.stage = _page_aligned(stage) if stage else None
+        #: reads bypass the page cache (O_DIRECT) where the file system allows it; see :meth:`_open`
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        for block in self.blocks:
+            for buf in self.buffers:
+                block.params.append([
+                    torch.nn.Parameter(self._view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
+                    for t in block.tensors
+                ])
+        self._dtype = dtype
         self.free: queue.Queue = queue.Queue()
-        for buf in self.buffers:
-            self.free.put(buf)
+        for k in range(pool):
+            self.free.put(k)
         self.ready: queue.Queue = queue.Queue()
         self.bytes_read = 0
         #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the model
         self.events: list[tuple[str, int, float, float]] = []
         self._compute_start: dict[int, float] = {}
-        self._files: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._stop = threading.Event()
         self._handles = []
-        self._originals: dict[int, dict[str, torch.nn.Parameter]] = {}
-        self._current: dict[int, torch.Tensor] = {}
+        self._current: dict[int, int] = {}
         for i, block in enumerate(self.blocks):
             self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.module.register_forward_hook(self._make_post(i)))
+        self._next = 0  # the block the forward pass reaches next
+        self._handles.append(model.register_forward_pre_hook(self._restart_if_interrupted))
+        self._start_reader()
+
+    def _start_reader(self) -> None:
+        self._stop.clear()
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name="block-reader")
         self._reader.start()
 
+    def _restart_if_interrupted(self, module, args) -> None:
+        """A forward pass that failed midway left the reader ahead of the model: start over from block 0."""
+        if self._next == 0:
+            return
+        self._stop.set()
+        self._reader.join()
+        for q in (self.ready, self.free):
+            while not q.empty():
+                q.get_nowait()
+        for i in list(self._current):
+            for t, p in zip(self.blocks[i].tensors, self.blocks[i].meta):
+                t.owner._parameters[t.leaf] = p
+        self._current.clear()
+        self._compute_start.clear()
+        for k in range(len(self.buffers)):
+            self.free.put(k)
+        self._next = 0
+        self._start_reader()
+
+    @staticmethod
+    def _view(buf: torch.Tensor, pos: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        n = torch.Size(shape).numel() * _itemsize(dtype)
+        return buf[pos:pos + n].view(dtype).view(shape)
+
     # ----------------------------------------------------------------- reading
+
+    def _open(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
+            try:
+                fd = os.open(path, flags)
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                self.direct = False
+                fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def _read_into(self, block: _Block, buf: torch.Tensor) -> int:
+        """One ``preadv`` per run of adjacent bytes: the GIL is released for the whole read."""
+        view = memoryview(buf.numpy())
+        total = 0
+        for path, offset, length, needed, pos in block.ranges:
+            fd = self._open(path)
+            done = 0
+            while done < needed:
+                try:
+                    n = os.preadv(fd, [view[pos + done:pos + length]], offset + done)
+                except OSError as exc:
+                    if not self.direct or exc.errno != errno.EINVAL:
+                        raise
+                    self._reopen_buffered()  # the file system took O_DIRECT at open but not for reads
+                    fd = self._open(path)
+                    continue
+                if n <= 0:
+                    raise OSError(f"{path} ended at byte {offset + done:,}; the checkpoint changed while streaming")
+                done += n
+            total += done
+        return total
+
+    def _reopen_buffered(self) -> None:
+        self.direct = False
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def _read_loop(self) -> None:
         i = 0
         while not self._stop.is_set():
             try:
-                buf = self.free.get(timeout=0.1)
+                k = self.free.get(timeout=0.1)
             except queue.Empty:
                 continue
             if self._stop.is_set():
                 break
-            block = self.blocks[i % len(self.blocks)]
+            j = i % len(self.blocks)
+            block = self.blocks[j]
             started = time.perf_counter()
-            view = memoryview(buf.numpy())
-            for _, path, offset, nbytes, _, _, pos in block.tensors:
-                f = self._files.get(path)
-                if f is None:
-                    f = self._files[path] = open(path, "rb", buffering=0)
-                f.seek(offset)
-                f.readinto(view[pos:pos + nbytes])
-            self.bytes_read += block.nbytes
-            self.events.append(("read", i % len(self.blocks), started, time.perf_counter()))
-            self.ready.put((i % len(self.blocks), buf))
+            try:
+                if self.stage is None:
+                    n = self._read_into(block, self.buffers[k])
+                else:
+                    n = self._read_into(block, self.stage)
+                    for t in block.tensors:  # copy_ converts and releases the GIL
+                        src = self._view(self.stage, t.read_pos, t.stored, t.shape)
+                        self._view(self.buffers[k], t.pos, _target(t.stored, self._dtype), t.shape).copy_(src)
+            except Exception as exc:  # handed to the forward pass, which raises it
+                self.ready.put((j, exc))
+                return
+            self.bytes_read += n
+            self.events.append(("read", j, started, time.perf_counter()))
+            self.ready.put((j, k))
             i += 1
 
     # ----------------------------------------------------------------- hooks
 
     def _make_pre(self, i: int):
+        block = self.blocks[i]
+
         def pre(module, args):
             try:
-                j, buf = self.ready.get(timeout=600)
+                j, k = self.ready.get(timeout=600)
             except queue.Empty:
                 raise RuntimeError(
                     "block streamer: no block arrived in 10 minutes (an earlier forward pass failed midway?); "
                     "load the model again"
                 ) from None
+            if isinstance(k, Exception):
+                raise RuntimeError(f"block streamer: reading {self.blocks[j].name} failed: {k}") from k
             if j != i:  # the model ran its blocks in another order than declared
-                raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {self.blocks[i].name}")
-            originals = {}
-            for pname, _, _, nbytes, dtype, shape, pos in self.blocks[i].tensors:
-                owner_name, _, leaf = pname.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
-                originals[pname] = owner._parameters[leaf]
-                tensor = buf[pos:pos + nbytes].view(dtype).view(shape)
-                owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
-            self._originals[i] = originals
-            self._current[i] = buf
+                raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {block.name}")
+            for t, p in zip(block.tensors, block.params[k]):
+                t.owner._parameters[t.leaf] = p
+            self._current[i] = k
+            self._next = (i + 1) % len(self.blocks)
             self._compute_start[i] = time.perf_counter()
             return None
 
         return pre
 
     def _make_post(self, i: int):
+        block = self.blocks[i]
+
         def post(module, args, output):
             self.events.append(("compute", i, self._compute_start.pop(i), time.perf_counter()))
-            for pname, param in self._originals.pop(i).items():
-                owner_name, _, leaf = pname.rpartition(".")
-                owner = module.get_submodule(owner_name) if owner_name else module
-                owner._parameters[leaf] = param
+            for t, p in zip(block.tensors, block.meta):
+                t.owner._parameters[t.leaf] = p
             self.free.put(self._current.pop(i))
             return output
 
@@ -179,9 +352,32 @@ class BlockStreamer:
         self._reader.join(timeout=5)
         for h in self._handles:
             h.remove()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
+    """``cls`` built from the config in ``folder`` on the meta device (diffusers or transformers class).
+
+    transformers models are re-tied after ``init_empty_weights`` (T5's ``shared`` and
+    ``encoder.embed_tokens`` are one tensor in the checkpoint; see ``01_meta-footprint``).
+    """
+    from accelerate import init_empty_weights
+
+    if hasattr(cls, "load_config"):  # diffusers
+        config = cls.load_config(folder)
+        with init_empty_weights():
+            return cls.from_config(config)
+    config = cls.config_class.from_pretrained(folder)
+    with init_empty_weights():
+        model = cls(config)
+    model.tie_weights()
+    return model
+
+
+def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    return sum(p.numel() for p in module.parameters()) * _itemsize(dtype)
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
@@ -189,38 +385,47 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     """Load ``cls`` from ``folder`` keeping what fits ``cpu_bytes`` resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
-    "single_transformer_blocks"]`` for Flux). Everything outside the blocks is resident; blocks are
-    made resident from the first on, while they fit next to the buffer pool; the rest stream.
+    "single_transformer_blocks"]`` for Flux, ``["encoder.block"]`` for T5). Everything outside the
+    blocks is resident; blocks are made resident from the first on, while they fit next to the
+    buffer pool; the rest stream. Weights are used in ``dtype``; streamed blocks stored in another
+    dtype are converted as they are read (one more block-sized buffer, counted in the budget).
     Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
     """
-    from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from safetensors import safe_open
 
     folder = Path(folder)
-    config = cls.load_config(folder)
-    with init_empty_weights():
-        model = cls.from_config(config)
-    for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; sets the dtype values are cast to
+    model = skeleton_from_folder(folder, cls)
+    for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
         if t.is_floating_point():
             t.data = t.data.to(dtype)
     index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
-    size = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) * torch.tensor([], dtype=dtype).element_size()
-            for n in names}
+    size = {n: _nbytes(model.get_submodule(n), dtype) for n in names}  # resident
+    plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype) for n in names}
+    buffer = {n: plans[n].nbytes for n in names}  # streamed: its place in a pool buffer (whole pages)
+    converted = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in plans.values())
+    stage = {n: plans[n].read_nbytes if converted else 0 for n in names}
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
-    other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * torch.tensor([], dtype=dtype).element_size()
-    largest = max(size.values())
-    if other + largest > cpu_bytes:
+    other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
+    largest = max(buffer.values())
+    if largest > cpu_bytes:
         raise UserError(
-            f"the cpu tier ({cpu_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and one block "
-            f"({largest:,}); give it at least {other + largest:,} bytes."
+            f"one block of this model ({largest:,} bytes) is larger than the whole cpu tier ({cpu_bytes:,} bytes); "
+            f"a block is the smallest piece that can be streamed: give the cpu tier at least "
+            f"{other + pool * largest + max(stage.values()):,} bytes."
+        )
+    least = other + pool * largest + max(stage.values())
+    if least > cpu_bytes:
+        raise UserError(
+            f"the cpu tier ({cpu_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and the "
+            f"{pool}-block buffer pool ({least - other:,}); give it at least {least:,} bytes."
         )
     room = cpu_bytes - other
     resident: list[str] = []
     for n in names:
-        streamed_after = [m for m in names if m not in resident and m != n]
-        need_pool = pool * max((size[m] for m in streamed_after), default=0)
+        after = [m for m in names if m not in resident and m != n]
+        need_pool = pool * max((buffer[m] for m in after), default=0) + max((stage[m] for m in after), default=0)
         if sum(size[r] for r in resident) + size[n] + need_pool <= room:
             resident.append(n)
         else:
@@ -231,14 +436,24 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     for name, p in model.named_parameters():
         if name in streamed_params:
             continue
-        path = index[name][0]
+        if name not in index:  # a tied parameter stored under another of its names
+            aliases = [a for a, q in model.named_parameters(remove_duplicate=False) if q is p and a in index]
+            if not aliases:
+                raise UserError(f"{name} is not in the checkpoint at {folder}; cannot load this model.")
+            key = aliases[0]
+        else:
+            key = name
+        path = index[key][0]
         f = handles.get(path) or handles.setdefault(path, safe_open(str(path), "pt"))
-        set_module_tensor_to_device(model, name, "cpu", value=f.get_tensor(name).to(dtype))
+        value = f.get_tensor(key)  # a view of the file's memory map: copy it, so RAM owns it
+        value = value.to(dtype) if value.dtype != dtype else value.clone()
+        set_module_tensor_to_device(model, name, "cpu", value=value)
+    if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
+        model.tie_weights()
     for name, b in model.named_buffers():
         if b.device.type == "meta":
             raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
-    if streamed and dtype != _DTYPES[index[next(iter(streamed_params))][3]]:
-        raise UserError("streamed blocks are used in the dtype stored in the checkpoint; load in that dtype.")
     model.eval()
-    streamer = BlockStreamer(model, folder, streamed, pool=pool) if streamed else None
+    streamer = BlockStreamer(model, folder, streamed, pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+                             dtype=dtype) if streamed else None
     return model, streamer
