@@ -92,6 +92,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     result = encode_prompts(
         args.model, args.prompt, args.out, max_memory=args.max_memory,
         max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, create_folder=False,
+        offload=args.offload,
     )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -195,10 +196,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     budget = [f"--max-memory={args.max_memory}"] if args.max_memory else []
     overwrite = ["--overwrite"] if args.overwrite else []
     # --opt=value throughout: a prompt or path may start with "-"
+    offload = [f"--offload={args.offload}"]
     encode_argv = [*common, *[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
-                   f"--out={embeddings}", *budget, *overwrite]
+                   f"--out={embeddings}", *budget, *overwrite, *offload]
     diffuse_argv = [*common, f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}",
-                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite]
+                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite, *offload]
     if args.steps is not None:
         diffuse_argv.append(f"--steps={args.steps}")
     if args.guidance is not None:
@@ -242,6 +244,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _offload_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--offload", choices=["auto", "accelerate", "stream"], default="auto",
+                   help="how blocks outside the fast tier are fetched. accelerate: the method's device map and "
+                   "hooks, one block at a time; stream: read from the checkpoint one block ahead while the "
+                   "previous computes (budgets without a GPU tier, for now; same output, faster: see notebook "
+                   "04); auto (default): stream without a GPU tier, else accelerate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (its folder must exist)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help=argparse.SUPPRESS)
+    _offload_arg(p)
     p.set_defaults(func=_cmd_encode)
 
     def image_knobs(q: argparse.ArgumentParser) -> None:
@@ -329,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", required=True, metavar="FILE", help="made by `encode` or notebook 02")
     p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
-    p.add_argument("--offload", choices=["accelerate", "stream"], default="accelerate",
-                   help="accelerate: the method's device map and hooks (default); stream: read offloaded blocks "
-                   "from the checkpoint one block ahead (RAM + disk only, for now)")
+    _offload_arg(p)
     image_knobs(p)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)
@@ -350,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", metavar="FILE", help="where to keep the embeddings (default: OUT as .safetensors)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
+    _offload_arg(p)
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
 

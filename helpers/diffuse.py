@@ -151,23 +151,23 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     ``offload_folder`` (created if missing) as one file per tensor; without one, a fresh folder under
     ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
 
-    ``offload="stream"`` (machines without a GPU): the blocks that do not fit the cpu tier are read
-    straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block pool.
+    ``offload="stream"`` (budgets without a GPU tier): the blocks that do not fit the cpu tier are
+    read straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
+    pool; ``"auto"`` picks it where the budget has no GPU tier, else ``"accelerate"``.
     """
     import tempfile
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import compare_maps, torch_device
+    from helpers.offload import choose_offload
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
-    if offload == "stream":
+    if choose_offload(offload, plan.budget) == "stream":
         return _load_streaming(folder, plan, vae_tier)
-    if offload != "accelerate":
-        raise UserError(f"unknown offload {offload!r}; use 'accelerate' (the method's hooks) or 'stream'.")
     temporary = False
     if "disk" in t_map.values():
         if offload_folder is None:
@@ -195,8 +195,6 @@ def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
 
     from helpers.offload import load_streaming
 
-    if any(isinstance(t, int) for t in plan.budget.names):
-        raise UserError("offload 'stream' runs one tier down (RAM + disk) for now; use 'accelerate' with a GPU tier.")
     vae_bytes = sum(u.nbytes for p in plan.components if p.component == "vae" for u in p.units)
     cpu = plan.budget["cpu"] - vae_bytes if "cpu" in plan.budget else 0
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
@@ -317,14 +315,16 @@ def diffuse_file(
     overwrite: bool = False,
     create_folder: bool = True,
     progress: bool = True,
-    offload: str = "accelerate",
+    offload: str = "auto",
 ) -> DiffuseResult:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
-    variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0).
+    variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
+    :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
     """
     from helpers.embeddings import read_header, validate
+    from helpers.offload import check_offload, choose_offload
     from helpers.images import save_image
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -353,9 +353,9 @@ def diffuse_file(
         if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
             raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
         check_can_write(p, overwrite)
-    if offload not in ("accelerate", "stream"):
-        raise UserError(f"unknown offload {offload!r}; use 'accelerate' (the method's hooks) or 'stream'.")
+    check_offload(offload)
     plan = diffusion_plan(model, max_memory)
+    offload = choose_offload(offload, plan.budget)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
 
     with measure("diffusion") as m:

@@ -67,6 +67,14 @@ class TextEncoders:
     device: torch.device
     offload_folder: Path | None = None
     differences: list[str] = field(default_factory=list)
+    streamer: object = None  # offload "stream": the reader of T5's streamed blocks
+
+    def close(self) -> None:
+        """Stop the block reader, if any, and drop the models."""
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        self.text_encoder = self.text_encoder_2 = None
 
 
 def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str]:
@@ -95,18 +103,25 @@ def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str
     return out
 
 
-def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None) -> TextEncoders:
+def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
+                       offload: str = "accelerate") -> TextEncoders:
     """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
 
     ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
-    accelerate expects it to exist).
+    accelerate expects it to exist). ``offload="stream"`` (budgets without a GPU tier): T5's blocks
+    that do not fit the cpu tier are read from the checkpoint one block ahead, converted to float32
+    as they arrive (:mod:`helpers.offload`); ``"auto"`` picks it where the budget has no GPU tier.
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from helpers.offload import choose_offload
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
+    if choose_offload(offload, plan.budget) == "stream":
+        return _load_streaming(folder, plan, clip_tier)
     if "disk" in t5_map.values():
         offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "text_encoder_2")
         offload_folder.mkdir(parents=True, exist_ok=True)
@@ -128,6 +143,29 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
         device=torch_device(fastest),
         offload_folder=offload_folder,
         differences=compare_maps(t5_map, applied),
+    )
+
+
+def _load_streaming(folder: Path, plan, clip_tier) -> TextEncoders:
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    from helpers.offload import load_streaming
+
+    clip_bytes = sum(u.nbytes for p in plan.components if p.component == "text_encoder" for u in p.units)
+    cpu = plan.budget["cpu"] - clip_bytes if "cpu" in plan.budget else 0
+    text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
+                                              ["encoder.block"])
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
+    streamed = {b.name for b in streamer.blocks} if streamer else set()
+    n_blocks = len(text_encoder_2.encoder.block)
+    applied = {"shared": "cpu", **{f"encoder.block.{i}": "disk" if f"encoder.block.{i}" in streamed else "cpu"
+                                   for i in range(n_blocks)}, "encoder.final_layer_norm": "cpu", "encoder.dropout": "cpu"}
+    return TextEncoders(
+        text_encoder=text_encoder.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
+        plan=plan, applied=applied, device=torch.device("cpu"), streamer=streamer,
     )
 
 
@@ -234,9 +272,15 @@ def encode_prompts(
     max_sequence_length: int | None = None,
     overwrite: bool = False,
     create_folder: bool = True,
+    offload: str = "auto",
 ) -> EncodeResult:
-    """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load."""
+    """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load.
+
+    ``offload``: see :func:`load_text_encoders` (``auto``: ``stream`` without a GPU tier, else
+    ``accelerate``).
+    """
     from helpers.embeddings import fingerprint, save_embeddings
+    from helpers.offload import check_offload, choose_offload
     from helpers.footprint import component_configs
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -258,19 +302,25 @@ def encode_prompts(
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}; choose a folder you can write to.")
     check_can_write(out, overwrite)
+    check_offload(offload)
     plan = text_encoding_plan(model, max_memory)
+    offload = choose_offload(offload, plan.budget)
     folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
     _, configs = component_configs(model if ref.kind != "local" else str(ref.path))
 
     with measure("text encoding") as m:
-        encoders = load_text_encoders(folder, plan)
-        tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
-        prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
-        path = save_embeddings(
-            out, prompt_embeds, pooled, text_ids, model=str(ref.path) if ref.kind == "local" else ref.name,
-            fingerprint=fingerprint(configs),
-            prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
-        )
+        encoders = load_text_encoders(folder, plan, offload=offload)
+        try:
+            tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
+            prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
+            path = save_embeddings(
+                out, prompt_embeds, pooled, text_ids, model=str(ref.path) if ref.kind == "local" else ref.name,
+                fingerprint=fingerprint(configs),
+                prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
+            )
+        finally:
+            if encoders.streamer is not None:
+                encoders.streamer.close()
     result = EncodeResult(
         path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
         warnings=truncation_warnings(tokens, max_sequence_length), measurement=m,

@@ -30,6 +30,29 @@ _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "
 _PAGE = 4096  # O_DIRECT reads whole, aligned pages
 
 
+#: ``auto``: ``stream`` where the budget has no GPU tier (faster, same output: see notebook 04),
+#: else the method's ``accelerate`` hooks (the GPU path of ``stream`` is not written yet)
+OFFLOADS = ("auto", "accelerate", "stream")
+
+
+def check_offload(offload: str) -> str:
+    if offload not in OFFLOADS:
+        raise UserError(f"unknown offload {offload!r}; use 'auto', 'accelerate' (the method's hooks) or 'stream'.")
+    return offload
+
+
+def choose_offload(offload: str, budget) -> str:
+    """``accelerate`` or ``stream`` for this budget; ``stream`` with a GPU tier is refused."""
+    check_offload(offload)
+    gpu = any(isinstance(t, int) for t in budget.names)
+    if offload == "auto":
+        return "accelerate" if gpu else "stream"
+    if offload == "stream" and gpu:
+        raise UserError("offload 'stream' runs one tier down (RAM + disk) for now; with a GPU tier use 'accelerate' "
+                        "(or 'auto', which picks it).")
+    return offload
+
+
 def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:
     """Every tensor of a (possibly sharded) safetensors checkpoint: file, byte offset, size, dtype, shape.
 

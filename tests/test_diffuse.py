@@ -44,7 +44,8 @@ def test_same_seed_same_pixels(embeddings, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(a.paths[0])), np.asarray(Image.open(c.paths[0])))
 
 
-def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_path):
+@pytest.mark.parametrize("offload", ["accelerate", "stream"])
+def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_path, offload):
     """The decoupled run (two processes, offloaded, file hand-off) against FluxPipeline in one process."""
     from diffusers import FluxPipeline
     from transformers import CLIPTextModel, T5EncoderModel
@@ -53,7 +54,8 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
     out = tmp_path / "two.png"
     done = subprocess.run([sys.executable, "-m", "helpers", "generate", "--model", str(tiny_folder), "--prompt", prompt,
                            "--out", str(out), "--steps", str(steps), "--seed", str(seed), "--height", "64",
-                           "--width", "64", "--max-sequence-length", "64", "--max-memory", "cpu=50%,disk=100%"],
+                           "--width", "64", "--max-sequence-length", "64", "--max-memory", "cpu=50%,disk=100%",
+                           "--offload", offload],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "text encoding" in done.stderr and "diffusion" in done.stderr and "total" in done.stderr
@@ -68,7 +70,7 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
                num_inference_steps=steps, guidance_scale=3.5, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     diff = np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(one).astype(int)).max()
-    print(f"max pixel difference, decoupled vs one-piece: {diff}")
+    print(f"max pixel difference, decoupled ({offload}) vs one-piece: {diff}")
     assert diff == 0
 
 
@@ -206,5 +208,7 @@ def test_a_budget_that_leaves_the_transformer_on_disk_is_refused(tmp_path, embed
 
 def test_no_offload_copies_are_left_behind(tmp_path, embeddings, monkeypatch):
     monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
-    diffuse_file(embeddings, tmp_path / "x.png", steps=1, progress=False, **SIZE)
+    diffuse_file(embeddings, tmp_path / "x.png", steps=1, progress=False, offload="accelerate", **SIZE)
     assert not [p for p in (tmp_path / "offload").iterdir()]  # the run's temporary folder is gone
+    diffuse_file(embeddings, tmp_path / "y.png", steps=1, progress=False, offload="stream", **SIZE)
+    assert not [p for p in (tmp_path / "offload").iterdir()]  # streaming reads the checkpoint: no copies at all

@@ -205,3 +205,35 @@ def test_drop_page_cache_handles_files_and_folders(tmp_path):
     assert drop_page_cache(tmp_path) == 15_000
     assert drop_page_cache(tmp_path / "y.bin") == 5_000
     assert drop_page_cache(tmp_path / "missing") == 0
+
+
+def test_encode_with_stream_equals_accelerate(tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers.encode import encode_prompts
+
+    prompts = ["a red cat", "a lighthouse at dusk, oil painting"]
+    budget = "cpu=50%,disk=100%"
+    a = encode_prompts("tiny", prompts, tmp_path / "a.safetensors", budget, max_sequence_length=32, offload="accelerate")
+    b = encode_prompts("tiny", prompts, tmp_path / "b.safetensors", budget, max_sequence_length=32, offload="stream")
+    ta, tb = load_file(str(a.path)), load_file(str(b.path))
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k  # tolerance: none
+    assert "disk" in b.applied.values() and "cpu" in b.applied.values()
+    with pytest.raises(UserError, match="unknown offload"):
+        encode_prompts("tiny", prompts, tmp_path / "c.safetensors", budget, offload="magic")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_auto_picks_stream_without_a_gpu_tier_and_stream_refuses_one():
+    from helpers.budget import parse_budget
+    from helpers.offload import choose_offload
+
+    cpu_only, with_gpu = parse_budget("cpu=8GiB,disk=30GiB"), parse_budget("0=8GiB,cpu=30GiB")
+    assert choose_offload("auto", cpu_only) == "stream" and choose_offload("auto", with_gpu) == "accelerate"
+    assert choose_offload("accelerate", cpu_only) == "accelerate"
+    with pytest.raises(UserError, match="one tier down .* use 'accelerate'"):
+        choose_offload("stream", with_gpu)
+    with pytest.raises(UserError, match="unknown offload 'fast'"):
+        choose_offload("fast", cpu_only)
