@@ -75,6 +75,23 @@ def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int
     return out
 
 
+def read_tensor(path: Path, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory this process owns (no memory map)."""
+    out = torch.empty(shape, dtype=_DTYPES[dtype])
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise UserError(f"{path} ends before its tensor at byte {offset + done:,}; the file is truncated.")
+            done += n
+    finally:
+        os.close(fd)
+    return out
+
+
 @dataclass
 class _Tensor:
     owner: torch.nn.Module  # the module holding the parameter
@@ -165,11 +182,83 @@ def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def _page_aligned(nbytes: int) -> torch.Tensor:
+def _view(buf: torch.Tensor, pos: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    n = torch.Size(shape).numel() * _itemsize(dtype)
+    return buf[pos:pos + n].view(dtype).view(shape)
+
+
+def _fill(files: _Files, block: _Block, dst: torch.Tensor, stage: torch.Tensor | None, dtype: torch.dtype | None) -> int:
+    """Read ``block`` into ``dst`` in its pool layout; through ``stage`` when its dtype is converted."""
+    if stage is None:
+        return files.read_into(block, dst)
+    n = files.read_into(block, stage)
+    for t in block.tensors:  # copy_ converts and releases the GIL
+        _view(dst, t.pos, _target(t.stored, dtype), t.shape).copy_(_view(stage, t.read_pos, t.stored, t.shape))
+    return n
+
+
+def _page_aligned(nbytes: int, pin: bool = False) -> torch.Tensor:
     """``nbytes`` of uint8 starting on a page boundary (O_DIRECT reads into page-aligned memory)."""
-    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
+    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8, pin_memory=pin)
     skip = -raw.data_ptr() % _PAGE
     return raw[skip:skip + nbytes]
+
+
+class _Files:
+    """The checkpoint's files, open for reading blocks: one ``preadv`` per run of a block's bytes.
+
+    ``direct``: ``O_DIRECT`` (straight from the disk, no page cache, no copy by the CPU) where the
+    file system allows it; otherwise, from the first refusal on, ordinary reads.
+    """
+
+    def __init__(self, direct: bool = True) -> None:
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._fds: dict[Path, int] = {}
+
+    def _open(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
+            try:
+                fd = os.open(path, flags)
+            except OSError:  # e.g. tmpfs: no O_DIRECT
+                self.direct = False
+                fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, block: _Block, buf: torch.Tensor) -> int:
+        """One ``preadv`` per run of adjacent bytes: the GIL is released for the whole read."""
+        view = memoryview(buf.numpy())
+        total = 0
+        for path, offset, length, needed, pos in block.ranges:
+            fd = self._open(path)
+            done = 0
+            while done < needed:
+                try:
+                    n = os.preadv(fd, [view[pos + done:pos + length]], offset + done)
+                except OSError as exc:
+                    if not self.direct or exc.errno != errno.EINVAL:
+                        raise
+                    self._reopen_buffered()  # the file system took O_DIRECT at open but not for reads
+                    fd = self._open(path)
+                    continue
+                if n <= 0:
+                    raise OSError(f"{path} ended at byte {offset + done:,}; the checkpoint changed while streaming")
+                done += n
+            total += done
+        return total
+
+    def _reopen_buffered(self) -> None:
+        self.direct = False
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class BlockStreamer:
@@ -204,12 +293,11 @@ class BlockStreamer:
             )
         self.buffers = [_page_aligned(self.largest) for _ in range(pool)]
         self.stage = _page_aligned(stage) if stage else None
-        #: reads bypass the page cache (O_DIRECT) where the file system allows it; see :meth:`_open`
-        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._files = _Files(direct)
         for block in self.blocks:
             for buf in self.buffers:
                 block.params.append([
-                    torch.nn.Parameter(self._view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
+                    torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
                     for t in block.tensors
                 ])
         self._dtype = dtype
@@ -221,7 +309,6 @@ class BlockStreamer:
         #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the model
         self.events: list[tuple[str, int, float, float]] = []
         self._compute_start: dict[int, float] = {}
-        self._fds: dict[Path, int] = {}
         self._stop = threading.Event()
         self._handles = []
         self._current: dict[int, int] = {}
@@ -256,52 +343,12 @@ class BlockStreamer:
         self._next = 0
         self._start_reader()
 
-    @staticmethod
-    def _view(buf: torch.Tensor, pos: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        n = torch.Size(shape).numel() * _itemsize(dtype)
-        return buf[pos:pos + n].view(dtype).view(shape)
+    @property
+    def direct(self) -> bool:
+        """Whether reads bypass the page cache (``O_DIRECT``); see :class:`_Files`."""
+        return self._files.direct
 
     # ----------------------------------------------------------------- reading
-
-    def _open(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
-            try:
-                fd = os.open(path, flags)
-            except OSError:  # e.g. tmpfs: no O_DIRECT
-                self.direct = False
-                fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
-
-    def _read_into(self, block: _Block, buf: torch.Tensor) -> int:
-        """One ``preadv`` per run of adjacent bytes: the GIL is released for the whole read."""
-        view = memoryview(buf.numpy())
-        total = 0
-        for path, offset, length, needed, pos in block.ranges:
-            fd = self._open(path)
-            done = 0
-            while done < needed:
-                try:
-                    n = os.preadv(fd, [view[pos + done:pos + length]], offset + done)
-                except OSError as exc:
-                    if not self.direct or exc.errno != errno.EINVAL:
-                        raise
-                    self._reopen_buffered()  # the file system took O_DIRECT at open but not for reads
-                    fd = self._open(path)
-                    continue
-                if n <= 0:
-                    raise OSError(f"{path} ended at byte {offset + done:,}; the checkpoint changed while streaming")
-                done += n
-            total += done
-        return total
-
-    def _reopen_buffered(self) -> None:
-        self.direct = False
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
     def _read_loop(self) -> None:
         i = 0
@@ -316,13 +363,7 @@ class BlockStreamer:
             block = self.blocks[j]
             started = time.perf_counter()
             try:
-                if self.stage is None:
-                    n = self._read_into(block, self.buffers[k])
-                else:
-                    n = self._read_into(block, self.stage)
-                    for t in block.tensors:  # copy_ converts and releases the GIL
-                        src = self._view(self.stage, t.read_pos, t.stored, t.shape)
-                        self._view(self.buffers[k], t.pos, _target(t.stored, self._dtype), t.shape).copy_(src)
+                n = _fill(self._files, block, self.buffers[k], self.stage, self._dtype)
             except Exception as exc:  # handed to the forward pass, which raises it
                 self.ready.put((j, exc))
                 return
@@ -375,9 +416,148 @@ class BlockStreamer:
         self._reader.join(timeout=5)
         for h in self._handles:
             h.remove()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._files.close()
+
+
+class HostStreamer:
+    """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU one ahead.
+
+    Each streamed block is read once, at load, from the checkpoint into its own page-locked host
+    buffer laid out as on the device (converted to ``dtype`` when needed), so a block's copy is one
+    contiguous ``non_blocking`` transfer. The device holds a pool of ``pool`` block buffers; when
+    block i starts, the copy of block i+1 is queued on a side stream after the event that says the
+    block that last used its buffer has finished; block i's compute waits on the event of its own
+    copy. Host RAM used: the streamed blocks (the budget's cpu tier), never a second copy.
+    ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
+    """
+
+    def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
+                 dtype: torch.dtype | None = None, direct: bool = True, progress=None) -> None:
+        folder = Path(folder)
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        index = read_safetensors_index(folder)
+        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
+        self.pool_size = max(2, min(pool, len(self.blocks)))
+        self.largest = max(b.nbytes for b in self.blocks)
+        #: bytes of host RAM held: every streamed block, once
+        self.host_bytes = sum(b.nbytes for b in self.blocks)
+        #: bytes of device memory held: the pool
+        self.device_bytes = self.largest * self.pool_size
+        convert = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in self.blocks)
+        stage = _page_aligned(max(b.read_nbytes for b in self.blocks)) if convert else None
+        files = _Files(direct)
+        self.host: list[torch.Tensor] = []
+        try:
+            for block in (progress(self.blocks) if progress else self.blocks):
+                host = _page_aligned(block.nbytes, pin=self.cuda)
+                _fill(files, block, host, stage, dtype)
+                self.host.append(host)
+        finally:
+            files.close()
+        del stage
+        self.buffers = [torch.empty(self.largest, dtype=torch.uint8, device=self.device) for _ in range(self.pool_size)]
+        for block in self.blocks:
+            for buf in self.buffers:
+                block.params.append([
+                    torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
+                    for t in block.tensors
+                ])
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._copied: list = [None] * self.pool_size  # per buffer: the event of its latest copy
+        self._freed: list = [None] * self.pool_size  # per buffer: the event of the compute that last read it
+        self._slot: dict[int, int] = {}  # block -> buffer, for blocks copied or being copied
+        self._turn = 0  # the buffer the next copy goes to (round robin: blocks run in order)
+        self._current: dict[int, int] = {}
+        self._next = 0
+        self.bytes_copied = 0
+        #: (kind, block index, start, end): "compute" spans, host clock; copies run on the side stream
+        self.events: list[tuple[str, int, float, float]] = []
+        self._compute_start: dict[int, float] = {}
+        self._handles = [model.register_forward_pre_hook(self._restart_if_interrupted)]
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
+            self._handles.append(block.module.register_forward_hook(self._make_post(i)))
+
+    def _issue(self, j: int) -> None:
+        """Queue the copy of block ``j`` into the next buffer, after that buffer's last reader."""
+        k = self._turn
+        self._turn = (k + 1) % self.pool_size
+        n = self.blocks[j].nbytes
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                if self._freed[k] is not None:
+                    self.copy_stream.wait_event(self._freed[k])
+                self.buffers[k][:n].copy_(self.host[j][:n], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+                self._copied[k] = event
+        else:
+            self.buffers[k][:n].copy_(self.host[j][:n])
+        self._slot[j] = k
+        self.bytes_copied += n
+
+    def _make_pre(self, i: int):
+        block, count = self.blocks[i], len(self.blocks)
+
+        def pre(module, args):
+            if i not in self._slot:  # the first block of the first call: nothing was queued yet
+                self._issue(i)
+            for ahead in range(1, self.pool_size):  # keep the next blocks coming
+                j = (i + ahead) % count
+                if j not in self._slot and j != i:
+                    self._issue(j)
+            k = self._slot.pop(i)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._copied[k])
+            for t, p in zip(block.tensors, block.params[k]):
+                t.owner._parameters[t.leaf] = p
+            self._current[i] = k
+            self._next = (i + 1) % count
+            self._compute_start[i] = time.perf_counter()
+
+        return pre
+
+    def _make_post(self, i: int):
+        block = self.blocks[i]
+
+        def post(module, args, output):
+            k = self._current.pop(i)
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self._freed[k] = event
+            self.events.append(("compute", i, self._compute_start.pop(i), time.perf_counter()))
+            for t, p in zip(block.tensors, block.meta):
+                t.owner._parameters[t.leaf] = p
+            return output
+
+        return post
+
+    def _restart_if_interrupted(self, module, args) -> None:
+        if self._next == 0:
+            return
+        if self.cuda:
+            self.copy_stream.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        for i in list(self._current):
+            for t, p in zip(self.blocks[i].tensors, self.blocks[i].meta):
+                t.owner._parameters[t.leaf] = p
+        self._current.clear()
+        self._slot.clear()
+        self._compute_start.clear()
+        self._copied = [None] * self.pool_size
+        self._freed = [None] * self.pool_size
+        self._turn = self._next = 0
+
+    def close(self) -> None:
+        """Remove the hooks and release the host and device buffers."""
+        for h in self._handles:
+            h.remove()
+        if self.cuda:
+            self.copy_stream.synchronize()
+        self.host.clear()
+        self.buffers.clear()
 
 
 def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
@@ -404,19 +584,28 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
-                   pool: int = 2):
-    """Load ``cls`` from ``folder`` keeping what fits ``cpu_bytes`` resident and streaming the rest.
+                   pool: int = 2, device=None, device_bytes: int | None = None, progress=None):
+    """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
     "single_transformer_blocks"]`` for Flux, ``["encoder.block"]`` for T5). Everything outside the
     blocks is resident; blocks are made resident from the first on, while they fit next to the
-    buffer pool; the rest stream. Weights are used in ``dtype``; streamed blocks stored in another
-    dtype are converted as they are read (one more block-sized buffer, counted in the budget).
+    buffer pool; the rest stream. Weights are used in ``dtype``; blocks stored in another dtype are
+    converted as they are read.
+
+    Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
+    come from the disk (:class:`BlockStreamer`; a converting stream needs one more block-sized
+    buffer, counted). With a GPU ``device`` the fast tier is its ``device_bytes``, and streamed
+    blocks are held in pinned RAM, which must fit ``cpu_bytes`` (:class:`HostStreamer`).
     Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
     """
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
+    device = torch.device(device or "cpu")
+    on_gpu = device.type != "cpu"
+    if on_gpu and device_bytes is None:
+        raise UserError("streaming to a GPU needs its budget (device_bytes).")
+    fast_bytes, fast_name = (device_bytes, f"GPU {device.index or 0} tier") if on_gpu else (cpu_bytes, "cpu tier")
     folder = Path(folder)
     model = skeleton_from_folder(folder, cls)
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
@@ -428,23 +617,23 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype) for n in names}
     buffer = {n: plans[n].nbytes for n in names}  # streamed: its place in a pool buffer (whole pages)
     converted = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in plans.values())
-    stage = {n: plans[n].read_nbytes if converted else 0 for n in names}
+    # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
+    stage = {n: plans[n].read_nbytes if converted and not on_gpu else 0 for n in names}
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
     largest = max(buffer.values())
-    if largest > cpu_bytes:
-        raise UserError(
-            f"one block of this model ({largest:,} bytes) is larger than the whole cpu tier ({cpu_bytes:,} bytes); "
-            f"a block is the smallest piece that can be streamed: give the cpu tier at least "
-            f"{other + pool * largest + max(stage.values()):,} bytes."
-        )
     least = other + pool * largest + max(stage.values())
-    if least > cpu_bytes:
+    if largest > fast_bytes:
         raise UserError(
-            f"the cpu tier ({cpu_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and the "
+            f"one block of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
+            f"a block is the smallest piece that can be streamed: give the {fast_name} at least {least:,} bytes."
+        )
+    if least > fast_bytes:
+        raise UserError(
+            f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and the "
             f"{pool}-block buffer pool ({least - other:,}); give it at least {least:,} bytes."
         )
-    room = cpu_bytes - other
+    room = fast_bytes - other
     resident: list[str] = []
     for n in names:
         after = [m for m in names if m not in resident and m != n]
@@ -454,8 +643,14 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         else:
             break
     streamed = [n for n in names if n not in resident]
+    if on_gpu and sum(buffer[n] for n in streamed) > cpu_bytes:
+        held = sum(buffer[n] for n in streamed)
+        raise UserError(
+            f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {held:,} bytes, more "
+            f"than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {held:,} bytes, or use offload "
+            "'accelerate', which can add a disk tier."
+        )
     streamed_params = {f"{n}.{p}" for n in streamed for p, _ in model.get_submodule(n).named_parameters()}
-    handles = {}
     for name, p in model.named_parameters():
         if name in streamed_params:
             continue
@@ -466,17 +661,19 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
             key = aliases[0]
         else:
             key = name
-        path = index[key][0]
-        f = handles.get(path) or handles.setdefault(path, safe_open(str(path), "pt"))
-        value = f.get_tensor(key)  # a view of the file's memory map: copy it, so RAM owns it
-        value = value.to(dtype) if value.dtype != dtype else value.clone()
-        set_module_tensor_to_device(model, name, "cpu", value=value)
+        value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
+        set_module_tensor_to_device(model, name, device, value=value.to(device, dtype))
     if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
         model.tie_weights()
     for name, b in model.named_buffers():
         if b.device.type == "meta":
             raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
+        if b.device != device:
+            b.data = b.data.to(device)
     model.eval()
-    streamer = BlockStreamer(model, folder, streamed, pool=pool, pool_bytes=room - sum(size[r] for r in resident),
-                             dtype=dtype) if streamed else None
-    return model, streamer
+    if not streamed:
+        return model, None
+    if on_gpu:
+        return model, HostStreamer(model, folder, streamed, device, pool=pool, dtype=dtype, progress=progress)
+    return model, BlockStreamer(model, folder, streamed, pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+                                dtype=dtype)

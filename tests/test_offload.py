@@ -237,3 +237,85 @@ def test_auto_picks_stream_without_a_gpu_tier_and_stream_refuses_one():
         choose_offload("stream", with_gpu)
     with pytest.raises(UserError, match="unknown offload 'fast'"):
         choose_offload("fast", cpu_only)
+
+
+# ----------------------------------------------------------------------------- RAM -> device (the GPU path)
+
+
+def _host_streamed(folder, cls, dtype, share, block_lists, device="cpu"):
+    """A model whose streamed blocks go through :class:`HostStreamer` (to ``device``)."""
+    from helpers.offload import HostStreamer
+
+    model, disk = load_streaming(folder, cls, dtype, share, block_lists)
+    names = [b.name for b in disk.blocks]
+    disk.close()
+    return model, HostStreamer(model, folder, names, device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_host_streamer_equals_resident(tiny_folder, resident, device):
+    """The RAM -> device streamer: every block held once in (pinned) RAM, copied one ahead into a pool."""
+    if device == "cuda":  # the real path: resident part on the GPU, the rest pinned in RAM
+        model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 10**9, BLOCKS,
+                                         device="cuda", device_bytes=int(_bytes(resident) * 0.3))
+    else:  # the same bookkeeping with the CPU as the "device"
+        model, streamer = _host_streamed(tiny_folder / "transformer", type(resident), torch.bfloat16,
+                                         int(_bytes(resident) * 0.3), BLOCKS)
+    try:
+        assert streamer.host_bytes == sum(b.nbytes for b in streamer.blocks)
+        assert streamer.device_bytes == 2 * streamer.largest
+        if device == "cuda":
+            assert all(h.is_pinned() for h in streamer.host)
+        with torch.no_grad():
+            for seed in (0, 1, 2):
+                expected = resident(**_inputs(seed))[0]
+                got = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(seed).items()})[0]
+                assert torch.equal(expected, got.cpu())  # tolerance: none
+        assert streamer.bytes_copied >= 3 * streamer.host_bytes
+        assert all(p.device.type == "meta" for b in streamer.blocks for p in b.module.parameters())
+    finally:
+        streamer.close()
+
+
+def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder):
+    from transformers import T5EncoderModel
+
+    folder = tiny_folder / "text_encoder_2"
+    whole = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
+    model, streamer = _host_streamed(folder, T5EncoderModel, torch.float32, int(_bytes(whole) * 0.5), ["encoder.block"])
+    try:
+        assert all(h.dtype == torch.uint8 for h in streamer.host)
+        ids = torch.randint(0, whole.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
+    finally:
+        streamer.close()
+
+
+def test_host_streamer_recovers_from_a_failed_pass(tiny_folder, resident):
+    model, streamer = _host_streamed(tiny_folder / "transformer", type(resident), torch.bfloat16,
+                                     int(_bytes(resident) * 0.3), BLOCKS)
+    try:
+        victim = model.get_submodule(streamer.blocks[2].name)
+        handle = victim.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+            model(**_inputs(0))
+        handle.remove()
+        with torch.no_grad():
+            assert torch.equal(resident(**_inputs(0))[0], model(**_inputs(0))[0])
+    finally:
+        streamer.close()
+
+
+def test_streaming_to_a_gpu_checks_both_tiers_before_loading(tiny_folder, resident):
+    """The GPU tier must hold the resident part and the pool; pinned RAM every streamed block."""
+    cls = type(resident)
+    with pytest.raises(UserError, match="needs its budget"):
+        load_streaming(tiny_folder / "transformer", cls, torch.bfloat16, 10**9, BLOCKS, device="cuda:0")
+    with pytest.raises(UserError, match="larger than the whole GPU 0 tier"):
+        load_streaming(tiny_folder / "transformer", cls, torch.bfloat16, 10**9, BLOCKS, device="cuda:0",
+                       device_bytes=10_000)
+    with pytest.raises(UserError, match="holds the .* blocks it cannot keep in pinned RAM: .* use offload 'accelerate'"):
+        load_streaming(tiny_folder / "transformer", cls, torch.bfloat16, 1000, BLOCKS, device="cuda:0",
+                       device_bytes=int(_bytes(resident) * 0.3))
