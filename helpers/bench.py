@@ -47,6 +47,11 @@ def _inputs(config: dict, model) -> dict:
     return inputs
 
 
+def _gpu(config: dict) -> torch.device | None:
+    """The GPU the benchmark runs on: the budget's first GPU tier, or ``None`` (one tier down)."""
+    return torch.device("cuda", config["gpu"]) if config.get("gpu") is not None else None
+
+
 def _load(strategy: str, config: dict, work: Path):
     """The transformer under ``strategy``; returns (model, bytes streamed per call or a callable, cleanup)."""
     from diffusers import FluxTransformer2DModel
@@ -54,27 +59,36 @@ def _load(strategy: str, config: dict, work: Path):
     from helpers.diffuse import diffusion_plan
 
     folder = Path(config["folder"])
-    if strategy == "resident":
-        return FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16), lambda: 0, None
+    gpu = _gpu(config)
     plan = diffusion_plan(config["model"], config["max_memory"])
     comps = {p.component: p for p in plan.components}
+    t_units = comps["transformer"].units
+    slow = "cpu" if gpu is not None else "disk"  # the tier the method's map fetches blocks from
+    off_fast = sum(u.nbytes for u in t_units if u.tier == slow)
+    everything = sum(u.nbytes for u in t_units)
+    if strategy == "resident":
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        return (model.to(gpu) if gpu is not None else model), lambda: 0, None
     if strategy == "accelerate":
         t_map = comps["transformer"].device_map
-        disk = sum(u.nbytes for u in comps["transformer"].units if u.tier == "disk")
         model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16, device_map=t_map,
                                                        offload_folder=work / "offload")
-        return model, lambda: disk, None
+        return model, lambda: off_fast, None
     if strategy == "stream":
-        from helpers.offload import load_streaming
+        from helpers.offload import load_streaming, stream_budget
 
-        vae = sum(u.nbytes for u in comps["vae"].units)
-        cpu = plan.budget["cpu"] - vae if "cpu" in plan.budget else 0
+        vae_tier = comps["vae"].device_map[""]
+        cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: sum(u.nbytes for u in comps["vae"].units)})
         model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
-                                         ["transformer_blocks", "single_transformer_blocks"])
+                                         ["transformer_blocks", "single_transformer_blocks"], device=device,
+                                         device_bytes=device_bytes)
         calls = [0]
 
         def streamed() -> float:
-            return streamer.bytes_read / max(calls[0], 1) if streamer else 0
+            if streamer is None:
+                return 0
+            moved = streamer.bytes_copied if hasattr(streamer, "bytes_copied") else streamer.bytes_read
+            return moved / max(calls[0], 1)
 
         model._bench_calls = calls
         return model, streamed, (streamer.close if streamer else None)
@@ -83,10 +97,25 @@ def _load(strategy: str, config: dict, work: Path):
 
         model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
         blocks = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "transformer_blocks." in n)
-        apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
-                               num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
+        if gpu is not None:  # blocks in RAM, onloaded one group ahead on a CUDA stream
+            apply_group_offloading(model, onload_device=gpu, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        else:
+            apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
+                                   num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
         return model, lambda: blocks, None
-    raise UserError(f"unknown strategy {strategy!r}; on this machine: {', '.join(CPU_STRATEGIES)}.")
+    if strategy in GPU_ONLY:
+        from diffusers import FluxPipeline
+
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=model)
+        if strategy == "diffusers-model":  # the whole transformer moves to the GPU at its first call and stays
+            pipe.enable_model_cpu_offload(device=gpu)
+            return model, lambda: 0, None
+        pipe.enable_sequential_cpu_offload(device=gpu)  # every weight, every call
+        return model, lambda: everything, None
+    raise UserError(f"unknown strategy {strategy!r}.")
 
 
 def run_one(strategy: str, config: dict, out: Path) -> dict:
@@ -102,27 +131,38 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         if name:
             getattr(loaded, name)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
+    gpu = _gpu(config)
+    if gpu is not None:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats(gpu)
     baseline = rss_bytes()
+
+    def sync() -> None:
+        if gpu is not None:
+            torch.cuda.synchronize(gpu)
+
     with measure(strategy) as m:
         model, streamed, cleanup = _load(strategy, config, work)
         model.eval()
-        inputs = _inputs(config, model)
+        inputs = {k: v.to(gpu) if gpu is not None and torch.is_tensor(v) else v for k, v in _inputs(config, model).items()}
         times = []
         with torch.no_grad():
             for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
                 if config.get("cache", "cold") == "cold":  # the disk tier read from the disk, not from spare RAM
                     drop_page_cache(work, Path(config["folder"]) / "transformer")
+                sync()
                 start = time.perf_counter()
                 output = model(**inputs)[0]
+                sync()
                 times.append(time.perf_counter() - start)
                 if hasattr(model, "_bench_calls"):
                     model._bench_calls[0] += 1
-    torch.save(output, out.with_suffix(".pt"))
+    torch.save(output.cpu(), out.with_suffix(".pt"))
     result = {
         "strategy": strategy,
         "s_per_step": statistics.median(times[1:]),
         "peak_rss_bytes": m.peak_rss,
-        "peak_gpu_bytes": None,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(gpu) if gpu is not None else None,
         "bytes_streamed_per_step": int(streamed()),
         "baseline_rss_bytes": baseline,
         "step_times": times[1:],
@@ -137,6 +177,20 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
 
     shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def host_to_device_bandwidth(gpu: int, nbytes: int = 2**30, repeats: int = 5) -> float:
+    """Bytes per second of one ``non_blocking`` copy from pinned RAM to GPU ``gpu`` (the best of a few)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=f"cuda:{gpu}")
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize(gpu)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(gpu)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
 
 
 def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30) -> float:
@@ -210,21 +264,26 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
 
         if not hasattr(os, "posix_fadvise"):
             raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
-    strategies = list(strategies or CPU_STRATEGIES)
     has_gpu = torch.cuda.is_available()
-    for s in strategies:
+    for s in strategies or ():
         if s not in CPU_STRATEGIES + GPU_ONLY:
             raise UserError(f"unknown strategy {s!r}; the strategies are {', '.join(CPU_STRATEGIES + GPU_ONLY)}.")
         if s in GPU_ONLY and not has_gpu:
             raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
-    if has_gpu:
-        raise UserError("the benchmark's GPU strategies are not written yet; run it on a machine without a GPU "
-                        "(or hide the GPU with CUDA_VISIBLE_DEVICES='').")
-    budget_spec = max_memory if max_memory is not None else default_budget(False)
+    budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     plan = diffusion_plan(ref.name if ref.kind != "local" else str(ref.path), budget_spec)  # checks the budget
+    gpu = next((t for t in plan.budget.names if isinstance(t, int)), None)
+    if gpu is not None and not has_gpu:
+        raise UserError(f"the budget {budget_spec} has a GPU tier and this machine has no GPU; give a budget of "
+                        "cpu and disk tiers (one tier down).")
+    for s in strategies or ():
+        if s in GPU_ONLY and gpu is None:
+            raise UserError(f"strategy {s!r} needs a GPU tier in the budget, e.g. \"0=8.5GiB,cpu=30GiB\".")
+    strategies = list(strategies or (CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES))
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
     config = {"model": ref.name if ref.kind != "local" else str(ref.path), "folder": str(folder),
-              "max_memory": budget_spec, "steps": steps, "height": height, "width": width, "cache": cache}
+              "max_memory": budget_spec, "steps": steps, "height": height, "width": width, "cache": cache,
+              "gpu": gpu}
     results, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for s in strategies:
@@ -240,14 +299,16 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     for r in results:
         out = outputs[r["strategy"]]
         r["max_abs_diff_vs_resident"] = None if reference is None else float((out.float() - reference.float()).abs().max())
-    bandwidth = disk_bandwidth(folder, cache)
+    bandwidth = host_to_device_bandwidth(gpu) if gpu is not None else disk_bandwidth(folder, cache)
     compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident"), None)
-    streamed = max((r["bytes_streamed_per_step"] for r in results if r["strategy"] == "accelerate"), default=0)
+    slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
+    streamed = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units if u.tier == slow)
     floor = max(compute or 0.0, streamed / bandwidth)
     for r in results:
         r["ratio_to_floor"] = r["s_per_step"] / floor if floor else None
     return {
-        "model": config["model"], "device": "cpu", "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
+        "model": config["model"],
+        "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu", "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
         "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
         "baseline_rss_bytes": min(r.pop("baseline_rss_bytes") for r in results),
         "steps": steps, "height": height, "width": width, "cache": cache,

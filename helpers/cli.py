@@ -101,7 +101,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     m = result.measurement
     print(result.path)
     print(f"wall time {m.wall_s:.2f} s, peak RSS {format_bytes(m.peak_rss)} (+{format_bytes(m.peak_rss_delta)})"
-          + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items()), file=sys.stderr)
+          + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items())
+          + f"; offload {result.offload}", file=sys.stderr)
     print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
     _write_report(args.report, m)
     return 0
@@ -134,8 +135,8 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
         print(path)
     m = result.measurement
     print(f"wall time {m.wall_s:.2f} s ({result.s_per_step:.2f} s per step), peak RSS {format_bytes(m.peak_rss)} "
-          f"(+{format_bytes(m.peak_rss_delta)})" + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items()),
-          file=sys.stderr)
+          f"(+{format_bytes(m.peak_rss_delta)})" + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items())
+          + f"; offload {result.offload}", file=sys.stderr)
     print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
     _write_report(args.report, m, s_per_step=result.s_per_step, paths=[str(p) for p in result.paths])
     return 0

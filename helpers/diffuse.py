@@ -193,21 +193,24 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
 def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from helpers.offload import load_streaming
+    from helpers.encode import torch_device
+    from helpers.offload import stream_budget, load_streaming
 
     vae_bytes = sum(u.nbytes for p in plan.components if p.component == "vae" for u in p.units)
-    cpu = plan.budget["cpu"] - vae_bytes if "cpu" in plan.budget else 0
+    cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
-                                           ["transformer_blocks", "single_transformer_blocks"])
-    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16)
+                                           ["transformer_blocks", "single_transformer_blocks"], device=device,
+                                           device_bytes=device_bytes)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     streamed = {b.name for b in streamer.blocks} if streamer else set()
-    applied = {n: ("disk" if n in streamed else "cpu") for n, _ in transformer.named_children()}
-    applied.update({b: "disk" for b in streamed})
-    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=[], device=torch.device("cpu"),
-                     streamer=streamer)
+    fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
+    applied = {n: fast for n, _ in transformer.named_children()}
+    applied.update({b: slow for b in streamed})
+    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=[],
+                     device=device if device is not None else torch.device("cpu"), streamer=streamer)
 
 
 # --------------------------------------------------------------------------- 3. generate
@@ -290,6 +293,7 @@ class DiffuseResult:
     measurement: object
     step_times: list[float]
     header: object
+    offload: str = "accelerate"  # how the transformer's offloaded blocks were fetched
 
     @property
     def s_per_step(self) -> float:
@@ -375,4 +379,4 @@ def diffuse_file(
         })
     return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
                          differences=differences, notes=notes, measurement=m,
-                         step_times=result.step_times, header=header)
+                         step_times=result.step_times, header=header, offload=offload)

@@ -149,23 +149,24 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
 def _load_streaming(folder: Path, plan, clip_tier) -> TextEncoders:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from helpers.offload import load_streaming
+    from helpers.offload import load_streaming, stream_budget
 
     clip_bytes = sum(u.nbytes for p in plan.components if p.component == "text_encoder" for u in p.units)
-    cpu = plan.budget["cpu"] - clip_bytes if "cpu" in plan.budget else 0
+    cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
     text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
-                                              ["encoder.block"])
+                                              ["encoder.block"], device=device, device_bytes=device_bytes)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
     streamed = {b.name for b in streamer.blocks} if streamer else set()
+    fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
     n_blocks = len(text_encoder_2.encoder.block)
-    applied = {"shared": "cpu", **{f"encoder.block.{i}": "disk" if f"encoder.block.{i}" in streamed else "cpu"
-                                   for i in range(n_blocks)}, "encoder.final_layer_norm": "cpu", "encoder.dropout": "cpu"}
+    applied = {"shared": fast, **{f"encoder.block.{i}": slow if f"encoder.block.{i}" in streamed else fast
+                                  for i in range(n_blocks)}, "encoder.final_layer_norm": fast, "encoder.dropout": fast}
     return TextEncoders(
         text_encoder=text_encoder.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        plan=plan, applied=applied, device=torch.device("cpu"), streamer=streamer,
+        plan=plan, applied=applied, device=device if device is not None else torch.device("cpu"), streamer=streamer,
     )
 
 
@@ -256,6 +257,7 @@ class EncodeResult:
     warnings: list[str]
     measurement: object
     shapes: dict
+    offload: str = "accelerate"  # how T5's offloaded blocks were fetched
 
     def per_tier(self) -> list[dict]:
         """Peak use per tier against the budget (see :func:`helpers.devicemap.tier_usage`)."""
@@ -325,6 +327,7 @@ def encode_prompts(
         path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
         warnings=truncation_warnings(tokens, max_sequence_length), measurement=m,
         shapes={"prompt_embeds": list(prompt_embeds.shape), "pooled_prompt_embeds": list(pooled.shape)},
+        offload=offload,
     )
     del encoders
     return result

@@ -99,6 +99,10 @@ def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
     ref = resolve_model(model)
     if ref.kind == "twin":
         return ref.name, twin_configs(TWINS[ref.name])
+    if ref.kind == "random":
+        from helpers.models import RANDOM
+
+        return ref.name, shipped_configs(SHIPPED[RANDOM[ref.name]])
     if ref.kind == "local":
         return ref.name, _folder_configs(ref.path)
     if ref.repo_id in SHIPPED:

@@ -9,6 +9,9 @@ One name picks the model everywhere (:func:`resolve_model`):
   layers; VAE: 4 levels of 2 ResNet blocks) but tiny widths. It loads back with the same
   ``from_pretrained`` calls a real checkpoint gets. Its weights are random: its images are noise.
 - ``flux-dev`` / ``flux-schnell``: black-forest-labs/FLUX.1-dev (gated) and FLUX.1-schnell (open).
+- ``flux-dev-random``: FLUX.1-dev's real architecture (the shipped configs) with random bfloat16
+  weights, written here on first use, for full-size benchmarks without a download (23.8 GB for
+  the transformer; only the components asked for are built).
 - any other hub id (``owner/name``), or a local folder in the diffusers layout.
 
 ``$FLUX_MODEL`` overrides the notebooks' default for a whole run. Explained in
@@ -39,6 +42,8 @@ ALIASES = {
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
 GATED = {"black-forest-labs/FLUX.1-dev"}
+#: full-size models with random weights: name -> the repository whose shipped configs they copy
+RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev"}
 
 #: The pipeline's parts, each a subfolder of a diffusers FLUX checkpoint.
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae")
@@ -346,6 +351,134 @@ def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebu
     return folder
 
 
+# --------------------------------------------------------------------------- full size, random weights
+
+#: what ``flux-dev-random`` builds unless asked for more: the diffusion stage
+RANDOM_DEFAULT = ("scheduler", "transformer", "vae")
+_SHARD_BYTES = 10 * 10**9  # as the real transformer: 3 files of up to 10 GB
+
+
+def _random_value(name: str, shape: list[int], dtype, seed: int):
+    """A deterministic random tensor for parameter ``name``, scaled as PyTorch's default init would.
+
+    Matrices and convolutions: uniform in +-1/sqrt(fan_in) (``nn.Linear``'s default); norm weights:
+    ones; biases and the rest: uniform in +-0.02. Seeded by the name, so any subset of a model
+    can be built alone and still match a full build.
+    """
+    import zlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if len(shape) >= 2:
+        bound = 1 / math.sqrt(math.prod(shape[1:]))
+    elif "norm" in name and name.endswith((".weight", ".scale")):
+        return torch.ones(shape, dtype=dtype)
+    else:
+        bound = 0.02
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=g)
+
+
+def write_random_component(component: str, config: dict, folder: Path, seed: int = 0, progress=None) -> None:
+    """``component`` from ``config`` with random bfloat16 weights, saved in the diffusers layout.
+
+    Built tensor by tensor from the meta skeleton, one shard (up to 10 GB) in memory at a time.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers.footprint import skeleton
+
+    module = skeleton(component, config)
+    names = sorted(n for n, _ in module.state_dict(keep_vars=True).items())
+    shapes = {n: list(t.shape) for n, t in module.state_dict(keep_vars=True).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    transformers_style = component.startswith("text_encoder")
+    stem = "model" if transformers_style else "diffusion_pytorch_model"
+    shards, current, size = [], [], 0
+    for n in names:
+        nbytes = math.prod(shapes[n]) * 2
+        if current and size + nbytes > _SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(n)
+        size += nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    steps = progress(range(len(shards)), desc=f"{component}: random weights") if progress else range(len(shards))
+    for i in steps:
+        file = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: _random_value(n, shapes[n], torch.bfloat16, seed) for n in shards[i]}
+        total += sum(t.numel() * 2 for t in tensors.values())
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in shards[i]})
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    cfg = dict(config)
+    if not transformers_style:
+        cfg.setdefault("_class_name", {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[component])
+    cfg["torch_dtype" if transformers_style else "_dtype"] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None = None,
+                 components=RANDOM_DEFAULT, rebuild: bool = False, configs: dict | None = None) -> Path:
+    """The folder of ``name`` with at least ``components`` built (random weights, real architecture).
+
+    Components already there are kept; each new one is written to a temporary folder and renamed
+    into place, so an interrupted build leaves nothing half-written. ``configs`` overrides the
+    shipped ones (tests build a small model this way).
+    """
+    from importlib import resources
+
+    from tqdm.auto import tqdm
+
+    from helpers.footprint import SHIPPED, shipped_configs
+
+    from helpers.footprint import count_params, skeleton
+
+    if name not in RANDOM:
+        raise UserError(f"unknown random model {name!r}; the random models are {', '.join(RANDOM)}.")
+    shipped = resources.files("helpers") / "configs" / SHIPPED[RANDOM[name]]
+    folder = Path(folder) if folder is not None else twin_folder(name)
+    configs = configs or shipped_configs(SHIPPED[RANDOM[name]])
+    unknown = [c for c in components if c not in ("scheduler", "text_encoder", "text_encoder_2", "transformer", "vae")]
+    if unknown:
+        raise UserError(f"{name} has no weights to build for {', '.join(unknown)}; "
+                        "it has scheduler, text_encoder, text_encoder_2, transformer and vae.")
+
+    def built(component: str) -> bool:
+        marker = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return not rebuild and (folder / component / marker).is_file()
+
+    todo = [c for c in components if not built(c)]
+    need = sum(count_params(skeleton(c, configs[c])) * 2 for c in todo if c != "scheduler")
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise UserError(f"building {', '.join(todo)} of {name} writes {need / 2**30:.1f} GiB; {folder} has "
+                        f"{free / 2**30:.1f} GiB free. Free some space or set FLUX_OUTPUTS to a larger disk.")
+    for component in todo:
+        target = folder / component
+        tmp = folder / f".{component}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if component == "scheduler":
+                tmp.mkdir()
+                (tmp / "scheduler_config.json").write_bytes(shipped.joinpath("scheduler", "scheduler_config.json").read_bytes())
+            else:
+                write_random_component(component, configs[component], tmp, progress=tqdm)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    (folder / "model_index.json").write_bytes(shipped.joinpath("model_index.json").read_bytes())
+    return folder
+
+
 # --------------------------------------------------------------------------- the model knob
 
 
@@ -354,7 +487,7 @@ class ModelRef:
     """What a model name means: a twin, a hub repository, or a local folder."""
 
     name: str
-    kind: Literal["twin", "hub", "local"]
+    kind: Literal["twin", "hub", "local", "random"]
     repo_id: str | None = None
     path: Path | None = None
 
@@ -369,8 +502,8 @@ class ModelRef:
         Known names answer directly; a local folder answers from its transformer config
         (``guidance_embeds``); an unknown hub id gives ``None``.
         """
-        if self.kind == "twin":
-            return "dev"  # the twins mirror FLUX.1-dev's config
+        if self.kind in ("twin", "random"):
+            return "dev"  # the twins and flux-dev-random mirror FLUX.1-dev's config
         known = {"black-forest-labs/FLUX.1-dev": "dev", "black-forest-labs/FLUX.1-schnell": "schnell"}
         if self.repo_id in known:
             return known[self.repo_id]
@@ -397,6 +530,8 @@ def resolve_model(name: str | None = None) -> ModelRef:
         raise UserError(f"no model named; use one of {', '.join([*TWINS, *ALIASES])}, a hub id or a folder.")
     if text in TWINS:
         return ModelRef(text, "twin")
+    if text in RANDOM:
+        return ModelRef(text, "random")
     if text in ALIASES:
         return ModelRef(text, "hub", repo_id=ALIASES[text])
     path = Path(text).expanduser()
@@ -475,6 +610,8 @@ def model_path(name: str | None = None, components=None, download: bool = False,
     ref = resolve_model(name)
     if ref.kind == "twin":
         return build_twin(ref.name, rebuild=rebuild)
+    if ref.kind == "random":
+        return build_random(ref.name, components=components or RANDOM_DEFAULT, rebuild=rebuild)
     if ref.kind == "local":
         return ref.path
     return hub_snapshot(ref, components=components, download=download)

@@ -31,7 +31,7 @@ _PAGE = 4096  # O_DIRECT reads whole, aligned pages
 
 
 #: ``auto``: ``stream`` where the budget has no GPU tier (faster, same output: see notebook 04),
-#: else the method's ``accelerate`` hooks (the GPU path of ``stream`` is not written yet)
+#: else the method's ``accelerate`` hooks, until a benchmark on a GPU shows ``stream`` ahead there too
 OFFLOADS = ("auto", "accelerate", "stream")
 
 
@@ -42,15 +42,27 @@ def check_offload(offload: str) -> str:
 
 
 def choose_offload(offload: str, budget) -> str:
-    """``accelerate`` or ``stream`` for this budget; ``stream`` with a GPU tier is refused."""
+    """``accelerate`` or ``stream`` for this budget (``auto``: ``stream`` without a GPU tier)."""
     check_offload(offload)
-    gpu = any(isinstance(t, int) for t in budget.names)
     if offload == "auto":
-        return "accelerate" if gpu else "stream"
-    if offload == "stream" and gpu:
-        raise UserError("offload 'stream' runs one tier down (RAM + disk) for now; with a GPU tier use 'accelerate' "
-                        "(or 'auto', which picks it).")
+        return "accelerate" if any(isinstance(t, int) for t in budget.names) else "stream"
     return offload
+
+
+def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | None]:
+    """``(cpu_bytes, device, device_bytes)`` left for the streamed model by a stage's budget.
+
+    ``whole``: the other components of the stage that are loaded whole, ``{tier: bytes}`` (CLIP,
+    the VAE); their bytes come off their tier. The first GPU tier, if any, is the fast tier.
+    """
+    gpu = next((t for t in budget.names if isinstance(t, int)), None)
+    left = {t: b for t, b in budget.tiers}
+    for tier, nbytes in whole.items():
+        if tier in left:
+            left[tier] -= nbytes
+    if gpu is None:
+        return left.get("cpu", 0), None, None
+    return left.get("cpu", 0), torch.device("cuda", gpu), left[gpu]
 
 
 def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:

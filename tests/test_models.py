@@ -314,3 +314,62 @@ def test_medium_builds_and_loads(tmp_path):
     assert 1e9 <= folder_size(folder) <= 2e9
     flux = FluxTransformer2DModel.from_pretrained(folder / "transformer")
     assert len(flux.transformer_blocks) == 19 and len(flux.single_transformer_blocks) == 38
+
+
+# ----------------------------------------------------------------------------- flux-dev-random
+
+
+def test_flux_dev_random_is_flux_dev_with_random_weights():
+    from helpers.footprint import SHIPPED, component_configs, shipped_configs
+    from helpers.models import resolve_model
+
+    ref = resolve_model("flux-dev-random")
+    assert ref.kind == "random" and ref.variant == "dev" and not ref.gated
+    assert component_configs("flux-dev-random")[1] == shipped_configs(SHIPPED["black-forest-labs/FLUX.1-dev"])
+
+
+def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypatch):
+    """Built small (the tiny twin's widths): the same code writes the full-size one on a GPU machine."""
+    import helpers.models as models
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.models import build_random
+
+    monkeypatch.setattr(models, "_SHARD_BYTES", 300_000)  # several shards and an index, as the real one
+    configs = twin_configs(TWINS["tiny"])
+    a = build_random("flux-dev-random", tmp_path / "a", components=["scheduler", "transformer"], configs=configs)
+    b = build_random("flux-dev-random", tmp_path / "b", components=["transformer"], configs=configs)
+    shards = sorted((a / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1 and (a / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    for f in shards:
+        assert f.read_bytes() == (b / "transformer" / f.name).read_bytes()
+    assert (a / "model_index.json").is_file() and (a / "scheduler" / "scheduler_config.json").is_file()
+    assert not (a / "vae").exists() and not list(a.glob(".*building*"))  # only what was asked
+    model = FluxTransformer2DModel.from_pretrained(a / "transformer", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        out = model(hidden_states=torch.randn(1, 16, 64, generator=g).bfloat16(),
+                    encoder_hidden_states=torch.randn(1, 8, 32, generator=g).bfloat16(),
+                    pooled_projections=torch.randn(1, 32, generator=g).bfloat16(),
+                    timestep=torch.tensor([0.5]).bfloat16(), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+                    guidance=torch.tensor([3.5]), return_dict=False)[0]
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+    # kept, not rebuilt
+    stamp = shards[0].stat().st_mtime_ns
+    build_random("flux-dev-random", tmp_path / "a", components=["transformer"], configs=configs)
+    assert shards[0].stat().st_mtime_ns == stamp
+
+
+def test_random_build_checks_disk_space_first(tmp_path, monkeypatch):
+    import collections
+
+    import helpers.models as models
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(models.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(UserError, match=r"writes 22\.\d GiB; .* GiB free"):
+        models.build_random("flux-dev-random", tmp_path / "r", components=["transformer"])
+    assert not (tmp_path / "r" / "transformer").exists()
+    with pytest.raises(UserError, match="no weights to build for tokenizer"):
+        models.build_random("flux-dev-random", tmp_path / "r", components=["tokenizer"])

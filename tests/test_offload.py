@@ -226,15 +226,13 @@ def test_encode_with_stream_equals_accelerate(tmp_path):
     assert not (tmp_path / "c.safetensors").exists()
 
 
-def test_auto_picks_stream_without_a_gpu_tier_and_stream_refuses_one():
+def test_auto_picks_stream_without_a_gpu_tier():
     from helpers.budget import parse_budget
     from helpers.offload import choose_offload
 
     cpu_only, with_gpu = parse_budget("cpu=8GiB,disk=30GiB"), parse_budget("0=8GiB,cpu=30GiB")
     assert choose_offload("auto", cpu_only) == "stream" and choose_offload("auto", with_gpu) == "accelerate"
-    assert choose_offload("accelerate", cpu_only) == "accelerate"
-    with pytest.raises(UserError, match="one tier down .* use 'accelerate'"):
-        choose_offload("stream", with_gpu)
+    assert choose_offload("accelerate", cpu_only) == "accelerate" and choose_offload("stream", with_gpu) == "stream"
     with pytest.raises(UserError, match="unknown offload 'fast'"):
         choose_offload("fast", cpu_only)
 
@@ -319,3 +317,12 @@ def test_streaming_to_a_gpu_checks_both_tiers_before_loading(tiny_folder, reside
     with pytest.raises(UserError, match="holds the .* blocks it cannot keep in pinned RAM: .* use offload 'accelerate'"):
         load_streaming(tiny_folder / "transformer", cls, torch.bfloat16, 1000, BLOCKS, device="cuda:0",
                        device_bytes=int(_bytes(resident) * 0.3))
+
+
+def test_stream_budget_takes_the_whole_components_off_their_tier():
+    from helpers.budget import parse_budget
+    from helpers.offload import stream_budget
+
+    assert stream_budget(parse_budget("cpu=1000,disk=5000"), {"cpu": 300}) == (700, None, None)
+    cpu, device, fast = stream_budget(parse_budget("0=2000,cpu=9000"), {0: 500})
+    assert (cpu, device, fast) == (9000, torch.device("cuda", 0), 1500)
