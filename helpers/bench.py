@@ -24,10 +24,18 @@ from helpers.errors import UserError
 
 CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group")
 GPU_ONLY = ("diffusers-model", "diffusers-sequential")
-TOKENS = 64  # text tokens in the benchmark's embeddings
+TOKENS = 64  # text tokens in the diffusion benchmark's embeddings
+#: what each stage benchmarks: the component, its dtype, the strategies that apply to it
+STAGES = {
+    "diffusion": ("transformer", torch.bfloat16, CPU_STRATEGIES + GPU_ONLY),
+    "text_encoding": ("text_encoder_2", torch.float32, ("resident", "accelerate", "stream")),
+}
 
 
 def _inputs(config: dict, model) -> dict:
+    if config.get("stage") == "text_encoding":  # one prompt of random token ids, padded length
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, model.config.vocab_size, (1, config["tokens"]), generator=g)}
     from diffusers import FluxPipeline
 
     g = torch.Generator().manual_seed(0)
@@ -52,8 +60,53 @@ def _gpu(config: dict) -> torch.device | None:
     return torch.device("cuda", config["gpu"]) if config.get("gpu") is not None else None
 
 
+def _load_t5(strategy: str, config: dict, work: Path):
+    """The T5 encoder under ``strategy``, in float32 (the method's text encoding)."""
+    from transformers import T5EncoderModel
+
+    from helpers.encode import text_encoding_plan
+
+    folder = Path(config["folder"]) / "text_encoder_2"
+    gpu = _gpu(config)
+    plan = text_encoding_plan(config["model"], config["max_memory"])
+    comps = {p.component: p for p in plan.components}
+    slow = "cpu" if gpu is not None else "disk"
+    off_fast = sum(u.nbytes for u in comps["text_encoder_2"].units if u.tier == slow)
+    if strategy == "resident":
+        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32)
+        return (model.to(gpu) if gpu is not None else model), lambda: 0, None
+    if strategy == "accelerate":
+        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32, device_map=comps["text_encoder_2"].device_map,
+                                               offload_folder=work / "offload")
+        return model, lambda: off_fast, None
+    if strategy == "stream":
+        from helpers.offload import load_streaming, stream_budget
+
+        clip_tier = comps["text_encoder"].device_map[""]
+        cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: sum(u.nbytes for u in comps["text_encoder"].units)})
+        model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
+                                         device_bytes=device_bytes)
+        return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
+    raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
+
+
+def _streamed_per_call(model, streamer):
+    calls = [0]
+    model._bench_calls = calls
+
+    def streamed() -> float:
+        if streamer is None:
+            return 0
+        moved = streamer.bytes_copied if hasattr(streamer, "bytes_copied") else streamer.bytes_read
+        return moved / max(calls[0], 1)
+
+    return streamed
+
+
 def _load(strategy: str, config: dict, work: Path):
-    """The transformer under ``strategy``; returns (model, bytes streamed per call or a callable, cleanup)."""
+    """The stage's model under ``strategy``; returns (model, bytes streamed per call or a callable, cleanup)."""
+    if config.get("stage") == "text_encoding":
+        return _load_t5(strategy, config, work)
     from diffusers import FluxTransformer2DModel
 
     from helpers.diffuse import diffusion_plan
@@ -82,16 +135,7 @@ def _load(strategy: str, config: dict, work: Path):
         model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                          ["transformer_blocks", "single_transformer_blocks"], device=device,
                                          device_bytes=device_bytes)
-        calls = [0]
-
-        def streamed() -> float:
-            if streamer is None:
-                return 0
-            moved = streamer.bytes_copied if hasattr(streamer, "bytes_copied") else streamer.bytes_read
-            return moved / max(calls[0], 1)
-
-        model._bench_calls = calls
-        return model, streamed, (streamer.close if streamer else None)
+        return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
 
@@ -126,7 +170,7 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
 
     # the baseline is a process after its imports, before any weight
     for module, name in (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
-                         ("helpers.offload", None)):
+                         ("transformers", "T5EncoderModel"), ("helpers.offload", None)):
         loaded = importlib.import_module(module)
         if name:
             getattr(loaded, name)
@@ -149,7 +193,7 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         with torch.no_grad():
             for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
                 if config.get("cache", "cold") == "cold":  # the disk tier read from the disk, not from spare RAM
-                    drop_page_cache(work, Path(config["folder"]) / "transformer")
+                    drop_page_cache(work, Path(config["folder"]) / STAGES[config.get("stage", "diffusion")][0])
                 sync()
                 start = time.perf_counter()
                 output = model(**inputs)[0]
@@ -168,9 +212,8 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         "step_times": times[1:],
     }
     streamer = getattr(cleanup, "__self__", None)
-    if streamer is not None and getattr(streamer, "events", None):
-        origin = streamer.events[0][2]
-        result["timeline"] = [(k, i, s - origin, e - origin) for k, i, s, e in streamer.events[-4 * len(streamer.blocks):]]
+    if streamer is not None and hasattr(streamer, "timeline"):
+        result["timeline"] = streamer.timeline()  # the last two calls: reads or copies, and compute
     if cleanup:
         cleanup()
     import shutil
@@ -193,7 +236,7 @@ def host_to_device_bandwidth(gpu: int, nbytes: int = 2**30, repeats: int = 5) ->
     return nbytes / best
 
 
-def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30) -> float:
+def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30, component: str = "transformer") -> float:
     """Bytes per second reading the checkpoint's files, as the streamer reads them.
 
     ``cold``: the files' cached pages dropped first and read with ``O_DIRECT`` where the file system
@@ -204,7 +247,7 @@ def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30) -> flo
 
     from helpers.memory import drop_page_cache
 
-    files = sorted((folder / "transformer").glob("*.safetensors"))
+    files = sorted((folder / component).glob("*.safetensors"))
     if cache == "cold":
         drop_page_cache(*files)
     else:
@@ -243,20 +286,30 @@ def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30) -> flo
 
 
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
-        strategies=None, progress=print, cache: str = "cold") -> dict:
+        strategies=None, progress=print, cache: str = "cold", stage: str = "diffusion", tokens: int = 512,
+        timeout: float | None = None) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
+    ``stage``: ``"diffusion"`` times the transformer (bfloat16) on latents of ``height`` x ``width``;
+    ``"text_encoding"`` times the T5 encoder (float32) on one prompt of ``tokens`` token ids.
     ``cache="cold"`` (default): before each step the page cache of the checkpoint and of every
     offload folder is dropped, so a strategy that reads from the disk tier reads from the disk, as
     on a machine whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the
     disk tier: faster than the budget allows on a machine that is really that small).
+    A strategy that fails or runs past ``timeout`` seconds is reported with its ``error``; the
+    others still run.
     """
     from helpers.budget import default_budget
     from helpers.diffuse import check_settings, diffusion_plan
+    from helpers.encode import check_max_sequence_length, text_encoding_plan
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
+    if stage not in STAGES:
+        raise UserError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}.")
+    component, _, allowed = STAGES[stage]
     check_settings(height, width, steps, 0.0)
+    check_max_sequence_length(tokens)
     if cache not in ("cold", "warm"):
         raise UserError(f"cache must be 'cold' or 'warm', not {cache!r}.")
     if cache == "cold":
@@ -268,10 +321,13 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     for s in strategies or ():
         if s not in CPU_STRATEGIES + GPU_ONLY:
             raise UserError(f"unknown strategy {s!r}; the strategies are {', '.join(CPU_STRATEGIES + GPU_ONLY)}.")
+        if s not in allowed:
+            raise UserError(f"strategy {s!r} is not benchmarked for {stage}; use {', '.join(allowed)}.")
         if s in GPU_ONLY and not has_gpu:
             raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
-    plan = diffusion_plan(ref.name if ref.kind != "local" else str(ref.path), budget_spec)  # checks the budget
+    name = ref.name if ref.kind != "local" else str(ref.path)
+    plan = (diffusion_plan if stage == "diffusion" else text_encoding_plan)(name, budget_spec)  # checks the budget
     gpu = next((t for t in plan.budget.names if isinstance(t, int)), None)
     if gpu is not None and not has_gpu:
         raise UserError(f"the budget {budget_spec} has a GPU tier and this machine has no GPU; give a budget of "
@@ -279,39 +335,54 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     for s in strategies or ():
         if s in GPU_ONLY and gpu is None:
             raise UserError(f"strategy {s!r} needs a GPU tier in the budget, e.g. \"0=8.5GiB,cpu=30GiB\".")
-    strategies = list(strategies or (CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES))
-    folder = model_path(model, components=["scheduler", "transformer", "vae"])
-    config = {"model": ref.name if ref.kind != "local" else str(ref.path), "folder": str(folder),
-              "max_memory": budget_spec, "steps": steps, "height": height, "width": width, "cache": cache,
-              "gpu": gpu}
+    everything = CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES
+    strategies = list(strategies or [s for s in everything if s in allowed])
+    needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
+    folder = model_path(model, components=needs)
+    config = {"model": name, "folder": str(folder), "max_memory": budget_spec, "steps": steps, "height": height,
+              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens}
     results, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for s in strategies:
             progress(f"{s}: running in its own process...")
             out = Path(tmp) / s
-            done = subprocess.run([sys.executable, "-m", "helpers.bench", s, json.dumps(config), str(out)],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"strategy {s} failed:\n{done.stderr[-3000:]}")
+            try:
+                done = subprocess.run([sys.executable, "-m", "helpers.bench", s, json.dumps(config), str(out)],
+                                      capture_output=True, text=True, timeout=timeout)
+                error = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["exit"])[-1]
+            except subprocess.TimeoutExpired:
+                error = f"ran past the {timeout:g} s timeout"
+            if error is not None:
+                progress(f"{s}: failed: {error}")
+                results.append({"strategy": s, "error": error, "s_per_step": None, "peak_rss_bytes": None,
+                                "peak_gpu_bytes": None, "bytes_streamed_per_step": None})
+                continue
             results.append(json.loads(out.with_suffix(".json").read_text()))
             outputs[s] = torch.load(out.with_suffix(".pt"))
+    if not outputs:
+        raise RuntimeError("every strategy failed:\n" + "\n".join(f"{r['strategy']}: {r['error']}" for r in results))
     reference = outputs.get("resident")
     for r in results:
-        out = outputs[r["strategy"]]
-        r["max_abs_diff_vs_resident"] = None if reference is None else float((out.float() - reference.float()).abs().max())
-    bandwidth = host_to_device_bandwidth(gpu) if gpu is not None else disk_bandwidth(folder, cache)
-    compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident"), None)
+        out = outputs.get(r["strategy"])
+        r["max_abs_diff_vs_resident"] = (None if reference is None or out is None
+                                         else float((out.float() - reference.float()).abs().max()))
+    bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
+                 else disk_bandwidth(folder, cache, component=component))
+    compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident" and r["s_per_step"]), None)
     slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
-    streamed = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units if u.tier == slow)
+    streamed = sum(u.nbytes for p in plan.components if p.component == component for u in p.units if u.tier == slow)
     floor = max(compute or 0.0, streamed / bandwidth)
     for r in results:
-        r["ratio_to_floor"] = r["s_per_step"] / floor if floor else None
+        r["ratio_to_floor"] = r["s_per_step"] / floor if floor and r["s_per_step"] else None
+    baselines = [r.pop("baseline_rss_bytes") for r in results if "baseline_rss_bytes" in r]
     return {
-        "model": config["model"],
-        "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu", "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
+        "model": config["model"], "stage": stage,
+        "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
+        "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
         "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
-        "baseline_rss_bytes": min(r.pop("baseline_rss_bytes") for r in results),
-        "steps": steps, "height": height, "width": width, "cache": cache,
+        "baseline_rss_bytes": min(baselines),
+        "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
+        "cache": cache,
         "floor": {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
                   "compute_s_per_step": compute, "s_per_step": floor},
         "results": results,

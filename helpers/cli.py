@@ -231,15 +231,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         check_can_write(args.json, overwrite=True)
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
-               strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache)
+               strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
+               stage=args.stage, tokens=args.tokens, timeout=args.timeout)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
-    rows = [{"strategy": r["strategy"], "s/step": round(r["s_per_step"], 4), "x floor": round(r["ratio_to_floor"] or 0, 2),
-             "peak RSS": format_bytes(r["peak_rss_bytes"]), "streamed/step": format_bytes(r["bytes_streamed_per_step"]),
-             "max diff": r["max_abs_diff_vs_resident"]} for r in data["results"]]
-    print(Table(rows, title=f"{data['model']}, {data['height']}x{data['width']}, {data['max_memory']}, "
+
+    def size(n):
+        return "" if n is None else format_bytes(n)
+
+    rows = [{"strategy": r["strategy"], "s/step": "failed" if r["s_per_step"] is None else round(r["s_per_step"], 4),
+             "x floor": round(r["ratio_to_floor"], 2) if r["ratio_to_floor"] else "",
+             "peak RSS": size(r["peak_rss_bytes"]), "peak GPU": size(r["peak_gpu_bytes"]),
+             "streamed/step": size(r["bytes_streamed_per_step"]), "max diff": r["max_abs_diff_vs_resident"]}
+            for r in data["results"]]
+    if all(r["peak_gpu_bytes"] is None for r in data["results"]):
+        for row in rows:
+            del row["peak GPU"]
+    what = (f"{data['height']}x{data['width']}" if data["stage"] == "diffusion"
+            else f"text encoding, {data['tokens']} tokens")
+    print(Table(rows, title=f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, "
                             f"{data['cache']} cache"))
+    for r in data["results"]:
+        if r.get("error"):
+            print(f"{r['strategy']} failed: {r['error']}", file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(data, indent=2))
@@ -366,11 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="time the transformer's offload strategies, each in its own process, on the same inputs",
-        description="Run each offload strategy of the diffusion transformer in a fresh process (random inputs "
-        "from a fixed seed, the model's shapes), and report seconds per step, peak RSS, bytes streamed per step "
-        "and the largest difference from the resident output, with the floor: max(compute, bytes to move / "
-        "measured disk bandwidth). CPU strategies: resident, accelerate, stream, diffusers-group.",
+        help="time the offload strategies of the transformer (or T5), each in its own process, on the same inputs",
+        description="Run each offload strategy of the diffusion transformer (or, with --stage text_encoding, of the "
+        "T5 encoder) in a fresh process on the same random inputs in the model's shapes, and report seconds per "
+        "step, peak RSS and GPU memory, bytes streamed per step and the largest difference from the resident "
+        "output, with the floor: max(compute, bytes to move / measured bandwidth: disk to RAM, or pinned RAM to "
+        "GPU). Strategies: resident, accelerate, stream, diffusers-group; with a GPU tier in the budget also "
+        "diffusers-model and diffusers-sequential.",
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
@@ -379,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=64, metavar="H")
     p.add_argument("--width", type=int, default=64, metavar="W")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="default: all that run on this machine")
+    p.add_argument("--stage", choices=["diffusion", "text_encoding"], default="diffusion",
+                   help="diffusion: the transformer in bfloat16 (default); text_encoding: the T5 encoder in float32 "
+                   "on one prompt of --tokens token ids")
+    p.add_argument("--tokens", type=int, default=512, metavar="N", help="text_encoding: tokens per prompt (default 512)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up on a strategy after S seconds (it is reported as failed; the others still run)")
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
                    help="cold (default): drop the page cache of the weight files before each step, so the disk tier "
                    "is read from the disk as on a machine whose RAM is the budget; warm: leave them cached")

@@ -390,8 +390,12 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
     from helpers.footprint import skeleton
 
     module = skeleton(component, config)
-    names = sorted(n for n, _ in module.state_dict(keep_vars=True).items())
-    shapes = {n: list(t.shape) for n, t in module.state_dict(keep_vars=True).items()}
+    # each tensor once, under its first name: T5's shared embedding is stored as "shared.weight"
+    # only, as in the real checkpoint (two names seeded apart would give two different tables)
+    tensors = dict(module.named_parameters())
+    tensors.update((n, b) for n, b in module.named_buffers() if n in module.state_dict(keep_vars=True))
+    names = sorted(tensors)
+    shapes = {n: list(t.shape) for n, t in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     transformers_style = component.startswith("text_encoder")
     stem = "model" if transformers_style else "diffusion_pytorch_model"

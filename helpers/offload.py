@@ -11,6 +11,7 @@ Explained in ``04_offload-strategies.ipynb``.
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
@@ -134,14 +135,16 @@ def _align(n: int, to: int = 64) -> int:
     return (n + to - 1) // to * to
 
 
-def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, dtype: torch.dtype | None) -> _Block:
+def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, dtype: torch.dtype | None,
+                align: int | None = None) -> _Block:
     """Where each tensor of a block is in the files and where it goes in the buffers.
 
     The block's tensors are grouped into runs of adjacent bytes in the same file (safetensors keeps a
     block's tensors together: names are sorted), so that one read brings a whole run. A run is read
     from the page before it to the page after it into a page-aligned place, so every tensor sits at
     the same address modulo 4096 as in the file (aligned as its dtype needs) and the read can bypass
-    the page cache.
+    the page cache. ``align``: lay the tensors out one by one at that alignment instead (as a
+    conversion does), for a buffer filled once through a staging copy (:class:`HostStreamer`).
     """
     block = _Block(name, module)
     located = []
@@ -173,15 +176,16 @@ def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, d
             block.meta.append(param)
         cursor = pos + length
     block.read_nbytes = cursor
-    if dtype is None or all(t.stored == dtype or not t.stored.is_floating_point for t in block.tensors):
+    if align is None and (dtype is None or all(t.stored == dtype or not t.stored.is_floating_point
+                                               for t in block.tensors)):
         for t in block.tensors:
             t.pos = t.read_pos
         block.nbytes = block.read_nbytes
     else:  # converted: each tensor at its own aligned place in the target dtype
         pos = 0
         for t in block.tensors:
-            t.pos = pos
-            pos += _align(torch.Size(t.shape).numel() * _itemsize(_target(t.stored, dtype)))
+            t.pos = pos = _align(pos, align or 64)
+            pos += _align(torch.Size(t.shape).numel() * _itemsize(_target(t.stored, dtype)), align or 64)
         block.nbytes = pos
     return block
 
@@ -211,7 +215,7 @@ def _fill(files: _Files, block: _Block, dst: torch.Tensor, stage: torch.Tensor |
 
 def _page_aligned(nbytes: int, pin: bool = False) -> torch.Tensor:
     """``nbytes`` of uint8 starting on a page boundary (O_DIRECT reads into page-aligned memory)."""
-    raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8, pin_memory=pin)
+    raw = torch.empty(_align(nbytes, _PAGE) + _PAGE, dtype=torch.uint8, pin_memory=pin)  # whole pages after it
     skip = -raw.data_ptr() % _PAGE
     return raw[skip:skip + nbytes]
 
@@ -318,8 +322,9 @@ class BlockStreamer:
             self.free.put(k)
         self.ready: queue.Queue = queue.Queue()
         self.bytes_read = 0
-        #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the model
-        self.events: list[tuple[str, int, float, float]] = []
+        #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the
+        #: model; the last two passes' worth
+        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
         self._compute_start: dict[int, float] = {}
         self._stop = threading.Event()
         self._handles = []
@@ -337,8 +342,12 @@ class BlockStreamer:
         self._reader.start()
 
     def _restart_if_interrupted(self, module, args) -> None:
-        """A forward pass that failed midway left the reader ahead of the model: start over from block 0."""
-        if self._next == 0:
+        """A forward pass that failed midway left the reader ahead of the model: start over from block 0.
+
+        Also after a failure in the last block (``_next`` is 0 again, but a buffer was never given
+        back) and after a read error (the reader has stopped).
+        """
+        if self._next == 0 and not self._current and self._reader.is_alive():
             return
         self._stop.set()
         self._reader.join()
@@ -422,10 +431,16 @@ class BlockStreamer:
 
         return post
 
+    def timeline(self) -> list[tuple[str, int, float, float]]:
+        """The recorded ``(kind, block, start, end)`` spans, in seconds from the first one kept."""
+        events = list(self.events)
+        origin = min((e[2] for e in events), default=0.0)
+        return [(k, i, a - origin, b - origin) for k, i, a, b in events]
+
     def close(self) -> None:
         """Stop reading, remove the hooks, close the files."""
         self._stop.set()
-        self._reader.join(timeout=5)
+        self._reader.join()  # at most one block's read: the files must not close under it
         for h in self._handles:
             h.remove()
         self._files.close()
@@ -435,11 +450,13 @@ class HostStreamer:
     """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU one ahead.
 
     Each streamed block is read once, at load, from the checkpoint into its own page-locked host
-    buffer laid out as on the device (converted to ``dtype`` when needed), so a block's copy is one
-    contiguous ``non_blocking`` transfer. The device holds a pool of ``pool`` block buffers; when
-    block i starts, the copy of block i+1 is queued on a side stream after the event that says the
-    block that last used its buffer has finished; block i's compute waits on the event of its own
-    copy. Host RAM used: the streamed blocks (the budget's cpu tier), never a second copy.
+    buffer laid out as on the device (every tensor at a 256-byte boundary, converted to ``dtype``
+    when needed), so a block's copy is one contiguous ``non_blocking`` transfer. The device holds a
+    pool of ``pool`` block buffers; when block i starts, the copy of block i+1 is queued on a side
+    stream after the event that says the block that last used its buffer has finished; block i's
+    compute waits on the event of its own copy. Host RAM used: the streamed blocks (the budget's cpu
+    tier), once. The host buffers are ordinary allocations pinned with ``cudaHostRegister``: PyTorch's
+    pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
     """
 
@@ -449,22 +466,27 @@ class HostStreamer:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         index = read_safetensors_index(folder)
-        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
+        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype, align=256) for name in blocks]
         self.pool_size = max(2, min(pool, len(self.blocks)))
         self.largest = max(b.nbytes for b in self.blocks)
         #: bytes of host RAM held: every streamed block, once
         self.host_bytes = sum(b.nbytes for b in self.blocks)
         #: bytes of device memory held: the pool
         self.device_bytes = self.largest * self.pool_size
-        convert = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in self.blocks)
-        stage = _page_aligned(max(b.read_nbytes for b in self.blocks)) if convert else None
+        stage = _page_aligned(max(b.read_nbytes for b in self.blocks))
         files = _Files(direct)
         self.host: list[torch.Tensor] = []
+        self._registered: list[int] = []
         try:
             for block in (progress(self.blocks) if progress else self.blocks):
-                host = _page_aligned(block.nbytes, pin=self.cuda)
+                host = _page_aligned(block.nbytes)
                 _fill(files, block, host, stage, dtype)
+                if self.cuda:
+                    self._pin(host)
                 self.host.append(host)
+        except BaseException:
+            self._unpin()
+            raise
         finally:
             files.close()
         del stage
@@ -483,13 +505,55 @@ class HostStreamer:
         self._current: dict[int, int] = {}
         self._next = 0
         self.bytes_copied = 0
-        #: (kind, block index, start, end): "compute" spans, host clock; copies run on the side stream
-        self.events: list[tuple[str, int, float, float]] = []
-        self._compute_start: dict[int, float] = {}
+        #: (kind, block index, start mark, end mark): "copy" on the side stream, "compute" on the model's;
+        #: CUDA events with timing on a GPU (see :meth:`timeline`), perf_counter seconds on the CPU
+        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
+        self._compute_start: dict[int, object] = {}
         self._handles = [model.register_forward_pre_hook(self._restart_if_interrupted)]
         for i, block in enumerate(self.blocks):
             self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.module.register_forward_hook(self._make_post(i)))
+
+    # ----------------------------------------------------------------- pinning and marks
+
+    def _pin(self, host: torch.Tensor) -> None:
+        cudart = torch.cuda.cudart()
+        size = _align(host.numel(), _PAGE)  # within the allocation: _page_aligned keeps a page spare
+        err = cudart.cudaHostRegister(host.data_ptr(), size, 0)
+        if int(getattr(err, "value", err)) != 0:
+            raise RuntimeError(f"could not pin {size:,} bytes of RAM for streaming (cudaHostRegister: {err}); "
+                               "the system may limit locked memory (ulimit -l)")
+        self._registered.append(host.data_ptr())
+
+    def _unpin(self) -> None:
+        if self._registered:
+            cudart = torch.cuda.cudart()
+            for ptr in self._registered:
+                cudart.cudaHostUnregister(ptr)
+            self._registered.clear()
+
+    def _mark(self, stream=None):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream or torch.cuda.current_stream(self.device))
+        return event
+
+    def timeline(self) -> list[tuple[str, int, float, float]]:
+        """The recorded ``(kind, block, start, end)`` spans, in seconds from the first one kept."""
+        events = list(self.events)
+        if not events:
+            return []
+        if not self.cuda:
+            origin = min(e[2] for e in events)
+            return [(k, i, a - origin, b - origin) for k, i, a, b in events]
+        torch.cuda.synchronize(self.device)
+        origin = events[0][2]
+        spans = [(k, i, origin.elapsed_time(a) / 1000, origin.elapsed_time(b) / 1000) for k, i, a, b in events]
+        first = min(a for _, _, a, _ in spans)
+        return [(k, i, a - first, b - first) for k, i, a, b in spans]
+
+    # ----------------------------------------------------------------- copies and hooks
 
     def _issue(self, j: int) -> None:
         """Queue the copy of block ``j`` into the next buffer, after that buffer's last reader."""
@@ -500,12 +564,16 @@ class HostStreamer:
             with torch.cuda.stream(self.copy_stream):
                 if self._freed[k] is not None:
                     self.copy_stream.wait_event(self._freed[k])
+                started = self._mark(self.copy_stream)
                 self.buffers[k][:n].copy_(self.host[j][:n], non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(enable_timing=True)
                 event.record(self.copy_stream)
                 self._copied[k] = event
+            self.events.append(("copy", j, started, event))
         else:
+            started = time.perf_counter()
             self.buffers[k][:n].copy_(self.host[j][:n])
+            self.events.append(("copy", j, started, time.perf_counter()))
         self._slot[j] = k
         self.bytes_copied += n
 
@@ -526,7 +594,7 @@ class HostStreamer:
                 t.owner._parameters[t.leaf] = p
             self._current[i] = k
             self._next = (i + 1) % count
-            self._compute_start[i] = time.perf_counter()
+            self._compute_start[i] = self._mark()
 
         return pre
 
@@ -535,11 +603,10 @@ class HostStreamer:
 
         def post(module, args, output):
             k = self._current.pop(i)
+            end = self._mark()
             if self.cuda:
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
-                self._freed[k] = event
-            self.events.append(("compute", i, self._compute_start.pop(i), time.perf_counter()))
+                self._freed[k] = end  # the copy into this buffer waits for it
+            self.events.append(("compute", i, self._compute_start.pop(i), end))
             for t, p in zip(block.tensors, block.meta):
                 t.owner._parameters[t.leaf] = p
             return output
@@ -547,11 +614,11 @@ class HostStreamer:
         return post
 
     def _restart_if_interrupted(self, module, args) -> None:
-        if self._next == 0:
+        """A pass that failed midway left copies queued ahead of the model: start over from block 0."""
+        if self._next == 0 and not self._current:
             return
         if self.cuda:
-            self.copy_stream.synchronize()
-            torch.cuda.current_stream(self.device).synchronize()
+            torch.cuda.synchronize(self.device)  # the failed pass may have run on any stream
         for i in list(self._current):
             for t, p in zip(self.blocks[i].tensors, self.blocks[i].meta):
                 t.owner._parameters[t.leaf] = p
@@ -563,13 +630,21 @@ class HostStreamer:
         self._turn = self._next = 0
 
     def close(self) -> None:
-        """Remove the hooks and release the host and device buffers."""
+        """Remove the hooks, wait for the copies in flight, and release the host and device buffers."""
         for h in self._handles:
             h.remove()
+        self._handles.clear()
         if self.cuda:
-            self.copy_stream.synchronize()
-        self.host.clear()
+            torch.cuda.synchronize(self.device)
+        for block in self.blocks:
+            block.params.clear()  # the views keep the pool alive
+        self.events.clear()
+        self._compute_start.clear()
+        self._copied = [None] * self.pool_size
+        self._freed = [None] * self.pool_size
         self.buffers.clear()
+        self._unpin()
+        self.host.clear()
 
 
 def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:

@@ -373,3 +373,30 @@ def test_random_build_checks_disk_space_first(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "transformer").exists()
     with pytest.raises(UserError, match="no weights to build for tokenizer"):
         models.build_random("flux-dev-random", tmp_path / "r", components=["tokenizer"])
+
+
+def test_random_t5_stores_its_shared_embedding_once(tmp_path):
+    """As in the real checkpoint: `shared.weight` only; loaded either way it is one table."""
+    from safetensors import safe_open
+    from transformers import T5EncoderModel
+
+    from helpers.models import build_random
+    from helpers.offload import load_streaming
+
+    folder = build_random("flux-dev-random", tmp_path / "r", components=["text_encoder_2"],
+                          configs=twin_configs(TWINS["tiny"])) / "text_encoder_2"
+    names = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            names |= set(h.keys())
+    assert "shared.weight" in names and "encoder.embed_tokens.weight" not in names
+    whole = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
+    assert whole.shared.weight.data_ptr() == whole.encoder.embed_tokens.weight.data_ptr()
+    size = sum(p.numel() * 4 for p in whole.parameters())
+    model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, size // 2, ["encoder.block"])
+    try:
+        ids = torch.randint(0, whole.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
+    finally:
+        streamer.close()

@@ -159,17 +159,19 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
         streamer.close()
 
 
-def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident):
+@pytest.mark.parametrize("where", [1, -1])  # a middle block, and the last (the next pass starts at block 0 anyway)
+def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident, where):
     budget = int(_bytes(resident) * 0.3)
     model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS)
     try:
-        victim = model.get_submodule(streamer.blocks[1].name)
+        victim = model.get_submodule(streamer.blocks[where].name)
         handle = victim.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         with torch.no_grad(), pytest.raises(KeyboardInterrupt):
             model(**_inputs(0))
         handle.remove()
-        with torch.no_grad():  # the next call starts over from the first streamed block
-            assert torch.equal(resident(**_inputs(0))[0], model(**_inputs(0))[0])
+        with torch.no_grad():  # the next calls start over from the first streamed block
+            for seed in (0, 1):
+                assert torch.equal(resident(**_inputs(seed))[0], model(**_inputs(seed))[0])
         assert all(p.device.type == "meta" for b in streamer.blocks for p in b.module.parameters())
     finally:
         streamer.close()
@@ -192,6 +194,10 @@ def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, t
     try:
         with torch.no_grad(), pytest.raises(RuntimeError, match="reading .* failed: .*ended at byte"):
             model(**_inputs(0))
+        for f in folder.glob("*.safetensors"):  # the files come back: the next call reads again
+            shutil.copyfile(tiny_folder / "transformer" / f.name, f)
+        with torch.no_grad():
+            assert torch.equal(resident(**_inputs(0))[0], model(**_inputs(0))[0])
     finally:
         broken.close()
 
@@ -284,6 +290,8 @@ def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder):
     model, streamer = _host_streamed(folder, T5EncoderModel, torch.float32, int(_bytes(whole) * 0.5), ["encoder.block"])
     try:
         assert all(h.dtype == torch.uint8 for h in streamer.host)
+        for block in streamer.blocks:  # every tensor 256-byte aligned in the pool, whatever its file offset
+            assert all(t.pos % 256 == 0 for t in block.tensors)
         ids = torch.randint(0, whole.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
@@ -291,11 +299,12 @@ def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder):
         streamer.close()
 
 
-def test_host_streamer_recovers_from_a_failed_pass(tiny_folder, resident):
+@pytest.mark.parametrize("where", [2, -1])
+def test_host_streamer_recovers_from_a_failed_pass(tiny_folder, resident, where):
     model, streamer = _host_streamed(tiny_folder / "transformer", type(resident), torch.bfloat16,
                                      int(_bytes(resident) * 0.3), BLOCKS)
     try:
-        victim = model.get_submodule(streamer.blocks[2].name)
+        victim = model.get_submodule(streamer.blocks[where].name)
         handle = victim.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         with torch.no_grad(), pytest.raises(KeyboardInterrupt):
             model(**_inputs(0))
@@ -326,3 +335,31 @@ def test_stream_budget_takes_the_whole_components_off_their_tier():
     assert stream_budget(parse_budget("cpu=1000,disk=5000"), {"cpu": 300}) == (700, None, None)
     cpu, device, fast = stream_budget(parse_budget("0=2000,cpu=9000"), {0: 500})
     assert (cpu, device, fast) == (9000, torch.device("cuda", 0), 1500)
+
+
+def test_bench_text_encoding_stage_streams_t5_exactly():
+    from helpers.bench import run
+
+    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"],
+               stage="text_encoding", tokens=16, progress=lambda _: None)
+    assert data["stage"] == "text_encoding" and data["tokens"] == 16
+    assert [r["max_abs_diff_vs_resident"] for r in data["results"]] == [0.0, 0.0, 0.0]
+    assert data["results"][2]["bytes_streamed_per_step"] > 0 and data["floor"]["bytes_to_move_per_step"] > 0
+    with pytest.raises(UserError, match="not benchmarked for text_encoding"):
+        run("tiny", strategies=["diffusers-group"], stage="text_encoding", progress=lambda _: None)
+    with pytest.raises(UserError, match="stage must be one of"):
+        run("tiny", stage="vae", progress=lambda _: None)
+
+
+def test_bench_reports_a_failed_strategy_and_needs_one_that_ran():
+    from helpers.bench import run
+
+    lines = []
+    with pytest.raises(RuntimeError, match="every strategy failed:\nresident: ran past the 0.01 s timeout"):
+        run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident"], timeout=0.01, progress=lines.append)
+    assert lines[-1] == "resident: failed: ran past the 0.01 s timeout"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="has a GPU tier and this machine has no GPU|this machine has no GPU"):
+            run("tiny", "0=1GiB,cpu=1GiB", progress=lambda _: None)
+    with pytest.raises(UserError, match="cache must be 'cold' or 'warm'"):
+        run("tiny", cache="hot", progress=lambda _: None)
