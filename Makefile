@@ -11,6 +11,8 @@ FLUX_MODEL ?= tiny
 PYTEST_ARGS ?=
 # extra flags for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899"
 LAB_ARGS ?=
+# the budget of `make bench-gpu` (the method's)
+GPU_BUDGET ?= 0=8.5GiB,cpu=30GiB
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -18,13 +20,14 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || echo /usr/bin/chromium)
 
-.PHONY: help install run test test-browser lab kernel clean distclean
+.PHONY: help install run test test-browser bench-gpu lab kernel clean distclean
 
 help:
 	@echo "make install   create .venv and install the project (TORCH=$(TORCH))"
 	@echo "make run       execute every notebook on FLUX_MODEL=$(FLUX_MODEL); executed copies in outputs/executed/"
 	@echo "make test      unit tests + every notebook through nbval"
 	@echo "make test-browser  the workshop in JupyterLab, driven in Chromium (needs the chromium package)"
+	@echo "make bench-gpu the full-size benchmarks on a GPU machine (writes flux-dev-random: 34 GB of disk)"
 	@echo "make lab       JupyterLab on the project's kernel"
 	@echo "make kernel    register the '$(KERNEL)' kernel for a Jupyter outside .venv"
 	@echo "make clean     remove what the notebooks made (outputs/), keeping outputs/README.md"
@@ -65,6 +68,17 @@ test: install
 test-browser: install
 	@test -x "$(CHROMIUM)" || { echo "test-browser needs Chromium: sudo apt-get install chromium (or CHROMIUM=/path/to/chromium)" >&2; exit 1; }
 	FLUX_BROWSER_TESTS=1 CHROMIUM="$(CHROMIUM)" $(BIN)/python -m pytest tests/browser -s $(PYTEST_ARGS)
+
+# On a GPU machine (install with TORCH=torch): the streaming tests that need CUDA, then the
+# transformer at 1024x1024 and T5 on one 512-token prompt, every strategy, under GPU_BUDGET.
+bench-gpu: install
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a GPU that torch can use')"
+	$(BIN)/python -m pytest -p no:cacheprovider -q tests/test_offload.py -k "host_streamer or gpu"
+	@mkdir -p outputs/benchmarks
+	$(BIN)/python -m helpers bench --model flux-dev-random --max-memory "$(GPU_BUDGET)" --height 1024 --width 1024 \
+	  --steps 3 --timeout 900 --json outputs/benchmarks/flux-dev-random-1024.json
+	$(BIN)/python -m helpers bench --model flux-dev-random --stage text_encoding --max-memory "$(GPU_BUDGET)" \
+	  --steps 3 --timeout 600 --json outputs/benchmarks/flux-dev-random-t5.json
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL) \
