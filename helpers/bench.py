@@ -95,10 +95,7 @@ def _streamed_per_call(model, streamer):
     model._bench_calls = calls
 
     def streamed() -> float:
-        if streamer is None:
-            return 0
-        moved = streamer.bytes_copied if hasattr(streamer, "bytes_copied") else streamer.bytes_read
-        return moved / max(calls[0], 1)
+        return streamer.bytes_streamed / max(calls[0], 1) if streamer is not None else 0
 
     return streamed
 
@@ -164,9 +161,9 @@ def _load(strategy: str, config: dict, work: Path):
 
 def run_one(strategy: str, config: dict, out: Path) -> dict:
     """Measure one strategy in this process (the child side of :func:`run`)."""
-    from helpers.memory import drop_page_cache, measure, rss_bytes
-
     import importlib
+
+    from helpers.memory import rss_bytes
 
     # the baseline is a process after its imports, before any weight
     for module, name in (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
@@ -174,12 +171,24 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         loaded = importlib.import_module(module)
         if name:
             getattr(loaded, name)
-    work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-"))
+    config = {**config, "baseline": rss_bytes()}
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-", dir=config.get("work_root")))
+    try:
+        return _measure(strategy, config, out, work)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
+    from helpers.memory import drop_page_cache, measure
+
     gpu = _gpu(config)
     if gpu is not None:
         torch.cuda.init()
         torch.cuda.reset_peak_memory_stats(gpu)
-    baseline = rss_bytes()
+    baseline = config["baseline"]
 
     def sync() -> None:
         if gpu is not None:
@@ -216,10 +225,50 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         result["timeline"] = streamer.timeline()  # the last two calls: reads or copies, and compute
     if cleanup:
         cleanup()
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _failure(done: subprocess.CompletedProcess) -> str:
+    """One line on why a strategy's process failed: its last line of error, and how it ended."""
+    last = (done.stderr.strip().splitlines() or [""])[-1]
+    if done.returncode < 0:
+        import signal
+
+        name = signal.Signals(-done.returncode).name
+        how = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    else:
+        how = f"exit status {done.returncode}"
+    return f"{last} ({how})" if last else how
+
+
+def rows(data: dict) -> list[dict]:
+    """The benchmark's table, one row per strategy (a failed one says so); for the CLI and notebook 04."""
+    from helpers.budget import format_bytes
+
+    def size(n):
+        return "" if n is None else format_bytes(n)
+
+    out = []
+    for r in data["results"]:
+        row = {"strategy": r["strategy"],
+               "s/step": "failed" if r.get("s_per_step") is None else round(r["s_per_step"], 4),
+               "x floor": round(r["ratio_to_floor"], 2) if r.get("ratio_to_floor") else "",
+               "peak RSS": size(r.get("peak_rss_bytes")), "peak GPU": size(r.get("peak_gpu_bytes")),
+               "streamed/step": size(r.get("bytes_streamed_per_step")),
+               "max diff vs resident": r.get("max_abs_diff_vs_resident")}
+        if all(x.get("peak_gpu_bytes") is None for x in data["results"]):
+            del row["peak GPU"]
+        out.append(row)
+    return out
+
+
+def title(data: dict) -> str:
+    """What a result is: model, device, stage and size, budget, page cache, floor."""
+    what = (f"text encoding, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
+            else f"{data['height']}x{data['width']}")
+    floor = data["floor"]["s_per_step"]
+    return (f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache: "
+            f"floor {floor:.4f} s/step")
 
 
 def host_to_device_bandwidth(gpu: int, nbytes: int = 2**30, repeats: int = 5) -> float:
@@ -301,7 +350,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     """
     from helpers.budget import default_budget
     from helpers.diffuse import check_settings, diffusion_plan
-    from helpers.encode import check_max_sequence_length, text_encoding_plan
+    from helpers.encode import text_encoding_plan
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
@@ -309,7 +358,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         raise UserError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}.")
     component, _, allowed = STAGES[stage]
     check_settings(height, width, steps, 0.0)
-    check_max_sequence_length(tokens)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 512:
+        raise UserError(f"tokens must be a whole number from 1 to 512 (T5's limit), not {tokens!r}.")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"timeout must be a number of seconds above 0, not {timeout!r}.")
     if cache not in ("cold", "warm"):
         raise UserError(f"cache must be 'cold' or 'warm', not {cache!r}.")
     if cache == "cold":
@@ -343,13 +395,14 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
               "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens}
     results, outputs = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
         for s in strategies:
             progress(f"{s}: running in its own process...")
             out = Path(tmp) / s
             try:
                 done = subprocess.run([sys.executable, "-m", "helpers.bench", s, json.dumps(config), str(out)],
                                       capture_output=True, text=True, timeout=timeout)
-                error = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["exit"])[-1]
+                error = None if done.returncode == 0 else _failure(done)
             except subprocess.TimeoutExpired:
                 error = f"ran past the {timeout:g} s timeout"
             if error is not None:
@@ -359,8 +412,6 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                 continue
             results.append(json.loads(out.with_suffix(".json").read_text()))
             outputs[s] = torch.load(out.with_suffix(".pt"))
-    if not outputs:
-        raise RuntimeError("every strategy failed:\n" + "\n".join(f"{r['strategy']}: {r['error']}" for r in results))
     reference = outputs.get("resident")
     for r in results:
         out = outputs.get(r["strategy"])
@@ -380,7 +431,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
         "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
         "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
-        "baseline_rss_bytes": min(baselines),
+        "baseline_rss_bytes": min(baselines) if baselines else None,
         "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
         "cache": cache,
         "floor": {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,

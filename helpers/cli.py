@@ -221,11 +221,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from helpers.bench import run
+    from helpers.bench import rows, run, title
     from helpers.budget import format_bytes
-    from helpers.files import check_can_write
+    from helpers.files import atomic_path, check_can_write
     from helpers.report import Table
 
     if args.json:
@@ -236,38 +235,28 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
-
-    def size(n):
-        return "" if n is None else format_bytes(n)
-
-    rows = [{"strategy": r["strategy"], "s/step": "failed" if r["s_per_step"] is None else round(r["s_per_step"], 4),
-             "x floor": round(r["ratio_to_floor"], 2) if r["ratio_to_floor"] else "",
-             "peak RSS": size(r["peak_rss_bytes"]), "peak GPU": size(r["peak_gpu_bytes"]),
-             "streamed/step": size(r["bytes_streamed_per_step"]), "max diff": r["max_abs_diff_vs_resident"]}
-            for r in data["results"]]
-    if all(r["peak_gpu_bytes"] is None for r in data["results"]):
-        for row in rows:
-            del row["peak GPU"]
-    what = (f"{data['height']}x{data['width']}" if data["stage"] == "diffusion"
-            else f"text encoding, {data['tokens']} tokens")
-    print(Table(rows, title=f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, "
-                            f"{data['cache']} cache"))
-    for r in data["results"]:
-        if r.get("error"):
-            print(f"{r['strategy']} failed: {r['error']}", file=sys.stderr)
+    print(Table(rows(data), title=title(data)))
+    failed = [r for r in data["results"] if r.get("error")]
+    for r in failed:
+        print(f"{r['strategy']} failed: {r['error']}", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(data, indent=2))
+        with atomic_path(args.json, overwrite=True) as tmp:  # replaced whole or not at all
+            tmp.write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
+    if len(failed) == len(data["results"]):
+        print("error: every strategy failed (see above)", file=sys.stderr)
+        return 1
     return 0
 
 
 def _offload_arg(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--offload", choices=["auto", "accelerate", "stream"], default="auto",
+    from helpers.offload import OFFLOADS
+
+    q.add_argument("--offload", choices=OFFLOADS, default="auto",
                    help="how blocks outside the fast tier are fetched. accelerate: the method's device map and "
-                   "hooks, one block at a time; stream: read from the checkpoint one block ahead while the "
-                   "previous computes (budgets without a GPU tier, for now; same output, faster: see notebook "
-                   "04); auto (default): stream without a GPU tier, else accelerate")
+                   "hooks, one block at a time; stream: one block ahead while the previous computes, from the "
+                   "checkpoint (no GPU tier) or from pinned RAM (GPU tier); the same output (see notebook 04). "
+                   "auto (default): stream where the budget has no GPU tier and the stream fits it, else accelerate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -128,6 +128,7 @@ class Diffusion:
     offload_folder: Path | None = None
     temporary: bool = False
     streamer: object = None
+    offload: str = "accelerate"  # how the offloaded blocks are fetched: "accelerate" or "stream"
 
     def close(self) -> None:
         """Drop the models and remove a temporary offload folder (its files are this run's copies)."""
@@ -151,23 +152,29 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     ``offload_folder`` (created if missing) as one file per tensor; without one, a fresh folder under
     ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
 
-    ``offload="stream"`` (budgets without a GPU tier): the blocks that do not fit the cpu tier are
-    read straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
-    pool; ``"auto"`` picks it where the budget has no GPU tier, else ``"accelerate"``.
+    ``offload="stream"``: without a GPU tier, the blocks that do not fit the cpu tier are read
+    straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
+    pool (with a GPU tier: held in pinned RAM, copied one ahead on a side stream); ``"auto"`` picks
+    it where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
     """
     import tempfile
 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import compare_maps, torch_device
-    from helpers.offload import choose_offload
+    from helpers.offload import StreamBudgetError, choose_offload
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
     if choose_offload(offload, plan.budget) == "stream":
-        return _load_streaming(folder, plan, vae_tier)
+        try:
+            return _load_streaming(folder, plan, vae_tier)
+        except StreamBudgetError:
+            if offload != "auto":
+                raise
+            # auto: the stream's resident part and pool do not fit this budget; the hooks do
     temporary = False
     if "disk" in t_map.values():
         if offload_folder is None:
@@ -210,7 +217,7 @@ def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
     applied = {n: fast for n, _ in transformer.named_children()}
     applied.update({b: slow for b in streamed})
     return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=[],
-                     device=device if device is not None else torch.device("cpu"), streamer=streamer)
+                     device=device if device is not None else torch.device("cpu"), streamer=streamer, offload="stream")
 
 
 # --------------------------------------------------------------------------- 3. generate
@@ -328,7 +335,7 @@ def diffuse_file(
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
     """
     from helpers.embeddings import read_header, validate
-    from helpers.offload import check_offload, choose_offload
+    from helpers.offload import check_offload
     from helpers.images import save_image
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -359,7 +366,6 @@ def diffuse_file(
         check_can_write(p, overwrite)
     check_offload(offload)
     plan = diffusion_plan(model, max_memory)
-    offload = choose_offload(offload, plan.budget)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
 
     with measure("diffusion") as m:
@@ -368,7 +374,7 @@ def diffuse_file(
             tensors = load_file(str(header.path))
             result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
         finally:
-            applied, differences = diffusion.applied, diffusion.differences
+            applied, differences, used = diffusion.applied, diffusion.differences, diffusion.offload
             diffusion.close()
     fp = header.metadata.get("fingerprint", "")
     for i, (path, image, prompt) in enumerate(zip(paths, result.images, header.prompts)):
@@ -379,4 +385,4 @@ def diffuse_file(
         })
     return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
                          differences=differences, notes=notes, measurement=m,
-                         step_times=result.step_times, header=header, offload=offload)
+                         step_times=result.step_times, header=header, offload=used)

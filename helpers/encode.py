@@ -68,6 +68,7 @@ class TextEncoders:
     offload_folder: Path | None = None
     differences: list[str] = field(default_factory=list)
     streamer: object = None  # offload "stream": the reader of T5's streamed blocks
+    offload: str = "accelerate"  # how T5's offloaded blocks are fetched: "accelerate" or "stream"
 
     def close(self) -> None:
         """Stop the block reader, if any, and drop the models."""
@@ -108,20 +109,26 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
 
     ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
-    accelerate expects it to exist). ``offload="stream"`` (budgets without a GPU tier): T5's blocks
-    that do not fit the cpu tier are read from the checkpoint one block ahead, converted to float32
-    as they arrive (:mod:`helpers.offload`); ``"auto"`` picks it where the budget has no GPU tier.
+    accelerate expects it to exist). ``offload="stream"``: T5's blocks that do not fit the fast tier
+    are read one block ahead (:mod:`helpers.offload`; from the checkpoint without a GPU tier,
+    converted to float32 as they arrive; from pinned RAM to the GPU with one); ``"auto"`` picks it
+    where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from helpers.offload import choose_offload
+    from helpers.offload import StreamBudgetError, choose_offload
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
     if choose_offload(offload, plan.budget) == "stream":
-        return _load_streaming(folder, plan, clip_tier)
+        try:
+            return _load_streaming(folder, plan, clip_tier)
+        except StreamBudgetError:
+            if offload != "auto":
+                raise
+            # auto: the stream's resident part and pool do not fit this budget; the hooks do
     if "disk" in t5_map.values():
         offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "text_encoder_2")
         offload_folder.mkdir(parents=True, exist_ok=True)
@@ -167,6 +174,7 @@ def _load_streaming(folder: Path, plan, clip_tier) -> TextEncoders:
         text_encoder_2=text_encoder_2.eval(),
         tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
         plan=plan, applied=applied, device=device if device is not None else torch.device("cpu"), streamer=streamer,
+        offload="stream",
     )
 
 
@@ -282,7 +290,7 @@ def encode_prompts(
     ``accelerate``).
     """
     from helpers.embeddings import fingerprint, save_embeddings
-    from helpers.offload import check_offload, choose_offload
+    from helpers.offload import check_offload
     from helpers.footprint import component_configs
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -306,7 +314,6 @@ def encode_prompts(
     check_can_write(out, overwrite)
     check_offload(offload)
     plan = text_encoding_plan(model, max_memory)
-    offload = choose_offload(offload, plan.budget)
     folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
     _, configs = component_configs(model if ref.kind != "local" else str(ref.path))
 
@@ -321,13 +328,13 @@ def encode_prompts(
                 prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
             )
         finally:
-            if encoders.streamer is not None:
-                encoders.streamer.close()
+            used = encoders.offload
+            encoders.close()
     result = EncodeResult(
         path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
         warnings=truncation_warnings(tokens, max_sequence_length), measurement=m,
         shapes={"prompt_embeds": list(prompt_embeds.shape), "pooled_prompt_embeds": list(pooled.shape)},
-        offload=offload,
+        offload=used,
     )
     del encoders
     return result

@@ -443,16 +443,30 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
         advice = plan.advice.split(", or use bfloat16")[0].rstrip(".") + "." if runnable else plan.advice
         raise UserError(f"the budget ({plan.budget.describe()}) is too small for {what}: {advice}")
     if runnable:
-        for comp in plan.components:
-            on_disk = all(u.tier == "disk" for u in comp.units)
-            whole_on_disk = comp.component in STAGES[stage].whole and any(u.tier == "disk" for u in comp.units)
-            if on_disk or whole_on_disk:
-                raise UserError(
-                    f"the budget ({plan.budget.describe()}) leaves {comp.component} on disk with no RAM or GPU to "
-                    f"compute on; give the cpu tier room for it (for {what}: at least "
-                    f"{format_bytes(sum(u.nbytes for u in comp.units) if comp.component in STAGES[stage].whole else max(u.nbytes for u in comp.units))})."
-                )
+        stranded = _stranded(plan, stage)
+        if stranded:
+            # the smallest cpu tier that gives it a place (others fill the tier first): grow until one does
+            given = dict(plan.budget.tiers)
+            step = max(stranded[1], 1)
+            for k in range(1, 64):
+                trial = {**given, "cpu": given.get("cpu", 0) + k * step}
+                again = plan_stages(fp, trial, like=None, stages=(stage,))[stage]
+                if again.fits and not _stranded(again, stage):
+                    break
+            raise UserError(
+                f"the budget ({plan.budget.describe()}) leaves {stranded[0]} on disk with no RAM or GPU to "
+                f"compute on; give the cpu tier at least {format_bytes(trial['cpu'])}."
+            )
     return plan
+
+
+def _stranded(plan, stage: str) -> tuple[str, int] | None:
+    """A component the plan leaves on disk with nothing to compute on, and the bytes it needs in RAM."""
+    for comp in plan.components:
+        whole = comp.component in STAGES[stage].whole
+        if all(u.tier == "disk" for u in comp.units) or (whole and any(u.tier == "disk" for u in comp.units)):
+            return comp.component, (sum(u.nbytes for u in comp.units) if whole else max(u.nbytes for u in comp.units))
+    return None
 
 
 def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:

@@ -230,9 +230,14 @@ def drop_page_cache(*paths: str | Path) -> int:
     total = 0
     for root in paths:
         root = Path(root)
-        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+        if not root.exists():  # a wrong path must not quietly leave the cache warm
+            raise FileNotFoundError(f"no file or folder {root} to drop from the page cache")
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
         for path in files:
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # renamed or removed since it was listed
+                continue
             try:
                 os.fdatasync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

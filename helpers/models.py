@@ -450,8 +450,9 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
     configs = configs or shipped_configs(SHIPPED[RANDOM[name]])
     unknown = [c for c in components if c not in ("scheduler", "text_encoder", "text_encoder_2", "transformer", "vae")]
     if unknown:
-        raise UserError(f"{name} has no weights to build for {', '.join(unknown)}; "
-                        "it has scheduler, text_encoder, text_encoder_2, transformer and vae.")
+        raise UserError(f"{name} has random weights and no {', '.join(unknown)}: it is made for `python -m helpers "
+                        "bench` (its components: scheduler, text_encoder, text_encoder_2, transformer, vae); to make "
+                        "images use tiny, medium, flux-dev or flux-schnell.")
 
     def built(component: str) -> bool:
         marker = "scheduler_config.json" if component == "scheduler" else "config.json"

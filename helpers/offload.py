@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import math
 import os
 import queue
 import struct
@@ -27,13 +28,18 @@ import torch
 from helpers.errors import UserError
 
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _PAGE = 4096  # O_DIRECT reads whole, aligned pages
 
 
-#: ``auto``: ``stream`` where the budget has no GPU tier (faster, same output: see notebook 04),
-#: else the method's ``accelerate`` hooks, until a benchmark on a GPU shows ``stream`` ahead there too
+#: ``auto``: ``stream`` where the budget has no GPU tier and the stream fits it (faster, the same
+#: output: see notebook 04), else the method's ``accelerate`` hooks
 OFFLOADS = ("auto", "accelerate", "stream")
+
+
+class StreamBudgetError(UserError):
+    """The budget cannot hold what streaming keeps in the fast tier (found before any weight loads)."""
 
 
 def check_offload(offload: str) -> str:
@@ -84,6 +90,13 @@ def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int
             if name == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
+            if entry["dtype"] not in _DTYPES:
+                raise UserError(f"{path.name}: tensor {name} is stored as {entry['dtype']}, which this loader does not "
+                                f"read ({', '.join(_DTYPES)}); use offload 'accelerate'.")
+            expected = math.prod(entry["shape"]) * _itemsize(_DTYPES[entry["dtype"]])
+            if end - begin != expected:
+                raise UserError(f"{path.name}: the header gives tensor {name} {end - begin:,} bytes where its shape "
+                                f"{entry['shape']} needs {expected:,}; the file is damaged: build or download it again.")
             out[name] = (path, 8 + n + begin, end - begin, entry["dtype"], entry["shape"])
     return out
 
@@ -98,7 +111,8 @@ def read_tensor(path: Path, offset: int, nbytes: int, dtype: str, shape: list[in
         while done < nbytes:
             n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
-                raise UserError(f"{path} ends before its tensor at byte {offset + done:,}; the file is truncated.")
+                raise UserError(f"{path} ends before its tensor at byte {offset + done:,}; the file is truncated: "
+                                "build or download the model again.")
             done += n
     finally:
         os.close(fd)
@@ -125,6 +139,7 @@ class _Block:
     # (file, page-aligned offset, bytes to read, bytes that matter, page-aligned position in the read buffer)
     ranges: list[tuple[Path, int, int, int, int]] = field(default_factory=list)
     read_nbytes: int = 0  # the read buffer's size for this block
+    stored: int = 0  # the block's bytes in the checkpoint
     nbytes: int = 0  # the pool buffer's size for this block
     #: per pool buffer: the parameters (views of that buffer) swapped in while the block computes
     params: list[list[torch.nn.Parameter]] = field(default_factory=list)
@@ -176,6 +191,7 @@ def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, d
             block.meta.append(param)
         cursor = pos + length
     block.read_nbytes = cursor
+    block.stored = sum(t.nbytes for t in block.tensors)
     if align is None and (dtype is None or all(t.stored == dtype or not t.stored.is_floating_point
                                                for t in block.tensors)):
         for t in block.tensors:
@@ -188,6 +204,11 @@ def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, d
             pos += _align(torch.Size(t.shape).numel() * _itemsize(_target(t.stored, dtype)), align or 64)
         block.nbytes = pos
     return block
+
+
+def _converts(blocks) -> bool:
+    """Whether any of these blocks is laid out differently in memory than in the file."""
+    return any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in blocks)
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -278,7 +299,8 @@ class _Files:
                     fd = self._open(path)
                     continue
                 if n <= 0:
-                    raise OSError(f"{path} ended at byte {offset + done:,}; the checkpoint changed while streaming")
+                    raise OSError(f"{path} ended at byte {offset + done:,}; the checkpoint changed while streaming "
+                                  "(build or download the model again)")
                 done += n
             total += done
         return total
@@ -315,7 +337,7 @@ class BlockStreamer:
         index = read_safetensors_index(folder)
         self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
         self.largest = max((b.nbytes for b in self.blocks), default=0)
-        self.convert = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in self.blocks)
+        self.convert = _converts(self.blocks)
         stage = max((b.read_nbytes for b in self.blocks), default=0) if self.convert else 0
         #: bytes of RAM the streamer holds: the pool, and the staging buffer when converting
         self.ram_bytes = self.largest * pool + stage
@@ -339,7 +361,9 @@ class BlockStreamer:
         for k in range(pool):
             self.free.put(k)
         self.ready: queue.Queue = queue.Queue()
-        self.bytes_read = 0
+        self.bytes_read = 0  # by the reader, read-ahead and page edges included
+        #: the checkpoint bytes of the blocks the model has used so far
+        self.bytes_streamed = 0
         #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the
         #: model; the last two passes' worth
         self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
@@ -432,6 +456,7 @@ class BlockStreamer:
                 t.owner._parameters[t.leaf] = p
             self._current[i] = k
             self._next = (i + 1) % len(self.blocks)
+            self.bytes_streamed += block.stored
             self._compute_start[i] = time.perf_counter()
             return None
 
@@ -522,7 +547,9 @@ class HostStreamer:
         self._turn = 0  # the buffer the next copy goes to (round robin: blocks run in order)
         self._current: dict[int, int] = {}
         self._next = 0
-        self.bytes_copied = 0
+        self.bytes_copied = 0  # queued copies, the next call's first blocks included
+        #: the bytes of the blocks the model has used so far (what crossed to the device for them)
+        self.bytes_streamed = 0
         #: (kind, block index, start mark, end mark): "copy" on the side stream, "compute" on the model's;
         #: CUDA events with timing on a GPU (see :meth:`timeline`), perf_counter seconds on the CPU
         self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
@@ -612,6 +639,7 @@ class HostStreamer:
                 t.owner._parameters[t.leaf] = p
             self._current[i] = k
             self._next = (i + 1) % count
+            self.bytes_streamed += block.nbytes
             self._compute_start[i] = self._mark()
 
         return pre
@@ -721,7 +749,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     size = {n: _nbytes(model.get_submodule(n), dtype) for n in names}  # resident
     plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype) for n in names}
     buffer = {n: plans[n].nbytes for n in names}  # streamed: its place in a pool buffer (whole pages)
-    converted = any(b.nbytes != b.read_nbytes or any(t.pos != t.read_pos for t in b.tensors) for b in plans.values())
+    converted = _converts(plans.values())
     # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
     stage = {n: plans[n].read_nbytes if converted and not on_gpu else 0 for n in names}
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
@@ -729,12 +757,12 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     largest = max(buffer.values())
     least = other + pool * largest + max(stage.values())
     if largest > fast_bytes:
-        raise UserError(
+        raise StreamBudgetError(
             f"one block of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
             f"a block is the smallest piece that can be streamed: give the {fast_name} at least {least:,} bytes."
         )
     if least > fast_bytes:
-        raise UserError(
+        raise StreamBudgetError(
             f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and the "
             f"{pool}-block buffer pool ({least - other:,}); give it at least {least:,} bytes."
         )
@@ -750,7 +778,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     streamed = [n for n in names if n not in resident]
     if on_gpu and sum(buffer[n] for n in streamed) > cpu_bytes:
         held = sum(buffer[n] for n in streamed)
-        raise UserError(
+        raise StreamBudgetError(
             f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {held:,} bytes, more "
             f"than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {held:,} bytes, or use offload "
             "'accelerate', which can add a disk tier."

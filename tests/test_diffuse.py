@@ -59,6 +59,7 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "text encoding" in done.stderr and "diffusion" in done.stderr and "total" in done.stderr
+    assert done.stderr.count(f"offload {offload}") == 2  # both stages, as asked
 
     pipe = FluxPipeline.from_pretrained(
         tiny_folder, dtype=torch.bfloat16,
