@@ -26,3 +26,33 @@ def test_stored_without_outputs_and_in_house_style(path):
     tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, "exactly one cell tagged parameters"
     assert max(len("".join(c["source"]).splitlines()) for c in code) <= 25, "keep code cells short"
+
+
+def _exercise_budgets():
+    """Every budget an exercise asks the reader to set, with its notebook and what the text promises."""
+    import re
+
+    for path in NOTEBOOKS:
+        if path.name[:2] not in ("02", "03", "04"):  # the notebooks that run a stage on the twin
+            continue
+        nb = json.loads(path.read_text())
+        text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        exercises = text[text.find("## Exercises"):text.find("## What's next")]
+        for line in re.split(r"\n(?=\d+\. )", exercises):
+            for spec in re.findall(r'MAX_MEMORY = "([^"]+)"', line):
+                yield pytest.param(path.name, spec, "refused" in line, id=f"{path.name[:2]}-{spec}")
+
+
+@pytest.mark.parametrize("name, spec, refused", list(_exercise_budgets()))
+def test_exercise_budgets_do_what_the_exercise_says_on_the_tiny_twin(name, spec, refused):
+    """Shares are of the stage, and the twin's CLIP and VAE are relatively bigger than the real ones."""
+    from helpers.diffuse import diffusion_plan
+    from helpers.encode import text_encoding_plan
+    from helpers.errors import UserError
+
+    plan = text_encoding_plan if name.startswith("02") else diffusion_plan
+    if refused:
+        with pytest.raises(UserError):
+            plan("tiny", spec)
+    else:
+        plan("tiny", spec)  # plans, without "too small" or "leaves ... on disk"
