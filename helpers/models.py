@@ -384,6 +384,8 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
 
     Built tensor by tensor from the meta skeleton, one shard (up to 10 GB) in memory at a time.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from safetensors.torch import save_file
 
@@ -412,7 +414,9 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
     steps = progress(range(len(shards)), desc=f"{component}: random weights") if progress else range(len(shards))
     for i in steps:
         file = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _random_value(n, shapes[n], torch.bfloat16, seed) for n in shards[i]}
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # each tensor seeds its own generator
+            values = pool.map(lambda n: _random_value(n, shapes[n], torch.bfloat16, seed), shards[i])
+            tensors = dict(zip(shards[i], values))
         total += sum(t.numel() * 2 for t in tensors.values())
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in shards[i]})
