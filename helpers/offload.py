@@ -6,7 +6,9 @@ tier down (disk -> RAM, on a machine without a GPU): the blocks that fit the ``c
 resident; the others stay in the checkpoint's own safetensors files and are read, by a background
 thread, into a small fixed pool of buffers while the previous block computes. Nothing is converted
 or copied to an offload folder, and RAM holds at most the resident blocks plus the pool.
-Explained in ``04_offload-strategies.ipynb``.
+:class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
+live once in pinned RAM and are copied one ahead on a side CUDA stream. :func:`load_streaming`
+builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
