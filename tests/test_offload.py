@@ -439,3 +439,50 @@ def test_auto_falls_back_to_accelerate_when_the_stream_does_not_fit(tmp_path):
     with pytest.raises(UserError, match="cannot hold the model's non-block weights"):
         diffuse_file(emb, tmp_path / "s.png", offload="stream", **args)
     assert not (tmp_path / "s.png").exists()
+
+
+def _cached_fraction(path) -> float:
+    """How much of a file the page cache holds, from mincore(2) on a private mapping of it."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(mm)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        del buf
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        mm.close()
+
+
+def _file_system(path) -> str:
+    best, kind = "", ""
+    for line in open("/proc/self/mounts"):
+        _, mount, fs = line.split()[:3]
+        if str(path).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fs
+    return kind
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="mincore and fadvise: Linux")
+def test_drop_page_cache_really_empties_the_cache(tmp_path):
+    """What "cold" rests on: after the drop, the file's pages are no longer in RAM."""
+    from helpers.memory import drop_page_cache
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).bytes(8 * 2**20))
+    path.read_bytes()
+    assert _cached_fraction(path) > 0.9
+    drop_page_cache(path)
+    after = _cached_fraction(path)
+    if after > 0.5 and _file_system(tmp_path) in ("tmpfs", "ramfs", "overlay"):
+        pytest.skip(f"{_file_system(tmp_path)} keeps files in RAM: nothing to drop")
+    assert after < 0.1
