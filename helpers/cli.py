@@ -303,8 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "encode",
         help="stage 1: encode prompts with CLIP + T5 under a memory budget, into an embeddings file",
-        description="Load CLIP whole and the T5 encoder split across memory tiers by the budget's device map "
-        "(float32), encode the prompts, and save the embeddings (bfloat16) to --out with their metadata. "
+        description="Load CLIP whole and the T5 encoder split across memory tiers by the budget (float32; "
+        "the slow tier's blocks fetched as --offload says), encode the prompts, and save the embeddings (bfloat16) to --out with their metadata. "
         "Prints the file's path on stdout, time and peak memory per tier on stderr.",
         epilog=_EPILOG,
     )
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "diffuse",
         help="stage 2: make images from an embeddings file, the transformer in bfloat16 under a budget",
         description="Check the embeddings file against the model (before any weight loads), load the "
-        "bfloat16 transformer with the budget's device map and the VAE whole, and save one PNG per prompt "
+        "bfloat16 transformer split by the budget (offloaded blocks fetched as --offload says) and the VAE whole, and save one PNG per prompt "
         "(a batch of N writes OUT-1.png ... OUT-N.png), with the settings in its metadata.",
         epilog=_EPILOG,
     )

@@ -7,7 +7,8 @@ widget and ``python -m helpers diffuse``):
    embeddings file checked against the model, before any weight loads;
 2. :func:`diffusion_plan`: the transformer skeleton placed under the budget in bfloat16 (the VAE
    whole on the fastest tier); a budget too small is refused with the smallest one that works;
-3. :func:`load_diffusion`: transformer loaded with that device map, VAE whole, a ``FluxPipeline``
+3. :func:`load_diffusion`: transformer loaded with that device map (accelerate's hooks, or the
+   offloaded blocks streamed one ahead: ``offload="stream"``), VAE whole, a ``FluxPipeline``
    without encoders or tokenizers;
 4. :func:`generate`: the pipeline called with the embeddings moved to the transformer's dtype and
    device, a CPU generator seeded for the same image on any device, a progress bar, time per step.
@@ -162,19 +163,15 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import compare_maps, torch_device
-    from helpers.offload import StreamBudgetError, choose_offload
+    from helpers.offload import stream_or_none
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
-    if choose_offload(offload, plan.budget) == "stream":
-        try:
-            return _load_streaming(folder, plan, vae_tier)
-        except StreamBudgetError:
-            if offload != "auto":
-                raise
-            # auto: the stream's resident part and pool do not fit this budget; the hooks do
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier))
+    if streamed is not None:
+        return streamed
     temporary = False
     if "disk" in t_map.values():
         if offload_folder is None:

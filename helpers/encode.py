@@ -116,19 +116,15 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from helpers.offload import StreamBudgetError, choose_offload
+    from helpers.offload import stream_or_none
 
     folder = Path(folder)
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
-    if choose_offload(offload, plan.budget) == "stream":
-        try:
-            return _load_streaming(folder, plan, clip_tier)
-        except StreamBudgetError:
-            if offload != "auto":
-                raise
-            # auto: the stream's resident part and pool do not fit this budget; the hooks do
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier))
+    if streamed is not None:
+        return streamed
     if "disk" in t5_map.values():
         offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "text_encoder_2")
         offload_folder.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,22 @@ def choose_offload(offload: str, budget) -> str:
     return offload
 
 
+def stream_or_none(offload: str, budget, load):
+    """``load()`` where ``offload`` means streaming under ``budget``; ``None`` for accelerate's hooks.
+
+    With ``auto``, a stream whose resident part and pool do not fit the budget (found before any
+    weight loads) also gives ``None``: the caller then loads with the hooks, which fit.
+    """
+    if choose_offload(offload, budget) != "stream":
+        return None
+    try:
+        return load()
+    except StreamBudgetError:
+        if offload != "auto":
+            raise
+        return None
+
+
 def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | None]:
     """``(cpu_bytes, device, device_bytes)`` left for the streamed model by a stage's budget.
 
