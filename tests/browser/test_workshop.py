@@ -111,31 +111,67 @@ def notebook(page):
     return page.locator(".jp-NotebookPanel:visible").last
 
 
+def kernel_state(lab, name: str) -> str | None:
+    """The server's view of the kernel of notebook ``name``: "idle", "busy", "starting"... or None."""
+    url = f"{lab['url']}/api/sessions?token={lab['token']}"
+    for session in json.loads(urllib.request.urlopen(url, timeout=5).read()):
+        if session.get("path", "").endswith(name) and session.get("kernel"):
+            return session["kernel"].get("execution_state")
+    return None
+
+
 def open_notebook(page, lab, name: str) -> None:
     page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
     page.wait_for_function("() => document.title.includes('%s')" % name.split(".")[0][:10], timeout=60_000)
-    # the kernel must be up before Run All: wait for the status bar to say Idle
-    page.locator(".jp-StatusBar-TextItem", has_text=re.compile("Idle")).first.wait_for(timeout=120_000)
+    # the kernel must be up before Run All. The status bar's "Idle" can still be another notebook's
+    # (a Run All sent then stays queued, "[*]", with an idle kernel): wait for this notebook's own
+    # kernel, as the server sees it and as its toolbar shows it
+    deadline = time.time() + 120
+    while kernel_state(lab, name) != "idle":
+        if time.time() > deadline:
+            raise AssertionError(f"the kernel of {name} did not become idle in 120 s: {kernel_state(lab, name)}")
+        time.sleep(0.5)
+    notebook(page).locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=120_000)
 
 
-def run_all(page) -> list[str]:
+def run_all(page, lab, name: str) -> list[str]:
     """Run > Run All Cells, then wait until no cell is running; return the input prompts."""
-    page.get_by_role("menuitem", name="Run", exact=True).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).first.click()
+
+    def click_run_all():
+        page.get_by_role("menuitem", name="Run", exact=True).click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Run All Cells$")).first.click()
+
+    click_run_all()
     prompts = notebook(page).locator(".jp-CodeCell .jp-InputPrompt")
-    deadline = time.time() + RUN_TIMEOUT_S
-    started = False
+    start = time.time()
+    deadline = start + RUN_TIMEOUT_S
+    started = retried = False
     stable = 0
     while time.time() < deadline:
         texts = [t.strip() for t in prompts.all_inner_texts()]
         running = any("*" in t for t in texts)
-        started = started or running or any(re.match(r"\[\d+\]", t) for t in texts)
+        done_any = any(re.match(r"\[\d+\]", t) for t in texts)
+        started = started or running or done_any
         stable = stable + 1 if started and not running else 0
         if stable >= 3:
             return texts
+        if not done_any and not retried and time.time() - start > 60 and kernel_state(lab, name) == "idle":
+            # queued for a minute, nothing ran, the kernel idle: the requests never reached it
+            print(f"{name}: Run All queued the cells but the kernel ran none; running them again")
+            retried = True
+            click_run_all()
         time.sleep(0.5)
-    raise AssertionError(f"cells still running after {RUN_TIMEOUT_S} s")
+    cells = notebook(page).locator(".jp-CodeCell")
+    stuck = []
+    for i, t in enumerate(prompts.all_inner_texts()):
+        if "*" in t:  # which cell hung, and what it had printed: enough to start looking
+            cell = cells.nth(i)
+            source = cell.locator(".jp-InputArea-editor").inner_text()[:300]
+            output = cell.locator(".jp-OutputArea").inner_text()[-600:]
+            stuck.append(f"cell {i}:\n{source}\n--- its output so far:\n{output}")
+    raise AssertionError(f"cells still running after {RUN_TIMEOUT_S} s (kernel {kernel_state(lab, name)})\n"
+                         + "\n\n".join(stuck[:2]))
 
 
 def assert_no_errors(page, prompts: list[str]) -> None:
@@ -193,7 +229,7 @@ def test_encode_then_generate_in_the_browser(page, lab):
 
     # notebook 02: run everything, then encode a new prompt from the widget
     open_notebook(page, lab, "02_text-encoding-offload.ipynb")
-    assert_no_errors(page, run_all(page))
+    assert_no_errors(page, run_all(page, lab, "02_text-encoding-offload.ipynb"))
     assert_widgets_render(page)
     page.screenshot(path=str(SHOTS / "02-notebook.png"))
     encode = notebook(page).locator(".widget-vbox:has(button:has-text('Encode'))").last
@@ -214,7 +250,7 @@ def test_encode_then_generate_in_the_browser(page, lab):
 
     # notebook 03: run everything, pick the new file, change the seed, generate
     open_notebook(page, lab, "03_bf16-diffusion.ipynb")
-    assert_no_errors(page, run_all(page))
+    assert_no_errors(page, run_all(page, lab, "03_bf16-diffusion.ipynb"))
     assert_widgets_render(page)
     generate = notebook(page).locator(".widget-vbox:has(button:has-text('Generate'))").last
     generate.locator("button[title='list outputs/embeddings/ again']").click()
