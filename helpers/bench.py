@@ -85,7 +85,7 @@ def _load_t5(strategy: str, config: dict, work: Path):
         clip_tier = comps["text_encoder"].device_map[""]
         cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: sum(u.nbytes for u in comps["text_encoder"].units)})
         model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
-                                         device_bytes=device_bytes)
+                                         device_bytes=device_bytes, reserve=config["activations"] if gpu else 0)
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
 
@@ -131,7 +131,7 @@ def _load(strategy: str, config: dict, work: Path):
         cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: sum(u.nbytes for u in comps["vae"].units)})
         model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                          ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                         device_bytes=device_bytes)
+                                         device_bytes=device_bytes, reserve=config["activations"] if gpu else 0)
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
@@ -266,9 +266,11 @@ def title(data: dict) -> str:
     """What a result is: model, device, stage and size, budget, page cache, floor."""
     what = (f"text encoding, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
             else f"{data['height']}x{data['width']}")
-    floor = data["floor"]["s_per_step"]
-    return (f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache: "
-            f"floor {floor:.4f} s/step")
+    head = f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache"
+    if data.get("floor") is None:  # a run stopped midway: what it measured so far
+        planned = data.get("strategies") or []
+        return f"{head}: stopped after {len(data['results'])} of {len(planned) or '?'} strategies, no floor"
+    return f"{head}: floor {data['floor']['s_per_step']:.4f} s/step"
 
 
 def host_to_device_bandwidth(gpu: int, nbytes: int = 2**30, repeats: int = 5) -> float:
@@ -336,7 +338,7 @@ def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30, compon
 
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
         strategies=None, progress=print, cache: str = "cold", stage: str = "diffusion", tokens: int = 512,
-        timeout: float | None = None) -> dict:
+        timeout: float | None = None, on_result=None) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
     ``stage``: ``"diffusion"`` times the transformer (bfloat16) on latents of ``height`` x ``width``;
@@ -346,11 +348,13 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     on a machine whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the
     disk tier: faster than the budget allows on a machine that is really that small).
     A strategy that fails or runs past ``timeout`` seconds is reported with its ``error``; the
-    others still run.
+    others still run. ``on_result``: called after each strategy but the last with the report so far
+    (``"complete": false``, no floor yet), so that a long run stopped midway leaves what it measured.
     """
     from helpers.budget import default_budget
     from helpers.diffuse import check_settings, diffusion_plan
     from helpers.encode import text_encoding_plan
+    from helpers.footprint import activation_bytes, component_configs
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
@@ -391,9 +395,50 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     strategies = list(strategies or [s for s in everything if s in allowed])
     needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
     folder = model_path(model, components=needs)
+    # what one call holds beyond its weights (meta-device count): a stream to a GPU keeps it free there
+    activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1],
+                                   height=height, width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
     config = {"model": name, "folder": str(folder), "max_memory": budget_spec, "steps": steps, "height": height,
-              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens}
+              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens, "activations": activations}
     results, outputs = [], {}
+
+    def report(complete: bool) -> dict:
+        """The JSON so far; the floor is measured once every strategy has run (none of them shares the
+        machine with the measurement), so a partial report has none."""
+        reference = outputs.get("resident")
+        rows_ = []
+        for r in results:
+            r = {k: v for k, v in r.items() if k != "baseline_rss_bytes"}
+            out = outputs.get(r["strategy"])
+            r["max_abs_diff_vs_resident"] = (None if reference is None or out is None
+                                             else float((out.float() - reference.float()).abs().max()))
+            rows_.append(r)
+        floor = None
+        if complete:
+            bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
+                         else disk_bandwidth(folder, cache, component=component))
+            compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident" and r["s_per_step"]), None)
+            slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
+            streamed = sum(u.nbytes for p in plan.components if p.component == component for u in p.units
+                           if u.tier == slow)
+            floor = {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
+                     "compute_s_per_step": compute, "s_per_step": max(compute or 0.0, streamed / bandwidth)}
+        for r in rows_:
+            r["ratio_to_floor"] = (r["s_per_step"] / floor["s_per_step"]
+                                   if floor and floor["s_per_step"] and r["s_per_step"] else None)
+        baselines = [r["baseline_rss_bytes"] for r in results if "baseline_rss_bytes" in r]
+        return {
+            "model": config["model"], "stage": stage,
+            "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
+            "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
+            "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
+            "baseline_rss_bytes": min(baselines) if baselines else None,
+            "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
+            "cache": cache, "complete": complete, "strategies": strategies, "activation_bytes": activations,
+            "floor": floor,
+            "results": rows_,
+        }
+
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
         for s in strategies:
@@ -409,35 +454,13 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                 progress(f"{s}: failed: {error}")
                 results.append({"strategy": s, "error": error, "s_per_step": None, "peak_rss_bytes": None,
                                 "peak_gpu_bytes": None, "bytes_streamed_per_step": None})
-                continue
-            results.append(json.loads(out.with_suffix(".json").read_text()))
-            outputs[s] = torch.load(out.with_suffix(".pt"))
-    reference = outputs.get("resident")
-    for r in results:
-        out = outputs.get(r["strategy"])
-        r["max_abs_diff_vs_resident"] = (None if reference is None or out is None
-                                         else float((out.float() - reference.float()).abs().max()))
-    bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
-                 else disk_bandwidth(folder, cache, component=component))
-    compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident" and r["s_per_step"]), None)
-    slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
-    streamed = sum(u.nbytes for p in plan.components if p.component == component for u in p.units if u.tier == slow)
-    floor = max(compute or 0.0, streamed / bandwidth)
-    for r in results:
-        r["ratio_to_floor"] = r["s_per_step"] / floor if floor and r["s_per_step"] else None
-    baselines = [r.pop("baseline_rss_bytes") for r in results if "baseline_rss_bytes" in r]
-    return {
-        "model": config["model"], "stage": stage,
-        "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
-        "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
-        "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
-        "baseline_rss_bytes": min(baselines) if baselines else None,
-        "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
-        "cache": cache,
-        "floor": {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
-                  "compute_s_per_step": compute, "s_per_step": floor},
-        "results": results,
-    }
+            else:
+                results.append(json.loads(out.with_suffix(".json").read_text()))
+                outputs[s] = torch.load(out.with_suffix(".pt"))
+                progress(f"{s}: {results[-1]['s_per_step']:.4f} s/step")
+            if on_result is not None and len(results) < len(strategies):
+                on_result(report(complete=False))
+    return report(complete=True)
 
 
 if __name__ == "__main__":  # the child: python -m helpers.bench STRATEGY CONFIG OUT

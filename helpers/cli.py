@@ -227,11 +227,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from helpers.files import atomic_path, check_can_write
     from helpers.report import Table
 
+    def save(data: dict) -> None:
+        with atomic_path(args.json, overwrite=True) as tmp:  # replaced whole or not at all
+            tmp.write_text(json.dumps(data, indent=2))
+
     if args.json:
         check_can_write(args.json, overwrite=True)
+    # with --json the file holds each strategy's result as soon as it is measured ("complete": false
+    # until the last): a run stopped midway keeps what it measured
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
-               stage=args.stage, tokens=args.tokens, timeout=args.timeout)
+               stage=args.stage, tokens=args.tokens, timeout=args.timeout, on_result=save if args.json else None)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
@@ -240,8 +246,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"{r['strategy']} failed: {r['error']}", file=sys.stderr)
     if args.json:
-        with atomic_path(args.json, overwrite=True) as tmp:  # replaced whole or not at all
-            tmp.write_text(json.dumps(data, indent=2))
+        save(data)
         print(f"wrote {args.json}", file=sys.stderr)
     if len(failed) == len(data["results"]):
         print("error: every strategy failed (see above)", file=sys.stderr)
@@ -394,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=["cold", "warm"], default="cold",
                    help="cold (default): drop the page cache of the weight files before each step, so the disk tier "
                    "is read from the disk as on a machine whose RAM is the budget; warm: leave them cached")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON, after each strategy (\"complete\": "
+                   "false until the last, so a run stopped midway keeps what it measured)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

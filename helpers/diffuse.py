@@ -145,7 +145,7 @@ class Diffusion:
 
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                   offload: str = "accelerate") -> Diffusion:
+                   offload: str = "accelerate", activations: int = 0) -> Diffusion:
     """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
 
     Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
@@ -157,6 +157,8 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
     pool (with a GPU tier: held in pinned RAM, copied one ahead on a side stream); ``"auto"`` picks
     it where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
+    ``activations``: bytes a stream keeps free in a GPU tier for the denoising step's intermediates
+    (:func:`helpers.offload.gpu_activations`; :func:`diffuse_file` works them out for its size).
     """
     import tempfile
 
@@ -169,7 +171,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, activations))
     if streamed is not None:
         return streamed
     temporary = False
@@ -194,7 +196,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
                      device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
 
 
-def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
+def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0) -> Diffusion:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import torch_device
@@ -204,7 +206,7 @@ def _load_streaming(folder: Path, plan, vae_tier) -> Diffusion:
     cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                            ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                           device_bytes=device_bytes)
+                                           device_bytes=device_bytes, reserve=activations if device else 0)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
@@ -332,7 +334,7 @@ def diffuse_file(
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
     """
     from helpers.embeddings import read_header, validate
-    from helpers.offload import check_offload
+    from helpers.offload import check_offload, gpu_activations
     from helpers.images import save_image
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -365,8 +367,12 @@ def diffuse_file(
     plan = diffusion_plan(model, max_memory)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
 
+    activations = gpu_activations(plan.budget, offload, "transformer", ref.name if ref.kind != "local" else str(ref.path),
+                                  torch.bfloat16, batch=header.batch, height=height, width=width,
+                                  tokens=header.max_sequence_length)
+
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan, offload=offload)
+        diffusion = load_diffusion(folder, plan, offload=offload, activations=activations)
         try:
             tensors = load_file(str(header.path))
             result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)

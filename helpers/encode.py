@@ -105,7 +105,7 @@ def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str
 
 
 def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                       offload: str = "accelerate") -> TextEncoders:
+                       offload: str = "accelerate", activations: int = 0) -> TextEncoders:
     """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
 
     ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
@@ -113,6 +113,8 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     are read one block ahead (:mod:`helpers.offload`; from the checkpoint without a GPU tier,
     converted to float32 as they arrive; from pinned RAM to the GPU with one); ``"auto"`` picks it
     where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
+    ``activations``: bytes a stream keeps free in a GPU tier for T5's intermediates
+    (:func:`helpers.offload.gpu_activations`; :func:`encode_prompts` works them out).
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -122,7 +124,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, activations))
     if streamed is not None:
         return streamed
     if "disk" in t5_map.values():
@@ -149,7 +151,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     )
 
 
-def _load_streaming(folder: Path, plan, clip_tier) -> TextEncoders:
+def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0) -> TextEncoders:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from helpers.offload import load_streaming, stream_budget
@@ -157,7 +159,8 @@ def _load_streaming(folder: Path, plan, clip_tier) -> TextEncoders:
     clip_bytes = sum(u.nbytes for p in plan.components if p.component == "text_encoder" for u in p.units)
     cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
     text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
-                                              ["encoder.block"], device=device, device_bytes=device_bytes)
+                                              ["encoder.block"], device=device, device_bytes=device_bytes,
+                                              reserve=activations if device else 0)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
     streamed = {b.name for b in streamer.blocks} if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
@@ -286,7 +289,7 @@ def encode_prompts(
     ``accelerate``).
     """
     from helpers.embeddings import fingerprint, save_embeddings
-    from helpers.offload import check_offload
+    from helpers.offload import check_offload, gpu_activations
     from helpers.footprint import component_configs
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
@@ -311,10 +314,13 @@ def encode_prompts(
     check_offload(offload)
     plan = text_encoding_plan(model, max_memory)
     folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
-    _, configs = component_configs(model if ref.kind != "local" else str(ref.path))
+    name = model if ref.kind != "local" else str(ref.path)
+    _, configs = component_configs(name)
+    activations = gpu_activations(plan.budget, offload, "text_encoder_2", name, torch.float32, batch=len(prompts),
+                                  tokens=max_sequence_length)
 
     with measure("text encoding") as m:
-        encoders = load_text_encoders(folder, plan, offload=offload)
+        encoders = load_text_encoders(folder, plan, offload=offload, activations=activations)
         try:
             tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
             prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)

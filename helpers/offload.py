@@ -74,6 +74,22 @@ def stream_or_none(offload: str, budget, load):
         return None
 
 
+def gpu_activations(budget, offload: str, component: str, model, dtype: torch.dtype, batch: int = 1, **size) -> int:
+    """Bytes to keep free in the GPU tier for ``component``'s activations when it streams there, else 0.
+
+    On a GPU the tier is all the memory there is: weights, pool and activations must fit it
+    together. In RAM the tier is the weights' (the operating system has room around it), so a
+    stream without a GPU tier keeps nothing back. ``size``: ``height``, ``width``, ``tokens`` as
+    :func:`helpers.footprint.activation_bytes` takes them; ``batch`` prompts scale them.
+    """
+    if choose_offload(offload, budget) != "stream" or not any(isinstance(t, int) for t in budget.names):
+        return 0
+    from helpers.footprint import activation_bytes, component_configs
+
+    _, configs = component_configs(model)
+    return batch * activation_bytes(component, configs[component], dtype, **size)
+
+
 def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | None]:
     """``(cpu_bytes, device, device_bytes)`` left for the streamed model by a stage's budget.
 
@@ -735,7 +751,7 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
-                   pool: int = 2, device=None, device_bytes: int | None = None, progress=None):
+                   pool: int = 2, device=None, device_bytes: int | None = None, progress=None, reserve: int = 0):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
@@ -748,7 +764,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more block-sized
     buffer, counted). With a GPU ``device`` the fast tier is its ``device_bytes``, and streamed
     blocks are held in pinned RAM, which must fit ``cpu_bytes`` (:class:`HostStreamer`).
-    Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
+    ``reserve``: bytes of the fast tier kept free for the forward pass's activations (see
+    :func:`helpers.footprint.activation_bytes`), so that weights, pool and activations together stay
+    within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
     """
     from accelerate.utils import set_module_tensor_to_device
 
@@ -757,6 +775,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if on_gpu and device_bytes is None:
         raise UserError("streaming to a GPU needs its budget (device_bytes).")
     fast_bytes, fast_name = (device_bytes, f"GPU {device.index or 0} tier") if on_gpu else (cpu_bytes, "cpu tier")
+    if reserve < 0:
+        raise UserError(f"reserve must be 0 or more bytes, not {reserve!r}.")
     folder = Path(folder)
     model = skeleton_from_folder(folder, cls)
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
@@ -773,18 +793,20 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
     largest = max(buffer.values())
-    least = other + pool * largest + max(stage.values())
+    least = other + pool * largest + max(stage.values()) + reserve
     if largest > fast_bytes:
         raise StreamBudgetError(
             f"one block of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
             f"a block is the smallest piece that can be streamed: give the {fast_name} at least {least:,} bytes."
         )
     if least > fast_bytes:
+        kept = f", the {pool}-block buffer pool ({least - other - reserve:,})"
         raise StreamBudgetError(
-            f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,}) and the "
-            f"{pool}-block buffer pool ({least - other:,}); give it at least {least:,} bytes."
+            f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,})"
+            + (f"{kept} and room for its activations ({reserve:,})" if reserve else f" and{kept[1:]}")
+            + f"; give it at least {least:,} bytes."
         )
-    room = fast_bytes - other
+    room = fast_bytes - other - reserve
     resident: list[str] = []
     for n in names:
         after = [m for m in names if m not in resident and m != n]

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,32 @@ def test_everything_resident_when_it_fits(tiny_folder, resident):
         assert torch.equal(resident(**_inputs())[0], model(**_inputs())[0])
 
 
+def test_room_kept_for_activations_comes_off_the_resident_blocks(tiny_folder, resident):
+    budget = int(_bytes(resident) * 0.6)
+    whole = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS)[1]
+    kept = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS,
+                          reserve=int(_bytes(resident) * 0.15))[1]
+    try:
+        assert len(kept.blocks) > len(whole.blocks)  # fewer blocks stay: their room is the activations'
+    finally:
+        whole.close(), kept.close()
+    with pytest.raises(UserError, match=r"cannot hold .* and room for its activations \("):
+        load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS, reserve=budget)
+
+
+def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
+    from helpers.budget import parse_budget
+    from helpers.footprint import activation_bytes, component_configs
+    from helpers.offload import gpu_activations
+
+    gpu, cpu = parse_budget("0=1GiB,cpu=2GiB"), parse_budget("cpu=1GiB,disk=2GiB")
+    size = dict(height=128, width=128, tokens=16)
+    one = activation_bytes("transformer", component_configs("tiny")[1]["transformer"], torch.bfloat16, **size)
+    assert gpu_activations(gpu, "stream", "transformer", "tiny", torch.bfloat16, batch=3, **size) == 3 * one
+    for budget, offload in ((gpu, "accelerate"), (gpu, "auto"), (cpu, "stream"), (cpu, "auto")):
+        assert gpu_activations(budget, offload, "transformer", "tiny", torch.bfloat16, **size) == 0
+
+
 def test_a_block_bigger_than_the_fast_tier_is_a_clear_error(tiny_folder, resident):
     with pytest.raises(UserError, match="larger than the whole cpu tier"):
         load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 10_000, BLOCKS)
@@ -81,9 +109,16 @@ def test_diffuse_with_stream_gives_the_same_image(tmp_path):
 
 
 def test_bench_json_shape_and_equal_outputs(tmp_path):
-    from helpers.bench import run
+    from helpers.bench import rows, run, title
 
-    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"], progress=lambda _: None)
+    partial = []
+    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"],
+               progress=lambda _: None, on_result=partial.append)
+    # a report after each strategy but the last, so a run stopped midway keeps what it measured
+    assert [len(p["results"]) for p in partial] == [1, 2] and not any(p["complete"] for p in partial)
+    assert partial[1]["floor"] is None and partial[1]["results"][1]["max_abs_diff_vs_resident"] == 0.0
+    assert "stopped after 2 of 3 strategies, no floor" in title(partial[1]) and len(rows(partial[1])) == 2
+    assert data["complete"] and "baseline_rss_bytes" not in data["results"][0]
     assert {"model", "device", "max_memory", "max_memory_bytes", "baseline_rss_bytes", "steps", "height", "width",
             "results"} <= set(data)
     assert data["device"] == "cpu" and set(data["max_memory_bytes"]) == {"cpu", "disk"}
@@ -308,33 +343,49 @@ def test_host_streamer_equals_resident(tiny_folder, resident, device):
     else:  # the same bookkeeping with the CPU as the "device"
         model, streamer = _host_streamed(tiny_folder / "transformer", type(resident), torch.bfloat16,
                                          int(_bytes(resident) * 0.3), BLOCKS)
+    # the reference runs on the same device: CPU and GPU kernels round differently
+    reference = resident if device == "cpu" else copy.deepcopy(resident).to(device)
     try:
         assert streamer.host_bytes == sum(b.nbytes for b in streamer.blocks)
         assert streamer.device_bytes == 2 * streamer.largest
         if device == "cuda":
             assert all(h.is_pinned() for h in streamer.host)
+            assert all(p.device.type == "cuda" for p in model.parameters() if p.device.type != "meta")
         with torch.no_grad():
             for seed in (0, 1, 2):
-                expected = resident(**_inputs(seed))[0]
-                got = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(seed).items()})[0]
-                assert torch.equal(expected, got.cpu())  # tolerance: none
+                inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in _inputs(seed).items()}
+                expected, got = reference(**inputs)[0], model(**inputs)[0]
+                assert torch.equal(expected, got), f"max diff {(expected.float() - got.float()).abs().max()}"  # none
         assert streamer.bytes_copied >= 3 * streamer.host_bytes
         assert all(p.device.type == "meta" for b in streamer.blocks for p in b.module.parameters())
+        spans = streamer.timeline()  # copies and computes of the last two calls, in order on each side
+        assert {k for k, *_ in spans} == {"copy", "compute"} and all(0 <= a <= b for _, _, a, b in spans)
+        computes = [(i, a, b) for k, i, a, b in spans if k == "compute"]
+        assert [i for i, *_ in computes] == list(range(len(streamer.blocks))) * 2
+        assert all(b1 <= a2 + 1e-6 for (_, _, b1), (_, a2, _) in zip(computes, computes[1:]))
     finally:
         streamer.close()
+        del reference
 
 
-def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder, device):
     from transformers import T5EncoderModel
 
     folder = tiny_folder / "text_encoder_2"
-    whole = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval()
-    model, streamer = _host_streamed(folder, T5EncoderModel, torch.float32, int(_bytes(whole) * 0.5), ["encoder.block"])
+    whole = T5EncoderModel.from_pretrained(folder, dtype=torch.float32).eval().to(device)
+    if device == "cuda":
+        model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, 10**9, ["encoder.block"],
+                                         device="cuda", device_bytes=int(_bytes(whole) * 0.5))
+    else:
+        model, streamer = _host_streamed(folder, T5EncoderModel, torch.float32, int(_bytes(whole) * 0.5),
+                                         ["encoder.block"])
     try:
         assert all(h.dtype == torch.uint8 for h in streamer.host)
         for block in streamer.blocks:  # every tensor 256-byte aligned in the pool, whatever its file offset
             assert all(t.pos % 256 == 0 for t in block.tensors)
-        ids = torch.randint(0, whole.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+        ids = torch.randint(0, whole.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
             assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
     finally:
