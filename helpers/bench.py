@@ -137,14 +137,15 @@ def _load(strategy: str, config: dict, work: Path):
         from diffusers.hooks import apply_group_offloading
 
         model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
-        blocks = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "transformer_blocks." in n)
+        # every group moves each call: the blocks, and the rest of the model as one more group
+        moved = sum(p.numel() * p.element_size() for p in model.parameters())
         if gpu is not None:  # blocks in RAM, onloaded one group ahead on a CUDA stream
             apply_group_offloading(model, onload_device=gpu, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=True)
         else:
             apply_group_offloading(model, onload_device=torch.device("cpu"), offload_type="block_level",
                                    num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
-        return model, lambda: blocks, None
+        return model, lambda: moved, None
     if strategy in GPU_ONLY:
         from diffusers import FluxPipeline
 

@@ -22,6 +22,7 @@ import queue
 import struct
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,11 +287,17 @@ def _widen_bf16(src: torch.Tensor, src_pos: int, dst: torch.Tensor, dst_pos: int
     np.left_shift(full, 16, out=full)
 
 
-def _page_aligned(nbytes: int, pin: bool = False) -> torch.Tensor:
-    """``nbytes`` of uint8 starting on a page boundary (O_DIRECT reads into page-aligned memory)."""
-    raw = torch.empty(_align(nbytes, _PAGE) + _PAGE, dtype=torch.uint8, pin_memory=pin)  # whole pages after it
-    skip = -raw.data_ptr() % _PAGE
-    return raw[skip:skip + nbytes]
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of uint8 in whole pages of their own (O_DIRECT reads into page-aligned memory).
+
+    An anonymous memory map: its storage starts on a page boundary and ends on one, so pinning it
+    with ``cudaHostRegister`` covers the whole storage (``Tensor.is_pinned()`` is then true) and
+    shares no page with other allocations.
+    """
+    import mmap
+
+    pages = mmap.mmap(-1, max(_align(nbytes, _PAGE), _PAGE))
+    return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes]
 
 
 class _Files:
@@ -523,6 +530,15 @@ class BlockStreamer:
         self._files.close()
 
 
+def _unregister(pointers: list[int]) -> None:
+    """Unpin host buffers pinned with ``cudaHostRegister`` (and forget them)."""
+    if pointers:
+        cudart = torch.cuda.cudart()
+        for ptr in pointers:
+            cudart.cudaHostUnregister(ptr)
+        pointers.clear()
+
+
 class HostStreamer:
     """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU one ahead.
 
@@ -568,13 +584,15 @@ class HostStreamer:
             files.close()
         del stage
         self.buffers = [torch.empty(self.largest, dtype=torch.uint8, device=self.device) for _ in range(self.pool_size)]
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        if self.cuda:  # the pool's memory may have been freed by kernels still queued on the compute stream
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         for block in self.blocks:
             for buf in self.buffers:
                 block.params.append([
                     torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
                     for t in block.tensors
                 ])
-        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._copied: list = [None] * self.pool_size  # per buffer: the event of its latest copy
         self._freed: list = [None] * self.pool_size  # per buffer: the event of the compute that last read it
         self._slot: dict[int, int] = {}  # block -> buffer, for blocks copied or being copied
@@ -597,19 +615,19 @@ class HostStreamer:
 
     def _pin(self, host: torch.Tensor) -> None:
         cudart = torch.cuda.cudart()
-        size = _align(host.numel(), _PAGE)  # within the allocation: _page_aligned keeps a page spare
+        size = _align(host.numel(), _PAGE)  # whole pages: _page_aligned gives each buffer pages of its own
         err = cudart.cudaHostRegister(host.data_ptr(), size, 0)
         if int(getattr(err, "value", err)) != 0:
+            if hasattr(cudart, "cudaGetLastError"):
+                cudart.cudaGetLastError()  # clear it, or an unrelated later CUDA call reports it
             raise RuntimeError(f"could not pin {size:,} bytes of RAM for streaming (cudaHostRegister: {err}); "
                                "the system may limit locked memory (ulimit -l)")
+        if not self._registered:  # unpinned when the streamer goes, even without close()
+            self._unpin_at_exit = weakref.finalize(self, _unregister, self._registered)
         self._registered.append(host.data_ptr())
 
     def _unpin(self) -> None:
-        if self._registered:
-            cudart = torch.cuda.cudart()
-            for ptr in self._registered:
-                cudart.cudaHostUnregister(ptr)
-            self._registered.clear()
+        _unregister(self._registered)
 
     def _mark(self, stream=None):
         if not self.cuda:
@@ -785,7 +803,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
     size = {n: _nbytes(model.get_submodule(n), dtype) for n in names}  # resident
-    plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype) for n in names}
+    # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
+    plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype, align=256 if on_gpu else None)
+             for n in names}
     buffer = {n: plans[n].nbytes for n in names}  # streamed: its place in a pool buffer (whole pages)
     converted = _converts(plans.values())
     # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
@@ -835,7 +855,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         else:
             key = name
         value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
-        set_module_tensor_to_device(model, name, device, value=value.to(device, dtype))
+        set_module_tensor_to_device(model, name, device, value=value.to(device, dtype), clear_cache=False)
     if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
         model.tie_weights()
     for name, b in model.named_buffers():

@@ -523,3 +523,15 @@ def test_drop_page_cache_really_empties_the_cache(tmp_path):
     if after > 0.5 and _file_system(tmp_path) in ("tmpfs", "ramfs", "overlay"):
         pytest.skip(f"{_file_system(tmp_path)} keeps files in RAM: nothing to drop")
     assert after < 0.1
+
+
+def test_stream_buffers_are_whole_pages_of_their_own():
+    """O_DIRECT reads into them, and cudaHostRegister pins them whole: Tensor.is_pinned() looks at the
+    storage's start, which must be the start of the pinned range."""
+    from helpers.offload import _page_aligned
+
+    for n in (1, 4096, 300_001):
+        buf = _page_aligned(n)
+        storage = buf.untyped_storage()
+        assert buf.numel() == n and storage.data_ptr() == buf.data_ptr()
+        assert storage.data_ptr() % 4096 == 0 and storage.nbytes() % 4096 == 0
