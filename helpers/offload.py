@@ -358,7 +358,107 @@ class _Files:
         self._fds.clear()
 
 
-class BlockStreamer:
+class _Streamer:
+    """What both streamers share: the blocks' parameters swapped in from a pool buffer while each
+    block computes (and back to meta after), the hooks that do it, the timeline, and a clean start
+    over after a forward pass that failed midway.
+
+    A subclass sets ``blocks`` and ``buffers`` and calls :meth:`_attach`; it implements
+    :meth:`_acquire` (the buffer block ``i`` is in, once it is there), :meth:`_release` (block ``i``
+    is done with buffer ``k``), :meth:`_stop_work` and :meth:`_resume` (around a restart), and may
+    override :meth:`_healthy` and :meth:`_mark`.
+    """
+
+    blocks: list[_Block]
+    buffers: list[torch.Tensor]
+    #: what :attr:`bytes_streamed` counts per block: its checkpoint bytes, or its bytes in the pool
+    _counted = "stored"
+
+    def _attach(self, model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        for block in self.blocks:
+            for buf in self.buffers:
+                block.params.append([
+                    torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
+                    for t in block.tensors
+                ])
+        #: the bytes of the blocks the model has used so far
+        self.bytes_streamed = 0
+        #: (kind, block index, start, end): the fetches ("read" or "copy") and "compute"; the last two passes
+        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
+        self._compute_start: dict[int, object] = {}
+        self._current: dict[int, int] = {}  # block -> buffer, for blocks computing now
+        self._next = 0  # the block the forward pass reaches next
+        self._handles = [model.register_forward_pre_hook(self._restart_if_interrupted)]
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
+            self._handles.append(block.module.register_forward_hook(self._make_post(i)))
+
+    def _swap(self, i: int, params: list) -> None:
+        block = self.blocks[i]
+        for t, p in zip(block.tensors, params):
+            t.owner._parameters[t.leaf] = p
+
+    def _make_pre(self, i: int):
+        block = self.blocks[i]
+
+        def pre(module, args):
+            k = self._acquire(i)
+            self._swap(i, block.params[k])
+            self._current[i] = k
+            self._next = (i + 1) % len(self.blocks)
+            self.bytes_streamed += getattr(block, self._counted)
+            self._compute_start[i] = self._mark()
+
+        return pre
+
+    def _make_post(self, i: int):
+        block = self.blocks[i]
+
+        def post(module, args, output):
+            k = self._current.pop(i)
+            end = self._mark()
+            self.events.append(("compute", i, self._compute_start.pop(i), end))
+            self._swap(i, block.meta)
+            self._release(i, k, end)
+            return output
+
+        return post
+
+    def _restart_if_interrupted(self, module, args) -> None:
+        """A forward pass that failed midway left the fetches ahead of the model: start over from block 0.
+
+        Also after a failure in the last block (``_next`` is 0 again, but a buffer was never given
+        back) and after a fetch that failed (:meth:`_healthy`).
+        """
+        if self._next == 0 and not self._current and self._healthy():
+            return
+        self._stop_work()
+        for i in list(self._current):
+            self._swap(i, self.blocks[i].meta)
+        self._current.clear()
+        self._compute_start.clear()
+        self._next = 0
+        self._resume()
+
+    def _healthy(self) -> bool:
+        return True
+
+    def _mark(self, stream=None):
+        return time.perf_counter()
+
+    def timeline(self) -> list[tuple[str, int, float, float]]:
+        """The recorded ``(kind, block, start, end)`` spans, in seconds from the first one kept."""
+        events = list(self.events)
+        origin = min((e[2] for e in events), default=0.0)
+        return [(k, i, a - origin, b - origin) for k, i, a, b in events]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class BlockStreamer(_Streamer):
     """Attach to a model whose streamed blocks are on the meta device; stream them from disk.
 
     ``blocks``: the block names to stream, in the order the forward pass calls them (each call of
@@ -391,60 +491,14 @@ class BlockStreamer:
         self.buffers = [_page_aligned(self.largest) for _ in range(pool)]
         self.stage = _page_aligned(stage) if stage else None
         self._files = _Files(direct)
-        for block in self.blocks:
-            for buf in self.buffers:
-                block.params.append([
-                    torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
-                    for t in block.tensors
-                ])
         self._dtype = dtype
-        self.free: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()  # buffers the reader may fill
         for k in range(pool):
             self.free.put(k)
-        self.ready: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()  # (block, buffer) read, or (block, the exception)
         self.bytes_read = 0  # by the reader, read-ahead and page edges included
-        #: the checkpoint bytes of the blocks the model has used so far
-        self.bytes_streamed = 0
-        #: (kind, block index, start, end) in perf_counter seconds: "read" by the reader, "compute" by the
-        #: model; the last two passes' worth
-        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
-        self._compute_start: dict[int, float] = {}
         self._stop = threading.Event()
-        self._handles = []
-        self._current: dict[int, int] = {}
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
-            self._handles.append(block.module.register_forward_hook(self._make_post(i)))
-        self._next = 0  # the block the forward pass reaches next
-        self._handles.append(model.register_forward_pre_hook(self._restart_if_interrupted))
-        self._start_reader()
-
-    def _start_reader(self) -> None:
-        self._stop.clear()
-        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="block-reader")
-        self._reader.start()
-
-    def _restart_if_interrupted(self, module, args) -> None:
-        """A forward pass that failed midway left the reader ahead of the model: start over from block 0.
-
-        Also after a failure in the last block (``_next`` is 0 again, but a buffer was never given
-        back) and after a read error (the reader has stopped).
-        """
-        if self._next == 0 and not self._current and self._reader.is_alive():
-            return
-        self._stop.set()
-        self._reader.join()
-        for q in (self.ready, self.free):
-            while not q.empty():
-                q.get_nowait()
-        for i in list(self._current):
-            for t, p in zip(self.blocks[i].tensors, self.blocks[i].meta):
-                t.owner._parameters[t.leaf] = p
-        self._current.clear()
-        self._compute_start.clear()
-        for k in range(len(self.buffers)):
-            self.free.put(k)
-        self._next = 0
+        self._attach(model, dtype)  # times in perf_counter seconds; "read" spans by the reader
         self._start_reader()
 
     @property
@@ -453,6 +507,11 @@ class BlockStreamer:
         return self._files.direct
 
     # ----------------------------------------------------------------- reading
+
+    def _start_reader(self) -> None:
+        self._stop.clear()
+        self._reader = threading.Thread(target=self._read_loop, daemon=True, name="block-reader")
+        self._reader.start()
 
     def _read_loop(self) -> None:
         i = 0
@@ -476,57 +535,45 @@ class BlockStreamer:
             self.ready.put((j, k))
             i += 1
 
-    # ----------------------------------------------------------------- hooks
+    # ----------------------------------------------------------------- the shared hooks' parts
 
-    def _make_pre(self, i: int):
-        block = self.blocks[i]
+    def _acquire(self, i: int) -> int:
+        try:
+            j, k = self.ready.get(timeout=600)
+        except queue.Empty:
+            raise RuntimeError(
+                "block streamer: no block arrived in 10 minutes (an earlier forward pass failed midway?); "
+                "load the model again"
+            ) from None
+        if isinstance(k, Exception):
+            raise RuntimeError(f"block streamer: reading {self.blocks[j].name} failed: {k}") from k
+        if j != i:  # the model ran its blocks in another order than declared
+            raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {self.blocks[i].name}")
+        return k
 
-        def pre(module, args):
-            try:
-                j, k = self.ready.get(timeout=600)
-            except queue.Empty:
-                raise RuntimeError(
-                    "block streamer: no block arrived in 10 minutes (an earlier forward pass failed midway?); "
-                    "load the model again"
-                ) from None
-            if isinstance(k, Exception):
-                raise RuntimeError(f"block streamer: reading {self.blocks[j].name} failed: {k}") from k
-            if j != i:  # the model ran its blocks in another order than declared
-                raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {block.name}")
-            for t, p in zip(block.tensors, block.params[k]):
-                t.owner._parameters[t.leaf] = p
-            self._current[i] = k
-            self._next = (i + 1) % len(self.blocks)
-            self.bytes_streamed += block.stored
-            self._compute_start[i] = time.perf_counter()
-            return None
+    def _release(self, i: int, k: int, end) -> None:
+        self.free.put(k)
 
-        return pre
+    def _healthy(self) -> bool:
+        return self._reader.is_alive()  # not after a read error
 
-    def _make_post(self, i: int):
-        block = self.blocks[i]
+    def _stop_work(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        for q in (self.ready, self.free):
+            while not q.empty():
+                q.get_nowait()
 
-        def post(module, args, output):
-            self.events.append(("compute", i, self._compute_start.pop(i), time.perf_counter()))
-            for t, p in zip(block.tensors, block.meta):
-                t.owner._parameters[t.leaf] = p
-            self.free.put(self._current.pop(i))
-            return output
-
-        return post
-
-    def timeline(self) -> list[tuple[str, int, float, float]]:
-        """The recorded ``(kind, block, start, end)`` spans, in seconds from the first one kept."""
-        events = list(self.events)
-        origin = min((e[2] for e in events), default=0.0)
-        return [(k, i, a - origin, b - origin) for k, i, a, b in events]
+    def _resume(self) -> None:
+        for k in range(len(self.buffers)):
+            self.free.put(k)
+        self._start_reader()
 
     def close(self) -> None:
         """Stop reading, remove the hooks, close the files."""
         self._stop.set()
         self._reader.join()  # at most one block's read: the files must not close under it
-        for h in self._handles:
-            h.remove()
+        self._detach()
         self._files.close()
 
 
@@ -539,7 +586,7 @@ def _unregister(pointers: list[int]) -> None:
         pointers.clear()
 
 
-class HostStreamer:
+class HostStreamer(_Streamer):
     """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU one ahead.
 
     Each streamed block is read once, at load, from the checkpoint into its own page-locked host
@@ -552,6 +599,8 @@ class HostStreamer:
     pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
     """
+
+    _counted = "nbytes"  # what crossed to the device
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
                  dtype: torch.dtype | None = None, direct: bool = True, progress=None) -> None:
@@ -587,29 +636,11 @@ class HostStreamer:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if self.cuda:  # the pool's memory may have been freed by kernels still queued on the compute stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        for block in self.blocks:
-            for buf in self.buffers:
-                block.params.append([
-                    torch.nn.Parameter(_view(buf, t.pos, _target(t.stored, dtype), t.shape), requires_grad=False)
-                    for t in block.tensors
-                ])
-        self._copied: list = [None] * self.pool_size  # per buffer: the event of its latest copy
-        self._freed: list = [None] * self.pool_size  # per buffer: the event of the compute that last read it
-        self._slot: dict[int, int] = {}  # block -> buffer, for blocks copied or being copied
-        self._turn = 0  # the buffer the next copy goes to (round robin: blocks run in order)
-        self._current: dict[int, int] = {}
-        self._next = 0
+        self._resume()
         self.bytes_copied = 0  # queued copies, the next call's first blocks included
-        #: the bytes of the blocks the model has used so far (what crossed to the device for them)
-        self.bytes_streamed = 0
-        #: (kind, block index, start mark, end mark): "copy" on the side stream, "compute" on the model's;
-        #: CUDA events with timing on a GPU (see :meth:`timeline`), perf_counter seconds on the CPU
-        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
-        self._compute_start: dict[int, object] = {}
-        self._handles = [model.register_forward_pre_hook(self._restart_if_interrupted)]
-        for i, block in enumerate(self.blocks):
-            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
-            self._handles.append(block.module.register_forward_hook(self._make_post(i)))
+        # events: "copy" on the side stream, "compute" on the model's; CUDA events with timing on a
+        # GPU (see :meth:`timeline`), perf_counter seconds on the CPU
+        self._attach(model, dtype)
 
     # ----------------------------------------------------------------- pinning and marks
 
@@ -631,7 +662,7 @@ class HostStreamer:
 
     def _mark(self, stream=None):
         if not self.cuda:
-            return time.perf_counter()
+            return super()._mark()
         event = torch.cuda.Event(enable_timing=True)
         event.record(stream or torch.cuda.current_stream(self.device))
         return event
@@ -639,11 +670,8 @@ class HostStreamer:
     def timeline(self) -> list[tuple[str, int, float, float]]:
         """The recorded ``(kind, block, start, end)`` spans, in seconds from the first one kept."""
         events = list(self.events)
-        if not events:
-            return []
-        if not self.cuda:
-            origin = min(e[2] for e in events)
-            return [(k, i, a - origin, b - origin) for k, i, a, b in events]
+        if not events or not self.cuda:
+            return super().timeline()
         torch.cuda.synchronize(self.device)
         origin = events[0][2]
         spans = [(k, i, origin.elapsed_time(a) / 1000, origin.elapsed_time(b) / 1000) for k, i, a, b in events]
@@ -674,72 +702,43 @@ class HostStreamer:
         self._slot[j] = k
         self.bytes_copied += n
 
-    def _make_pre(self, i: int):
-        block, count = self.blocks[i], len(self.blocks)
+    def _acquire(self, i: int) -> int:
+        count = len(self.blocks)
+        if i not in self._slot:  # the first block of the first call: nothing was queued yet
+            self._issue(i)
+        for ahead in range(1, self.pool_size):  # keep the next blocks coming
+            j = (i + ahead) % count
+            if j not in self._slot and j != i:
+                self._issue(j)
+        k = self._slot.pop(i)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[k])
+        return k
 
-        def pre(module, args):
-            if i not in self._slot:  # the first block of the first call: nothing was queued yet
-                self._issue(i)
-            for ahead in range(1, self.pool_size):  # keep the next blocks coming
-                j = (i + ahead) % count
-                if j not in self._slot and j != i:
-                    self._issue(j)
-            k = self._slot.pop(i)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).wait_event(self._copied[k])
-            for t, p in zip(block.tensors, block.params[k]):
-                t.owner._parameters[t.leaf] = p
-            self._current[i] = k
-            self._next = (i + 1) % count
-            self.bytes_streamed += block.nbytes
-            self._compute_start[i] = self._mark()
+    def _release(self, i: int, k: int, end) -> None:
+        if self.cuda:
+            self._freed[k] = end  # the next copy into this buffer waits for it
 
-        return pre
-
-    def _make_post(self, i: int):
-        block = self.blocks[i]
-
-        def post(module, args, output):
-            k = self._current.pop(i)
-            end = self._mark()
-            if self.cuda:
-                self._freed[k] = end  # the copy into this buffer waits for it
-            self.events.append(("compute", i, self._compute_start.pop(i), end))
-            for t, p in zip(block.tensors, block.meta):
-                t.owner._parameters[t.leaf] = p
-            return output
-
-        return post
-
-    def _restart_if_interrupted(self, module, args) -> None:
-        """A pass that failed midway left copies queued ahead of the model: start over from block 0."""
-        if self._next == 0 and not self._current:
-            return
+    def _stop_work(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # the failed pass may have run on any stream
-        for i in list(self._current):
-            for t, p in zip(self.blocks[i].tensors, self.blocks[i].meta):
-                t.owner._parameters[t.leaf] = p
-        self._current.clear()
-        self._slot.clear()
-        self._compute_start.clear()
-        self._copied = [None] * self.pool_size
-        self._freed = [None] * self.pool_size
-        self._turn = self._next = 0
+
+    def _resume(self) -> None:
+        self._copied: list = [None] * self.pool_size  # per buffer: the event of its latest copy
+        self._freed: list = [None] * self.pool_size  # per buffer: the event of the compute that last read it
+        self._slot: dict[int, int] = {}  # block -> buffer, for blocks copied or being copied
+        self._turn = 0  # the buffer the next copy goes to (round robin: blocks run in order)
 
     def close(self) -> None:
         """Remove the hooks, wait for the copies in flight, and release the host and device buffers."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._detach()
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for block in self.blocks:
             block.params.clear()  # the views keep the pool alive
         self.events.clear()
         self._compute_start.clear()
-        self._copied = [None] * self.pool_size
-        self._freed = [None] * self.pool_size
+        self._resume()  # drops the events
         self.buffers.clear()
         self._unpin()
         self.host.clear()
