@@ -337,17 +337,28 @@ def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30, compon
     return total / max(time.perf_counter() - start, 1e-9)
 
 
+def resolve_cache(cache: str, budget) -> str:
+    """``cold`` or ``warm`` for ``cache="auto"`` under ``budget`` (see :func:`run`); others as given."""
+    if cache != "auto":
+        return cache
+    gpu = any(isinstance(t, int) for t in budget.names)
+    return "warm" if gpu and "disk" not in budget.names else "cold"
+
+
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
-        strategies=None, progress=print, cache: str = "cold", stage: str = "diffusion", tokens: int = 512,
+        strategies=None, progress=print, cache: str = "auto", stage: str = "diffusion", tokens: int = 512,
         timeout: float | None = None, on_result=None) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
     ``stage``: ``"diffusion"`` times the transformer (bfloat16) on latents of ``height`` x ``width``;
     ``"text_encoding"`` times the T5 encoder (float32) on one prompt of ``tokens`` token ids.
-    ``cache="cold"`` (default): before each step the page cache of the checkpoint and of every
-    offload folder is dropped, so a strategy that reads from the disk tier reads from the disk, as
-    on a machine whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the
-    disk tier: faster than the budget allows on a machine that is really that small).
+    ``cache="cold"``: before each step the page cache of the checkpoint and of every offload folder
+    is dropped, so a strategy that reads from the disk tier reads from the disk, as on a machine
+    whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the disk tier:
+    faster than the budget allows on a machine that is really that small). ``"auto"`` (default):
+    cold where weights come from the disk during steps (no GPU tier: the stream reads the
+    checkpoint; or a disk tier), warm with a GPU tier and no disk tier, where they move from RAM
+    and dropping the cache would only slow every load.
     A strategy that fails or runs past ``timeout`` seconds is reported with its ``error``; the
     others still run. ``on_result``: called after each strategy but the last with the report so far
     (``"complete": false``, no floor yet), so that a long run stopped midway leaves what it measured.
@@ -367,13 +378,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         raise UserError(f"tokens must be a whole number from 1 to 512 (T5's limit), not {tokens!r}.")
     if timeout is not None and not timeout > 0:
         raise UserError(f"timeout must be a number of seconds above 0, not {timeout!r}.")
-    if cache not in ("cold", "warm"):
-        raise UserError(f"cache must be 'cold' or 'warm', not {cache!r}.")
-    if cache == "cold":
-        import os
-
-        if not hasattr(os, "posix_fadvise"):
-            raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
+    if cache not in ("auto", "cold", "warm"):
+        raise UserError(f"cache must be 'auto', 'cold' or 'warm', not {cache!r}.")
     has_gpu = torch.cuda.is_available()
     for s in strategies or ():
         if s not in CPU_STRATEGIES + GPU_ONLY:
@@ -389,6 +395,12 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     if gpu is not None and not has_gpu:
         raise UserError(f"the budget {budget_spec} has a GPU tier and this machine has no GPU; give a budget of "
                         "cpu and disk tiers (one tier down).")
+    cache = resolve_cache(cache, plan.budget)
+    if cache == "cold":
+        import os
+
+        if not hasattr(os, "posix_fadvise"):
+            raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
     for s in strategies or ():
         if s in GPU_ONLY and gpu is None:
             raise UserError(f"strategy {s!r} needs a GPU tier in the budget, e.g. \"0=8.5GiB,cpu=30GiB\".")

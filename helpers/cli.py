@@ -396,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=512, metavar="N", help="text_encoding: tokens per prompt (default 512)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="give up on a strategy after S seconds (it is reported as failed; the others still run)")
-    p.add_argument("--cache", choices=["cold", "warm"], default="cold",
-                   help="cold (default): drop the page cache of the weight files before each step, so the disk tier "
-                   "is read from the disk as on a machine whose RAM is the budget; warm: leave them cached")
+    p.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
+                   help="cold: drop the page cache of the weight files before each step, so the disk tier is read "
+                   "from the disk as on a machine whose RAM is the budget; warm: leave them cached; auto (default): "
+                   "cold unless the budget has a GPU tier and no disk tier (weights then move from RAM)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON, after each strategy (\"complete\": "
                    "false until the last, so a run stopped midway keeps what it measured)")
     p.set_defaults(func=_cmd_bench)

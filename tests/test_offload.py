@@ -119,6 +119,7 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
     assert partial[1]["floor"] is None and partial[1]["results"][1]["max_abs_diff_vs_resident"] == 0.0
     assert "stopped after 2 of 3 strategies, no floor" in title(partial[1]) and len(rows(partial[1])) == 2
     assert data["complete"] and "baseline_rss_bytes" not in data["results"][0]
+    assert data["cache"] == "cold"  # auto: the stream reads the checkpoint during steps
     assert {"model", "device", "max_memory", "max_memory_bytes", "baseline_rss_bytes", "steps", "height", "width",
             "results"} <= set(data)
     assert data["device"] == "cpu" and set(data["max_memory_bytes"]) == {"cpu", "disk"}
@@ -129,6 +130,16 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
         assert r["max_abs_diff_vs_resident"] == 0.0 and r["peak_gpu_bytes"] is None and r["s_per_step"] > 0
     assert data["results"][0]["bytes_streamed_per_step"] == 0 and data["results"][2]["bytes_streamed_per_step"] > 0
     assert data["floor"]["s_per_step"] > 0
+
+
+def test_bench_drops_the_page_cache_only_where_weights_come_from_the_disk():
+    from helpers.bench import resolve_cache
+    from helpers.budget import parse_budget
+
+    for spec, expected in (("cpu=1GiB", "cold"), ("cpu=1GiB,disk=9GiB", "cold"), ("0=1GiB,cpu=9GiB", "warm"),
+                           ("0=1GiB,cpu=2GiB,disk=9GiB", "cold")):
+        assert resolve_cache("auto", parse_budget(spec)) == expected
+        assert resolve_cache("warm", parse_budget(spec)) == "warm"
 
 
 def test_bench_rejects_unknown_and_gpu_only_strategies():
@@ -458,7 +469,7 @@ def test_bench_refuses_bad_settings_before_running():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="this machine has no GPU"):
             run("tiny", "0=1GiB,cpu=1GiB", **quiet)
-    with pytest.raises(UserError, match="cache must be 'cold' or 'warm'"):
+    with pytest.raises(UserError, match="cache must be 'auto', 'cold' or 'warm'"):
         run("tiny", cache="hot", **quiet)
     with pytest.raises(UserError, match="timeout must be a number of seconds above 0"):
         run("tiny", timeout=0, **quiet)
