@@ -206,7 +206,7 @@ def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0) -> Diffu
     cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                            ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                           device_bytes=device_bytes, reserve=activations if device else 0)
+                                           device_bytes=device_bytes, reserve=activations if device else 0, progress=True)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,

@@ -160,7 +160,7 @@ def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0) -> Text
     cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
     text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
                                               ["encoder.block"], device=device, device_bytes=device_bytes,
-                                              reserve=activations if device else 0)
+                                              reserve=activations if device else 0, progress=True)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
     streamed = {b.name for b in streamer.blocks} if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")

@@ -603,7 +603,7 @@ class HostStreamer(_Streamer):
     _counted = "nbytes"  # what crossed to the device
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
-                 dtype: torch.dtype | None = None, direct: bool = True, progress=None) -> None:
+                 dtype: torch.dtype | None = None, direct: bool = True, on_read=None) -> None:
         folder = Path(folder)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -620,9 +620,11 @@ class HostStreamer(_Streamer):
         self.host: list[torch.Tensor] = []
         self._registered: list[int] = []
         try:
-            for block in (progress(self.blocks) if progress else self.blocks):
+            for block in self.blocks:
                 host = _page_aligned(block.nbytes)
                 _fill(files, block, host, stage, dtype)
+                if on_read is not None:
+                    on_read(block.stored)
                 if self.cuda:
                     self._pin(host)
                 self.host.append(host)
@@ -768,7 +770,8 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
-                   pool: int = 2, device=None, device_bytes: int | None = None, progress=None, reserve: int = 0):
+                   pool: int = 2, device=None, device_bytes: int | None = None, progress: bool = False,
+                   reserve: int = 0):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
@@ -784,6 +787,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     ``reserve``: bytes of the fast tier kept free for the forward pass's activations (see
     :func:`helpers.footprint.activation_bytes`), so that weights, pool and activations together stay
     within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
+    ``progress``: a progress bar (bytes) over what loading reads.
     """
     from accelerate.utils import set_module_tensor_to_device
 
@@ -843,6 +847,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
             "'accelerate', which can add a disk tier."
         )
     streamed_params = {f"{n}.{p}" for n in streamed for p, _ in model.get_submodule(n).named_parameters()}
+    keys = {}  # parameter -> its name in the checkpoint
     for name, p in model.named_parameters():
         if name in streamed_params:
             continue
@@ -853,8 +858,19 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
             key = aliases[0]
         else:
             key = name
+        keys[name] = key
+    # what is read now: the resident weights, and with a GPU the streamed blocks into pinned RAM
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(index[k][2] for k in keys.values()) + (sum(plans[n].stored for n in streamed) if on_gpu else 0)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{folder.name}: loading (stream)")
+    for name, key in keys.items():
         value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
         set_module_tensor_to_device(model, name, device, value=value.to(device, dtype), clear_cache=False)
+        if bar is not None:
+            bar.update(index[key][2])
     if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
         model.tie_weights()
     for name, b in model.named_buffers():
@@ -863,9 +879,14 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         if b.device != device:
             b.data = b.data.to(device)
     model.eval()
-    if not streamed:
-        return model, None
-    if on_gpu:
-        return model, HostStreamer(model, folder, streamed, device, pool=pool, dtype=dtype, progress=progress)
+    try:
+        if not streamed:
+            return model, None
+        if on_gpu:
+            return model, HostStreamer(model, folder, streamed, device, pool=pool, dtype=dtype,
+                                       on_read=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     return model, BlockStreamer(model, folder, streamed, pool=pool, pool_bytes=room - sum(size[r] for r in resident),
                                 dtype=dtype)

@@ -546,3 +546,15 @@ def test_stream_buffers_are_whole_pages_of_their_own():
         storage = buf.untyped_storage()
         assert buf.numel() == n and storage.data_ptr() == buf.data_ptr()
         assert storage.data_ptr() % 4096 == 0 and storage.nbytes() % 4096 == 0
+
+
+def test_loading_a_stream_shows_its_progress_in_bytes(tiny_folder, resident, capsys):
+    from tqdm import tqdm
+
+    model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16,
+                                     int(_bytes(resident) * 0.5), BLOCKS, progress=True)
+    streamer.close()
+    err = capsys.readouterr().err
+    resident_bytes = sum(p.numel() * 2 for p in model.parameters() if p.device.type != "meta")
+    size = tqdm.format_sizeof(resident_bytes, divisor=1024)  # every resident weight, read once
+    assert "transformer: loading (stream): 100%|" in err and f"{size}/{size}" in err
