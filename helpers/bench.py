@@ -85,9 +85,19 @@ def _load_t5(strategy: str, config: dict, work: Path):
         clip_tier = comps["text_encoder"].device_map[""]
         cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: sum(u.nbytes for u in comps["text_encoder"].units)})
         model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
-                                         device_bytes=device_bytes, reserve=config["activations"] if gpu else 0)
+                                         device_bytes=device_bytes, reserve=_reserve(config, plan))
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
+
+
+def _reserve(config: dict, plan) -> int:
+    """What a stream keeps free in a GPU tier for one call of the benchmarked component (0 in RAM)."""
+    from helpers.offload import gpu_activations
+
+    component, dtype, _ = STAGES[config.get("stage", "diffusion")]
+    tokens = config["tokens"] if config.get("stage") == "text_encoding" else TOKENS
+    return gpu_activations(plan.budget, "stream", component, config["model"], dtype, height=config["height"],
+                           width=config["width"], tokens=tokens)
 
 
 def _streamed_per_call(model, streamer):
@@ -131,7 +141,7 @@ def _load(strategy: str, config: dict, work: Path):
         cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: sum(u.nbytes for u in comps["vae"].units)})
         model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                          ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                         device_bytes=device_bytes, reserve=config["activations"] if gpu else 0)
+                                         device_bytes=device_bytes, reserve=_reserve(config, plan))
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
@@ -341,8 +351,7 @@ def resolve_cache(cache: str, budget) -> str:
     """``cold`` or ``warm`` for ``cache="auto"`` under ``budget`` (see :func:`run`); others as given."""
     if cache != "auto":
         return cache
-    gpu = any(isinstance(t, int) for t in budget.names)
-    return "warm" if gpu and "disk" not in budget.names else "cold"
+    return "warm" if budget.gpu is not None and "disk" not in budget.names else "cold"
 
 
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
@@ -360,7 +369,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     checkpoint; or a disk tier), warm with a GPU tier and no disk tier, where they move from RAM
     and dropping the cache would only slow every load.
     A strategy that fails or runs past ``timeout`` seconds is reported with its ``error``; the
-    others still run. ``on_result``: called after each strategy but the last with the report so far
+    others still run. ``on_result``: called after each strategy with the report so far
     (``"complete": false``, no floor yet), so that a long run stopped midway leaves what it measured.
     """
     from helpers.budget import default_budget
@@ -391,7 +400,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     name = ref.name if ref.kind != "local" else str(ref.path)
     plan = (diffusion_plan if stage == "diffusion" else text_encoding_plan)(name, budget_spec)  # checks the budget
-    gpu = next((t for t in plan.budget.names if isinstance(t, int)), None)
+    gpu = plan.budget.gpu
     if gpu is not None and not has_gpu:
         raise UserError(f"the budget {budget_spec} has a GPU tier and this machine has no GPU; give a budget of "
                         "cpu and disk tiers (one tier down).")
@@ -408,11 +417,15 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     strategies = list(strategies or [s for s in everything if s in allowed])
     needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
     folder = model_path(model, components=needs)
-    # what one call holds beyond its weights (meta-device count): a stream to a GPU keeps it free there
-    activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1],
-                                   height=height, width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
+    # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
+    # the report: a model whose forward the meta device cannot run still benchmarks
+    try:
+        activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1],
+                                       height=height, width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
+    except Exception:  # noqa: BLE001
+        activations = None
     config = {"model": name, "folder": str(folder), "max_memory": budget_spec, "steps": steps, "height": height,
-              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens, "activations": activations}
+              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens}
     results, outputs = [], {}
 
     def report(complete: bool) -> dict:
@@ -471,7 +484,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                 results.append(json.loads(out.with_suffix(".json").read_text()))
                 outputs[s] = torch.load(out.with_suffix(".pt"))
                 progress(f"{s}: {results[-1]['s_per_step']:.4f} s/step")
-            if on_result is not None and len(results) < len(strategies):
+            if on_result is not None:  # the last one too: the floor is still to be measured
                 on_result(report(complete=False))
     return report(complete=True)
 

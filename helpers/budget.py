@@ -146,6 +146,11 @@ class Budget:
     def total(self) -> int:
         return sum(b for _, b in self.tiers)
 
+    @property
+    def gpu(self) -> int | None:
+        """The first GPU tier (the fastest), or ``None`` for a budget of RAM and disk."""
+        return next((t for t in self.names if isinstance(t, int)), None)
+
     def describe(self) -> str:
         """For people: ``GPU 0 8.5 GiB, CPU RAM 30 GiB``."""
         names = {"cpu": "CPU RAM", "disk": "disk", "mps": "MPS"}

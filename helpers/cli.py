@@ -231,13 +231,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with atomic_path(args.json, overwrite=True) as tmp:  # replaced whole or not at all
             tmp.write_text(json.dumps(data, indent=2))
 
+    def save_partial(data: dict) -> None:
+        try:
+            save(data)
+        except OSError as err:  # the benchmark goes on; the final write says so again if it still fails
+            print(f"warning: could not write {args.json} ({err})", file=sys.stderr)
+
     if args.json:
         check_can_write(args.json, overwrite=True)
     # with --json the file holds each strategy's result as soon as it is measured ("complete": false
     # until the last): a run stopped midway keeps what it measured
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
-               stage=args.stage, tokens=args.tokens, timeout=args.timeout, on_result=save if args.json else None)
+               stage=args.stage, tokens=args.tokens, timeout=args.timeout, on_result=save_partial if args.json else None)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")

@@ -145,7 +145,7 @@ class Diffusion:
 
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                   offload: str = "accelerate", activations: int = 0) -> Diffusion:
+                   offload: str = "accelerate", activations: int = 0, progress: bool = True) -> Diffusion:
     """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
 
     Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
@@ -157,8 +157,9 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
     pool (with a GPU tier: held in pinned RAM, copied one ahead on a side stream); ``"auto"`` picks
     it where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
-    ``activations``: bytes a stream keeps free in a GPU tier for the denoising step's intermediates
-    (:func:`helpers.offload.gpu_activations`; :func:`diffuse_file` works them out for its size).
+    ``activations``: bytes a stream keeps free in a GPU tier for the intermediates of a denoising step
+    or of the VAE's decode, the larger (:func:`helpers.offload.gpu_activations`; :func:`diffuse_file`
+    works them out for its size). ``progress``: a progress bar while a stream loads.
     """
     import tempfile
 
@@ -171,7 +172,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, activations))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, activations, progress))
     if streamed is not None:
         return streamed
     temporary = False
@@ -196,7 +197,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
                      device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
 
 
-def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0) -> Diffusion:
+def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0, progress: bool = True) -> Diffusion:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import torch_device
@@ -206,7 +207,8 @@ def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0) -> Diffu
     cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                            ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                           device_bytes=device_bytes, reserve=activations if device else 0, progress=True)
+                                           device_bytes=device_bytes, reserve=activations if device else 0,
+                                           progress=progress)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
@@ -367,12 +369,13 @@ def diffuse_file(
     plan = diffusion_plan(model, max_memory)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
 
-    activations = gpu_activations(plan.budget, offload, "transformer", ref.name if ref.kind != "local" else str(ref.path),
-                                  torch.bfloat16, batch=header.batch, height=height, width=width,
-                                  tokens=header.max_sequence_length)
+    # on a GPU the stream's weights stay through the steps and the VAE's decode: room for the larger
+    activations = gpu_activations(plan.budget, offload, ["transformer", "vae"],
+                                  ref.name if ref.kind != "local" else str(ref.path), torch.bfloat16,
+                                  batch=header.batch, height=height, width=width, tokens=header.max_sequence_length)
 
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan, offload=offload, activations=activations)
+        diffusion = load_diffusion(folder, plan, offload=offload, activations=activations, progress=progress)
         try:
             tensors = load_file(str(header.path))
             result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)

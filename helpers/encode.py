@@ -105,7 +105,7 @@ def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str
 
 
 def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                       offload: str = "accelerate", activations: int = 0) -> TextEncoders:
+                       offload: str = "accelerate", activations: int = 0, progress: bool = True) -> TextEncoders:
     """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
 
     ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
@@ -114,7 +114,8 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     converted to float32 as they arrive; from pinned RAM to the GPU with one); ``"auto"`` picks it
     where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
     ``activations``: bytes a stream keeps free in a GPU tier for T5's intermediates
-    (:func:`helpers.offload.gpu_activations`; :func:`encode_prompts` works them out).
+    (:func:`helpers.offload.gpu_activations`; :func:`encode_prompts` works them out). ``progress``:
+    a progress bar while a stream loads.
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -124,7 +125,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, activations))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, activations, progress))
     if streamed is not None:
         return streamed
     if "disk" in t5_map.values():
@@ -151,7 +152,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     )
 
 
-def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0) -> TextEncoders:
+def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0, progress: bool = True) -> TextEncoders:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from helpers.offload import load_streaming, stream_budget
@@ -160,7 +161,7 @@ def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0) -> Text
     cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
     text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
                                               ["encoder.block"], device=device, device_bytes=device_bytes,
-                                              reserve=activations if device else 0, progress=True)
+                                              reserve=activations if device else 0, progress=progress)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
     streamed = {b.name for b in streamer.blocks} if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")

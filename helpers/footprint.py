@@ -256,6 +256,11 @@ def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool
             self.now -= self.live.pop(key)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs)):  # tensors from before the pass (caches, nested inputs)
+                if isinstance(t, torch.Tensor):
+                    key = t.untyped_storage()._cdata
+                    if key not in self.live:
+                        self.known.add(key)
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
@@ -283,11 +288,23 @@ def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool
     return live.peak
 
 
+class _Decode(torch.nn.Module):
+    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
 def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: int = 1024, width: int = 1024,
                      tokens: int = 512) -> int:
-    """Peak activations of one forward of ``component`` (``transformer``: one denoising step of a
-    ``height`` x ``width`` image with ``tokens`` text tokens; ``text_encoder_2``: one prompt of
-    ``tokens`` tokens), batch 1, computing in ``dtype``; see :func:`activation_peak`. No weights."""
+    """Peak activations of one forward of ``component``, batch 1, computing in ``dtype``: for
+    ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens`` text tokens;
+    for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of ``tokens`` tokens.
+    See :func:`activation_peak`. No weights."""
     module = skeleton(component, config)
     for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point():
@@ -305,8 +322,12 @@ def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: i
             inputs["guidance"] = torch.empty(1, device=meta)
     elif component == "text_encoder_2":
         inputs = dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=meta))
+    elif component == "vae":
+        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=meta)
+        module, inputs = _Decode(module), dict(latents=latents)
     else:
-        raise UserError(f"activations are estimated for transformer and text_encoder_2, not {component!r}.")
+        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
     return activation_peak(module, inputs)
 
 

@@ -55,7 +55,7 @@ def choose_offload(offload: str, budget) -> str:
     """``accelerate`` or ``stream`` for this budget (``auto``: ``stream`` without a GPU tier)."""
     check_offload(offload)
     if offload == "auto":
-        return "accelerate" if any(isinstance(t, int) for t in budget.names) else "stream"
+        return "accelerate" if budget.gpu is not None else "stream"
     return offload
 
 
@@ -75,20 +75,30 @@ def stream_or_none(offload: str, budget, load):
         return None
 
 
-def gpu_activations(budget, offload: str, component: str, model, dtype: torch.dtype, batch: int = 1, **size) -> int:
-    """Bytes to keep free in the GPU tier for ``component``'s activations when it streams there, else 0.
+#: room a GPU stream keeps beyond the counted activations: cuBLAS workspaces and the allocator's rounding
+GPU_WORKSPACE = 64 * 2**20
+
+
+def gpu_activations(budget, offload: str, components, model, dtype: torch.dtype, batch: int = 1, **size) -> int:
+    """Bytes to keep free in the GPU tier for the activations of a stream there, else 0.
 
     On a GPU the tier is all the memory there is: weights, pool and activations must fit it
     together. In RAM the tier is the weights' (the operating system has room around it), so a
-    stream without a GPU tier keeps nothing back. ``size``: ``height``, ``width``, ``tokens`` as
+    stream without a GPU tier keeps nothing back. ``components``: one name, or several that run
+    one after the other while the stream's weights stay (the transformer's steps, then the VAE's
+    decode): the largest counts. ``size``: ``height``, ``width``, ``tokens`` as
     :func:`helpers.footprint.activation_bytes` takes them; ``batch`` prompts scale them.
+    Plus :data:`GPU_WORKSPACE`.
     """
-    if choose_offload(offload, budget) != "stream" or not any(isinstance(t, int) for t in budget.names):
+    if choose_offload(offload, budget) != "stream" or budget.gpu is None:
         return 0
     from helpers.footprint import activation_bytes, component_configs
 
     _, configs = component_configs(model)
-    return batch * activation_bytes(component, configs[component], dtype, **size)
+    components = [components] if isinstance(components, str) else components
+    dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(components)
+    peak = max(activation_bytes(c, configs[c], d, **size) for c, d in zip(components, dtypes))
+    return batch * peak + GPU_WORKSPACE
 
 
 def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | None]:
@@ -97,7 +107,7 @@ def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | 
     ``whole``: the other components of the stage that are loaded whole, ``{tier: bytes}`` (CLIP,
     the VAE); their bytes come off their tier. The first GPU tier, if any, is the fast tier.
     """
-    gpu = next((t for t in budget.names if isinstance(t, int)), None)
+    gpu = budget.gpu
     left = {t: b for t, b in budget.tiers}
     for tier, nbytes in whole.items():
         if tier in left:
@@ -290,13 +300,13 @@ def _widen_bf16(src: torch.Tensor, src_pos: int, dst: torch.Tensor, dst_pos: int
 def _page_aligned(nbytes: int) -> torch.Tensor:
     """``nbytes`` of uint8 in whole pages of their own (O_DIRECT reads into page-aligned memory).
 
-    An anonymous memory map: its storage starts on a page boundary and ends on one, so pinning it
-    with ``cudaHostRegister`` covers the whole storage (``Tensor.is_pinned()`` is then true) and
-    shares no page with other allocations.
+    A private anonymous memory map: its storage starts on a page boundary and ends on one, so
+    pinning it with ``cudaHostRegister`` covers the whole storage (``Tensor.is_pinned()`` is then
+    true) and shares no page with other allocations.
     """
     import mmap
 
-    pages = mmap.mmap(-1, max(_align(nbytes, _PAGE), _PAGE))
+    pages = mmap.mmap(-1, max(_align(nbytes, _PAGE), _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8)[:nbytes]
 
 
@@ -577,9 +587,28 @@ class BlockStreamer(_Streamer):
         self._files.close()
 
 
+def _clear_cuda_error() -> None:
+    """Reset the CUDA runtime's last error (a failed ``cudaHostRegister`` leaves one behind, which the
+    next kernel launch would report as its own). PyTorch does not bind ``cudaGetLastError``: it is
+    called in the runtime library the process has loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart" in line}
+    except OSError:
+        return
+    for path in paths:
+        try:
+            ctypes.CDLL(path).cudaGetLastError()
+        except (OSError, AttributeError):
+            continue
+
+
 def _unregister(pointers: list[int]) -> None:
-    """Unpin host buffers pinned with ``cudaHostRegister`` (and forget them)."""
+    """Unpin host buffers pinned with ``cudaHostRegister`` (and forget them), once no copy reads them."""
     if pointers:
+        torch.cuda.synchronize()  # the next call's first copy may still be in flight
         cudart = torch.cuda.cudart()
         for ptr in pointers:
             cudart.cudaHostUnregister(ptr)
@@ -595,7 +624,7 @@ class HostStreamer(_Streamer):
     pool of ``pool`` block buffers; when block i starts, the copy of block i+1 is queued on a side
     stream after the event that says the block that last used its buffer has finished; block i's
     compute waits on the event of its own copy. Host RAM used: the streamed blocks (the budget's cpu
-    tier), once. The host buffers are ordinary allocations pinned with ``cudaHostRegister``: PyTorch's
+    tier), once. The host buffers are anonymous memory maps pinned with ``cudaHostRegister``: PyTorch's
     pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
     """
@@ -628,13 +657,14 @@ class HostStreamer(_Streamer):
                 if self.cuda:
                     self._pin(host)
                 self.host.append(host)
-        except BaseException:
+            files.close()
+            del stage
+            self.buffers = [torch.empty(self.largest, dtype=torch.uint8, device=self.device)
+                            for _ in range(self.pool_size)]
+        except BaseException:  # unpinned now, not when the traceback lets go of this object
+            files.close()
             self._unpin()
             raise
-        finally:
-            files.close()
-        del stage
-        self.buffers = [torch.empty(self.largest, dtype=torch.uint8, device=self.device) for _ in range(self.pool_size)]
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         if self.cuda:  # the pool's memory may have been freed by kernels still queued on the compute stream
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -651,8 +681,7 @@ class HostStreamer(_Streamer):
         size = _align(host.numel(), _PAGE)  # whole pages: _page_aligned gives each buffer pages of its own
         err = cudart.cudaHostRegister(host.data_ptr(), size, 0)
         if int(getattr(err, "value", err)) != 0:
-            if hasattr(cudart, "cudaGetLastError"):
-                cudart.cudaGetLastError()  # clear it, or an unrelated later CUDA call reports it
+            _clear_cuda_error()
             raise RuntimeError(f"could not pin {size:,} bytes of RAM for streaming (cudaHostRegister: {err}); "
                                "the system may limit locked memory (ulimit -l)")
         if not self._registered:  # unpinned when the streamer goes, even without close()
@@ -866,20 +895,20 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
 
         total = sum(index[k][2] for k in keys.values()) + (sum(plans[n].stored for n in streamed) if on_gpu else 0)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{folder.name}: loading (stream)")
-    for name, key in keys.items():
-        value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
-        set_module_tensor_to_device(model, name, device, value=value.to(device, dtype), clear_cache=False)
-        if bar is not None:
-            bar.update(index[key][2])
-    if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
-        model.tie_weights()
-    for name, b in model.named_buffers():
-        if b.device.type == "meta":
-            raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
-        if b.device != device:
-            b.data = b.data.to(device)
-    model.eval()
     try:
+        for name, key in keys.items():
+            value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
+            set_module_tensor_to_device(model, name, device, value=value.to(device, dtype), clear_cache=False)
+            if bar is not None:
+                bar.update(index[key][2])
+        if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
+            model.tie_weights()
+        for name, b in model.named_buffers():
+            if b.device.type == "meta":
+                raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
+            if b.device != device:
+                b.data = b.data.to(device)
+        model.eval()
         if not streamed:
             return model, None
         if on_gpu:

@@ -308,8 +308,9 @@ def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
     # more pixels, more activations; T5 too
     assert activation_bytes("transformer", configs["transformer"], torch.bfloat16, 256, 256, tokens) > 3 * meta
     assert activation_bytes("text_encoder_2", configs["text_encoder_2"], torch.float32, tokens=64) > 0
-    with pytest.raises(UserError, match="activations are estimated for transformer and text_encoder_2"):
-        activation_bytes("vae", configs["vae"], torch.float32)
+    assert activation_bytes("vae", configs["vae"], torch.bfloat16, 128, 128) > 0
+    with pytest.raises(UserError, match="activations are estimated for transformer, vae and text_encoder_2"):
+        activation_bytes("text_encoder", configs["text_encoder"], torch.float32)
 
 
 def test_flux_dev_activations_at_1024_are_about_half_a_gib():
@@ -319,3 +320,22 @@ def test_flux_dev_activations_at_1024_are_about_half_a_gib():
     configs = shipped_configs("FLUX.1-dev")
     step = activation_bytes("transformer", configs["transformer"], torch.bfloat16, 1024, 1024, 512)
     assert 0.3 * 2**30 < step < 0.8 * 2**30  # 4096 + 512 tokens x 3072, the MLP 4x wider; no 4608^2 score matrix
+
+
+class _Cached(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = x * 2  # made by the first call, kept by the module
+        return self.cache[: len(x) // 2] + 1  # a view of it, then one new tensor
+
+
+def test_activation_peak_does_not_count_tensors_from_before_the_pass():
+    from helpers.footprint import activation_peak
+
+    module, x = _Cached(), torch.zeros(1000)
+    assert activation_peak(module, {"x": x}) == 1000 * 4 + 500 * 4  # the cache is made in this pass
+    assert activation_peak(module, {"x": x}) == 500 * 4  # now it is old: only the sum is new

@@ -85,7 +85,13 @@ def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
     gpu, cpu = parse_budget("0=1GiB,cpu=2GiB"), parse_budget("cpu=1GiB,disk=2GiB")
     size = dict(height=128, width=128, tokens=16)
     one = activation_bytes("transformer", component_configs("tiny")[1]["transformer"], torch.bfloat16, **size)
-    assert gpu_activations(gpu, "stream", "transformer", "tiny", torch.bfloat16, batch=3, **size) == 3 * one
+    from helpers.offload import GPU_WORKSPACE
+
+    assert gpu_activations(gpu, "stream", "transformer", "tiny", torch.bfloat16, batch=3, **size) == 3 * one + GPU_WORKSPACE
+    # the steps, then the decode with the stream's weights still there: room for the larger
+    decode = activation_bytes("vae", component_configs("tiny")[1]["vae"], torch.bfloat16, **size)
+    both = gpu_activations(gpu, "stream", ["transformer", "vae"], "tiny", torch.bfloat16, **size)
+    assert both == max(one, decode) + GPU_WORKSPACE
     for budget, offload in ((gpu, "accelerate"), (gpu, "auto"), (cpu, "stream"), (cpu, "auto")):
         assert gpu_activations(budget, offload, "transformer", "tiny", torch.bfloat16, **size) == 0
 
@@ -115,7 +121,7 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
     data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"],
                progress=lambda _: None, on_result=partial.append)
     # a report after each strategy but the last, so a run stopped midway keeps what it measured
-    assert [len(p["results"]) for p in partial] == [1, 2] and not any(p["complete"] for p in partial)
+    assert [len(p["results"]) for p in partial] == [1, 2, 3] and not any(p["complete"] for p in partial)
     assert partial[1]["floor"] is None and partial[1]["results"][1]["max_abs_diff_vs_resident"] == 0.0
     assert "stopped after 2 of 3 strategies, no floor" in title(partial[1]) and len(rows(partial[1])) == 2
     assert data["complete"] and "baseline_rss_bytes" not in data["results"][0]
