@@ -627,12 +627,14 @@ class HostStreamer(_Streamer):
     tier), once. The host buffers are anonymous memory maps pinned with ``cudaHostRegister``: PyTorch's
     pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
+    The blocks are read once, at load, through the page cache by default (``direct=False``): a
+    checkpoint read or written a moment ago then comes from RAM, not from the disk again.
     """
 
     _counted = "nbytes"  # what crossed to the device
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
-                 dtype: torch.dtype | None = None, direct: bool = True, on_read=None) -> None:
+                 dtype: torch.dtype | None = None, direct: bool = False, on_read=None) -> None:
         folder = Path(folder)
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
