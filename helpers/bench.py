@@ -284,6 +284,65 @@ def title(data: dict) -> str:
     return f"{head}: floor {data['floor']['s_per_step']:.4f} s/step"
 
 
+def plot_time_memory(data: dict, ax=None):
+    """Seconds per step against peak memory, one point per strategy, with the floor and the budget.
+
+    Peak GPU memory where the result has it (against the GPU tier), else the process's peak RSS
+    (against the process after its imports plus the cpu tier, plus 10% for activations). For
+    notebook 04; returns the axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        ax = plt.subplots(figsize=(8, 5))[1]
+    gpu = any(r.get("peak_gpu_bytes") for r in data["results"])
+    key = "peak_gpu_bytes" if gpu else "peak_rss_bytes"
+    for r in data["results"]:
+        if r.get("s_per_step") is None or r.get(key) is None:
+            continue
+        x = r[key] / 2**20
+        ax.scatter(x, r["s_per_step"], s=90)
+        ax.annotate(r["strategy"], (x, r["s_per_step"]), textcoords="offset points", xytext=(8, 4), fontsize=11)
+    tiers = data.get("max_memory_bytes", {})
+    gpu_tier = next((b for t, b in tiers.items() if t.isdigit()), None)
+    if gpu and gpu_tier:
+        limit, what = gpu_tier, "GPU tier"
+    elif not gpu and data.get("baseline_rss_bytes") and "cpu" in tiers:  # RAM: room for activations
+        limit, what = 1.1 * (data["baseline_rss_bytes"] + tiers["cpu"]), "imports + cpu tier + 10%"
+    else:
+        limit = None
+    if limit:
+        ax.axvline(limit / 2**20, linestyle=":", color="grey")
+        ax.text(limit / 2**20, ax.get_ylim()[1], f" {what}", va="top", fontsize=10, color="grey")
+    if data.get("floor"):
+        ax.axhline(data["floor"]["s_per_step"], linestyle="--", color="black")
+        ax.text(ax.get_xlim()[0], data["floor"]["s_per_step"], " floor", va="bottom", fontsize=11)
+    ax.set_xlabel("peak GPU memory (MiB)" if gpu else "peak RSS of the process (MiB)", fontsize=12)
+    ax.set_ylabel("seconds per step", fontsize=12)
+    ax.set_title(f"{data['model']} on {data['device']}: time per step against memory", fontsize=12)
+    return ax
+
+
+def plot_timeline(data: dict, ax=None):
+    """The ``stream`` row's fetches (disk reads, or copies to the GPU) against its computes, block by
+    block, over its last calls; ``None`` when the result has no stream timeline."""
+    import matplotlib.pyplot as plt
+
+    stream = next((r for r in data["results"] if r["strategy"] == "stream" and r.get("timeline")), None)
+    if stream is None:
+        return None
+    if ax is None:
+        ax = plt.subplots(figsize=(12, 2.6))[1]
+    fetch = "copy" if any(k == "copy" for k, *_ in stream["timeline"]) else "read"
+    for row, kind, colour in ((1, fetch, "#ff7f0e"), (0, "compute", "#1f77b4")):
+        spans = [(a, b - a) for k, _, a, b in stream["timeline"] if k == kind]
+        ax.broken_barh(spans, (row - 0.35, 0.7), color=colour, edgecolor="white", linewidth=0.3)
+    ax.set_yticks([0, 1], ["compute", fetch], fontsize=12)
+    ax.set_xlabel("seconds", fontsize=12)
+    ax.set_title(f"stream on {data['device']}: the {fetch} of block i+1 while block i computes", fontsize=12)
+    return ax
+
+
 def host_to_device_bandwidth(gpu: int, nbytes: int = 2**30, repeats: int = 5) -> float:
     """Bytes per second of one ``non_blocking`` copy from pinned RAM to GPU ``gpu`` (the best of a few)."""
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

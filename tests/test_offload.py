@@ -564,3 +564,38 @@ def test_loading_a_stream_shows_its_progress_in_bytes(tiny_folder, resident, cap
     resident_bytes = sum(p.numel() * 2 for p in model.parameters() if p.device.type != "meta")
     size = tqdm.format_sizeof(resident_bytes, divisor=1024)  # every resident weight, read once
     assert "transformer: loading (stream): 100%|" in err and f"{size}/{size}" in err
+
+
+def test_bench_plots_read_a_saved_result_cpu_or_gpu():
+    """Notebook 04 draws every saved result: RSS against the cpu tier, or GPU memory against the GPU tier."""
+    import copy as copy_
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from helpers.bench import plot_time_memory, plot_timeline
+
+    cpu = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" / "medium-cpu2-64x64-cold.json").read_text())
+    ax = plot_time_memory(cpu)
+    assert ax.get_xlabel() == "peak RSS of the process (MiB)" and len(ax.collections) == 4
+    limit = 1.1 * (cpu["baseline_rss_bytes"] + cpu["max_memory_bytes"]["cpu"]) / 2**20
+    assert any(line.get_xdata()[0] == limit for line in ax.lines)  # the RSS criterion's line
+    assert "read" in plot_timeline(cpu).get_title()
+    gpu = copy_.deepcopy(cpu)
+    gpu.update(device="cuda:0 (a card)", max_memory_bytes={"0": 9 * 2**30, "cpu": 30 * 2**30}, floor=None)
+    for r in gpu["results"]:
+        r["peak_gpu_bytes"] = 8 * 2**30
+        if r["strategy"] == "stream":
+            r["timeline"] = [["copy", 1, 0.0, 0.01], ["compute", 0, 0.0, 0.02]]
+    gpu["results"][1].update(s_per_step=None, error="ran past the 150 s timeout")  # a failed row: no point
+    ax = plot_time_memory(gpu)
+    assert ax.get_xlabel() == "peak GPU memory (MiB)" and len(ax.collections) == 3
+    assert any(line.get_xdata()[0] == 9 * 1024 for line in ax.lines)
+    assert "copy" in plot_timeline(gpu).get_title()
+    gpu["results"] = [r for r in gpu["results"] if r["strategy"] != "stream"]
+    assert plot_timeline(gpu) is None
+    plt.close("all")
