@@ -76,9 +76,9 @@ bench-gpu: install
 	$(BIN)/python -m pytest -p no:cacheprovider -q tests/test_offload.py -k "host_streamer or gpu"
 	@mkdir -p outputs/benchmarks
 	$(BIN)/python -m helpers bench --model flux-dev-random --max-memory "$(GPU_BUDGET)" --height 1024 --width 1024 \
-	  --steps 3 --timeout 900 --json outputs/benchmarks/flux-dev-random-1024.json
+	  --steps 3 --timeout 900 --overwrite --json outputs/benchmarks/flux-dev-random-1024.json
 	$(BIN)/python -m helpers bench --model flux-dev-random --stage text_encoding --max-memory "$(GPU_BUDGET)" \
-	  --steps 3 --timeout 600 --json outputs/benchmarks/flux-dev-random-t5.json
+	  --steps 3 --timeout 600 --overwrite --json outputs/benchmarks/flux-dev-random-t5.json
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=notebooks --MultiKernelManager.default_kernel_name=$(KERNEL) \

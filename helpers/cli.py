@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from helpers.errors import UserError
+from helpers.files import in_outputs
 
 _EPILOG = "Exit status: 0 success, 2 user error (one line, no traceback), 1 unexpected error."
 
@@ -91,7 +93,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     result = encode_prompts(
         args.model, args.prompt, args.out, max_memory=args.max_memory,
-        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, create_folder=False,
+        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
+        create_folder=in_outputs(Path(args.out).parent),
         offload=args.offload,
     )
     for warning in result.warnings:
@@ -112,7 +115,6 @@ def _write_report(path: str | None, measurement, **extra) -> None:
     """For `generate`: the child stage's measurement, as JSON."""
     if path:
         import json
-        from pathlib import Path
 
         Path(path).write_text(json.dumps({**measurement.as_dict(), **extra}))
 
@@ -125,7 +127,7 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     result = diffuse_file(
         args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
         height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
-        create_folder=False, offload=args.offload,
+        create_folder=in_outputs(Path(args.out).parent), offload=args.offload,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -146,7 +148,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import json
     import subprocess
     import tempfile
-    from pathlib import Path
 
     from helpers.budget import format_bytes
     from helpers.diffuse import check_seed, check_settings, diffusion_plan, output_paths
@@ -163,7 +164,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     check_settings(args.height, args.width, 1 if args.steps is None else args.steps,
                    0.0 if args.guidance is None else args.guidance)
     out = Path(args.out)
-    if not out.parent.is_dir():
+    if not out.parent.is_dir() and not in_outputs(out.parent):
         raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
     images = output_paths(out, len(prompts))
     for p in images:
@@ -237,8 +238,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         except OSError as err:  # the benchmark goes on; the final write says so again if it still fails
             print(f"warning: could not write {args.json} ({err})", file=sys.stderr)
 
-    if args.json:
-        check_can_write(args.json, overwrite=True)
+    if args.json:  # before any work: a result already there stays unless --overwrite, a mistyped folder is not made
+        check_can_write(args.json, overwrite=args.overwrite)
+        if not Path(args.json).expanduser().parent.is_dir() and not in_outputs(Path(args.json).parent):
+            raise UserError(f"the folder {Path(args.json).parent} does not exist; create it or choose another --json.")
     # with --json the file holds each strategy's result as soon as it is measured ("complete": false
     # until the last): a run stopped midway keeps what it measured
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
@@ -408,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cold unless the budget has a GPU tier and no disk tier (weights then move from RAM)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON, after each strategy (\"complete\": "
                    "false until the last, so a run stopped midway keeps what it measured)")
+    p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -40,6 +40,16 @@ def outputs_dir() -> Path:
     return (root / "outputs") if root else Path.cwd().resolve() / "outputs"
 
 
+def in_outputs(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is inside the project's outputs folder (:func:`outputs_dir`), whose
+    subfolders the command line makes on demand; anywhere else a missing folder is likely a typo."""
+    try:
+        Path(folder).expanduser().resolve().relative_to(outputs_dir())
+    except ValueError:
+        return False
+    return True
+
+
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse, before any work, to replace an existing file unless ``overwrite`` is set."""
     path = Path(path).expanduser()

@@ -156,3 +156,23 @@ def test_generate_checks_the_whole_run_first_and_passes_odd_prompts(tmp_path):
     (tmp_path / "y.png").unlink()  # as if stage 2 had failed: the embeddings are there, the image is not
     again = run("generate", "--prompt=-a red cat", "--out", str(tmp_path / "y.png"))
     assert_user_error(again, "python -m helpers diffuse --embeddings")
+
+
+def test_folders_inside_outputs_are_made_on_demand_elsewhere_refused(tmp_path):
+    """The README's commands write to outputs/embeddings/ and outputs/images/, which a fresh clone lacks."""
+    outputs = tmp_path / "outputs"
+    env = {"FLUX_OUTPUTS": str(outputs)}
+    emb = outputs / "embeddings" / "cats.safetensors"
+    done = run("encode", "--prompt", "a red cat", "--out", str(emb), env_extra=env)
+    assert done.returncode == 0, done.stderr
+    assert emb.is_file()
+    assert_user_error(run("encode", "--prompt", "a", "--out", str(tmp_path / "typo" / "e.safetensors"), env_extra=env),
+                      "does not exist")
+    # bench --json: the same rule, and a result already there is kept unless --overwrite
+    kept = outputs / "benchmarks" / "b.json"
+    kept.parent.mkdir()
+    kept.write_text("{}")
+    assert_user_error(run("bench", "--model", "tiny", "--json", str(kept), env_extra=env), "already exists")
+    assert kept.read_text() == "{}"
+    assert_user_error(run("bench", "--model", "tiny", "--json", str(tmp_path / "typo" / "b.json"), env_extra=env),
+                      "does not exist")
