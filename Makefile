@@ -3,8 +3,10 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build by default; a GPU machine: `make install TORCH=torch` (see README.md).
+# torch from the package index (on Linux: the CUDA build); the CPU-only build:
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu`; the newest: TORCH=torch (see README.md).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 KERNEL ?= flux-decoupled
 # The model every notebook uses in `make run` (tiny, medium, flux-dev, flux-schnell, a hub id, a folder).
 FLUX_MODEL ?= tiny
@@ -32,16 +34,16 @@ help:
 	@echo "make kernel    register the '$(KERNEL)' kernel for a Jupyter outside .venv"
 	@echo "make clean     remove what the notebooks made (outputs/), keeping outputs/README.md"
 
-# Idempotent: reinstalls only when pyproject.toml or TORCH changed since the last install.
+# Idempotent: reinstalls only when pyproject.toml, TORCH or TORCH_INDEX changed since the last install.
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@want="$(TORCH) $$(cksum < pyproject.toml)"; \
+	@want="$(TORCH)$(if $(TORCH_INDEX), $(TORCH_INDEX)) $$(cksum < pyproject.toml)"; \
 	if [ "$$(cat $(STAMP) 2>/dev/null)" = "$$want" ]; then \
 	  echo "install: $(VENV) is up to date ($(TORCH))"; \
 	else \
 	  set -e; \
 	  $(BIN)/python -m pip install --quiet --upgrade pip; \
-	  $(BIN)/python -m pip install --quiet "$(TORCH)"; \
+	  $(BIN)/python -m pip install --quiet "$(TORCH)" $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)"); \
 	  $(BIN)/python -m pip install --quiet -e ".[test]"; \
 	  $(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 ($(KERNEL))" >/dev/null; \
 	  echo "$$want" > $(STAMP); \

@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         "from the Hugging Face cache, fetched only with --download.",
         epilog=_EPILOG,
     )
-    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, a hub id, or a local folder")
+    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, flux-dev-random (GPU benchmarks: random weights, "
+                   "22 GiB and more), a hub id, or a local folder")
     p.add_argument("--download", action="store_true", help="fetch a hub model that is not cached yet")
     p.add_argument("--rebuild", action="store_true", help="build a twin again even if it exists")
     p.add_argument("--components", nargs="+", metavar="NAME", help="hub models: fetch only these components")
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL",
-                   help="tiny, medium, flux-dev, flux-schnell, a hub id or a local folder (default: $FLUX_MODEL or tiny)")
+                   help="tiny, medium, flux-dev, flux-schnell, flux-dev-random, a hub id or a local folder (default: "
+                   "$FLUX_MODEL or tiny)")
     p.add_argument("--max-memory", metavar="SPEC",
                    help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: the method\'s) or shares "0=40%%,cpu=100%%"')
     p.add_argument("--like", metavar="MODEL",
@@ -330,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "without a GPU; scaled to the twins as the real model would be split)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens per prompt, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (its folder must exist)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help=argparse.SUPPRESS)
     _offload_arg(p)
@@ -357,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--embeddings", required=True, metavar="FILE", help="made by `encode` or notebook 02")
-    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
+    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
     _offload_arg(p)
     image_knobs(p)
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
-    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (its folder must exist)")
+    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--embeddings", metavar="FILE", help="where to keep the embeddings (default: OUT as .safetensors)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")

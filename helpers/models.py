@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import string
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -469,6 +470,9 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
     if need > free:
         raise UserError(f"building {', '.join(todo)} of {name} writes {need / 2**30:.1f} GiB; {folder} has "
                         f"{free / 2**30:.1f} GiB free. Free some space or set FLUX_OUTPUTS to a larger disk.")
+    if need:  # tens of GB for the full size: say so before the disk fills
+        print(f"{name}: writing random weights for {', '.join(c for c in todo if c != 'scheduler')} "
+              f"({need / 2**30:.1f} GiB) to {folder}", file=sys.stderr)
     for component in todo:
         target = folder / component
         tmp = folder / f".{component}.building-{os.getpid()}"
@@ -560,7 +564,7 @@ def resolve_model(name: str | None = None) -> ModelRef:
         return ModelRef(text, "hub", repo_id=text)
     raise UserError(
         f"unknown model {text!r}: no such folder, and not a hub id; "
-        f"use one of {', '.join([*TWINS, *ALIASES])}, a hub id (owner/name) or a local folder."
+        f"use one of {', '.join([*TWINS, *ALIASES, *RANDOM])}, a hub id (owner/name) or a local folder."
     )
 
 

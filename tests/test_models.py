@@ -328,7 +328,7 @@ def test_flux_dev_random_is_flux_dev_with_random_weights():
     assert component_configs("flux-dev-random")[1] == shipped_configs(SHIPPED["black-forest-labs/FLUX.1-dev"])
 
 
-def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypatch):
+def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypatch, capsys):
     """Built small (the tiny twin's widths): the same code writes the full-size one on a GPU machine."""
     import helpers.models as models
     from diffusers import FluxTransformer2DModel
@@ -339,6 +339,8 @@ def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypat
     configs = twin_configs(TWINS["tiny"])
     a = build_random("flux-dev-random", tmp_path / "a", components=["scheduler", "transformer"], configs=configs)
     b = build_random("flux-dev-random", tmp_path / "b", components=["transformer"], configs=configs)
+    said = capsys.readouterr().err  # what it writes and where, before writing
+    assert "flux-dev-random: writing random weights for transformer (" in said and str(tmp_path / "a") in said
     shards = sorted((a / "transformer").glob("*.safetensors"))
     assert len(shards) > 1 and (a / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     for f in shards:
@@ -358,7 +360,7 @@ def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypat
     # kept, not rebuilt
     stamp = shards[0].stat().st_mtime_ns
     build_random("flux-dev-random", tmp_path / "a", components=["transformer"], configs=configs)
-    assert shards[0].stat().st_mtime_ns == stamp
+    assert shards[0].stat().st_mtime_ns == stamp and "writing" not in capsys.readouterr().err
 
 
 def test_random_build_checks_disk_space_first(tmp_path, monkeypatch):
