@@ -599,3 +599,29 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     gpu["results"] = [r for r in gpu["results"] if r["strategy"] != "stream"]
     assert plot_timeline(gpu) is None
     plt.close("all")
+
+
+def test_the_gpu_tier_plan_keeps_weights_pool_and_reserve_within_it(tiny_folder, resident, capsys):
+    """load_streaming's GPU branch, run with the meta device standing in for the GPU (no CUDA needed):
+    resident weights + the pool + the reserve fit the GPU tier; the streamed blocks fit the cpu tier."""
+    from helpers.offload import HostStreamer
+
+    whole = _bytes(resident)
+    tier, reserve = int(whole * 0.5), int(whole * 0.1)
+    model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, whole, BLOCKS,
+                                     device="meta", device_bytes=tier, reserve=reserve, progress=True)
+    try:
+        assert isinstance(streamer, HostStreamer) and streamer.blocks
+        streamed = {id(p) for b in streamer.blocks for p in b.meta}
+        kept = sum(p.numel() * 2 for p in model.parameters() if id(p) not in streamed)
+        assert kept + streamer.device_bytes + reserve <= tier
+        assert streamer.host_bytes <= whole and all(t.pos % 256 == 0 for b in streamer.blocks for t in b.tensors)
+    finally:
+        streamer.close()
+    from tqdm import tqdm
+
+    everything = tqdm.format_sizeof(sum(p.numel() * 2 for p in resident.parameters()), divisor=1024)
+    assert f"{everything}/{everything}" in capsys.readouterr().err  # resident weights, then the blocks into RAM
+    with pytest.raises(UserError, match="holds the .* blocks it cannot keep in pinned RAM"):
+        load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 1000, BLOCKS, device="meta",
+                       device_bytes=tier, reserve=reserve)
