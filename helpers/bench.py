@@ -76,14 +76,16 @@ def _load_t5(strategy: str, config: dict, work: Path):
         model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32)
         return (model.to(gpu) if gpu is not None else model), lambda: 0, None
     if strategy == "accelerate":
-        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32, device_map=comps["text_encoder_2"].device_map,
+        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32,
+                                               device_map=comps["text_encoder_2"].device_map,
                                                offload_folder=work / "offload")
         return model, lambda: off_fast, None
     if strategy == "stream":
         from helpers.offload import load_streaming, stream_budget
 
         clip_tier = comps["text_encoder"].device_map[""]
-        cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: sum(u.nbytes for u in comps["text_encoder"].units)})
+        clip_bytes = sum(u.nbytes for u in comps["text_encoder"].units)
+        cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
         model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
                                          device_bytes=device_bytes, reserve=_reserve(config, plan))
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
@@ -208,7 +210,8 @@ def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
     with measure(strategy) as m:
         model, streamed, cleanup = _load(strategy, config, work)
         model.eval()
-        inputs = {k: v.to(gpu) if gpu is not None and torch.is_tensor(v) else v for k, v in _inputs(config, model).items()}
+        inputs = {k: v.to(gpu) if gpu is not None and torch.is_tensor(v) else v
+                  for k, v in _inputs(config, model).items()}
         times = []
         with torch.no_grad():
             for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
@@ -459,10 +462,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     name = ref.name if ref.kind != "local" else str(ref.path)
     plan = (diffusion_plan if stage == "diffusion" else text_encoding_plan)(name, budget_spec)  # checks the budget
-    gpu = plan.budget.gpu
-    if gpu is not None and not has_gpu:
-        raise UserError(f"the budget {budget_spec} has a GPU tier and this machine has no GPU; give a budget of "
-                        "cpu and disk tiers (one tier down).")
+    gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
     cache = resolve_cache(cache, plan.budget)
     if cache == "cold":
         import os
@@ -479,8 +479,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
     # the report: a model whose forward the meta device cannot run still benchmarks
     try:
-        activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1],
-                                       height=height, width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
+        activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1], height=height,
+                                       width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
     except Exception:  # noqa: BLE001
         activations = None
     config = {"model": name, "folder": str(folder), "max_memory": budget_spec, "steps": steps, "height": height,

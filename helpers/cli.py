@@ -246,7 +246,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     # until the last): a run stopped midway keeps what it measured
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
-               stage=args.stage, tokens=args.tokens, timeout=args.timeout, on_result=save_partial if args.json else None)
+               stage=args.stage, tokens=args.tokens, timeout=args.timeout,
+               on_result=save_partial if args.json else None)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
@@ -290,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         "from the Hugging Face cache, fetched only with --download.",
         epilog=_EPILOG,
     )
-    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, flux-dev-random (GPU benchmarks: random weights, "
-                   "22 GiB and more), a hub id, or a local folder")
+    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, flux-dev-random (GPU "
+                   "benchmarks: random weights, 22 GiB and more), a hub id, or a local folder")
     p.add_argument("--download", action="store_true", help="fetch a hub model that is not cached yet")
     p.add_argument("--rebuild", action="store_true", help="build a twin again even if it exists")
     p.add_argument("--components", nargs="+", metavar="NAME", help="hub models: fetch only these components")
@@ -332,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "without a GPU; scaled to the twins as the real model would be split)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens per prompt, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
-    p.add_argument("--out", required=True, metavar="FILE", help="the .safetensors file to write (a missing folder is made inside outputs/, refused elsewhere)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the .safetensors file to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help=argparse.SUPPRESS)
     _offload_arg(p)
@@ -359,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--embeddings", required=True, metavar="FILE", help="made by `encode` or notebook 02")
-    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
+    p.add_argument("--out", required=True, metavar="PNG",
+                   help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
     _offload_arg(p)
     image_knobs(p)
@@ -376,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt; repeat for a batch")
-    p.add_argument("--out", required=True, metavar="PNG", help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
+    p.add_argument("--out", required=True, metavar="PNG",
+                   help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--embeddings", metavar="FILE", help="where to keep the embeddings (default: OUT as .safetensors)")
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")

@@ -96,8 +96,7 @@ def gpu_activations(budget, offload: str, components, model, dtype: torch.dtype,
 
     _, configs = component_configs(model)
     components = [components] if isinstance(components, str) else components
-    dtypes = dtype if isinstance(dtype, (list, tuple)) else [dtype] * len(components)
-    peak = max(activation_bytes(c, configs[c], d, **size) for c, d in zip(components, dtypes))
+    peak = max(activation_bytes(c, configs[c], dtype, **size) for c in components)
     return batch * peak + GPU_WORKSPACE
 
 
