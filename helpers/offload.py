@@ -3,9 +3,10 @@
 The method's device map keeps the first blocks in the fast tier and lets accelerate's hooks fetch
 the rest one at a time, synchronously. :class:`BlockStreamer` does it with read-ahead instead, one
 tier down (disk -> RAM, on a machine without a GPU): the blocks that fit the ``cpu`` budget stay
-resident; the others stay in the checkpoint's own safetensors files and are read, by a background
-thread, into a small fixed pool of buffers while the previous block computes. Nothing is converted
-or copied to an offload folder, and RAM holds at most the resident blocks plus the pool.
+resident, spread out between the streamed ones; the others stay in the checkpoint's own
+safetensors files and are read, by a background thread, into a small fixed pool of buffers while
+the previous block computes. Nothing is converted or copied to an offload folder, and RAM holds at
+most the resident blocks plus the pool.
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
 live once in pinned RAM and are copied one ahead on a side CUDA stream. :func:`load_streaming`
 builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
@@ -799,6 +800,44 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in module.parameters()) * _itemsize(dtype)
 
 
+def _spread(names: list[str], m: int) -> list[str]:
+    """``m`` of ``names``, evenly spaced (the middle one of each of ``m`` equal stretches)."""
+    return [names[int((k + 0.5) * len(names) / m)] for k in range(m)]
+
+
+def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: dict, room: int, pool: int) -> set[str]:
+    """The blocks that stay in the fast tier: as many as fit ``room`` next to the pool the others need.
+
+    Not the first blocks (the method's map): a stretch of resident blocks computes while the pool,
+    already full, lets no copy start, and the copies fall behind. Spread out, each resident block
+    computes while the next streamed one is being fetched. They are taken among the largest blocks
+    first (Flux: the double blocks, 2.4x the bytes of a single block for about the same compute):
+    there a fetch takes longest against its compute, so that is where the cover is needed; streaming
+    the smaller blocks also keeps the pool small once all the largest are resident. ``lists``: the
+    model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer`` and
+    ``stage``: its pool and staging buffers when streamed.
+    """
+    lists = sorted(lists, key=lambda names: -max(size[n] for n in names))  # stable: call order among equals
+    everything = [n for names in lists for n in names]
+
+    def pick(count: int) -> set[str]:
+        chosen: set[str] = set()
+        for names in lists:
+            take = min(count, len(names))
+            chosen.update(_spread(names, take) if take else [])
+            count -= take
+        return chosen
+
+    best: set[str] = set()
+    for count in range(1, len(everything) + 1):  # all counts: the pool shrinks when the last large block stays
+        chosen = pick(count)
+        streamed = [n for n in everything if n not in chosen]
+        need = pool * max((buffer[n] for n in streamed), default=0) + max((stage[n] for n in streamed), default=0)
+        if sum(size[n] for n in chosen) + need <= room:
+            best = chosen
+    return best
+
+
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int = 2, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0):
@@ -806,9 +845,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
     "single_transformer_blocks"]`` for Flux, ``["encoder.block"]`` for T5). Everything outside the
-    blocks is resident; blocks are made resident from the first on, while they fit next to the
-    buffer pool; the rest stream. Weights are used in ``dtype``; blocks stored in another dtype are
-    converted as they are read.
+    blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
+    the largest blocks (see :func:`_choose_resident`); the rest stream. Weights are used in
+    ``dtype``; blocks stored in another dtype are converted as they are read.
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more block-sized
@@ -860,14 +899,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
             + f"; give it at least {least:,} bytes."
         )
     room = fast_bytes - other - reserve
-    resident: list[str] = []
-    for n in names:
-        after = [m for m in names if m not in resident and m != n]
-        need_pool = pool * max((buffer[m] for m in after), default=0) + max((stage[m] for m in after), default=0)
-        if sum(size[r] for r in resident) + size[n] + need_pool <= room:
-            resident.append(n)
-        else:
-            break
+    lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
+    resident = _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
     if on_gpu and sum(buffer[n] for n in streamed) > cpu_bytes:
         held = sum(buffer[n] for n in streamed)

@@ -47,6 +47,13 @@ def test_streamed_output_equals_resident(tiny_folder, resident, share):
                 got = model(**_inputs(seed))[0]
                 assert torch.equal(expected, got)  # tolerance: none, bit for bit
         assert streamer is not None and len(streamer.blocks) > 0
+        # resident blocks: spread over the double blocks (the larger), then over the single blocks
+        streamed = {b.name for b in streamer.blocks}
+        double, single = ([f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in BLOCKS)
+        kept_double, kept_single = [n for n in double if n not in streamed], [n for n in single if n not in streamed]
+        assert kept_double and (kept_double == double or not kept_single)
+        for names, kept in ((double, kept_double), (single, kept_single)):
+            assert kept == names or names[0] not in kept  # not the first ones
         # the RAM tier: resident weights + the two-block pool stay within the budget
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
         assert resident_bytes + sum(b.numel() for b in streamer.buffers) <= budget
@@ -75,6 +82,26 @@ def test_room_kept_for_activations_comes_off_the_resident_blocks(tiny_folder, re
         whole.close(), kept.close()
     with pytest.raises(UserError, match=r"cannot hold .* and room for its activations \("):
         load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS, reserve=budget)
+
+
+def test_resident_blocks_are_spread_over_the_largest_blocks():
+    """Not the first blocks: resident ones sit between streamed ones, where their compute covers the
+    next fetch, and among the largest blocks first (their fetches take longest)."""
+    from helpers.offload import _choose_resident
+
+    big, small = [f"d{i}" for i in range(10)], [f"s{i}" for i in range(20)]
+    size = {**{n: 10 for n in big}, **{n: 4 for n in small}}
+    zero = dict.fromkeys(size, 0)
+    # room for 4 large blocks next to a pool of two large buffers
+    chosen = _choose_resident([small, big], size, size, zero, room=4 * 10 + 2 * 10, pool=2)
+    assert chosen == {"d1", "d3", "d6", "d8"}  # evenly spaced: never two in a row, nor the first ones
+    # the pool shrinks to two small buffers once no large block streams: 10 large blocks fit in 108
+    # (100 + 2 x 4) where 9 did not (90 + 2 x 10)
+    assert _choose_resident([big, small], size, size, zero, room=108, pool=2) == set(big)
+    assert _choose_resident([big, small], size, size, zero, room=107, pool=2) == set(big) - {"d2", "d7"}
+    # then the smaller blocks, spread the same way
+    assert _choose_resident([big, small], size, size, zero, room=116, pool=2) == set(big) | {"s5", "s15"}
+    assert _choose_resident([big, small], size, size, zero, room=2 * 10, pool=2) == set()
 
 
 def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
