@@ -817,7 +817,7 @@ def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: di
     model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer`` and
     ``stage``: its pool and staging buffers when streamed.
     """
-    lists = sorted(lists, key=lambda names: -max(size[n] for n in names))  # stable: call order among equals
+    lists = sorted((names for names in lists if names), key=lambda names: -max(size[n] for n in names))
     everything = [n for names in lists for n in names]
 
     def pick(count: int) -> set[str]:
