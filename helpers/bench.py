@@ -342,7 +342,7 @@ def plot_timeline(data: dict, ax=None):
         ax.broken_barh(spans, (row - 0.35, 0.7), color=colour, edgecolor="white", linewidth=0.3)
     ax.set_yticks([0, 1], ["compute", fetch], fontsize=12)
     ax.set_xlabel("seconds", fontsize=12)
-    ax.set_title(f"stream on {data['device']}: the {fetch} of block i+1 while block i computes", fontsize=12)
+    ax.set_title(f"stream on {data['device']}: the {fetch} of the next pieces while one computes", fontsize=12)
     return ax
 
 

@@ -154,8 +154,8 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
 
     ``offload="stream"``: without a GPU tier, the blocks that do not fit the cpu tier are read
-    straight from the checkpoint by :mod:`helpers.offload`, one block ahead, into a two-block
-    pool (with a GPU tier: held in pinned RAM, copied one ahead on a side stream); ``"auto"`` picks
+    straight from the checkpoint by :mod:`helpers.offload`, a few parts of a block ahead, into a
+    small pool (with a GPU tier: held in pinned RAM, copied ahead on a side stream); ``"auto"`` picks
     it where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
     ``activations``: bytes a stream keeps free in a GPU tier for the intermediates of a denoising step
     or of the VAE's decode, the larger (:func:`helpers.offload.gpu_activations`; :func:`diffuse_file`
@@ -213,7 +213,7 @@ def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0, progress
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    streamed = {b.name for b in streamer.blocks} if streamer else set()
+    streamed = set(streamer.streamed_blocks) if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
     applied = {n: fast for n, _ in transformer.named_children()}
     applied.update({b: slow for b in streamed})

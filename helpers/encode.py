@@ -110,7 +110,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
 
     ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
     accelerate expects it to exist). ``offload="stream"``: T5's blocks that do not fit the fast tier
-    are read one block ahead (:mod:`helpers.offload`; from the checkpoint without a GPU tier,
+    are read ahead, in parts (:mod:`helpers.offload`; from the checkpoint without a GPU tier,
     converted to float32 as they arrive; from pinned RAM to the GPU with one); ``"auto"`` picks it
     where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
     ``activations``: bytes a stream keeps free in a GPU tier for T5's intermediates
@@ -163,7 +163,7 @@ def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0, progres
                                               ["encoder.block"], device=device, device_bytes=device_bytes,
                                               reserve=activations if device else 0, progress=progress)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
-    streamed = {b.name for b in streamer.blocks} if streamer else set()
+    streamed = set(streamer.streamed_blocks) if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
     n_blocks = len(text_encoder_2.encoder.block)
     applied = {"shared": fast, **{f"encoder.block.{i}": slow if f"encoder.block.{i}" in streamed else fast

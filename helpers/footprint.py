@@ -299,36 +299,44 @@ class _Decode(torch.nn.Module):
         return self.vae.decode(latents, return_dict=False)[0]
 
 
+def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
+                   width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
+    """``(module, inputs)`` for one forward of ``component`` as :func:`activation_bytes` describes it,
+    batch 1, tensors empty on ``device`` (the VAE is wrapped so that its forward is the decode)."""
+    device = torch.device(device)
+    if component == "transformer":
+        cfg = module.config
+        n = (height // 16) * (width // 16)
+        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=device),
+                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=device),
+                      pooled_projections=torch.empty(1, cfg.pooled_projection_dim, dtype=dtype, device=device),
+                      timestep=torch.empty(1, dtype=dtype, device=device), img_ids=torch.empty(n, 3, device=device),
+                      txt_ids=torch.empty(tokens, 3, device=device), return_dict=False)
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.empty(1, device=device)
+        return module, inputs
+    if component == "text_encoder_2":
+        return module, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device))
+    if component == "vae":
+        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=device)
+        return _Decode(module), dict(latents=latents)
+    raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
+
+
 def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: int = 1024, width: int = 1024,
                      tokens: int = 512) -> int:
     """Peak activations of one forward of ``component``, batch 1, computing in ``dtype``: for
     ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens`` text tokens;
     for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of ``tokens`` tokens.
     See :func:`activation_peak`. No weights."""
+    if component not in ("transformer", "text_encoder_2", "vae"):
+        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
     module = skeleton(component, config)
     for t in (*module.parameters(), *module.buffers()):
         if t.is_floating_point():
             t.data = t.data.to(dtype)
-    meta = torch.device("meta")
-    if component == "transformer":
-        cfg = module.config
-        n = (height // 16) * (width // 16)
-        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=meta),
-                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=meta),
-                      pooled_projections=torch.empty(1, cfg.pooled_projection_dim, dtype=dtype, device=meta),
-                      timestep=torch.empty(1, dtype=dtype, device=meta), img_ids=torch.empty(n, 3, device=meta),
-                      txt_ids=torch.empty(tokens, 3, device=meta), return_dict=False)
-        if cfg.guidance_embeds:
-            inputs["guidance"] = torch.empty(1, device=meta)
-    elif component == "text_encoder_2":
-        inputs = dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=meta))
-    elif component == "vae":
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
-        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=meta)
-        module, inputs = _Decode(module), dict(latents=latents)
-    else:
-        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-    return activation_peak(module, inputs)
+    return activation_peak(*example_inputs(component, module, dtype, height, width, tokens))
 
 
 # --------------------------------------------------------------------------- plans

@@ -8,7 +8,8 @@ safetensors files and are read, by a background thread, into a small fixed pool 
 the previous block computes. Nothing is converted or copied to an offload folder, and RAM holds at
 most the resident blocks plus the pool.
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
-live once in pinned RAM and are copied one ahead on a side CUDA stream. :func:`load_streaming`
+live once in pinned RAM and are copied ahead on a side CUDA stream. Streamed blocks go in their
+parts (attention, feed-forward...), so the pool is a few parts, not two whole blocks. :func:`load_streaming`
 builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
 """
 
@@ -403,6 +404,11 @@ class _Streamer:
             self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
             self._handles.append(block.module.register_forward_hook(self._make_post(i)))
 
+    @property
+    def streamed_blocks(self) -> list[str]:
+        """The model's blocks that stream (whole or in parts), in call order."""
+        return list(dict.fromkeys(self._parents.get(b.name, b.name) for b in self.blocks))
+
     def _swap(self, i: int, params: list) -> None:
         block = self.blocks[i]
         for t, p in zip(block.tensors, params):
@@ -412,6 +418,8 @@ class _Streamer:
         block = self.blocks[i]
 
         def pre(module, args):
+            if i != self._next:  # the pieces run in the order traced at load, or the fetches are wrong
+                raise RuntimeError(f"streamer: expected {self.blocks[self._next].name} next, the model ran {block.name}")
             k = self._acquire(i)
             self._swap(i, block.params[k])
             self._current[i] = k
@@ -471,9 +479,9 @@ class _Streamer:
 class BlockStreamer(_Streamer):
     """Attach to a model whose streamed blocks are on the meta device; stream them from disk.
 
-    ``blocks``: the block names to stream, in the order the forward pass calls them (each call of
-    the model runs them all in this order). ``pool``: how many blocks may be in RAM at once
-    (2: one computing, one being read). ``dtype``: the dtype to compute in, when it is not the one
+    ``blocks``: the names of the blocks (or parts of blocks) to stream, in the order the forward
+    pass calls them (each call of the model runs them all in this order). ``pool``: how many may be
+    in RAM at once (2: one computing, one being read; more: reads further ahead). ``dtype``: the dtype to compute in, when it is not the one
     stored (T5 in float32 from a bfloat16 checkpoint): the reader then reads into one staging buffer
     and converts into the pool, and the staging buffer counts in ``ram_bytes``.
 
@@ -483,8 +491,10 @@ class BlockStreamer(_Streamer):
     """
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], pool: int = 2,
-                 pool_bytes: int | None = None, dtype: torch.dtype | None = None, direct: bool = True) -> None:
+                 pool_bytes: int | None = None, dtype: torch.dtype | None = None, direct: bool = True,
+                 parents: dict[str, str] | None = None) -> None:
         folder = Path(folder)
+        self._parents = dict(parents or {})
         index = read_safetensors_index(folder)
         self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
         self.largest = max((b.nbytes for b in self.blocks), default=0)
@@ -616,14 +626,15 @@ def _unregister(pointers: list[int]) -> None:
 
 
 class HostStreamer(_Streamer):
-    """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU one ahead.
+    """The same idea one tier up: streamed blocks held in RAM (pinned), copied to the GPU ahead of use.
 
     Each streamed block is read once, at load, from the checkpoint into its own page-locked host
     buffer laid out as on the device (every tensor at a 256-byte boundary, converted to ``dtype``
     when needed), so a block's copy is one contiguous ``non_blocking`` transfer. The device holds a
-    pool of ``pool`` block buffers; when block i starts, the copy of block i+1 is queued on a side
-    stream after the event that says the block that last used its buffer has finished; block i's
-    compute waits on the event of its own copy. Host RAM used: the streamed blocks (the budget's cpu
+    pool of ``pool`` buffers; when block i starts, the copies of the next ``pool - 1`` blocks are
+    queued on a side stream, each after the event that says the block that last used its buffer has
+    finished; block i's compute waits on the event of its own copy. (A "block" here is whatever
+    :func:`load_streaming` streams: whole blocks, or their parts.) Host RAM used: the streamed blocks (the budget's cpu
     tier), once. The host buffers are anonymous memory maps pinned with ``cudaHostRegister``: PyTorch's
     pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
@@ -634,8 +645,10 @@ class HostStreamer(_Streamer):
     _counted = "nbytes"  # what crossed to the device
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
-                 dtype: torch.dtype | None = None, direct: bool = False, on_read=None) -> None:
+                 dtype: torch.dtype | None = None, direct: bool = False, on_read=None,
+                 parents: dict[str, str] | None = None) -> None:
         folder = Path(folder)
+        self._parents = dict(parents or {})
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         index = read_safetensors_index(folder)
@@ -800,6 +813,95 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in module.parameters()) * _itemsize(dtype)
 
 
+#: models whose blocks are streamed in parts: the component whose example forward traces the parts' order
+_TRACED = {"FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_2"}
+
+
+def _parts(block: torch.nn.Module) -> list[str]:
+    """The submodules of ``block`` that hold its parameters: its children, and the members of its
+    module lists (T5's ``layer.0``, ``layer.1``). Empty when the block holds parameters itself."""
+    if next(block.parameters(recurse=False), None) is not None:
+        return []
+    found: list[str] = []
+
+    def walk(prefix: str, module: torch.nn.Module) -> bool:
+        for name, child in module.named_children():
+            if next(child.parameters(), None) is None:
+                continue
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                if next(child.parameters(recurse=False), None) is not None or not walk(f"{prefix}{name}.", child):
+                    return False
+            else:
+                found.append(f"{prefix}{name}")
+        return True
+
+    return found if walk("", block) else []
+
+
+def split_blocks(model: torch.nn.Module, blocks: list[str], inputs: dict | None) -> dict[str, list[str]]:
+    """Each block's parts (full names) in the order one forward pass calls them: the pieces it is streamed in.
+
+    A whole block needs a pool buffer the size of the block; its parts need one the size of its
+    largest part (Flux: 151 MB instead of 680 MB), and the room saved keeps more blocks resident.
+    The order comes from one forward of ``model`` with ``inputs`` (on the meta device: no weights, no
+    time), because it is the forward's, not the order the parts were declared in (a Flux single
+    block declares ``proj_out`` before ``attn`` and calls it after). A block stays whole (``[block]``)
+    when it has no such parts, when a part is not called exactly once, or when the block's own
+    code uses a part's parameter outside that part's call (it would find the parameter not there).
+    Without ``inputs`` every block stays whole.
+    """
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    found = {b: [f"{b}.{p}" for p in _parts(model.get_submodule(b))] for b in blocks}
+    if inputs is None or not any(found.values()):
+        return {b: [b] for b in blocks}
+    owner: dict[int, tuple[str, str]] = {}  # parameter -> (block, part)
+    for b, parts in found.items():
+        for part in parts:
+            for p in model.get_submodule(part).parameters():
+                owner[id(p)] = (b, part)
+    calls: dict[str, list[str]] = {b: [] for b in blocks}
+    active: set[str] = set()
+    misused: set[str] = set()
+
+    class Uses(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") != "__get__":  # reading .dtype or .shape is harmless
+                for leaf in tree_leaves((args, kwargs or {})):
+                    b, part = owner.get(id(leaf), (None, None))
+                    if part is not None and part not in active:
+                        misused.add(b)
+            return func(*args, **(kwargs or {}))
+
+    def enter(b, part):
+        def pre(module, args):
+            calls[b].append(part)
+            active.add(part)
+        return pre
+
+    def leave(part):
+        def post(module, args, output):
+            active.discard(part)
+        return post
+
+    handles = []
+    try:
+        for b, parts in found.items():
+            for part in parts:
+                module = model.get_submodule(part)
+                handles += [module.register_forward_pre_hook(enter(b, part)), module.register_forward_hook(leave(part))]
+        with torch.no_grad(), Uses():
+            model(**inputs)
+    except Exception:  # noqa: BLE001 - a model the meta device cannot run is streamed by whole blocks
+        return {b: [b] for b in blocks}
+    finally:
+        for h in handles:
+            h.remove()
+    return {b: calls[b] if found[b] and b not in misused and sorted(calls[b]) == sorted(found[b]) else [b]
+            for b in blocks}
+
+
 def _spread(names: list[str], m: int) -> list[str]:
     """``m`` of ``names``, evenly spaced (the middle one of each of ``m`` equal stretches)."""
     return [names[int((k + 0.5) * len(names) / m)] for k in range(m)]
@@ -839,18 +941,20 @@ def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: di
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
-                   pool: int = 2, device=None, device_bytes: int | None = None, progress: bool = False,
-                   reserve: int = 0):
+                   pool: int = 4, device=None, device_bytes: int | None = None, progress: bool = False,
+                   reserve: int = 0, split: bool = True):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
     "single_transformer_blocks"]`` for Flux, ``["encoder.block"]`` for T5). Everything outside the
     blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
-    the largest blocks (see :func:`_choose_resident`); the rest stream. Weights are used in
-    ``dtype``; blocks stored in another dtype are converted as they are read.
+    the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
+    :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
+    the largest part. Weights are used in ``dtype``; blocks stored in another dtype are converted
+    as they are read.
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
-    come from the disk (:class:`BlockStreamer`; a converting stream needs one more block-sized
+    come from the disk (:class:`BlockStreamer`; a converting stream needs one more part-sized
     buffer, counted). With a GPU ``device`` the fast tier is its ``device_bytes``, and streamed
     blocks are held in pinned RAM, which must fit ``cpu_bytes`` (:class:`HostStreamer`).
     ``reserve``: bytes of the fast tier kept free for the forward pass's activations (see
@@ -875,24 +979,35 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
     size = {n: _nbytes(model.get_submodule(n), dtype) for n in names}  # resident
+    # streamed in parts, in the order a forward calls them (traced on the meta device)
+    component = _TRACED.get(cls.__name__)
+    if component and split:
+        from helpers.footprint import example_inputs
+
+        parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
+    else:
+        parts = {n: [n] for n in names}
     # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
-    plans = {n: _plan_block(n, model.get_submodule(n), index, folder, dtype, align=256 if on_gpu else None)
-             for n in names}
-    buffer = {n: plans[n].nbytes for n in names}  # streamed: its place in a pool buffer (whole pages)
+    plans = {u: _plan_block(u, model.get_submodule(u), index, folder, dtype, align=256 if on_gpu else None)
+             for n in names for u in parts[n]}
+    # streamed: a pool buffer holds its largest part (whole pages); pinned RAM holds all its parts
+    buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
+    held = {n: sum(plans[u].nbytes for u in parts[n]) for n in names}
     converted = _converts(plans.values())
     # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
-    stage = {n: plans[n].read_nbytes if converted and not on_gpu else 0 for n in names}
+    stage = {n: max(plans[u].read_nbytes for u in parts[n]) if converted and not on_gpu else 0 for n in names}
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
     largest = max(buffer.values())
     least = other + pool * largest + max(stage.values()) + reserve
     if largest > fast_bytes:
         raise StreamBudgetError(
-            f"one block of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
-            f"a block is the smallest piece that can be streamed: give the {fast_name} at least {least:,} bytes."
+            f"one piece of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
+            f"a block's largest part is the smallest piece that can be streamed: give the {fast_name} at least "
+            f"{least:,} bytes."
         )
     if least > fast_bytes:
-        kept = f", the {pool}-block buffer pool ({least - other - reserve:,})"
+        kept = f", the {pool}-buffer pool ({least - other - reserve:,})"
         raise StreamBudgetError(
             f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,})"
             + (f"{kept} and room for its activations ({reserve:,})" if reserve else f" and{kept[1:]}")
@@ -902,13 +1017,14 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
     resident = _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
-    if on_gpu and sum(buffer[n] for n in streamed) > cpu_bytes:
-        held = sum(buffer[n] for n in streamed)
+    pinned = sum(held[n] for n in streamed)
+    if on_gpu and pinned > cpu_bytes:
         raise StreamBudgetError(
-            f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {held:,} bytes, more "
-            f"than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {held:,} bytes, or use offload "
+            f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {pinned:,} bytes, "
+            f"more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
             "'accelerate', which can add a disk tier."
         )
+    pieces = {u: n for n in streamed for u in parts[n]}  # streamed piece -> its block, in call order
     streamed_params = {f"{n}.{p}" for n in streamed for p, _ in model.get_submodule(n).named_parameters()}
     keys = {}  # parameter -> its name in the checkpoint
     for name, p in model.named_parameters():
@@ -927,7 +1043,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(index[k][2] for k in keys.values()) + (sum(plans[n].stored for n in streamed) if on_gpu else 0)
+        total = sum(index[k][2] for k in keys.values()) + (sum(plans[u].stored for u in pieces) if on_gpu else 0)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{folder.name}: loading (stream)")
     try:
         for name, key in keys.items():
@@ -946,10 +1062,10 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         if not streamed:
             return model, None
         if on_gpu:
-            return model, HostStreamer(model, folder, streamed, device, pool=pool, dtype=dtype,
-                                       on_read=bar.update if bar is not None else None)
+            return model, HostStreamer(model, folder, list(pieces), device, pool=pool, dtype=dtype,
+                                       on_read=bar.update if bar is not None else None, parents=pieces)
     finally:
         if bar is not None:
             bar.close()
-    return model, BlockStreamer(model, folder, streamed, pool=pool, pool_bytes=room - sum(size[r] for r in resident),
-                                dtype=dtype)
+    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+                                dtype=dtype, parents=pieces)

@@ -48,13 +48,14 @@ def test_streamed_output_equals_resident(tiny_folder, resident, share):
                 assert torch.equal(expected, got)  # tolerance: none, bit for bit
         assert streamer is not None and len(streamer.blocks) > 0
         # resident blocks: spread over the double blocks (the larger), then over the single blocks
-        streamed = {b.name for b in streamer.blocks}
+        streamed = set(streamer.streamed_blocks)
+        assert all(b.name.rpartition(".")[0] in streamed for b in streamer.blocks)  # streamed in parts
         double, single = ([f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in BLOCKS)
         kept_double, kept_single = [n for n in double if n not in streamed], [n for n in single if n not in streamed]
         assert kept_double and (kept_double == double or not kept_single)
         for names, kept in ((double, kept_double), (single, kept_single)):
             assert kept == names or names[0] not in kept  # not the first ones
-        # the RAM tier: resident weights + the two-block pool stay within the budget
+        # the RAM tier: resident weights + the pool stay within the budget
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
         assert resident_bytes + sum(b.numel() for b in streamer.buffers) <= budget
         assert streamer.bytes_read >= 3 * sum(b.nbytes for b in streamer.blocks) * 0.9
@@ -102,6 +103,71 @@ def test_resident_blocks_are_spread_over_the_largest_blocks():
     # then the smaller blocks, spread the same way
     assert _choose_resident([big, small], size, size, zero, room=116, pool=2) == set(big) | {"s5", "s15"}
     assert _choose_resident([big, small], size, size, zero, room=2 * 10, pool=2) == set()
+
+
+def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
+    from helpers.footprint import component_configs, example_inputs, skeleton
+    from helpers.offload import split_blocks
+
+    _, configs = component_configs("tiny")
+    flux = skeleton("transformer", configs["transformer"])
+    names = ["transformer_blocks.0", "single_transformer_blocks.0"]
+    parts = split_blocks(flux, names, example_inputs("transformer", flux, torch.float32, 32, 32, 8)[1])
+    assert parts["transformer_blocks.0"] == [f"transformer_blocks.0.{p}" for p in
+                                             ("norm1", "norm1_context", "attn", "ff", "ff_context")]
+    # declared norm, proj_mlp, proj_out, attn; called norm, proj_mlp, attn, proj_out
+    assert [n for n, _ in flux.single_transformer_blocks[0].named_children() if n in ("attn", "proj_out")] == [
+        "proj_out", "attn"]
+    assert parts["single_transformer_blocks.0"] == [f"single_transformer_blocks.0.{p}" for p in
+                                                    ("norm", "proj_mlp", "attn", "proj_out")]
+    t5 = skeleton("text_encoder_2", configs["text_encoder_2"])
+    parts = split_blocks(t5, ["encoder.block.0"], example_inputs("text_encoder_2", t5, torch.float32, tokens=8)[1])
+    assert parts == {"encoder.block.0": ["encoder.block.0.layer.0", "encoder.block.0.layer.1"]}  # inside a ModuleList
+    assert split_blocks(t5, ["encoder.block.0"], None) == {"encoder.block.0": ["encoder.block.0"]}
+
+
+class _Toy(torch.nn.Module):
+    """Three blocks of two parts; block 1 reads its part's weight itself, block 2 calls a part twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+                                          for _ in range(3))
+
+    def forward(self, x):
+        x = self.blocks[0](x)
+        x = self.blocks[1](x) + self.blocks[1][0].weight.sum()  # a use outside the part's own call
+        return self.blocks[2][1](self.blocks[2][1](self.blocks[2][0](x)))  # a part called twice
+
+
+def test_a_block_whose_parts_cannot_stream_alone_stays_whole():
+    from helpers.offload import split_blocks
+
+    with torch.device("meta"):
+        toy = _Toy()
+    names = ["blocks.0", "blocks.1", "blocks.2"]
+    parts = split_blocks(toy, names, {"x": torch.empty(2, 4, device="meta")})
+    assert parts == {"blocks.0": ["blocks.0.0", "blocks.0.1"], "blocks.1": ["blocks.1"], "blocks.2": ["blocks.2"]}
+    assert split_blocks(toy, names, {"x": torch.empty(2, 5, device="meta")}) == {n: [n] for n in names}  # fails
+
+
+def test_pieces_run_out_of_the_traced_order_are_a_clear_error(tiny_folder, resident):
+    from helpers.offload import HostStreamer
+
+    model, disk = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16,
+                                 int(_bytes(resident) * 0.3), BLOCKS)
+    names = [b.name for b in disk.blocks]
+    disk.close()
+    single = [n for n in names if n.startswith("single_transformer_blocks.") and n.endswith((".attn", ".proj_out"))]
+    assert len(single) >= 2
+    i, j = names.index(single[0]), names.index(single[1])  # declared order: proj_out before attn
+    names[i], names[j] = names[j], names[i]
+    streamer = HostStreamer(model, tiny_folder / "transformer", names, "cpu", dtype=torch.bfloat16)
+    try:
+        with torch.no_grad(), pytest.raises(RuntimeError, match=r"streamer: expected .*proj_out next, the model ran .*attn"):
+            model(**_inputs())
+    finally:
+        streamer.close()
 
 
 def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
@@ -391,7 +457,7 @@ def test_host_streamer_equals_resident(tiny_folder, resident, device):
     reference = resident if device == "cpu" else copy.deepcopy(resident).to(device)
     try:
         assert streamer.host_bytes == sum(b.nbytes for b in streamer.blocks)
-        assert streamer.device_bytes == 2 * streamer.largest
+        assert streamer.device_bytes == streamer.pool_size * streamer.largest  # largest part, not block
         if device == "cuda":
             assert all(h.is_pinned() for h in streamer.host)
             assert all(p.device.type == "cuda" for p in model.parameters() if p.device.type != "meta")
