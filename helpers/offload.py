@@ -940,6 +940,15 @@ def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: di
     return best
 
 
+def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
+    """Parts of streamed blocks to keep resident in ``room``: as many as fit, spread over ``candidates``."""
+    for count in range(len(candidates), 0, -1):
+        chosen = _spread(candidates, count)
+        if sum(size[u] for u in chosen) <= room:
+            return set(chosen)
+    return set()
+
+
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int = 4, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True):
@@ -950,7 +959,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
     the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
     :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
-    the largest part. Weights are used in ``dtype``; blocks stored in another dtype are converted
+    the largest part, and the room left by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks stored in another dtype are converted
     as they are read.
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
@@ -990,9 +999,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
     plans = {u: _plan_block(u, model.get_submodule(u), index, folder, dtype, align=256 if on_gpu else None)
              for n in names for u in parts[n]}
-    # streamed: a pool buffer holds its largest part (whole pages); pinned RAM holds all its parts
+    # streamed: a pool buffer holds its largest part (whole pages)
     buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
-    held = {n: sum(plans[u].nbytes for u in parts[n]) for n in names}
     converted = _converts(plans.values())
     # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
     stage = {n: max(plans[u].read_nbytes for u in parts[n]) if converted and not on_gpu else 0 for n in names}
@@ -1017,15 +1025,20 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
     resident = _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
-    pinned = sum(held[n] for n in streamed)
+    # the room whole blocks leave (up to a block) keeps some parts of the streamed blocks resident too
+    candidates = [u for n in streamed for u in parts[n] if u != n]
+    used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
+    used += max((stage[n] for n in streamed), default=0)
+    kept = _keep_parts(candidates, {u: _nbytes(model.get_submodule(u), dtype) for u in candidates}, room - used)
+    pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
+    pinned = sum(plans[u].nbytes for u in pieces)
     if on_gpu and pinned > cpu_bytes:
         raise StreamBudgetError(
             f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {pinned:,} bytes, "
             f"more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
             "'accelerate', which can add a disk tier."
         )
-    pieces = {u: n for n in streamed for u in parts[n]}  # streamed piece -> its block, in call order
-    streamed_params = {f"{n}.{p}" for n in streamed for p, _ in model.get_submodule(n).named_parameters()}
+    streamed_params = {f"{u}.{p}" for u in pieces for p, _ in model.get_submodule(u).named_parameters()}
     keys = {}  # parameter -> its name in the checkpoint
     for name, p in model.named_parameters():
         if name in streamed_params:
@@ -1059,7 +1072,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
             if b.device != device:
                 b.data = b.data.to(device)
         model.eval()
-        if not streamed:
+        if not pieces:
             return model, None
         if on_gpu:
             return model, HostStreamer(model, folder, list(pieces), device, pool=pool, dtype=dtype,
@@ -1067,5 +1080,6 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     finally:
         if bar is not None:
             bar.close()
-    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+    kept_bytes = sum(size[r] for r in resident) + sum(_nbytes(model.get_submodule(u), dtype) for u in kept)
+    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - kept_bytes,
                                 dtype=dtype, parents=pieces)
