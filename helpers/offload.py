@@ -950,7 +950,7 @@ def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
-                   pool: int = 4, device=None, device_bytes: int | None = None, progress: bool = False,
+                   pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
@@ -959,7 +959,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
     the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
     :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
-    the largest part, and the room left by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks stored in another dtype are converted
+    the largest part (by default up to 4, within the bytes of two whole blocks), and the room left
+    by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks stored in another dtype are converted
     as they are read.
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
@@ -1007,6 +1008,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
     other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
     largest = max(buffer.values())
+    if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
+        biggest = max(sum(plans[u].nbytes for u in parts[n]) for n in names)
+        pool = max(2, min(4, 2 * biggest // largest))
     least = other + pool * largest + max(stage.values()) + reserve
     if largest > fast_bytes:
         raise StreamBudgetError(
