@@ -8,7 +8,7 @@ widget and ``python -m helpers diffuse``):
 2. :func:`diffusion_plan`: the transformer skeleton placed under the budget in bfloat16 (the VAE
    whole on the fastest tier); a budget too small is refused with the smallest one that works;
 3. :func:`load_diffusion`: transformer loaded with that device map (accelerate's hooks, or the
-   offloaded blocks streamed one ahead: ``offload="stream"``), VAE whole, a ``FluxPipeline``
+   offloaded blocks streamed ahead: ``offload="stream"``), VAE whole, a ``FluxPipeline``
    without encoders or tokenizers;
 4. :func:`generate`: the pipeline called with the embeddings moved to the transformer's dtype and
    device, a CPU generator seeded for the same image on any device, a progress bar, time per step.

@@ -24,6 +24,7 @@ import queue
 import struct
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -497,6 +498,7 @@ class BlockStreamer(_Streamer):
         self._parents = dict(parents or {})
         index = read_safetensors_index(folder)
         self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
+        pool = max(1, min(pool, len(self.blocks)))  # more buffers than pieces would only read them twice
         self.largest = max((b.nbytes for b in self.blocks), default=0)
         self.convert = _converts(self.blocks)
         stage = max((b.read_nbytes for b in self.blocks), default=0) if self.convert else 0
@@ -504,7 +506,7 @@ class BlockStreamer(_Streamer):
         self.ram_bytes = self.largest * pool + stage
         if pool_bytes is not None and self.ram_bytes > pool_bytes:
             raise UserError(
-                f"streaming needs {pool} buffers of the largest block ({self.largest:,} bytes each)"
+                f"streaming needs {pool} buffers of the largest piece ({self.largest:,} bytes each)"
                 + (f" and a {stage:,}-byte staging buffer" if stage else "")
                 + f", more than the {pool_bytes:,} bytes the RAM tier has left; give the cpu tier more room."
             )
@@ -815,6 +817,8 @@ def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
 
 #: models whose blocks are streamed in parts: the component whose example forward traces the parts' order
 _TRACED = {"FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_2"}
+#: what a block's own code may read of a part's parameter while the part is not there (its placeholder has them)
+_HARMLESS = {"dtype", "shape", "device", "ndim", "is_cuda", "is_meta", "requires_grad", "layout"}
 
 
 def _parts(block: torch.nn.Module) -> list[str]:
@@ -867,16 +871,21 @@ def split_blocks(model: torch.nn.Module, blocks: list[str], inputs: dict | None)
 
     class Uses(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") != "__get__":  # reading .dtype or .shape is harmless
+            harmless = (getattr(func, "__name__", "") == "__get__"
+                        and getattr(getattr(func, "__self__", None), "__name__", "") in _HARMLESS)
+            if not harmless:  # .T, .data, any op: a use of the values
                 for leaf in tree_leaves((args, kwargs or {})):
                     b, part = owner.get(id(leaf), (None, None))
                     if part is not None and part not in active:
                         misused.add(b)
             return func(*args, **(kwargs or {}))
 
+    sequence: list[str] = []  # every part's call, in order
+
     def enter(b, part):
         def pre(module, args):
             calls[b].append(part)
+            sequence.append(part)
             active.add(part)
         return pre
 
@@ -893,11 +902,14 @@ def split_blocks(model: torch.nn.Module, blocks: list[str], inputs: dict | None)
                 handles += [module.register_forward_pre_hook(enter(b, part)), module.register_forward_hook(leave(part))]
         with torch.no_grad(), Uses():
             model(**inputs)
-    except Exception:  # noqa: BLE001 - a model the meta device cannot run is streamed by whole blocks
+    except Exception as exc:  # noqa: BLE001 - a model the meta device cannot run is streamed by whole blocks
+        warnings.warn(f"streaming whole blocks: a forward on the meta device failed ({exc})", stacklevel=2)
         return {b: [b] for b in blocks}
     finally:
         for h in handles:
             h.remove()
+    if sequence != [part for b in blocks for part in calls[b]]:  # blocks interleaved: their parts cannot stream
+        return {b: [b] for b in blocks}
     return {b: calls[b] if found[b] and b not in misused and sorted(calls[b]) == sorted(found[b]) else [b]
             for b in blocks}
 
@@ -981,6 +993,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     fast_bytes, fast_name = (device_bytes, f"GPU {device.index or 0} tier") if on_gpu else (cpu_bytes, "cpu tier")
     if reserve < 0:
         raise UserError(f"reserve must be 0 or more bytes, not {reserve!r}.")
+    if pool is not None and pool < 2:
+        raise UserError(f"the pool needs at least 2 buffers (one computing, one being fetched), not {pool!r}.")
     folder = Path(folder)
     model = skeleton_from_folder(folder, cls)
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
@@ -1029,16 +1043,17 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
     resident = _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
-    # the room whole blocks leave (up to a block) keeps some parts of the streamed blocks resident too
+    # the room whole blocks leave keeps some parts of the streamed blocks resident too
     candidates = [u for n in streamed for u in parts[n] if u != n]
     used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
     used += max((stage[n] for n in streamed), default=0)
     kept = _keep_parts(candidates, {u: _nbytes(model.get_submodule(u), dtype) for u in candidates}, room - used)
     pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
-    pinned = sum(plans[u].nbytes for u in pieces)
+    pinned = sum(_align(plans[u].nbytes, _PAGE) for u in pieces)  # whole pages each
     if on_gpu and pinned > cpu_bytes:
         raise StreamBudgetError(
-            f"streaming to the GPU holds the {len(streamed)} blocks it cannot keep in pinned RAM: {pinned:,} bytes, "
+            f"streaming to the GPU holds the {len(set(pieces.values()))} blocks it cannot keep in pinned RAM: "
+            f"{pinned:,} bytes, "
             f"more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
             "'accelerate', which can add a disk tier."
         )

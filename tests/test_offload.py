@@ -129,28 +129,38 @@ def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
 
 
 class _Toy(torch.nn.Module):
-    """Three blocks of two parts; block 1 reads its part's weight itself, block 2 calls a part twice."""
+    """Blocks of two parts: block 1 reads its part's weight itself, block 2 calls a part twice, block 3
+    reads a part's transpose (a property, but a use of the values), block 4 only its dtype."""
 
-    def __init__(self):
+    def __init__(self, interleave=False):
         super().__init__()
+        self.interleave = interleave
         self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-                                          for _ in range(3))
+                                          for _ in range(5))
 
     def forward(self, x):
+        if self.interleave:  # block 0's second part after block 1's first: no block can stream alone
+            return self.blocks[0][1](self.blocks[1][0](self.blocks[0][0](x)))
         x = self.blocks[0](x)
         x = self.blocks[1](x) + self.blocks[1][0].weight.sum()  # a use outside the part's own call
-        return self.blocks[2][1](self.blocks[2][1](self.blocks[2][0](x)))  # a part called twice
+        x = self.blocks[2][1](self.blocks[2][1](self.blocks[2][0](x)))  # a part called twice
+        x = self.blocks[3](x) @ self.blocks[3][1].weight.T
+        return self.blocks[4](x.to(self.blocks[4][0].weight.dtype))
 
 
 def test_a_block_whose_parts_cannot_stream_alone_stays_whole():
     from helpers.offload import split_blocks
 
     with torch.device("meta"):
-        toy = _Toy()
-    names = ["blocks.0", "blocks.1", "blocks.2"]
+        toy, interleaved = _Toy(), _Toy(interleave=True)
+    names = [f"blocks.{i}" for i in range(5)]
     parts = split_blocks(toy, names, {"x": torch.empty(2, 4, device="meta")})
-    assert parts == {"blocks.0": ["blocks.0.0", "blocks.0.1"], "blocks.1": ["blocks.1"], "blocks.2": ["blocks.2"]}
-    assert split_blocks(toy, names, {"x": torch.empty(2, 5, device="meta")}) == {n: [n] for n in names}  # fails
+    assert parts == {"blocks.0": ["blocks.0.0", "blocks.0.1"], "blocks.1": ["blocks.1"], "blocks.2": ["blocks.2"],
+                     "blocks.3": ["blocks.3"], "blocks.4": ["blocks.4.0", "blocks.4.1"]}
+    assert split_blocks(interleaved, names[:2], {"x": torch.empty(2, 4, device="meta")}) == {
+        "blocks.0": ["blocks.0"], "blocks.1": ["blocks.1"]}
+    with pytest.warns(UserWarning, match="streaming whole blocks: a forward on the meta device failed"):
+        assert split_blocks(toy, names, {"x": torch.empty(2, 5, device="meta")}) == {n: [n] for n in names}
 
 
 def test_pieces_run_out_of_the_traced_order_are_a_clear_error(tiny_folder, resident):
@@ -194,6 +204,8 @@ def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
 def test_a_block_bigger_than_the_fast_tier_is_a_clear_error(tiny_folder, resident):
     with pytest.raises(UserError, match="larger than the whole cpu tier"):
         load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 10_000, BLOCKS)
+    with pytest.raises(UserError, match="the pool needs at least 2 buffers"):
+        load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 10**9, BLOCKS, pool=1)
 
 
 def test_diffuse_with_stream_gives_the_same_image(tmp_path):
