@@ -971,9 +971,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
     the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
     :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
-    the largest part (by default up to 4, within the bytes of two whole blocks), and the room left
-    by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks stored in another dtype are converted
-    as they are read.
+    the largest part (by default up to 4, within the bytes of two whole blocks); on a GPU the room
+    left by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks
+    stored in another dtype are converted as they are read.
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more part-sized
@@ -1043,8 +1043,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
     resident = _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
-    # the room whole blocks leave keeps some parts of the streamed blocks resident too
-    candidates = [u for n in streamed for u in parts[n] if u != n]
+    # on a GPU (whose tier has the activations' room set aside) the room whole blocks leave keeps some
+    # parts of the streamed blocks resident too; in RAM that room is left to the activations
+    candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
     used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
     used += max((stage[n] for n in streamed), default=0)
     kept = _keep_parts(candidates, {u: _nbytes(model.get_submodule(u), dtype) for u in candidates}, room - used)

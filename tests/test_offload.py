@@ -50,8 +50,8 @@ def test_streamed_output_equals_resident(tiny_folder, resident, share):
         # resident blocks: spread over the double blocks (the larger), then over the single blocks
         streamed = set(streamer.streamed_blocks)
         assert all(b.name.rpartition(".")[0] in streamed for b in streamer.blocks)  # streamed in parts
-        # the room whole blocks leave keeps some parts of streamed blocks resident
-        assert any(p.device.type == "cpu" for b in streamed for p in model.get_submodule(b).parameters())
+        # in RAM the room whole blocks leave is the activations': no part of a streamed block is resident
+        assert not any(p.device.type == "cpu" for b in streamed for p in model.get_submodule(b).parameters())
         double, single = ([f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in BLOCKS)
         kept_double, kept_single = [n for n in double if n not in streamed], [n for n in single if n not in streamed]
         assert kept_double and (kept_double == double or not kept_single)
@@ -719,6 +719,11 @@ def test_the_gpu_tier_plan_keeps_weights_pool_and_reserve_within_it(tiny_folder,
                                      device="meta", device_bytes=tier, reserve=reserve, progress=True)
     try:
         assert isinstance(streamer, HostStreamer) and streamer.blocks
+        # the room whole blocks leave in the GPU tier keeps some parts of streamed blocks there
+        pieces = {b.name for b in streamer.blocks}
+        kept = [n for n, m in model.named_modules() if n.rpartition(".")[0] in streamer.streamed_blocks
+                and n not in pieces and next(m.parameters(), None) is not None]
+        assert kept
         streamed = {id(p) for b in streamer.blocks for p in b.meta}
         kept = sum(p.numel() * 2 for p in model.parameters() if id(p) not in streamed)
         assert kept + streamer.device_bytes + reserve <= tier
