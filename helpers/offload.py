@@ -9,8 +9,8 @@ the previous block computes. Nothing is converted or copied to an offload folder
 most the resident blocks plus the pool.
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
 live once in pinned RAM and are copied ahead on a side CUDA stream. Streamed blocks go in their
-parts (attention, feed-forward...), so the pool is a few parts, not two whole blocks. :func:`load_streaming`
-builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
+parts (attention, feed-forward...), so the pool is a few parts, not two whole blocks.
+:func:`load_streaming` builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
@@ -482,8 +482,8 @@ class BlockStreamer(_Streamer):
 
     ``blocks``: the names of the blocks (or parts of blocks) to stream, in the order the forward
     pass calls them (each call of the model runs them all in this order). ``pool``: how many may be
-    in RAM at once (2: one computing, one being read; more: reads further ahead). ``dtype``: the dtype to compute in, when it is not the one
-    stored (T5 in float32 from a bfloat16 checkpoint): the reader then reads into one staging buffer
+    in RAM at once (2: one computing, one being read; more: reads further ahead). ``dtype``: the
+    dtype to compute in, when it is not the one stored (T5 in float32 from a bfloat16 checkpoint): the reader then reads into one staging buffer
     and converts into the pool, and the staging buffer counts in ``ram_bytes``.
 
     ``direct``: read with ``O_DIRECT``, straight from the disk into the pool, so that the streamed
@@ -636,8 +636,8 @@ class HostStreamer(_Streamer):
     pool of ``pool`` buffers; when block i starts, the copies of the next ``pool - 1`` blocks are
     queued on a side stream, each after the event that says the block that last used its buffer has
     finished; block i's compute waits on the event of its own copy. (A "block" here is whatever
-    :func:`load_streaming` streams: whole blocks, or their parts.) Host RAM used: the streamed blocks (the budget's cpu
-    tier), once. The host buffers are anonymous memory maps pinned with ``cudaHostRegister``: PyTorch's
+    :func:`load_streaming` streams: whole blocks, or their parts.) Host RAM used: the streamed
+    blocks (the budget's cpu tier), once. The host buffers are anonymous memory maps pinned with ``cudaHostRegister``: PyTorch's
     pinned allocator would round each up to a power of two (a 680 MB block would take 1 GiB).
     ``device`` may be the CPU (no streams, no pinning: the same bookkeeping, for tests).
     The blocks are read once, at load, through the page cache by default (``direct=False``): a
@@ -847,8 +847,8 @@ def split_blocks(model: torch.nn.Module, blocks: list[str], inputs: dict | None)
 
     A whole block needs a pool buffer the size of the block; its parts need one the size of its
     largest part (Flux: 151 MB instead of 680 MB), and the room saved keeps more blocks resident.
-    The order comes from one forward of ``model`` with ``inputs`` (on the meta device: no weights, no
-    time), because it is the forward's, not the order the parts were declared in (a Flux single
+    The order comes from one forward of ``model`` with ``inputs`` (on the meta device: no weights,
+    about a second for FLUX.1-dev), because it is the forward's, not the order the parts were declared in (a Flux single
     block declares ``proj_out`` before ``attn`` and calls it after). A block stays whole (``[block]``)
     when it has no such parts, when a part is not called exactly once, or when the block's own
     code uses a part's parameter outside that part's call (it would find the parameter not there).
@@ -1054,8 +1054,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if on_gpu and pinned > cpu_bytes:
         raise StreamBudgetError(
             f"streaming to the GPU holds the {len(set(pieces.values()))} blocks it cannot keep in pinned RAM: "
-            f"{pinned:,} bytes, "
-            f"more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
+            f"{pinned:,} bytes, more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
             "'accelerate', which can add a disk tier."
         )
     streamed_params = {f"{u}.{p}" for u in pieces for p, _ in model.get_submodule(u).named_parameters()}
@@ -1100,6 +1099,5 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     finally:
         if bar is not None:
             bar.close()
-    kept_bytes = sum(size[r] for r in resident) + sum(_nbytes(model.get_submodule(u), dtype) for u in kept)
-    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - kept_bytes,
-                                dtype=dtype, parents=pieces)
+    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+                                dtype=dtype, parents=pieces)  # in RAM no parts are kept (see above)

@@ -176,7 +176,8 @@ def test_pieces_run_out_of_the_traced_order_are_a_clear_error(tiny_folder, resid
     names[i], names[j] = names[j], names[i]
     streamer = HostStreamer(model, tiny_folder / "transformer", names, "cpu", dtype=torch.bfloat16)
     try:
-        with torch.no_grad(), pytest.raises(RuntimeError, match=r"streamer: expected .*proj_out next, the model ran .*attn"):
+        with torch.no_grad(), pytest.raises(RuntimeError,
+                                            match=r"streamer: expected .*proj_out next, the model ran .*attn"):
             model(**_inputs())
     finally:
         streamer.close()
