@@ -64,11 +64,9 @@ def _load_t5(strategy: str, config: dict, work: Path):
     """The T5 encoder under ``strategy``, in float32 (the method's text encoding)."""
     from transformers import T5EncoderModel
 
-    from helpers.encode import text_encoding_plan
-
     folder = Path(config["folder"]) / "text_encoder_2"
     gpu = _gpu(config)
-    plan = text_encoding_plan(config["model"], config["max_memory"])
+    plan = _plan(config)
     comps = {p.component: p for p in plan.components}
     slow = "cpu" if gpu is not None else "disk"
     off_fast = sum(u.nbytes for u in comps["text_encoder_2"].units if u.tier == slow)
@@ -87,19 +85,22 @@ def _load_t5(strategy: str, config: dict, work: Path):
         clip_bytes = sum(u.nbytes for u in comps["text_encoder"].units)
         cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
         model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
-                                         device_bytes=device_bytes, reserve=_reserve(config, plan))
+                                         device_bytes=device_bytes, reserve=plan.reserve_bytes)
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
 
 
-def _reserve(config: dict, plan) -> int:
-    """What a stream keeps free in a GPU tier for one call of the benchmarked component (0 in RAM)."""
-    from helpers.offload import gpu_activations
+def _plan(config: dict):
+    """The stage's plan for the benchmarked call, as ``encode`` / ``diffuse`` would make it: the same
+    budget (``None``: the default, translated for a twin) and room for the call's activations."""
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+    from helpers.encode import text_encoding_plan
 
-    component, dtype, _ = STAGES[config.get("stage", "diffusion")]
-    tokens = config["tokens"] if config.get("stage") == "text_encoding" else TOKENS
-    return gpu_activations(plan.budget, "stream", component, config["model"], dtype, height=config["height"],
-                           width=config["width"], tokens=tokens)
+    if config.get("stage") == "text_encoding":
+        return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]))
+    return diffusion_plan(config["model"], config["max_memory"],
+                          workload=Workload(config["height"], config["width"], 1, TOKENS))
 
 
 def _streamed_per_call(model, streamer):
@@ -118,11 +119,9 @@ def _load(strategy: str, config: dict, work: Path):
         return _load_t5(strategy, config, work)
     from diffusers import FluxTransformer2DModel
 
-    from helpers.diffuse import diffusion_plan
-
     folder = Path(config["folder"])
     gpu = _gpu(config)
-    plan = diffusion_plan(config["model"], config["max_memory"])
+    plan = _plan(config)
     comps = {p.component: p for p in plan.components}
     t_units = comps["transformer"].units
     slow = "cpu" if gpu is not None else "disk"  # the tier the method's map fetches blocks from
@@ -143,7 +142,7 @@ def _load(strategy: str, config: dict, work: Path):
         cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: sum(u.nbytes for u in comps["vae"].units)})
         model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                          ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                         device_bytes=device_bytes, reserve=_reserve(config, plan))
+                                         device_bytes=device_bytes, reserve=plan.reserve_bytes)
         return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
@@ -434,10 +433,11 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     others still run. ``on_result``: called after each strategy with the report so far
     (``"complete": false``, no floor yet), so that a long run stopped midway leaves what it measured.
     """
-    from helpers.budget import default_budget
-    from helpers.diffuse import check_settings, diffusion_plan
-    from helpers.encode import text_encoding_plan
-    from helpers.footprint import activation_bytes, component_configs
+    import math
+
+    from helpers.budget import default_budget, parse_budget
+    from helpers.diffuse import check_settings
+    from helpers.footprint import TWIN_REFERENCE, activation_bytes, component_configs
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
@@ -447,8 +447,9 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     check_settings(height, width, steps, 0.0)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 512:
         raise UserError(f"tokens must be a whole number from 1 to 512 (T5's limit), not {tokens!r}.")
-    if timeout is not None and not timeout > 0:
-        raise UserError(f"timeout must be a number of seconds above 0, not {timeout!r}.")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or not timeout > 0):
+        raise UserError(f"timeout must be a finite number of seconds above 0, not {timeout!r}.")
     if cache not in ("auto", "cold", "warm"):
         raise UserError(f"cache must be 'auto', 'cold' or 'warm', not {cache!r}.")
     has_gpu = torch.cuda.is_available()
@@ -459,9 +460,12 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             raise UserError(f"strategy {s!r} is not benchmarked for {stage}; use {', '.join(allowed)}.")
         if s in GPU_ONLY and not has_gpu:
             raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
-    budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     name = ref.name if ref.kind != "local" else str(ref.path)
-    plan = (diffusion_plan if stage == "diffusion" else text_encoding_plan)(name, budget_spec)  # checks the budget
+    # no budget: the default, translated for a twin as the stages translate it (so a twin still splits)
+    config = {"model": name, "max_memory": max_memory, "steps": steps, "height": height, "width": width,
+              "stage": stage, "tokens": tokens}
+    plan = _plan(config)  # checks the budget and the size, before anything runs
+    budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
     cache = resolve_cache(cache, plan.budget)
     if cache == "cold":
@@ -483,8 +487,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                                        width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
     except Exception:  # noqa: BLE001
         activations = None
-    config = {"model": name, "folder": str(folder), "max_memory": budget_spec, "steps": steps, "height": height,
-              "width": width, "cache": cache, "gpu": gpu, "stage": stage, "tokens": tokens}
+    config.update(folder=str(folder), cache=cache, gpu=gpu)
     results, outputs = [], {}
 
     def report(complete: bool) -> dict:
@@ -515,7 +518,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         return {
             "model": config["model"], "stage": stage,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
-            "max_memory": budget_spec if isinstance(budget_spec, str) else str(budget_spec),
+            "max_memory": budget_spec if isinstance(budget_spec, str) else str(parse_budget(budget_spec)),
+            "budget_scaled_like": TWIN_REFERENCE if plan.reference is not None else None,
             "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
             "baseline_rss_bytes": min(baselines) if baselines else None,
             "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,

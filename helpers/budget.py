@@ -86,6 +86,8 @@ def parse_size(value: int | str) -> int:
     canonical = _UNITS.get(unit.lower())
     if canonical is None:
         raise _fail(f"size {value!r} has an unknown unit {unit!r}")
+    if not math.isfinite(float(number)) or float(number) > 2**60:  # more digits than any memory has
+        raise _fail(f"size {value!r} is larger than any memory")
     return convert_file_size_to_int(f"{number}{canonical}")
 
 
@@ -124,6 +126,9 @@ class Budget:
     tiers: tuple[tuple[Tier, int], ...]
     #: the text it was read from, for messages
     source: str = field(default="", compare=False)
+    #: the tiers given as a share of the model ("cpu=40%"): they size the weights' split, so the room a
+    #: stage keeps for its activations comes on top of them (see ``helpers.footprint.plan_stages``)
+    shares: frozenset = field(default=frozenset(), compare=False)
 
     def max_memory(self) -> dict[Tier, int]:
         """A new ``max_memory`` dict for accelerate (bytes per tier)."""
@@ -150,6 +155,18 @@ class Budget:
     def gpu(self) -> int | None:
         """The first GPU tier (the fastest), or ``None`` for a budget of RAM and disk."""
         return next((t for t in self.names if isinstance(t, int)), None)
+
+    @property
+    def fast(self) -> Tier | None:
+        """The tier the stages compute on: the first GPU, else ``mps``, else ``cpu``; ``None`` for a
+        budget of disk alone."""
+        return next((t for t in self.names if t != "disk"), None)
+
+    def shifted(self, delta: Mapping[Tier, int], source: str = "") -> "Budget":
+        """The budget with ``delta`` bytes added to (or, negative, taken from) its tiers; a tier left
+        with nothing is dropped. Shares are kept."""
+        tiers = tuple((t, b + delta.get(t, 0)) for t, b in self.tiers if b + delta.get(t, 0) > 0)
+        return Budget(tiers, source=source or self.source, shares=self.shares)
 
     def describe(self) -> str:
         """For people: ``GPU 0 8.5 GiB, CPU RAM 30 GiB``."""
@@ -199,12 +216,14 @@ def parse_budget(spec: Budget | Mapping | str, model_bytes: int | None = None) -
         raise _fail("the budget names no tier")
 
     tiers: dict[Tier, int] = {}
+    shares = set()
     for key, value in spec.items():
         tier = _parse_tier(key)
         if tier in tiers:
             raise _fail(f"tier {tier} is given twice")
         share = _SHARE.match(value) if isinstance(value, str) else None
         if share:
+            shares.add(tier)
             percent = float(share.group(1))
             if not 0 < percent <= 100:
                 raise _fail(f"share {value!r} for tier {tier} is not between 0% and 100%")
@@ -216,7 +235,8 @@ def parse_budget(spec: Budget | Mapping | str, model_bytes: int | None = None) -
         if nbytes <= 0:
             raise _fail(f"tier {tier} gets {value!r}, nothing; leave the tier out instead")
         tiers[tier] = nbytes
-    return Budget(tuple(sorted(tiers.items(), key=lambda kv: _tier_order(kv[0]))), source=source)
+    return Budget(tuple(sorted(tiers.items(), key=lambda kv: _tier_order(kv[0]))), source=source,
+                  shares=frozenset(shares))
 
 
 def _exact_size(n: int) -> str:

@@ -2,12 +2,17 @@
 
 Each subcommand calls the same helper functions the notebooks use, so a stage can run as its own
 process: in a script, a test, or on a GPU machine. Exit status: 0 on success, 2 on a user error
-(one line on stderr, no traceback), 1 on anything unexpected.
+(one line on stderr, no traceback), 130 when interrupted (Ctrl-C: one line, no partial file, no
+child process left), 1 on anything unexpected.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +20,26 @@ from pathlib import Path
 from helpers.errors import UserError
 from helpers.files import in_outputs
 
-_EPILOG = "Exit status: 0 success, 2 user error (one line, no traceback), 1 unexpected error."
+_EPILOG = ("Exit status: 0 success, 2 user error (one line, no traceback), 130 interrupted (Ctrl-C), "
+           "1 unexpected error.")
+#: set in the environment of `generate`'s stages: the parent says "interrupted" for the whole run
+_STAGE_CHILD = "FLUX_HELPERS_STAGE_CHILD"
+#: a second Ctrl-C this soon after the first is the same one (a terminal signals every process of the
+#: command, and `generate` passes it on to its stage); later, it interrupts again (cleanup that hangs)
+_SAME_INTERRUPT_S = 2.0
+#: how long a stage may take to clean up after Ctrl-C before `generate` kills it
+_STAGE_GRACE_S = 60.0
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite number (``inf`` and ``nan`` are refused as any other typo)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,21 +74,29 @@ def _cmd_model(args: argparse.Namespace) -> int:
 def _cmd_footprint(args: argparse.Namespace) -> int:
     import json
 
+    from helpers.activations import Workload
     from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
     from helpers.devicemap import summarise, tier_label
-    from helpers.footprint import component_configs, footprint, plan_stages, report
+    from helpers.diffuse import check_settings
+    from helpers.encode import check_max_sequence_length
+    from helpers.footprint import (STAGES, TWIN_REFERENCE, component_configs, footprint, plan_stages,
+                                   report)
     from helpers.models import resolve_model
     from helpers.report import Table
 
     ref = resolve_model(args.model)
     spec = args.max_memory if args.max_memory is not None else METHOD_BUDGET
     parse_budget(spec, model_bytes=2**40)  # reject a bad budget before building anything (shares: any size)
-    like_name = args.like or ("flux-dev" if ref.kind == "twin" and args.max_memory is None else None)
+    length = args.max_sequence_length or (256 if ref.variant == "schnell" else 512)
+    check_max_sequence_length(length, ref.variant)
+    check_settings(args.height, args.width, 1, 0.0)
+    workload = Workload(args.height, args.width, args.batch, length)
+    like_name = args.like or (TWIN_REFERENCE if ref.kind == "twin" and args.max_memory is None else None)
     if like_name:
         component_configs(like_name)  # a bad --like fails here, before any skeleton is built
     fp = footprint(args.model)
     like = footprint(like_name) if like_name else None
-    plans = plan_stages(fp, spec, like=like)
+    plans = plan_stages(fp, spec, like=like, workload=workload)
     data = report(fp, plans)
     data["max_memory"] = str(spec) if isinstance(spec, str) else str(parse_budget(spec))
     if like is not None:
@@ -74,12 +106,20 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
         return 0
     print(Table(fp.rows(), title=f"{fp.model}: parameters and weights per dtype (GiB = 2**30 bytes, GB = 10**9)"))
     print()
+    rows = [{"stage": name, "component": c, "dtype": str(plan.dtype).replace("torch.", ""),
+             "weights": format_bytes(fp.components[c].nbytes(plan.dtype)), "activations": format_bytes(n)}
+            for name, plan in plans.items() for c, n in plan.activations.items()]
+    print(Table(rows, title=f"{fp.model}: what each forward pass holds beyond its weights, at its peak "
+                            f"({workload.describe()}, {length} text tokens; counted on the meta device)"))
+    print()
     scaled = f", scaled to {fp.model} as {like.model} would be split" if like is not None else ""
     print(f"plan under max_memory {data['max_memory']}{scaled}:")
     for name, plan in plans.items():
         tiers = ", ".join(f"{tier_label(t)} {format_bytes(b)}" for t, b in plan.tier_bytes().items())
         print(f"  {name} ({str(plan.dtype).replace('torch.', '')}): {'fits' if plan.fits else 'DOES NOT FIT'}; {tiers}")
         print(f"    {plan.advice}")
+        for warning in plan.warnings:
+            print(f"    warning: {warning}")
     print()
     rows = [r for plan in plans.values() for r in summarise(plan.components)]
     print(Table(rows, formats={"bytes": format_bytes}, title="where the blocks go (from / to: first and last unit on the tier)"))
@@ -131,6 +171,8 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     for difference in result.differences:
         print(f"note: the applied device map differs from the plan: {difference}", file=sys.stderr)
     for path in result.paths:
@@ -144,11 +186,44 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> None:
+    """Run ``python -m helpers NAME ARGV`` as a child and wait for it.
+
+    On Ctrl-C the child has the interrupt too (a terminal signals the whole command; otherwise it
+    is passed on), so it removes its partial files and ends; one that takes longer than
+    :data:`_STAGE_GRACE_S` is killed, and what it left half-written among ``outputs`` is removed.
+    A child that was interrupted interrupts the run; one that failed ends it with its status.
+    """
+    from helpers.files import remove_partial
+
+    child = subprocess.Popen([sys.executable, "-m", "helpers", name, *argv, "--report", report],
+                             env={**os.environ, _STAGE_CHILD: "1"})
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(_STAGE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+                for path in outputs:
+                    remove_partial(path)
+        raise
+    if code == 130:
+        raise KeyboardInterrupt
+    if code < 0:
+        raise UserError(f"stage {name} ended by signal {signal.Signals(-code).name}; nothing more was made.")
+    if code != 0:
+        raise SystemExit(code)  # the stage said why
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
-    import subprocess
     import tempfile
 
+    from helpers.activations import Workload
     from helpers.budget import format_bytes
     from helpers.diffuse import check_seed, check_settings, diffusion_plan, output_paths
     from helpers.encode import check_max_sequence_length, check_prompts, text_encoding_plan
@@ -177,19 +252,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
             f"{embeddings} --out {out}; or pass --overwrite to encode again."
         )
-    text_encoding_plan(args.model, args.max_memory)
-    diffusion_plan(args.model, args.max_memory)
+    # both plans with their activations: a batch or an image size too large is refused before stage 1
+    text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length))
+    diffusion_plan(args.model, args.max_memory, workload=Workload(args.height, args.width, len(prompts), length))
     from helpers.models import COMPONENTS, model_path
 
     model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)
 
-    def stage(name: str, argv: list[str]) -> dict:
+    def stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             report = f.name
         try:
-            done = subprocess.run([sys.executable, "-m", "helpers", name, *argv, "--report", report])
-            if done.returncode != 0:
-                raise SystemExit(done.returncode)
+            _run_stage(name, argv, report, outputs)
             return json.loads(Path(report).read_text())
         finally:
             Path(report).unlink(missing_ok=True)
@@ -206,11 +280,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.steps is not None:
         diffuse_argv.append(f"--steps={args.steps}")
     if args.guidance is not None:
-        diffuse_argv.append(f"--guidance={args.guidance}")
+        diffuse_argv.append(f"--guidance={args.guidance!r}")
     print("stage 1: text encoding (its own process)", file=sys.stderr)
-    first = stage("encode", encode_argv)
+    first = stage("encode", encode_argv, [embeddings])
     print("stage 2: diffusion (its own process)", file=sys.stderr)
-    second = stage("diffuse", diffuse_argv)
+    second = stage("diffuse", diffuse_argv, images)
     print("\nstage          wall time  peak RSS", file=sys.stderr)
     for name, r in (("text encoding", first), ("diffusion", second)):
         gpu = "".join(f", peak GPU {k} {format_bytes(v)}" for k, v in (r.get("peak_gpu_bytes") or {}).items())
@@ -314,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: the method\'s) or shares "0=40%%,cpu=100%%"')
     p.add_argument("--like", metavar="MODEL",
                    help="scale the budget from this model's sizes (default for tiny/medium without --max-memory: flux-dev)")
+    p.add_argument("--height", type=int, default=1024, metavar="H",
+                   help="the image size whose activations are counted and kept room for (default 1024)")
+    p.add_argument("--width", type=int, default=1024, metavar="W", help="(default 1024)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="prompts at once (default 1)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 tokens per prompt (default: 512; FLUX.1-schnell: 256)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=_cmd_footprint)
 
@@ -344,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=int, default=None, metavar="N",
                        help="denoising steps (default: 28 for FLUX.1-dev-like models, 4 for schnell)")
         q.add_argument("--seed", type=int, default=0, metavar="S", help="seeds a CPU generator: same image on any device")
-        q.add_argument("--guidance", type=float, default=None, metavar="G",
-                       help="guidance scale (default: 3.5 for dev-like models, 0 for schnell)")
+        q.add_argument("--guidance", type=_finite, default=None, metavar="G",
+                       help="guidance scale, 0 to 1000 (default: 3.5 for dev-like models, 0 for schnell)")
         q.add_argument("--height", type=int, default=1024, metavar="H", help="pixels, a multiple of 16 (default 1024)")
         q.add_argument("--width", type=int, default=1024, metavar="W", help="pixels, a multiple of 16 (default 1024)")
         q.add_argument("--max-memory", metavar="SPEC",
@@ -409,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion: the transformer in bfloat16 (default); text_encoding: the T5 encoder in float32 "
                    "on one prompt of --tokens token ids")
     p.add_argument("--tokens", type=int, default=512, metavar="N", help="text_encoding: tokens per prompt (default 512)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=_finite, default=None, metavar="S",
                    help="give up on a strategy after S seconds (it is reported as failed; the others still run)")
     p.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
                    help="cold: drop the page cache of the weight files before each step, so the disk tier is read "
@@ -422,17 +502,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+def _interrupt_once() -> None:
+    """Ctrl-C raises KeyboardInterrupt where the command is, so that its cleanup runs (partial files
+    removed, children stopped); another within :data:`_SAME_INTERRUPT_S` is the same press and is
+    ignored, so it cannot cut that cleanup short."""
+    first: list[float] = []
+
+    def handler(signum, frame):
+        now = time.monotonic()
+        if first and now - first[0] < _SAME_INTERRUPT_S:
+            return
+        first[:] = [now]
+        raise KeyboardInterrupt
+
     try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave Python's default
+        pass
+
+
+def interrupted() -> int:
+    """Say so once (a stage of `generate` leaves it to its parent) and give the exit status 130."""
+    if not os.environ.get(_STAGE_CHILD):
+        print("interrupted", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        _interrupt_once()
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return interrupted()

@@ -4,9 +4,11 @@ The steps, each a function the notebook calls in turn and :func:`diffuse_file` c
 widget and ``python -m helpers diffuse``):
 
 1. :func:`check_settings` and :func:`helpers.embeddings.validate`: sizes, steps, guidance and the
-   embeddings file checked against the model, before any weight loads;
+   embeddings file (header and values) checked against the model, before any weight loads;
 2. :func:`diffusion_plan`: the transformer skeleton placed under the budget in bfloat16 (the VAE
-   whole on the fastest tier); a budget too small is refused with the smallest one that works;
+   whole on the fastest tier), room kept there for the activations of the image size and batch; a
+   budget too small is refused with the smallest one that works, a size too large with the largest
+   square one that fits;
 3. :func:`load_diffusion`: transformer loaded with that device map (accelerate's hooks, or the
    offloaded blocks streamed ahead: ``offload="stream"``), VAE whole, a ``FluxPipeline``
    without encoders or tokenizers;
@@ -18,6 +20,7 @@ Explained in ``03_bf16-diffusion.ipynb``.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from helpers.activations import MULTIPLE, Workload
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir
+from helpers.files import check_can_write, outputs_dir, remove_folder, run_folder
 
 DIFFUSION_COMPONENTS = ("transformer", "vae")
 #: the usual settings of each FLUX.1 variant
@@ -34,7 +38,9 @@ USUAL = {
     "dev": {"steps": 28, "guidance": 3.5, "max_sequence_length": 512},
     "schnell": {"steps": 4, "guidance": 0.0, "max_sequence_length": 256},
 }
-MULTIPLE = 16  # the VAE halves the size 3 times, then the transformer packs 2x2 patches
+#: guidance beyond this is no setting of FLUX.1 (usual: 3.5 for dev, 0 for schnell); the transformer
+#: multiplies it by 1000 in bfloat16, which overflows to infinity from about 3e35
+MAX_GUIDANCE = 1000.0
 
 
 def image_path(name: str) -> Path:
@@ -71,10 +77,11 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
         raise UserError(f"steps must be a whole number, 1 or more, not {steps!r}.")
     try:
         guidance = float(guidance)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UserError(f"guidance must be a number, not {guidance!r}.") from None
-    if guidance < 0 or guidance != guidance:
-        raise UserError(f"guidance must be 0 or more, not {guidance}.")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserError(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g} (usual: 3.5 for FLUX.1-dev, "
+                        f"0 for schnell), not {guidance}.")
     notes = []
     if variant == "schnell":
         if max_sequence_length is not None and max_sequence_length > 256:
@@ -92,11 +99,18 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
     return notes
 
 
-def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto"):
-    """The transformer split and the VAE whole under the budget, in bfloat16; nothing is loaded."""
+def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto",
+                   workload: Workload | None = None):
+    """The transformer split and the VAE whole under the budget, in bfloat16; nothing is loaded.
+
+    ``workload`` (:class:`helpers.activations.Workload`: image size, prompts, text tokens; default
+    one 1024x1024 image): room for the larger of a denoising step's and the VAE decode's activations
+    is kept on the fast tier, and a size whose activations alone exceed it is refused, naming the
+    largest square size that fits. See :func:`helpers.footprint.plan_stage`.
+    """
     from helpers.footprint import plan_stage
 
-    return plan_stage("diffusion", model, max_memory, like)
+    return plan_stage("diffusion", model, max_memory, like, workload=workload)
 
 
 def expected_inputs(model: str | None) -> dict:
@@ -137,15 +151,11 @@ class Diffusion:
         if self.streamer is not None:
             self.streamer.close()
         if self.temporary and self.offload_folder is not None:
-            import gc
-            import shutil
-
-            gc.collect()  # the memory maps of the offloaded tensors go with the model
-            shutil.rmtree(self.offload_folder, ignore_errors=True)
+            remove_folder(self.offload_folder)
 
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                   offload: str = "accelerate", activations: int = 0, progress: bool = True) -> Diffusion:
+                   offload: str = "accelerate", progress: bool = True) -> Diffusion:
     """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
 
     Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
@@ -155,14 +165,11 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
 
     ``offload="stream"``: without a GPU tier, the blocks that do not fit the cpu tier are read
     straight from the checkpoint by :mod:`helpers.offload`, a few parts of a block ahead, into a
-    small pool (with a GPU tier: held in pinned RAM, copied ahead on a side stream); ``"auto"`` picks
-    it where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
-    ``activations``: bytes a stream keeps free in a GPU tier for the intermediates of a denoising step
-    or of the VAE's decode, the larger (:func:`helpers.offload.gpu_activations`; :func:`diffuse_file`
-    works them out for its size). ``progress``: a progress bar while a stream loads.
+    small pool (with a GPU tier: held in pinned RAM, copied ahead on a side stream), keeping the
+    plan's room for the activations free; ``"auto"`` picks it where the budget has no GPU tier and
+    the stream fits the budget, else ``"accelerate"``. ``progress``: a progress bar while a stream
+    loads.
     """
-    import tempfile
-
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import compare_maps, torch_device
@@ -172,23 +179,26 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     by_comp = {p.component: p for p in plan.components}
     vae_tier = by_comp["vae"].device_map[""]
     t_map = dict(by_comp["transformer"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, activations, progress))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, progress))
     if streamed is not None:
         return streamed
     temporary = False
     if "disk" in t_map.values():
         if offload_folder is None:
-            root = outputs_dir() / "offload"
-            root.mkdir(parents=True, exist_ok=True)
-            offload_folder, temporary = Path(tempfile.mkdtemp(prefix="transformer-", dir=root)), True
+            offload_folder, temporary = run_folder("transformer"), True
         offload_folder = Path(offload_folder)
         offload_folder.mkdir(parents=True, exist_ok=True)
     else:
         offload_folder = None
-    transformer = FluxTransformer2DModel.from_pretrained(
-        folder / "transformer", dtype=torch.bfloat16, device_map=t_map, offload_folder=offload_folder
-    )
-    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
+    try:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            folder / "transformer", dtype=torch.bfloat16, device_map=t_map, offload_folder=offload_folder
+        )
+        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
+    except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
+        if temporary:
+            remove_folder(offload_folder)
+        raise
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
@@ -197,7 +207,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
                      device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
 
 
-def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0, progress: bool = True) -> Diffusion:
+def _load_streaming(folder: Path, plan, vae_tier, progress: bool = True) -> Diffusion:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     from helpers.encode import torch_device
@@ -207,8 +217,7 @@ def _load_streaming(folder: Path, plan, vae_tier, activations: int = 0, progress
     cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
     transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
                                            ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                           device_bytes=device_bytes, reserve=activations if device else 0,
-                                           progress=progress)
+                                           device_bytes=device_bytes, reserve=plan.reserve_bytes, progress=progress)
     vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
@@ -242,6 +251,8 @@ def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, 
     The embeddings are moved to the transformer's dtype and execution device (the pipeline does not
     do it), and the seed seeds a CPU generator, so the same seed gives the same image on any device.
     """
+    check_seed(seed)
+    check_settings(height, width, steps, guidance)
     pipe = diffusion.pipe
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
     dtype = pipe.transformer.dtype
@@ -302,6 +313,7 @@ class DiffuseResult:
     step_times: list[float]
     header: object
     offload: str = "accelerate"  # how the transformer's offloaded blocks were fetched
+    warnings: list[str] = field(default_factory=list)  # the plan's: a size that leaves weights little room
 
     @property
     def s_per_step(self) -> float:
@@ -335,12 +347,11 @@ def diffuse_file(
     variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
     """
-    from helpers.embeddings import read_header, validate
-    from helpers.offload import check_offload, gpu_activations
+    from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
-    from safetensors.torch import load_file
+    from helpers.offload import check_offload
 
     header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
     check_seed(seed)
@@ -354,30 +365,28 @@ def diffuse_file(
     usual = USUAL.get(ref.variant or "dev")
     steps = usual["steps"] if steps is None else steps
     guidance = usual["guidance"] if guidance is None else guidance
-    header = validate(embeddings, **expected_inputs(model))
+    check_settings(height, width, steps, guidance)  # sizes and guidance, before the file is read
+    # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
+    tensors, header = load_embeddings(embeddings, **expected_inputs(model))
     notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length)
     paths = output_paths(out, header.batch)
     for p in paths:
-        if not p.parent.exists():
-            if not create_folder:
-                raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
-            p.parent.mkdir(parents=True, exist_ok=True)
-        if not p.parent.is_dir() or not os.access(p.parent, os.W_OK):
+        if not p.parent.exists() and not create_folder:
+            raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
+        if p.parent.exists() and (not p.parent.is_dir() or not os.access(p.parent, os.W_OK)):
             raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
         check_can_write(p, overwrite)
     check_offload(offload)
-    plan = diffusion_plan(model, max_memory)
+    # room for the larger of a step's and the decode's activations at this size and batch; too large is refused
+    workload = Workload(height, width, header.batch, header.max_sequence_length)
+    plan = diffusion_plan(model, max_memory, workload=workload)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
-
-    # on a GPU the stream's weights stay through the steps and the VAE's decode: room for the larger
-    activations = gpu_activations(plan.budget, offload, ["transformer", "vae"],
-                                  ref.name if ref.kind != "local" else str(ref.path), torch.bfloat16,
-                                  batch=header.batch, height=height, width=width, tokens=header.max_sequence_length)
+    for p in paths:  # only now, when the run can go ahead
+        p.parent.mkdir(parents=True, exist_ok=True)
 
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan, offload=offload, activations=activations, progress=progress)
+        diffusion = load_diffusion(folder, plan, offload=offload, progress=progress)
         try:
-            tensors = load_file(str(header.path))
             result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
         finally:
             applied, differences, used = diffusion.applied, diffusion.differences, diffusion.offload
@@ -391,4 +400,4 @@ def diffuse_file(
         })
     return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
                          differences=differences, notes=notes, measurement=m,
-                         step_times=result.step_times, header=header, offload=used)
+                         step_times=result.step_times, header=header, offload=used, warnings=plan.warnings)

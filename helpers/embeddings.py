@@ -3,9 +3,10 @@
 Stage 1 (text encoding) writes ``prompt_embeds`` ``[batch, tokens, joint_dim]``,
 ``pooled_prompt_embeds`` ``[batch, pooled_dim]`` and ``text_ids`` ``[tokens, 3]`` in bfloat16, with
 string metadata that says what made them. Stage 2 (diffusion) validates the file against the model
-that will consume it, from the header alone (no tensor is read, no weight is loaded), and explains
-any mismatch in one message that says what to do. Written atomically: a crash never leaves half a
-file under the final name. Explained in ``02_text-encoding-offload.ipynb``.
+that will consume it before any weight is loaded: the header first (names, shapes, dtypes,
+fingerprint), then every value finite (the tensors are small), and explains any mismatch in one
+message that says what to do. Written atomically: a crash never leaves half a file under the final
+name; values that are not finite are never written. Explained in ``02_text-encoding-offload.ipynb``.
 """
 
 from __future__ import annotations
@@ -115,6 +116,14 @@ def save_embeddings(
     }
     if text_ids is not None:
         tensors["text_ids"] = text_ids.detach().to("cpu").contiguous()
+    for name, tensor in tensors.items():  # in the stored dtype: a float32 value past bfloat16's range is infinite there
+        bad = not_finite(tensor)
+        if bad:
+            raise UserError(
+                f"the text encoders gave {bad:,} of {tensor.numel():,} values of {name} that are not finite (NaN or "
+                f"infinite in {str(tensor.dtype).replace('torch.', '')}), so nothing was written to {path}: encode in "
+                "float32 (an encoder in float16 overflows), or check the model's weights."
+            )
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -130,6 +139,28 @@ def save_embeddings(
     with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def not_finite(tensor: torch.Tensor) -> int:
+    """How many values of ``tensor`` are NaN or infinite (0 for a tensor of whole numbers)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
+
+
+def check_values(header: EmbeddingsHeader, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors with values that are not finite: they would make images of nothing but noise."""
+    made = f"made by model {header.metadata.get('model')!r}" + (
+        f" on {header.metadata['created']}" if header.metadata.get("created") else "")
+    for name in (*REQUIRED, *OPTIONAL):
+        if name in tensors:
+            bad = not_finite(tensors[name])
+            if bad:
+                raise UserError(
+                    f"{header.path}: {name} holds {bad:,} of {tensors[name].numel():,} values that are not finite "
+                    f"(NaN or infinite); the file ({made}) was damaged or its text encoder overflowed: encode the "
+                    f"prompts again with {MAKER}."
+                )
 
 
 def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
@@ -160,9 +191,19 @@ def validate(
     """Check an embeddings file against the model that will consume it, before any weight loads.
 
     Checks the format, the tensor names, shapes and dtypes, and (when given) the fingerprint of the
-    text encoders and the transformer's input widths. Raises :class:`UserError` saying what is wrong
-    and what to do.
+    text encoders and the transformer's input widths, from the header; then reads the tensors once
+    and checks that every value is finite. Raises :class:`UserError` saying what is wrong and what
+    to do. :func:`load_embeddings` does the same and returns the tensors too.
     """
+    return load_embeddings(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim)[1]
+
+
+def _validate_header(
+    path: str | os.PathLike,
+    expected_fingerprint: str | None = None,
+    joint_attention_dim: int | None = None,
+    pooled_projection_dim: int | None = None,
+) -> EmbeddingsHeader:
     header = read_header(path)
     meta, shapes = header.metadata, header.shapes
     where = header.path
@@ -216,9 +257,18 @@ def validate(
     return header
 
 
-def load_embeddings(path: str | os.PathLike, **checks) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
-    """Validate (``checks`` as for :func:`validate`), then load the tensors (on the CPU, bfloat16)."""
+def load_embeddings(path: str | os.PathLike, expected_fingerprint: str | None = None,
+                    joint_attention_dim: int | None = None,
+                    pooled_projection_dim: int | None = None) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
+    """Validate as :func:`validate` does and return ``(tensors, header)``: the tensors on the CPU,
+    bfloat16, read once."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    header = validate(path, **checks)
-    return load_file(str(header.path)), header
+    header = _validate_header(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim)
+    try:
+        tensors = load_file(str(header.path))
+    except (SafetensorError, OSError, ValueError) as err:  # a header that promises more bytes than the file has
+        raise UserError(f"{header.path} cannot be read whole ({err}); make it again with {MAKER}.") from None
+    check_values(header, tensors)
+    return tensors, header

@@ -23,7 +23,7 @@ import torch
 
 from helpers.budget import Tier
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir
+from helpers.files import check_can_write, outputs_dir, remove_folder, run_folder
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -36,14 +36,17 @@ def embeddings_path(name: str) -> Path:
 # --------------------------------------------------------------------------- 1. plan
 
 
-def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto"):
+def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto", workload=None):
     """Place CLIP (whole) and T5 (split) under the budget in float32; refuse a budget that is too small.
 
-    See :func:`helpers.footprint.plan_stage`: only skeletons are built, nothing is loaded.
+    ``workload`` (:class:`helpers.activations.Workload`: prompts and tokens; default one prompt of
+    512 tokens): T5's activations for it keep room on the fast tier, and a batch whose activations
+    alone exceed it is refused with the most prompts that fit. See
+    :func:`helpers.footprint.plan_stage`: only skeletons are built, nothing is loaded.
     """
     from helpers.footprint import plan_stage
 
-    return plan_stage("text_encoding", model, max_memory, like)
+    return plan_stage("text_encoding", model, max_memory, like, workload=workload)
 
 
 # --------------------------------------------------------------------------- 2. load
@@ -69,13 +72,16 @@ class TextEncoders:
     differences: list[str] = field(default_factory=list)
     streamer: object = None  # offload "stream": the reader of T5's streamed blocks
     offload: str = "accelerate"  # how T5's offloaded blocks are fetched: "accelerate" or "stream"
+    temporary: bool = False  # the offload folder is this run's own, removed by close()
 
     def close(self) -> None:
-        """Stop the block reader, if any, and drop the models."""
+        """Stop the block reader, if any, drop the models, and remove this run's offload folder."""
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
         self.text_encoder = self.text_encoder_2 = None
+        if self.temporary and self.offload_folder is not None:
+            remove_folder(self.offload_folder)
 
 
 def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str]:
@@ -105,17 +111,17 @@ def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str
 
 
 def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                       offload: str = "accelerate", activations: int = 0, progress: bool = True) -> TextEncoders:
+                       offload: str = "accelerate", progress: bool = True) -> TextEncoders:
     """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
 
-    ``offload_folder`` is needed when the plan puts blocks on ``disk`` (it is created if missing:
-    accelerate expects it to exist). ``offload="stream"``: T5's blocks that do not fit the fast tier
-    are read ahead, in parts (:mod:`helpers.offload`; from the checkpoint without a GPU tier,
-    converted to float32 as they arrive; from pinned RAM to the GPU with one); ``"auto"`` picks it
-    where the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``.
-    ``activations``: bytes a stream keeps free in a GPU tier for T5's intermediates
-    (:func:`helpers.offload.gpu_activations`; :func:`encode_prompts` works them out). ``progress``:
-    a progress bar while a stream loads.
+    A plan that puts blocks on ``disk`` needs an offload folder: ``offload_folder`` (created if
+    missing: accelerate expects it to exist), or by default a fresh one of this run's own under
+    ``outputs/offload/``, removed by :meth:`TextEncoders.close`. ``offload="stream"``: T5's blocks
+    that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload`; from the
+    checkpoint without a GPU tier, converted to float32 as they arrive; from pinned RAM to the GPU
+    with one), keeping the plan's room for activations free; ``"auto"`` picks it where the budget has
+    no GPU tier and the stream fits the budget, else ``"accelerate"``. ``progress``: a progress bar
+    while a stream loads.
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -125,20 +131,30 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     by_comp = {p.component: p for p in plan.components}
     clip_tier = by_comp["text_encoder"].device_map[""]
     t5_map = dict(by_comp["text_encoder_2"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, activations, progress))
+    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, progress))
     if streamed is not None:
         return streamed
+    temporary = False
     if "disk" in t5_map.values():
-        offload_folder = Path(offload_folder or outputs_dir() / "offload" / folder.name / "text_encoder_2")
+        if offload_folder is None:
+            offload_folder, temporary = run_folder("text_encoder_2"), True
+        offload_folder = Path(offload_folder)
         offload_folder.mkdir(parents=True, exist_ok=True)
     else:
         offload_folder = None
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
-    text_encoder_2 = T5EncoderModel.from_pretrained(
-        folder / "text_encoder_2", dtype=torch.float32, device_map=t5_map, offload_folder=offload_folder
-    )
+    try:
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32,
+                                                     device_map={"": clip_tier})
+        text_encoder_2 = T5EncoderModel.from_pretrained(
+            folder / "text_encoder_2", dtype=torch.float32, device_map=t5_map, offload_folder=offload_folder
+        )
+    except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
+        if temporary:
+            remove_folder(offload_folder)
+        raise
     applied = dict(getattr(text_encoder_2, "hf_device_map", {"": "cpu"}))
-    fastest = min((t for t in [clip_tier, *t5_map.values()] if t != "disk"), key=lambda t: (not isinstance(t, int), str(t)))
+    used = {clip_tier, *t5_map.values()}
+    fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
     return TextEncoders(
         text_encoder=text_encoder.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
@@ -149,10 +165,11 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
         device=torch_device(fastest),
         offload_folder=offload_folder,
         differences=compare_maps(t5_map, applied),
+        temporary=temporary,
     )
 
 
-def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0, progress: bool = True) -> TextEncoders:
+def _load_streaming(folder: Path, plan, clip_tier, progress: bool = True) -> TextEncoders:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     from helpers.offload import load_streaming, stream_budget
@@ -161,7 +178,7 @@ def _load_streaming(folder: Path, plan, clip_tier, activations: int = 0, progres
     cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
     text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
                                               ["encoder.block"], device=device, device_bytes=device_bytes,
-                                              reserve=activations if device else 0, progress=progress)
+                                              reserve=plan.reserve_bytes, progress=progress)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
     streamed = set(streamer.streamed_blocks) if streamer else set()
     fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
@@ -289,9 +306,10 @@ def encode_prompts(
     ``offload``: see :func:`load_text_encoders` (``auto``: ``stream`` without a GPU tier, else
     ``accelerate``).
     """
+    from helpers.activations import Workload
     from helpers.embeddings import fingerprint, save_embeddings
-    from helpers.offload import check_offload, gpu_activations
     from helpers.footprint import component_configs
+    from helpers.offload import check_offload
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
 
@@ -313,15 +331,14 @@ def encode_prompts(
         raise UserError(f"cannot write to {out.parent}; choose a folder you can write to.")
     check_can_write(out, overwrite)
     check_offload(offload)
-    plan = text_encoding_plan(model, max_memory)
+    # T5's activations for these prompts keep room on the fast tier; too many at once are refused here
+    plan = text_encoding_plan(model, max_memory, workload=Workload(batch=len(prompts), tokens=max_sequence_length))
     folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
     name = model if ref.kind != "local" else str(ref.path)
     _, configs = component_configs(name)
-    activations = gpu_activations(plan.budget, offload, "text_encoder_2", name, torch.float32, batch=len(prompts),
-                                  tokens=max_sequence_length)
 
     with measure("text encoding") as m:
-        encoders = load_text_encoders(folder, plan, offload=offload, activations=activations)
+        encoders = load_text_encoders(folder, plan, offload=offload)
         try:
             tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
             prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
@@ -335,7 +352,7 @@ def encode_prompts(
             encoders.close()
     result = EncodeResult(
         path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
-        warnings=truncation_warnings(tokens, max_sequence_length), measurement=m,
+        warnings=plan.warnings + truncation_warnings(tokens, max_sequence_length), measurement=m,
         shapes={"prompt_embeds": list(prompt_embeds.shape), "pooled_prompt_embeds": list(pooled.shape)},
         offload=used,
     )

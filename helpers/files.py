@@ -88,6 +88,34 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
         tmp.unlink(missing_ok=True)
 
 
+def run_folder(component: str) -> Path:
+    """A fresh folder under ``outputs/offload/`` for one run's offloaded copies of ``component``: two
+    runs at once, or two models whose folders share a name, never share one. Remove it with
+    :func:`remove_folder` when the run ends."""
+    root = outputs_dir() / "offload"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{component}-", dir=root))
+
+
+def remove_folder(folder: str | os.PathLike) -> None:
+    """Remove a run's folder of offloaded copies, once the model that mapped them is gone."""
+    import gc
+    import shutil
+
+    gc.collect()  # the memory maps of the offloaded tensors go with the model
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_partial(path: str | os.PathLike) -> list[Path]:
+    """Remove what an interrupted :func:`atomic_path` write to ``path`` left behind (its temporary
+    files, never ``path`` itself); for a writer that was killed before it could clean up."""
+    path = Path(path)
+    gone = sorted(path.parent.glob(f".{path.stem}.*.tmp{path.suffix}"))
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def folder_size(path: str | os.PathLike) -> int:
     """Total bytes of the files under ``path``."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -10,14 +10,15 @@ Explained in ``01_memory-footprint.ipynb``.
 
 from __future__ import annotations
 
-import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from helpers.activations import (WHAT, WORKSPACE_GPU, Workload, affine_guess, forward_peak, largest_square,
+                                 stage_activations)
 from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
@@ -30,6 +31,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
 }
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
+#: the model a twin's default budget is read against, so that the twin splits where it would
+TWIN_REFERENCE = "flux-dev"
 
 #: Published configs shipped as package data, copied from the hub repositories of the same name
 #: (black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell, each component's config.json).
@@ -226,117 +229,15 @@ def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_O
 # --------------------------------------------------------------------------- activations
 
 
-def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool = True) -> int:
-    """The most bytes of intermediate tensors one forward pass of ``module`` holds at once.
-
-    Counted op by op: every new storage an op returns, until its last reference goes. Weights,
-    buffers and ``inputs`` are not counted. On the meta device this runs in about a second even for
-    the 12B transformer, and counts what the same ops would allocate on a real device.
-    ``fused_attention``: ``scaled_dot_product_attention`` is counted as the fused kernels a GPU runs
-    it with (flash or memory-efficient attention: the output, no score matrix); otherwise as the
-    reference path the meta device takes, which holds a heads x tokens x tokens matrix.
-    """
-    import weakref
-
-    import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    given = [*module.parameters(), *module.buffers(), *(v for v in inputs.values() if torch.is_tensor(v))]
-
-    class Live(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.known = {t.untyped_storage()._cdata for t in given}  # views of these are not new memory
-            self.live: dict[int, int] = {}
-            self.now = self.peak = 0
-
-        def _gone(self, key: int) -> None:
-            self.now -= self.live.pop(key)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            for t in tree_leaves((args, kwargs)):  # tensors from before the pass (caches, nested inputs)
-                if isinstance(t, torch.Tensor):
-                    key = t.untyped_storage()._cdata
-                    if key not in self.live:
-                        self.known.add(key)
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    storage = t.untyped_storage()
-                    key = storage._cdata
-                    if key not in self.live and key not in self.known:
-                        self.live[key] = storage.nbytes()
-                        self.now += storage.nbytes()
-                        self.peak = max(self.peak, self.now)
-                        weakref.finalize(storage, self._gone, key)
-            return out
-
-    class Fused(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is F.scaled_dot_product_attention:
-                q = args[0] if args else kwargs["query"]
-                v = args[2] if len(args) > 2 else kwargs["value"]
-                return q.new_empty((*q.shape[:-1], v.shape[-1]))
-            return func(*args, **kwargs)
-
-    with torch.no_grad(), (Fused() if fused_attention else contextlib.nullcontext()), Live() as live:
-        out = module(**inputs)
-    del out
-    return live.peak
-
-
-class _Decode(torch.nn.Module):
-    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]
-
-
-def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
-                   width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
-    """``(module, inputs)`` for one forward of ``component`` as :func:`activation_bytes` describes it,
-    batch 1, tensors empty on ``device`` (the VAE is wrapped so that its forward is the decode)."""
-    device = torch.device(device)
-    if component == "transformer":
-        cfg = module.config
-        n = (height // 16) * (width // 16)
-        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=device),
-                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=device),
-                      pooled_projections=torch.empty(1, cfg.pooled_projection_dim, dtype=dtype, device=device),
-                      timestep=torch.empty(1, dtype=dtype, device=device), img_ids=torch.empty(n, 3, device=device),
-                      txt_ids=torch.empty(tokens, 3, device=device), return_dict=False)
-        if cfg.guidance_embeds:
-            inputs["guidance"] = torch.empty(1, device=device)
-        return module, inputs
-    if component == "text_encoder_2":
-        return module, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device))
-    if component == "vae":
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
-        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=device)
-        return _Decode(module), dict(latents=latents)
-    raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-
-
 def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: int = 1024, width: int = 1024,
                      tokens: int = 512) -> int:
-    """Peak activations of one forward of ``component``, batch 1, computing in ``dtype``: for
-    ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens`` text tokens;
-    for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of ``tokens`` tokens.
-    See :func:`activation_peak`. No weights."""
+    """Peak activations of one forward of ``component`` built from ``config``, batch 1, computing in
+    ``dtype``: for ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens``
+    text tokens; for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of
+    ``tokens`` tokens. See :func:`helpers.activations.forward_peak`. No weights."""
     if component not in ("transformer", "text_encoder_2", "vae"):
         raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-    module = skeleton(component, config)
-    for t in (*module.parameters(), *module.buffers()):
-        if t.is_floating_point():
-            t.data = t.data.to(dtype)
-    return activation_peak(*example_inputs(component, module, dtype, height, width, tokens))
+    return forward_peak(component, skeleton(component, config), dtype, height, width, tokens)
 
 
 # --------------------------------------------------------------------------- plans
@@ -344,7 +245,12 @@ def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: i
 
 @dataclass
 class StagePlan:
-    """Where each component of a stage goes under a budget, and whether it fits."""
+    """Where each component of a stage goes under a budget, and whether it fits.
+
+    ``budget`` is every byte the stage may use per tier; ``reserve`` the part of the fast tier (the
+    one it computes on) kept for the activations of ``workload``, so the weights are placed in
+    :meth:`weights_budget`. ``activations``: what each component holds at its peak (batch included).
+    """
 
     stage: str
     dtype: torch.dtype
@@ -353,9 +259,25 @@ class StagePlan:
     fits: bool = False
     overflow: int = 0
     advice: str = ""
+    reserve: dict[Tier, int] = field(default_factory=dict)
+    activations: dict[str, int] = field(default_factory=dict)
+    workload: Workload | None = None
+    #: things that work but are worth knowing before the run (printed by the commands, shown by the widgets)
+    warnings: list[str] = field(default_factory=list)
+    #: with a translated budget: the reference model's plan under the budget as written (see plan_stages)
+    reference: "StagePlan | None" = field(default=None, repr=False)
+
+    @property
+    def reserve_bytes(self) -> int:
+        """Bytes of the fast tier kept for activations (0 when the plan was made without a workload)."""
+        return sum(self.reserve.values())
+
+    def weights_budget(self) -> Budget:
+        """The budget the weights are placed in: :attr:`budget` less the activations' room."""
+        return self.budget.shifted({t: -b for t, b in self.reserve.items()}, source=f"{self.budget} less activations")
 
     def tier_bytes(self) -> dict[Tier, int]:
-        """Bytes per tier, fastest tier first."""
+        """Bytes of weights per tier, fastest tier first."""
         out: dict[Tier, int] = {}
         for plan in self.components:
             for tier, nbytes in plan.tier_bytes().items():
@@ -376,12 +298,18 @@ class StagePlan:
             "fits": self.fits,
             "advice": self.advice,
             "max_memory_bytes": {str(t): b for t, b in self.budget.tiers},
+            "activations": {"workload": self.workload.as_dict() if self.workload else None,
+                            "bytes": self.activations, "reserve_bytes": {str(t): b for t, b in self.reserve.items()}},
+            "warnings": self.warnings,
         }
 
 
-def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str) -> StagePlan:
-    """Place the stage's components one after another, each in what the earlier ones left."""
-    left, plans = budget, []
+def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str,
+           reserve: dict[Tier, int] | None = None) -> StagePlan:
+    """Place the stage's components one after another, each in what the earlier ones left of
+    ``budget`` less ``reserve`` (the activations' room)."""
+    reserve = dict(reserve or {})
+    left, plans = budget.shifted({t: -b for t, b in reserve.items()}), []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
         plan = plan_component(fp.skeletons[comp], left, dtype, component=comp, whole=whole)
@@ -389,7 +317,7 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name
         left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
     # show components in pipeline order
     plans.sort(key=lambda p: COMPONENT_ORDER.index(p.component))
-    result = StagePlan(name, dtype, budget, plans)
+    result = StagePlan(name, dtype, budget, plans, reserve=reserve)
     on_disk = result.tier_bytes().get("disk", 0)
     result.overflow = max(0, on_disk - (budget["disk"] if "disk" in budget else 0))
     result.fits = result.overflow == 0
@@ -402,6 +330,7 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
     Both models have the same blocks under the same names. Each tier gets the bytes, in ``fp``, of
     the blocks the reference put there, plus the reference's unused room on that tier scaled by the
     size ratio of the split components (the room is what decides whether one more block fits).
+    ``like_budget`` is the room the reference's weights had (its activations' room taken out).
     """
     from helpers.devicemap import model_units
 
@@ -426,7 +355,8 @@ def like_plan_bytes(plan: StagePlan, components) -> int:
     return sum(u.nbytes for p in plan.components if p.component in components for u in p.units)
 
 
-def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier) -> int | None:
+def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier,
+                  reserve: dict[Tier, int] | None = None) -> int | None:
     """The least extra room on ``tier`` (to 1/4096 of the stage's size) that makes it fit; by bisection.
 
     ``None`` when no amount on that tier helps.
@@ -437,7 +367,7 @@ def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtyp
     def fits(extra: int) -> bool:
         trial = dict(base)
         trial[tier] = trial.get(tier, 0) + extra
-        return _place(fp, stage, parse_budget(trial), dtype, "").fits
+        return _place(fp, stage, parse_budget(trial), dtype, "", reserve).fits
 
     hi = step
     while not fits(hi):
@@ -456,17 +386,18 @@ def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtyp
 def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     tiers = plan.tier_bytes()
     order = [*plan.budget.names, "disk"]
+    kept = "".join(f"; {format_bytes(b)} of {tier_label(t)} kept for activations" for t, b in plan.reserve.items())
     if plan.fits:
         used = sorted((t for t in tiers if tiers[t] > 0), key=lambda t: order.index(t) if t in order else len(order))
         if len(used) == 1:
-            return f"fits whole on {tier_label(used[0])} ({format_bytes(tiers[used[0]])})."
+            return f"fits whole on {tier_label(used[0])} ({format_bytes(tiers[used[0]])}{kept})."
         parts = ", ".join(f"{tier_label(t)} {format_bytes(tiers[t])}" for t in used)
         return (
-            f"fits across tiers ({parts}): blocks off the fastest tier wait on a slower one and are moved "
+            f"fits across tiers ({parts}{kept}): blocks off the fastest tier wait on a slower one and are moved "
             f"to {tier_label(used[0])} when their turn comes."
         )
     slow = "cpu" if "cpu" in plan.budget else next((t for t in plan.budget.names if t != "disk"), "cpu")
-    extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow)
+    extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow, plan.reserve)
     have = plan.budget[slow] if slow in plan.budget else 0
     options = []
     if extra is not None:
@@ -481,18 +412,109 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     return f"does not fit: {need}; " + ", or ".join(options) + "."
 
 
+def _activations_need(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, fast: Tier) -> int:
+    """The room ``name`` keeps on ``fast`` for ``workload``: its largest component's activations
+    (batch included), plus a GPU's workspace."""
+    return max(stage_activations(name, fp.skeletons, dtype, workload).values()) + (
+        WORKSPACE_GPU if isinstance(fast, int) else 0)
+
+
+def _runs(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload) -> bool:
+    """Whether stage ``name`` can run under ``budget`` at ``workload``: its activations fit the fast
+    tier, its weights fit what is left with the slower tiers, and nothing is left on disk alone."""
+    fast = budget.fast
+    need = _activations_need(fp, name, dtype, workload, fast)
+    if fast in budget.shares:
+        budget = budget.shifted({fast: need})
+    if need > budget[fast]:
+        return False
+    plan = _place(fp, STAGES[name], budget, dtype, name, {fast: need})
+    return plan.fits and not _stranded(plan, name)
+
+
+def _fewer(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, budget: Budget) -> str:
+    """What does run under ``budget``: the largest square image (diffusion) or the most prompts at
+    once (text encoding), for the message that refuses ``workload``."""
+    fast = budget.fast
+    if name == "text_encoding":
+        lo, hi = 0, workload.batch  # lo runs (0: none known), hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _runs(fp, name, dtype, budget, replace(workload, batch=mid)) else (lo, mid)
+        if not lo:
+            return (f"not even one prompt of {workload.tokens} tokens fits; lower max_sequence_length, or give "
+                    f"{tier_label(fast)} more room")
+        return (f"at most {lo} prompt(s) of {workload.tokens} tokens fit at once: split the prompts over several "
+                "files, or lower max_sequence_length")
+    above = max(workload.height, workload.width)
+    whole = sum(fp.components[c].nbytes(dtype) for c in STAGES[name].whole)
+    room = (budget[fast] if fast not in budget.shares else 2**62) - whole
+    guess = affine_guess(lambda s: _activations_need(fp, name, dtype, workload.square(s), fast), room, above)
+    side = largest_square(lambda s: _runs(fp, name, dtype, budget, workload.square(s)), above, guess)
+    if side is None:
+        least = _activations_need(fp, name, dtype, workload.square(16), fast) + whole
+        return f"not even a 16x16 image fits; give {tier_label(fast)} at least {round_up_size(least)}"
+    fewer = ", or fewer prompts per file" if workload.batch > 1 else ""
+    return f"the largest square image that fits is {side}x{side}{fewer}"
+
+
+def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload | None) -> StagePlan:
+    """Place stage ``name`` under ``budget``, keeping the fast tier's room for ``workload``'s activations.
+
+    A size whose activations alone exceed the fast tier does not fit (the advice names the largest
+    square image that does); one that leaves the weights less than a tenth of it is warned. A tier
+    given as a share sizes the weights' split: the activations' room is added on top of it.
+    """
+    stage, fast = STAGES[name], budget.fast
+    need, counted, warnings = 0, {}, []
+    if workload is not None and fast is not None:
+        try:
+            counted = stage_activations(name, fp.skeletons, dtype, workload)
+            need = _activations_need(fp, name, dtype, workload, fast)
+        except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
+            warnings.append(f"the activations of {fp.model} could not be counted on the meta device "
+                            f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone.")
+        if need and fast in budget.shares:
+            budget = budget.shifted({fast: need})
+    plan = _place(fp, stage, budget, dtype, name, {fast: need} if need else None)
+    plan.activations, plan.workload, plan.warnings = counted, workload, warnings
+    what = workload.describe(name) if workload is not None else ""
+    top = max(counted, key=counted.get) if counted else None
+    if need and need > budget[fast]:
+        plan.fits = False
+        plan.advice = (f"the activations of {what} alone need {format_bytes(need)} ({WHAT[top]}), more than "
+                       f"{tier_label(fast)} ({format_bytes(budget[fast])}); "
+                       f"{_fewer(fp, name, dtype, workload, budget)}.")
+        return plan
+    if need and fast not in budget.shares and budget[fast] - need < budget[fast] / 10:
+        slower = sum(b for t, b in plan.tier_bytes().items() if t != fast)
+        then = (f"{format_bytes(slower)} of them are fetched from a slower tier every step; a smaller "
+                f"{'batch' if name == 'text_encoding' else 'image'} or a larger {tier_label(fast)} tier runs faster."
+                if slower else "they fit, with little to spare.")
+        plan.warnings.append(
+            f"the activations of {what} ({WHAT[top]}) take {format_bytes(need)} of the {format_bytes(budget[fast])} "
+            f"{tier_label(fast)} tier, leaving {format_bytes(budget[fast] - need)} for weights: {then}")
+    plan.advice = _advice(fp, stage, plan)
+    return plan
+
+
 def plan_stages(
     fp: Footprint,
     max_memory=METHOD_BUDGET,
     dtypes: dict[str, torch.dtype | str] | None = None,
     like: Footprint | None = None,
     stages=tuple(STAGES),
+    workload: Workload | None = None,
 ) -> dict[str, StagePlan]:
     """Place the method's ``stages`` (all by default) under ``max_memory``; ``dtypes`` overrides a stage's dtype.
 
     Shares in the budget (``"0=40%"``) are of the stage's size. With ``like`` (say the real
     FLUX.1-dev), the budget is read against that model and translated into this model's bytes
     (see :func:`_budget_like`), so that a twin splits its blocks the way the real model does.
+    With a ``workload`` (image size, prompts, tokens) each plan keeps room on the fast tier for the
+    activations (see :func:`_plan`); a translated budget keeps the reference's room when it places
+    the reference, and gives this model room for its own activations on top, so the verdict and the
+    largest size are the reference's and the split is the same. Without one, weights alone.
     """
     plans = {}
     for name in stages:
@@ -500,23 +522,39 @@ def plan_stages(
         dt = (dtypes or {}).get(name, stage.dtype)
         dt = DTYPES[dt] if isinstance(dt, str) else dt
         if like is None:
-            budget = parse_budget(max_memory, model_bytes=fp.nbytes(dt, list(stage.components)))
-            plan = _place(fp, stage, budget, dt, name)
-            plan.advice = _advice(fp, stage, plan)
-        else:
-            like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
-            like_plan = _place(like, stage, like_budget, dt, name)
-            plan = _place(fp, stage, _budget_like(fp, stage, like_plan, like_budget), dt, name)
-            # advice in the reference's bytes: the budget the user wrote is the reference's
-            plan.advice = f"as {like.model} under {like_budget}: {_advice(like, stage, like_plan)}"
+            plans[name] = _plan(fp, name, dt, parse_budget(max_memory, model_bytes=fp.nbytes(dt, list(stage.components))),
+                                workload)
+            continue
+        like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
+        ref = _plan(like, name, dt, like_budget, workload)
+        budget = _budget_like(fp, stage, ref, ref.weights_budget())
+        own, need, warnings = {}, 0, []
+        fast = budget.fast
+        if workload is not None and fast is not None:
+            try:
+                own = stage_activations(name, fp.skeletons, dt, workload)
+                need = _activations_need(fp, name, dt, workload, fast)
+            except Exception as err:  # noqa: BLE001
+                warnings.append(f"the activations of {fp.model} could not be counted on the meta device "
+                                f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone.")
+        plan = _place(fp, stage, budget.shifted({fast: need}) if need else budget, dt, name,
+                      {fast: need} if need else None)
+        plan.activations, plan.workload = own, workload
+        plan.warnings = [f"as {like.model} under {like_budget}: {w}" for w in ref.warnings] + warnings
+        plan.fits = plan.fits and ref.fits
+        plan.reference = ref
+        # advice in the reference's bytes: the budget the user wrote is the reference's
+        plan.advice = f"as {like.model} under {like_budget}: {ref.advice}"
         plans[name] = plan
     return plans
 
 
 def check_tiers_exist(budget: Budget) -> None:
-    """Refuse, before loading, a budget whose GPU (or MPS) tier this machine does not have.
+    """Refuse, before loading, a budget whose GPU tier this machine does not have, or an ``mps`` tier.
 
-    Planning for such a tier is fine anywhere (notebook 01); running a stage on it is not.
+    Planning for such a tier is fine anywhere (notebook 01); running a stage on it is not. The
+    stages load onto CUDA GPUs and the CPU; an Apple GPU (``mps``) is refused here rather than
+    planned and then computed on the CPU.
     """
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for tier in budget.names:
@@ -526,25 +564,44 @@ def check_tiers_exist(budget: Budget) -> None:
                 f"the budget ({budget.describe()}) puts weights on GPU {tier}, and this machine has {have}; "
                 'without a GPU run one tier down, e.g. "cpu=8.5GiB,disk=30GiB" (or leave the budget out).'
             )
-        if tier == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise UserError(f"the budget ({budget.describe()}) names the mps tier, which this machine lacks.")
+        if tier == "mps":
+            raise UserError(
+                f"the budget ({budget.describe()}) names the mps tier (an Apple GPU), which the stages do not load "
+                'onto: they compute on CUDA GPUs or the CPU. Run one tier down, e.g. "cpu=8.5GiB,disk=30GiB" '
+                "(or leave the budget out)."
+            )
+
+
+def _machine_bytes(tier: Tier) -> int | None:
+    """The memory this machine has for a tier: a GPU's total, or the RAM; ``None`` for disk."""
+    if isinstance(tier, int):
+        return int(torch.cuda.get_device_properties(tier).total_memory)
+    if tier == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    return None
 
 
 def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto",
-               runnable: bool = True) -> StagePlan:
+               runnable: bool = True, workload: Workload | None = None) -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
 
     ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
     translates that default budget for a twin, so it splits where the real model does; a budget
-    you give is used as given (shares are of the stage). ``runnable`` (the default) also refuses
-    tiers this machine lacks, since the plan is about to be loaded.
+    you give is used as given (shares are of the stage). ``workload``: what the run computes on
+    (default: one 1024x1024 image, one prompt of 512 tokens), whose activations keep room on the
+    fast tier (see :func:`plan_stages`). ``runnable`` (the default) also refuses tiers this machine
+    lacks, and activations more than this machine's memory for the tier, since the plan is about
+    to be loaded.
     """
     from helpers.budget import default_budget
     from helpers.models import resolve_model
 
     ref = resolve_model(model)
+    workload = workload or Workload()
     if like == "auto":
-        like = "flux-dev" if ref.kind == "twin" and max_memory is None else None
+        like = TWIN_REFERENCE if ref.kind == "twin" and max_memory is None else None
     if max_memory is None:
         max_memory = default_budget()
     checked = parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
@@ -554,26 +611,46 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     name = ref.name if ref.kind != "local" else str(ref.path)
     fp = footprint(name, components=comps)
     like_fp = footprint(like, components=comps) if like else None
-    plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,))[stage]
+    plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,), workload=workload)[stage]
     what = stage.replace("_", " ")
+    # judged in the terms the budget was written in: for a translated one, the reference's
+    judged, judged_fp = (plan.reference, like_fp) if plan.reference is not None else (plan, fp)
     if not plan.fits:
         advice = plan.advice.split(", or use bfloat16")[0].rstrip(".") + "." if runnable else plan.advice
-        raise UserError(f"the budget ({plan.budget.describe()}) is too small for {what}: {advice}")
-    if runnable:
-        stranded = _stranded(plan, stage)
-        if stranded:
-            # the smallest cpu tier that gives it a place (others fill the tier first): grow until one does
-            given = dict(plan.budget.tiers)
-            step = max(stranded[1], 1)
-            for k in range(1, 64):
-                trial = {**given, "cpu": given.get("cpu", 0) + k * step}
-                again = plan_stages(fp, trial, like=None, stages=(stage,))[stage]
-                if again.fits and not _stranded(again, stage):
-                    break
-            raise UserError(
-                f"the budget ({plan.budget.describe()}) leaves {stranded[0]} on disk with no RAM or GPU to "
-                f"compute on; give the cpu tier at least {format_bytes(trial['cpu'])}."
-            )
+        raise UserError(f"the budget ({judged.budget.describe()}) is too small for {what}: {advice}")
+    if not runnable:
+        return plan
+    fast = plan.budget.fast
+    have = _machine_bytes(fast) if plan.reserve else None
+    if have is not None and plan.reserve_bytes > have:
+        top = max(plan.activations, key=plan.activations.get)
+        machine = Budget(tuple((t, have if t == fast else b) for t, b in plan.budget.tiers))
+        raise UserError(
+            f"{what} of {workload.describe(stage)} needs {format_bytes(plan.reserve_bytes)} for its activations "
+            f"alone ({WHAT[top]}), more than this machine's {tier_label(fast)} ({format_bytes(have)}); "
+            f"{_fewer(fp, stage, plan.dtype, workload, machine).replace('that fits', 'that fits this machine')}."
+        )
+    stranded = _stranded(judged, stage)
+    if stranded and judged.reserve:
+        jfast = judged.budget.fast
+        raise UserError(
+            f"the budget ({judged.budget.describe()}) is too small for {what} of {workload.describe(stage)}: its "
+            f"activations take {format_bytes(judged.reserve_bytes)} of {tier_label(jfast)}, leaving too little "
+            f"for the weights of {stranded[0]}; {_fewer(judged_fp, stage, plan.dtype, workload, judged.budget)}."
+        )
+    if stranded:
+        # the smallest cpu tier that gives it a place (others fill the tier first): grow until one does
+        given = dict(judged.budget.tiers)
+        step = max(stranded[1], 1)
+        for k in range(1, 64):
+            trial = {**given, "cpu": given.get("cpu", 0) + k * step}
+            again = plan_stages(judged_fp, trial, like=None, stages=(stage,), workload=workload)[stage]
+            if again.fits and not _stranded(again, stage):
+                break
+        raise UserError(
+            f"the budget ({judged.budget.describe()}) leaves {stranded[0]} on disk with no RAM or GPU to "
+            f"compute on; give the cpu tier at least {format_bytes(trial['cpu'])}."
+        )
     return plan
 
 
@@ -588,9 +665,12 @@ def _stranded(plan, stage: str) -> tuple[str, int] | None:
 
 def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:
     """The JSON of ``python -m helpers footprint --json``."""
+    workload = next((p.workload for p in plans.values() if p.workload is not None), None)
     return {
         "model": fp.model,
         "components": fp.as_dict(),
+        "activations": {"workload": workload.as_dict() if workload else None,
+                        "bytes": {c: n for p in plans.values() for c, n in p.activations.items()}},
         "plan": {name: plan.as_dict() for name, plan in plans.items()},
     }
 

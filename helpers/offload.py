@@ -78,31 +78,6 @@ def stream_or_none(offload: str, budget, load):
         return None
 
 
-#: room a GPU stream keeps beyond the counted activations: cuBLAS workspaces and the allocator's rounding
-GPU_WORKSPACE = 64 * 2**20
-
-
-def gpu_activations(budget, offload: str, components, model, dtype: torch.dtype, batch: int = 1, **size) -> int:
-    """Bytes to keep free in the GPU tier for the activations of a stream there, else 0.
-
-    On a GPU the tier is all the memory there is: weights, pool and activations must fit it
-    together. In RAM the tier is the weights' (the operating system has room around it), so a
-    stream without a GPU tier keeps nothing back. ``components``: one name, or several that run
-    one after the other while the stream's weights stay (the transformer's steps, then the VAE's
-    decode): the largest counts. ``size``: ``height``, ``width``, ``tokens`` as
-    :func:`helpers.footprint.activation_bytes` takes them; ``batch`` prompts scale them.
-    Plus :data:`GPU_WORKSPACE`.
-    """
-    if choose_offload(offload, budget) != "stream" or budget.gpu is None:
-        return 0
-    from helpers.footprint import activation_bytes, component_configs
-
-    _, configs = component_configs(model)
-    components = [components] if isinstance(components, str) else components
-    peak = max(activation_bytes(c, configs[c], dtype, **size) for c in components)
-    return batch * peak + GPU_WORKSPACE
-
-
 def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | None]:
     """``(cpu_bytes, device, device_bytes)`` left for the streamed model by a stage's budget.
 
@@ -979,9 +954,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more part-sized
     buffer, counted). With a GPU ``device`` the fast tier is its ``device_bytes``, and streamed
     blocks are held in pinned RAM, which must fit ``cpu_bytes`` (:class:`HostStreamer`).
-    ``reserve``: bytes of the fast tier kept free for the forward pass's activations (see
-    :func:`helpers.footprint.activation_bytes`), so that weights, pool and activations together stay
-    within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
+    ``reserve``: bytes of the fast tier kept free for the forward pass's activations (a stage plan's
+    :attr:`~helpers.footprint.StagePlan.reserve_bytes`), so that weights, pool and activations
+    together stay within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
     ``progress``: a progress bar (bytes) over what loading reads.
     """
     from accelerate.utils import set_module_tensor_to_device
@@ -1006,7 +981,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     # streamed in parts, in the order a forward calls them (traced on the meta device)
     component = _TRACED.get(cls.__name__)
     if component and split:
-        from helpers.footprint import example_inputs
+        from helpers.activations import example_inputs
 
         parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
     else:

@@ -57,6 +57,8 @@ class Panel(w.VBox):
                 self._run(self)
             except UserError as err:
                 self.show_error(str(err))
+            except KeyboardInterrupt:  # the kernel was interrupted: what was half written is already gone
+                self.show_error("interrupted; nothing more was saved.")
             except Exception as err:  # unexpected: say so, keep the traceback at hand
                 self.show_error(f"unexpected error: {type(err).__name__}: {err}")
                 print(traceback.format_exc())
@@ -168,6 +170,8 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         panel.status.value = f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step)"
         for note in result.notes:
             display(_message(f"note: {note}", "#a60"))
+        for warning in result.warnings:
+            display(_message(f"warning: {warning}", "#a60"))
         display(_message("saved " + ", ".join(shown(p) for p in result.paths)))
         sheet = grid(result.images)
         display(enlarge(sheet, max(1, 256 // max(sheet.height, 1))))

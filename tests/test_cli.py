@@ -144,8 +144,8 @@ def test_generate_refuses_to_replace_and_keeps_files(tmp_path):
 
 def test_generate_checks_the_whole_run_first_and_passes_odd_prompts(tmp_path):
     # a diffusion budget too small is refused before stage 1 runs: no embeddings file appears
-    assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--max-memory", "cpu=2MiB"),
-                      "too small for diffusion")
+    assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--max-memory", "cpu=2MiB",
+                          "--max-sequence-length", "16", "--height", "64", "--width", "64"), "too small for diffusion")
     assert not (tmp_path / "x.safetensors").exists()
     assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--embeddings",
                           str(tmp_path / "x.png")), "apart from the images")

@@ -87,7 +87,8 @@ def test_token_report_flags_clip_cut(tiny_folder):
     (dict(prompts=["ok", "  "]), "prompt 2 of 2 is empty"),
     (dict(prompts=[]), "no prompt given"),
     (dict(max_memory="cpu=lots"), "not a number with a unit"),
-    (dict(max_memory="cpu=1KiB"), "too small for text encoding: does not fit: needs"),
+    (dict(max_memory="cpu=1KiB"), "too small for text encoding: the activations of 1 prompt of 512 tokens alone"),
+    (dict(max_memory="cpu=100KiB", max_sequence_length=8), "too small for text encoding: does not fit: needs"),
     (dict(max_sequence_length=0), "from 1 to 512"),
     (dict(max_sequence_length=600), "more than T5's 512"),
 ])
@@ -105,10 +106,12 @@ def test_rejections_before_any_load(tmp_path, monkeypatch, kwargs, fragment):
 
 
 def test_too_small_budget_names_the_smallest_that_works(tmp_path):
+    # 8 tokens: T5's activations fit 100 KiB, its weights do not; the advice counts both
     with pytest.raises(UserError) as info:
-        encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory="cpu=100KiB")
+        encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory="cpu=100KiB", max_sequence_length=8)
     smallest = str(info.value).split("(cpu=")[1].split(")")[0]
-    encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory=f"cpu={smallest}")  # and it does
+    encode_prompts("tiny", ["a cat"], tmp_path / "e.safetensors", max_memory=f"cpu={smallest}",
+                   max_sequence_length=8)  # and it does
 
 
 def test_output_rejections(tmp_path):

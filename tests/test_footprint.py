@@ -196,7 +196,8 @@ def test_shares_are_of_the_stage(tiny):
 
 def test_report_json_shape_and_exact_integers(dev):
     data = json.loads(json.dumps(report(dev, plan_stages(dev))))
-    assert set(data) == {"model", "components", "plan"} and data["model"] == "flux-dev"
+    assert set(data) == {"model", "components", "activations", "plan"} and data["model"] == "flux-dev"
+    assert data["activations"] == {"workload": None, "bytes": {}}  # planned for weights alone
     for comp, entry in data["components"].items():
         assert set(entry) == {"class", "params", "bytes"} and isinstance(entry["params"], int)
         assert entry["bytes"] == {"float32": 4 * entry["params"], "bfloat16": 2 * entry["params"],
@@ -252,90 +253,3 @@ def test_skeleton_rejects_unknown_component():
 
 
 # ----------------------------------------------------------------------------- activations
-
-
-class _MLP(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
-
-    def forward(self, x):
-        h = self.up(x)
-        h = torch.nn.functional.gelu(h)  # up's output goes when h is rebound: two 100 x 256 at once, at most
-        return self.down(h)
-
-
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_activation_peak_counts_what_is_alive_at_once(device):
-    from helpers.footprint import activation_peak
-
-    mlp = _MLP().to(device)
-    x = torch.zeros(100, 64, device=device)
-    assert activation_peak(mlp, {"x": x}) == 2 * 100 * 256 * 4  # weights and the input are not counted
-
-
-class _Attention(torch.nn.Module):
-    def forward(self, x):
-        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
-
-
-def test_activation_peak_counts_attention_as_a_fused_kernel_or_with_its_score_matrix():
-    from helpers.footprint import activation_peak
-
-    x = torch.zeros(1, 4, 512, 32, device="meta")
-    assert activation_peak(_Attention(), {"x": x}) == x.numel() * 4  # the output alone
-    assert activation_peak(_Attention(), {"x": x}, fused_attention=False) >= 4 * 512 * 512 * 4  # heads x n x n
-
-
-def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
-    """The meta count is what the same forward holds with real weights and inputs (here on the CPU)."""
-    from diffusers import FluxTransformer2DModel
-
-    from helpers.footprint import activation_bytes, activation_peak, component_configs
-    from helpers.models import model_path
-
-    _, configs = component_configs("tiny")
-    model = FluxTransformer2DModel.from_pretrained(model_path("tiny") / "transformer", dtype=torch.bfloat16).eval()
-    n, tokens, cfg = (128 // 16) ** 2, 16, model.config
-    inputs = dict(hidden_states=torch.zeros(1, n, cfg.in_channels, dtype=torch.bfloat16),
-                  encoder_hidden_states=torch.zeros(1, tokens, cfg.joint_attention_dim, dtype=torch.bfloat16),
-                  pooled_projections=torch.zeros(1, cfg.pooled_projection_dim, dtype=torch.bfloat16),
-                  timestep=torch.zeros(1, dtype=torch.bfloat16), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(tokens, 3),
-                  guidance=torch.zeros(1), return_dict=False)
-    real = activation_peak(model, inputs)
-    meta = activation_bytes("transformer", configs["transformer"], torch.bfloat16, height=128, width=128, tokens=tokens)
-    assert real == meta > 0
-    # more pixels, more activations; T5 too
-    assert activation_bytes("transformer", configs["transformer"], torch.bfloat16, 256, 256, tokens) > 3 * meta
-    assert activation_bytes("text_encoder_2", configs["text_encoder_2"], torch.float32, tokens=64) > 0
-    assert activation_bytes("vae", configs["vae"], torch.bfloat16, 128, 128) > 0
-    with pytest.raises(UserError, match="activations are estimated for transformer, vae and text_encoder_2"):
-        activation_bytes("text_encoder", configs["text_encoder"], torch.float32)
-
-
-def test_flux_dev_activations_at_1024_are_about_half_a_gib():
-    """The full-size transformer on meta: a second, no weights. What a stream keeps free on a GPU."""
-    from helpers.footprint import activation_bytes, shipped_configs
-
-    configs = shipped_configs("FLUX.1-dev")
-    step = activation_bytes("transformer", configs["transformer"], torch.bfloat16, 1024, 1024, 512)
-    assert 0.3 * 2**30 < step < 0.8 * 2**30  # 4096 + 512 tokens x 3072, the MLP 4x wider; no 4608^2 score matrix
-
-
-class _Cached(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.cache = None
-
-    def forward(self, x):
-        if self.cache is None:
-            self.cache = x * 2  # made by the first call, kept by the module
-        return self.cache[: len(x) // 2] + 1  # a view of it, then one new tensor
-
-
-def test_activation_peak_does_not_count_tensors_from_before_the_pass():
-    from helpers.footprint import activation_peak
-
-    module, x = _Cached(), torch.zeros(1000)
-    assert activation_peak(module, {"x": x}) == 1000 * 4 + 500 * 4  # the cache is made in this pass
-    assert activation_peak(module, {"x": x}) == 500 * 4  # now it is old: only the sum is new

@@ -108,7 +108,8 @@ def test_resident_blocks_are_spread_over_the_largest_blocks():
 
 
 def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
-    from helpers.footprint import component_configs, example_inputs, skeleton
+    from helpers.activations import example_inputs
+    from helpers.footprint import component_configs, skeleton
     from helpers.offload import split_blocks
 
     _, configs = component_configs("tiny")
@@ -181,25 +182,6 @@ def test_pieces_run_out_of_the_traced_order_are_a_clear_error(tiny_folder, resid
             model(**_inputs())
     finally:
         streamer.close()
-
-
-def test_gpu_activations_only_for_a_stream_with_a_gpu_tier():
-    from helpers.budget import parse_budget
-    from helpers.footprint import activation_bytes, component_configs
-    from helpers.offload import gpu_activations
-
-    gpu, cpu = parse_budget("0=1GiB,cpu=2GiB"), parse_budget("cpu=1GiB,disk=2GiB")
-    size = dict(height=128, width=128, tokens=16)
-    one = activation_bytes("transformer", component_configs("tiny")[1]["transformer"], torch.bfloat16, **size)
-    from helpers.offload import GPU_WORKSPACE
-
-    assert gpu_activations(gpu, "stream", "transformer", "tiny", torch.bfloat16, batch=3, **size) == 3 * one + GPU_WORKSPACE
-    # the steps, then the decode with the stream's weights still there: room for the larger
-    decode = activation_bytes("vae", component_configs("tiny")[1]["vae"], torch.bfloat16, **size)
-    both = gpu_activations(gpu, "stream", ["transformer", "vae"], "tiny", torch.bfloat16, **size)
-    assert both == max(one, decode) + GPU_WORKSPACE
-    for budget, offload in ((gpu, "accelerate"), (gpu, "auto"), (cpu, "stream"), (cpu, "auto")):
-        assert gpu_activations(budget, offload, "transformer", "tiny", torch.bfloat16, **size) == 0
 
 
 def test_a_block_bigger_than_the_fast_tier_is_a_clear_error(tiny_folder, resident):
@@ -585,8 +567,9 @@ def test_bench_refuses_bad_settings_before_running():
             run("tiny", "0=1GiB,cpu=1GiB", **quiet)
     with pytest.raises(UserError, match="cache must be 'auto', 'cold' or 'warm'"):
         run("tiny", cache="hot", **quiet)
-    with pytest.raises(UserError, match="timeout must be a number of seconds above 0"):
-        run("tiny", timeout=0, **quiet)
+    for timeout in (0, float("inf"), float("nan")):
+        with pytest.raises(UserError, match="timeout must be a finite number of seconds above 0"):
+            run("tiny", timeout=timeout, **quiet)
     with pytest.raises(UserError, match="tokens must be a whole number from 1 to 512"):
         run("tiny", stage="text_encoding", tokens=600, **quiet)
 

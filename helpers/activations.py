@@ -1,0 +1,234 @@
+"""What a forward pass holds beyond its weights, and the room a stage keeps for it.
+
+Activations are counted on the meta device (:func:`activation_peak`): every storage an op returns,
+until its last reference goes, for one forward of the real module tree with shapes but no weights,
+so even the 12-billion-parameter transformer is counted in about a second. A :class:`Workload` is
+what one run of a stage computes on (image size, prompts, text tokens); :func:`stage_activations`
+is the most its components hold at once for it, the room the stage keeps in the tier it computes
+on; :func:`largest_square` is the largest square image whose activations fit a number of bytes.
+Explained in ``01_memory-footprint.ipynb`` (the counts) and ``03_bf16-diffusion.ipynb`` (the room).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from helpers.errors import UserError
+
+#: what a GPU tier keeps beyond the counted activations: cuBLAS workspaces and the allocator's rounding
+WORKSPACE_GPU = 64 * 2**20
+#: the components whose forward passes a stage runs, one after the other, while its weights stay loaded
+STAGE_COMPONENTS = {"text_encoding": ("text_encoder_2",), "diffusion": ("transformer", "vae")}
+#: in words, for messages
+WHAT = {"text_encoder_2": "the T5 encoder", "transformer": "a denoising step", "vae": "the VAE's decode"}
+MULTIPLE = 16  # image sides: the VAE halves the size 3 times, then the transformer packs 2x2 patches
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one run of a stage computes on: image ``height`` x ``width`` (diffusion), ``batch``
+    prompts, ``tokens`` T5 tokens per prompt. Made once where the run's settings are read (the
+    command line, a widget, a notebook's parameters) and handed to the plan."""
+
+    height: int = 1024
+    width: int = 1024
+    batch: int = 1
+    tokens: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "batch", "tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name} must be a whole number, 1 or more, not {value!r}.")
+
+    def square(self, side: int) -> "Workload":
+        return replace(self, height=side, width=side)
+
+    def describe(self, stage: str = "diffusion") -> str:
+        """``a 1024x1024 image``, ``3 images of 1024x1024`` (diffusion) or ``2 prompts of 512 tokens``."""
+        if stage == "text_encoding":
+            return f"{self.batch} prompt{'s' if self.batch != 1 else ''} of {self.tokens} tokens"
+        if self.batch == 1:
+            return f"a {self.height}x{self.width} image"
+        return f"{self.batch} images of {self.height}x{self.width}"
+
+    def as_dict(self) -> dict:
+        return {"height": self.height, "width": self.width, "batch": self.batch, "tokens": self.tokens}
+
+
+def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool = True) -> int:
+    """The most bytes of intermediate tensors one forward pass of ``module`` holds at once.
+
+    Counted op by op: every new storage an op returns, until its last reference goes. Weights,
+    buffers and ``inputs`` are not counted. On the meta device this runs in about a second even for
+    the 12B transformer, and counts what the same ops would allocate on a real device.
+    ``fused_attention``: ``scaled_dot_product_attention`` is counted as the fused kernels a GPU runs
+    it with (flash or memory-efficient attention: the output, no score matrix); otherwise as the
+    reference path the meta device takes, which holds a heads x tokens x tokens matrix.
+    """
+    import weakref
+
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    given = [*module.parameters(), *module.buffers(), *(v for v in inputs.values() if torch.is_tensor(v))]
+
+    class Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.known = {t.untyped_storage()._cdata for t in given}  # views of these are not new memory
+            self.live: dict[int, int] = {}
+            self.now = self.peak = 0
+
+        def _gone(self, key: int) -> None:
+            self.now -= self.live.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs)):  # tensors from before the pass (caches, nested inputs)
+                if isinstance(t, torch.Tensor):
+                    key = t.untyped_storage()._cdata
+                    if key not in self.live:
+                        self.known.add(key)
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key = storage._cdata
+                    if key not in self.live and key not in self.known:
+                        self.live[key] = storage.nbytes()
+                        self.now += storage.nbytes()
+                        self.peak = max(self.peak, self.now)
+                        weakref.finalize(storage, self._gone, key)
+            return out
+
+    class Fused(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is F.scaled_dot_product_attention:
+                q = args[0] if args else kwargs["query"]
+                v = args[2] if len(args) > 2 else kwargs["value"]
+                return q.new_empty((*q.shape[:-1], v.shape[-1]))
+            return func(*args, **kwargs)
+
+    with torch.no_grad(), (Fused() if fused_attention else contextlib.nullcontext()), Live() as live:
+        out = module(**inputs)
+    del out
+    return live.peak
+
+
+class _Decode(torch.nn.Module):
+    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
+                   width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
+    """``(module, inputs)`` for one forward of ``component`` as :func:`activation_bytes` describes it,
+    batch 1, tensors empty on ``device`` (the VAE is wrapped so that its forward is the decode)."""
+    device = torch.device(device)
+    if component == "transformer":
+        cfg = module.config
+        n = (height // 16) * (width // 16)
+        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=device),
+                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=device),
+                      pooled_projections=torch.empty(1, cfg.pooled_projection_dim, dtype=dtype, device=device),
+                      timestep=torch.empty(1, dtype=dtype, device=device), img_ids=torch.empty(n, 3, device=device),
+                      txt_ids=torch.empty(tokens, 3, device=device), return_dict=False)
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.empty(1, device=device)
+        return module, inputs
+    if component == "text_encoder_2":
+        return module, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device))
+    if component == "vae":
+        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=device)
+        return _Decode(module), dict(latents=latents)
+    raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
+
+
+def _config_key(module: torch.nn.Module) -> str:
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    return json.dumps(dict(config or {}), sort_keys=True, default=str)
+
+
+#: counts made in this process, by component, config, dtype and shape (a plan asks for the same ones often)
+_COUNTED: dict[tuple, int] = {}
+
+
+def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024, width: int = 1024,
+                 tokens: int = 512) -> int:
+    """Peak activations of one forward of ``component`` (its skeleton ``module`` on the meta device),
+    batch 1, computing in ``dtype``: for ``transformer`` one denoising step of a ``height`` x
+    ``width`` image with ``tokens`` text tokens; for ``vae`` the decode of that image; for
+    ``text_encoder_2`` one prompt of ``tokens`` tokens. The skeleton's own dtypes are put back after;
+    each shape is counted once per process."""
+    if component not in WHAT:
+        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
+    # only what the forward depends on is in the key
+    size = (height, width, 0) if component == "vae" else (0, 0, tokens) if component == "text_encoder_2" else (
+        height, width, tokens)
+    key = (component, _config_key(module), str(dtype), *size)
+    if key not in _COUNTED:
+        floats = [(t, t.dtype) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+        try:
+            for t, _ in floats:
+                t.data = t.data.to(dtype)
+            _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens))
+        finally:
+            for t, original in floats:
+                t.data = t.data.to(original)
+    return _COUNTED[key]
+
+
+def stage_activations(stage: str, skeletons: dict[str, torch.nn.Module], dtype: torch.dtype,
+                      workload: Workload) -> dict[str, int]:
+    """Bytes each component of ``stage`` holds beyond its weights at its peak for ``workload``
+    (``batch`` prompts at once), in the order the stage runs them; the stage needs room for the
+    largest, since they run one after the other."""
+    return {c: workload.batch * forward_peak(c, skeletons[c], dtype, workload.height, workload.width, workload.tokens)
+            for c in STAGE_COMPONENTS[stage]}
+
+
+def largest_square(fits: Callable[[int], bool], above: int, guess: int | None = None) -> int | None:
+    """The largest side of a square image, a multiple of 16 below ``above``, for which ``fits(side)``;
+    ``None`` if not even 16 does. ``fits`` must hold for every side below one that fits (a larger
+    image never needs less). ``guess``, a side, is tried first with the next one up (see
+    :func:`affine_guess`): a good guess settles it in two tries, else the search halves the range."""
+    if not fits(MULTIPLE):
+        return None
+    lo, hi = 1, max(2, above // MULTIPLE)  # in units of 16: lo fits; hi does not (or is the end of the range)
+    if fits(hi * MULTIPLE):
+        return hi * MULTIPLE
+    if guess is not None:
+        k = guess // MULTIPLE
+        for probe in (k, k + 1):
+            if lo < probe < hi:
+                lo, hi = (probe, hi) if fits(probe * MULTIPLE) else (lo, probe)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * MULTIPLE) else (lo, mid)
+    return lo * MULTIPLE
+
+
+def affine_guess(count: Callable[[int], int], limit: int, above: int) -> int:
+    """The side whose ``count(side)`` (activations of a square image) is about ``limit`` bytes, from the
+    line through 16x16 and ``above`` x ``above``: activations grow about linearly with the pixels."""
+    c_lo, c_hi = count(MULTIPLE), count(above)
+    p_lo, p_hi = MULTIPLE**2, above**2
+    pixels = p_lo + (limit - c_lo) * (p_hi - p_lo) / max(c_hi - c_lo, 1)
+    return max(MULTIPLE, int(max(pixels, 0) ** 0.5) // MULTIPLE * MULTIPLE)

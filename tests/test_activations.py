@@ -1,0 +1,288 @@
+"""What a forward pass holds beyond its weights, counted on the meta device, and the room the plans
+keep for it on the fast tier (helpers.activations, helpers.footprint's plans)."""
+
+import pytest
+import torch
+
+from helpers.errors import UserError
+
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        h = self.up(x)
+        h = torch.nn.functional.gelu(h)  # up's output goes when h is rebound: two 100 x 256 at once, at most
+        return self.down(h)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_activation_peak_counts_what_is_alive_at_once(device):
+    from helpers.activations import activation_peak
+
+    mlp = _MLP().to(device)
+    x = torch.zeros(100, 64, device=device)
+    assert activation_peak(mlp, {"x": x}) == 2 * 100 * 256 * 4  # weights and the input are not counted
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_activation_peak_counts_attention_as_a_fused_kernel_or_with_its_score_matrix():
+    from helpers.activations import activation_peak
+
+    x = torch.zeros(1, 4, 512, 32, device="meta")
+    assert activation_peak(_Attention(), {"x": x}) == x.numel() * 4  # the output alone
+    assert activation_peak(_Attention(), {"x": x}, fused_attention=False) >= 4 * 512 * 512 * 4  # heads x n x n
+
+
+def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
+    """The meta count is what the same forward holds with real weights and inputs (here on the CPU)."""
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.activations import activation_peak
+    from helpers.footprint import activation_bytes, component_configs
+    from helpers.models import model_path
+
+    _, configs = component_configs("tiny")
+    model = FluxTransformer2DModel.from_pretrained(model_path("tiny") / "transformer", dtype=torch.bfloat16).eval()
+    n, tokens, cfg = (128 // 16) ** 2, 16, model.config
+    inputs = dict(hidden_states=torch.zeros(1, n, cfg.in_channels, dtype=torch.bfloat16),
+                  encoder_hidden_states=torch.zeros(1, tokens, cfg.joint_attention_dim, dtype=torch.bfloat16),
+                  pooled_projections=torch.zeros(1, cfg.pooled_projection_dim, dtype=torch.bfloat16),
+                  timestep=torch.zeros(1, dtype=torch.bfloat16), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(tokens, 3),
+                  guidance=torch.zeros(1), return_dict=False)
+    real = activation_peak(model, inputs)
+    meta = activation_bytes("transformer", configs["transformer"], torch.bfloat16, height=128, width=128, tokens=tokens)
+    assert real == meta > 0
+    # more pixels, more activations; T5 too
+    assert activation_bytes("transformer", configs["transformer"], torch.bfloat16, 256, 256, tokens) > 3 * meta
+    assert activation_bytes("text_encoder_2", configs["text_encoder_2"], torch.float32, tokens=64) > 0
+    assert activation_bytes("vae", configs["vae"], torch.bfloat16, 128, 128) > 0
+    with pytest.raises(UserError, match="activations are estimated for transformer, vae and text_encoder_2"):
+        activation_bytes("text_encoder", configs["text_encoder"], torch.float32)
+
+
+def test_flux_dev_activations_at_1024_are_about_half_a_gib():
+    """The full-size transformer on meta: a second, no weights. What a stream keeps free on a GPU."""
+    from helpers.footprint import activation_bytes, shipped_configs
+
+    configs = shipped_configs("FLUX.1-dev")
+    step = activation_bytes("transformer", configs["transformer"], torch.bfloat16, 1024, 1024, 512)
+    assert 0.3 * 2**30 < step < 0.8 * 2**30  # 4096 + 512 tokens x 3072, the MLP 4x wider; no 4608^2 score matrix
+
+
+class _Cached(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = x * 2  # made by the first call, kept by the module
+        return self.cache[: len(x) // 2] + 1  # a view of it, then one new tensor
+
+
+def test_activation_peak_does_not_count_tensors_from_before_the_pass():
+    from helpers.activations import activation_peak
+
+    module, x = _Cached(), torch.zeros(1000)
+    assert activation_peak(module, {"x": x}) == 1000 * 4 + 500 * 4  # the cache is made in this pass
+    assert activation_peak(module, {"x": x}) == 500 * 4  # now it is old: only the sum is new
+
+
+# --------------------------------------------------------------------------- the workload and the search
+
+
+def test_a_workload_is_whole_numbers_and_says_what_it_is():
+    from helpers.activations import Workload
+
+    assert Workload().describe() == "a 1024x1024 image"
+    assert Workload(64, 128, batch=3).describe() == "3 images of 64x128"
+    assert Workload(batch=2, tokens=77).describe("text_encoding") == "2 prompts of 77 tokens"
+    assert Workload(64, 64).square(96) == Workload(96, 96)
+    for bad in (dict(height=0), dict(batch=1.5), dict(tokens=True), dict(width="64")):
+        with pytest.raises(UserError, match="must be a whole number, 1 or more"):
+            Workload(**bad)
+
+
+@pytest.mark.parametrize("answer", [None, 16, 32, 496, 1008, 2432])
+@pytest.mark.parametrize("guess", [None, 16, 512, 2400, 4000])
+def test_largest_square_finds_the_last_side_that_fits_whatever_the_guess(answer, guess):
+    from helpers.activations import largest_square
+
+    tried = []
+
+    def fits(side):
+        assert side % 16 == 0 and 16 <= side <= 4096
+        tried.append(side)
+        return answer is not None and side <= answer
+
+    assert largest_square(fits, 4096, guess) == answer
+    assert len(tried) <= 16  # a bisection of 256 sides, and the guess
+    if answer and guess == answer:
+        assert len(tried) <= 4  # a right guess settles it: 16, the end, the guess and the one after
+
+
+def test_affine_guess_is_close_for_real_activations():
+    from helpers.activations import affine_guess
+    from helpers.footprint import activation_bytes, component_configs
+
+    vae = component_configs("tiny")[1]["vae"]
+    count = lambda side: activation_bytes("vae", vae, torch.bfloat16, side, side)  # noqa: E731
+    limit = count(720)
+    assert abs(affine_guess(count, limit, 4096) - 720) <= 32
+
+
+def test_counting_in_another_dtype_leaves_the_skeleton_as_it_was():
+    """The plans count bfloat16 activations on the same skeletons they size in float32."""
+    from helpers.activations import forward_peak
+    from helpers.footprint import footprint, plan_stages
+
+    fp = footprint("tiny", components=("transformer", "vae"))
+    before = {n: p.dtype for n, p in fp.skeletons["transformer"].named_parameters()}
+    fp32 = plan_stages(fp, "cpu=50%,disk=100%", dtypes={"diffusion": "float32"}, stages=("diffusion",))["diffusion"]
+    forward_peak("transformer", fp.skeletons["transformer"], torch.bfloat16, 64, 64, 16)
+    assert {n: p.dtype for n, p in fp.skeletons["transformer"].named_parameters()} == before
+    again = plan_stages(fp, "cpu=50%,disk=100%", dtypes={"diffusion": "float32"}, stages=("diffusion",))["diffusion"]
+    assert again.tier_bytes() == fp32.tier_bytes()
+
+
+# --------------------------------------------------------------------------- the room the plans keep
+
+
+def _tiny(components=("transformer", "vae")):
+    from helpers.footprint import footprint
+
+    return footprint("tiny", components=components)
+
+
+def test_a_plan_keeps_the_larger_of_step_and_decode_on_the_fast_tier_and_places_weights_in_the_rest():
+    from helpers.activations import Workload, forward_peak
+    from helpers.footprint import plan_stages
+
+    fp = _tiny()
+    work = Workload(128, 128, batch=2, tokens=16)
+    step = forward_peak("transformer", fp.skeletons["transformer"], torch.bfloat16, 128, 128, 16)
+    decode = forward_peak("vae", fp.skeletons["vae"], torch.bfloat16, 128, 128)
+    plan = plan_stages(fp, "cpu=8MiB,disk=100MiB", stages=("diffusion",), workload=work)["diffusion"]
+    assert plan.activations == {"transformer": 2 * step, "vae": 2 * decode}
+    assert plan.reserve == {"cpu": 2 * max(step, decode)}  # in RAM: no GPU workspace
+    assert plan.budget["cpu"] == 8 * 2**20  # an absolute tier is the whole room, activations included
+    assert plan.tier_bytes()["cpu"] <= 8 * 2**20 - plan.reserve_bytes
+    assert plan.weights_budget()["cpu"] == 8 * 2**20 - plan.reserve_bytes
+    weights_only = plan_stages(fp, "cpu=8MiB,disk=100MiB", stages=("diffusion",))["diffusion"]
+    assert weights_only.reserve == {} and weights_only.tier_bytes()["cpu"] >= plan.tier_bytes()["cpu"]
+    # on a GPU tier (planned anywhere) the workspace of cuBLAS and the allocator comes on top
+    from helpers.activations import WORKSPACE_GPU
+
+    gpu = plan_stages(fp, "0=300MiB,cpu=1GiB", stages=("diffusion",), workload=work)["diffusion"]
+    assert gpu.reserve == {0: 2 * max(step, decode) + WORKSPACE_GPU}
+    assert "kept for activations" in gpu.advice
+
+
+def test_a_share_sizes_the_weights_and_the_activations_come_on_top():
+    from helpers.activations import Workload
+    from helpers.footprint import plan_stages
+
+    fp = _tiny()
+    weights = plan_stages(fp, "cpu=50%,disk=100%", stages=("diffusion",))["diffusion"]
+    plan = plan_stages(fp, "cpu=50%,disk=100%", stages=("diffusion",), workload=Workload(256, 256))["diffusion"]
+    assert plan.tier_bytes() == weights.tier_bytes()  # the same split
+    assert plan.budget["cpu"] == weights.budget["cpu"] + plan.reserve_bytes
+    assert not plan.warnings  # the share says how much room the weights get
+
+
+def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_its_bytes():
+    from helpers.activations import Workload
+    from helpers.footprint import footprint, plan_stages
+
+    fp, dev = _tiny(), footprint("flux-dev", components=("transformer", "vae"))
+    spec = "cpu=8.5GiB,disk=30GiB"
+    work = Workload(1024, 1024)
+    plan = plan_stages(fp, spec, like=dev, stages=("diffusion",), workload=work)["diffusion"]
+    ref = plan_stages(dev, spec, stages=("diffusion",), workload=work)["diffusion"]
+    assert plan.reference.reserve == ref.reserve and ref.reserve_bytes > 1.4 * 2**30  # the real decode: 1.5 GiB
+    assert plan.reserve_bytes == max(plan.activations.values()) < 200 * 2**20  # the twin's own room
+    # unit for unit the twin's split is the reference's
+    assert [u.tier for c in plan.components for u in c.units] == [u.tier for c in ref.components for u in c.units]
+    too_big = plan_stages(fp, spec, like=dev, stages=("diffusion",), workload=Workload(4096, 4096))["diffusion"]
+    assert not too_big.fits and "as flux-dev under" in too_big.advice and "need 24 GiB" in too_big.advice
+
+
+def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_largest_that_runs(tiny_folder):
+    """The stage's check, at its edge: the named size is accepted, the next one up refused."""
+    import re
+
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+
+    budget = "cpu=64MiB,disk=100%"
+    with pytest.raises(UserError, match=r"the activations of a 16384x16384 image alone need 40 GiB") as info:
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384))
+    side = int(re.search(r"the largest square image that fits is (\d+)x\1", str(info.value)).group(1))
+    assert 600 < side < 700  # the VAE's decode: 160 bytes a pixel against 64 MiB
+    plan = diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side))
+    assert plan.budget["cpu"] - plan.reserve_bytes >= plan.tier_bytes()["cpu"]
+    with pytest.raises(UserError, match=f"the largest square image that fits is {side}x{side}"):
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(side + 16, side + 16))
+    # a batch: the same room for fewer pixels, and the message says fewer prompts would do too
+    with pytest.raises(UserError, match="or fewer prompts per file"):
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side, batch=2))
+
+
+def test_a_size_that_leaves_the_weights_little_room_is_warned():
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+
+    # the VAE's decode: 59.4 MiB at 624x624, 62.5 MiB at 640x640 (the largest that fits 64 MiB)
+    near = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(624, 624))
+    assert len(near.warnings) == 1 and "leaving 4.59 MiB for weights: they fit" in near.warnings[0]
+    edge = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(640, 640))
+    assert len(edge.warnings) == 1 and "leaving 1.5 MiB for weights" in edge.warnings[0]
+    assert "are fetched from a slower tier every step" in edge.warnings[0]
+    assert not diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(256, 256)).warnings
+
+
+def test_too_many_prompts_at_once_are_refused_naming_how_many_fit():
+    import re
+
+    from helpers.activations import Workload
+    from helpers.encode import text_encoding_plan
+
+    with pytest.raises(UserError, match="the activations of 8 prompts of 512 tokens alone") as info:
+        text_encoding_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(batch=8, tokens=512))
+    most = int(re.search(r"at most (\d+) prompt", str(info.value)).group(1))
+    assert 1 <= most < 8
+    text_encoding_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(batch=most, tokens=512))
+    with pytest.raises(UserError):
+        text_encoding_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(batch=most + 1, tokens=512))
+
+
+def test_activations_beyond_this_machine_are_refused_even_under_a_share():
+    """A share has no size of its own: the machine's memory is the limit the activations meet."""
+    import psutil
+
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+
+    side = int((psutil.virtual_memory().total / 160) ** 0.5 * 1.5) // 16 * 16  # 160 bytes a pixel: 2.25x the RAM
+    with pytest.raises(UserError, match="more than this machine's CPU RAM"):
+        diffusion_plan("tiny", "cpu=50%,disk=100%", workload=Workload(side, side))
+
+
+def test_footprint_json_reports_the_activations_of_the_chosen_size():
+    from helpers.activations import Workload
+    from helpers.footprint import footprint, plan_stages, report
+
+    fp = footprint("tiny")
+    data = report(fp, plan_stages(fp, "cpu=50%,disk=100%", workload=Workload(256, 256, tokens=64)))
+    assert data["activations"]["workload"] == {"height": 256, "width": 256, "batch": 1, "tokens": 64}
+    assert set(data["activations"]["bytes"]) == {"text_encoder_2", "transformer", "vae"}
+    assert data["plan"]["diffusion"]["activations"]["reserve_bytes"] == {"cpu": max(
+        data["activations"]["bytes"]["transformer"], data["activations"]["bytes"]["vae"])}
