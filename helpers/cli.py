@@ -502,23 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_once() -> None:
+def _interrupt_once() -> list[float]:
     """Ctrl-C raises KeyboardInterrupt where the command is, so that its cleanup runs (partial files
     removed, children stopped); another within :data:`_SAME_INTERRUPT_S` is the same press and is
-    ignored, so it cannot cut that cleanup short."""
+    ignored, so it cannot cut that cleanup short. Returns the times of the interrupts so far."""
     first: list[float] = []
 
     def handler(signum, frame):
         now = time.monotonic()
-        if first and now - first[0] < _SAME_INTERRUPT_S:
+        if first and now - first[-1] < _SAME_INTERRUPT_S:
             return
-        first[:] = [now]
+        first.append(now)
         raise KeyboardInterrupt
 
     try:
         signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread (main() called from a thread): leave Python's default
         pass
+    return first
 
 
 def interrupted() -> int:
@@ -529,8 +530,12 @@ def interrupted() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pressed: list[float] = []
     try:
-        _interrupt_once()
+        pressed = _interrupt_once()
+        from helpers.memory import return_large_blocks
+
+        return_large_blocks()  # the process holds what its tensors hold: the RAM tier means what it says
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
@@ -542,3 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted()
+    except Exception:
+        # Ctrl-C in the middle of a library's import can surface as another error (a half-imported
+        # module): once interrupted, the run ends as interrupted, whatever the library made of it
+        if pressed:
+            return interrupted()
+        raise

@@ -328,9 +328,13 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
     """The budget that, for ``fp``, means what ``like_budget`` means for the model of ``like_plan``.
 
     Both models have the same blocks under the same names. Each tier gets the bytes, in ``fp``, of
-    the blocks the reference put there, plus the reference's unused room on that tier scaled by the
-    size ratio of the split components (the room is what decides whether one more block fits).
-    ``like_budget`` is the room the reference's weights had (its activations' room taken out).
+    the units the reference put there, plus the reference's unused room on that tier, measured in
+    the unit that did not fit there (the room is what decides whether one more unit fits): scaled
+    by that unit's size ratio, or by the split components' where no unit was left over. On the
+    tiers accelerate computes on (the first GPU, the CPU) the room also holds the largest block,
+    which accelerate keeps free there for a block fetched from a slower tier: that part is the
+    twin's own largest block. ``like_budget`` is the room the reference's weights had (its
+    activations' room taken out).
     """
     from helpers.devicemap import model_units
 
@@ -340,15 +344,43 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
         module = fp.skeletons[comp]
         for unit, n in model_units(module, list(getattr(module, "_no_split_modules", None) or [])):
             own_units[f"{comp}.{unit}" if unit else comp] = n * size
+    blocks = {f"{c}.{u}" for c in stage.mapped for u, _ in _blocks(fp.skeletons[c])}
+    ref_largest = max((b for u, b in _plan_units(like_plan) if u in blocks), default=0)
+    own_largest = max((own_units[u] for u in blocks), default=0)
+    main = {like_budget.gpu if like_budget.gpu is not None else "cpu", "cpu"}
     ratio = (fp.nbytes(like_plan.dtype, list(stage.mapped)), like_plan_bytes(like_plan, stage.mapped))
+    left_over: dict[Tier, tuple[int, int]] = {}  # tier -> (own, reference) bytes of the first unit that did not fit
+    for plan in like_plan.components:
+        if plan.component in stage.mapped:
+            for before, after in zip(plan.units, plan.units[1:]):
+                if after.tier != before.tier and before.tier not in left_over and own_units.get(after.name):
+                    left_over[before.tier] = (own_units[after.name], after.nbytes)
     tiers = []
     for tier, nbytes in like_budget.tiers:
         ref_units = [u for p in like_plan.components for u in p.units if u.tier == tier]
         ref_bytes = sum(u.nbytes for u in ref_units)
         own_bytes = sum(own_units.get(u.name, 0) for u in ref_units)
-        room = max(0, nbytes - ref_bytes) * ratio[0] // ratio[1]
+        own_next, ref_next = left_over.get(tier, ratio)
+        room = max(0, nbytes - ref_bytes)
+        if tier in main and room >= ref_largest:
+            room = (room - ref_largest) * own_next // ref_next + own_largest
+        else:
+            room = room * own_next // ref_next
         tiers.append((tier, max(1, own_bytes + room)))
     return Budget(tuple(tiers), source=f"{like_budget} as {fp.model} sees it")
+
+
+def _plan_units(plan: StagePlan) -> list[tuple[str, int]]:
+    return [(u.name, u.nbytes) for p in plan.components for u in p.units]
+
+
+def _blocks(module: torch.nn.Module) -> list[tuple[str, int]]:
+    """``(name, parameters)`` of the model's blocks (its no-split modules), in order."""
+    from helpers.devicemap import model_units
+
+    no_split = list(getattr(module, "_no_split_modules", None) or [])
+    return [(u, n) for u, n in model_units(module, no_split)
+            if u and type(module.get_submodule(u)).__name__ in no_split]
 
 
 def like_plan_bytes(plan: StagePlan, components) -> int:
@@ -419,14 +451,44 @@ def _activations_need(fp: Footprint, name: str, dtype: torch.dtype, workload: Wo
         WORKSPACE_GPU if isinstance(fast, int) else 0)
 
 
+def _least_fast(fp: Footprint, stage: Stage, dtype: torch.dtype) -> int:
+    """The weights the fast tier must hold for a stage to compute at all: its whole components, the
+    split components' modules outside their blocks, and room for their largest block (accelerate
+    keeps that free there for each block it fetches from a slower tier; a stream, its pool)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    least = sum(fp.components[c].nbytes(dtype) for c in stage.whole)
+    for comp in stage.mapped:
+        blocks = [n * size for _, n in _blocks(fp.skeletons[comp])]
+        least += fp.components[comp].nbytes(dtype) - sum(blocks) + max(blocks, default=0)
+    return least
+
+
+def _activation_verdict(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, need: int) -> str | None:
+    """Why ``need`` bytes of activations on the fast tier leave ``budget`` unable to run stage
+    ``name`` (a sentence), or ``None``: they exceed the tier, or leave less than the weights must have
+    there (see :func:`_least_fast`; a share sizes the weights' room itself, on top of the activations)."""
+    fast = budget.fast
+    if need > budget[fast]:
+        return f"alone need {format_bytes(need)}, more than {tier_label(fast)} ({format_bytes(budget[fast])})"
+    least = _least_fast(fp, STAGES[name], dtype)
+    # the activations are why it does not run: without them the tier would hold what must compute there
+    if fast not in budget.shares and budget[fast] - need < least <= budget[fast]:
+        return (f"take {format_bytes(need)} of {tier_label(fast)} ({format_bytes(budget[fast])}), leaving "
+                f"{format_bytes(budget[fast] - need)}, less than the {format_bytes(least)} of weights it must hold "
+                "to compute (the components loaded whole, the split one's modules outside its blocks, and one "
+                "block at a time)")
+    return None
+
+
 def _runs(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload) -> bool:
-    """Whether stage ``name`` can run under ``budget`` at ``workload``: its activations fit the fast
-    tier, its weights fit what is left with the slower tiers, and nothing is left on disk alone."""
+    """Whether stage ``name`` can run under ``budget`` at ``workload``: its activations leave the fast
+    tier room for what must compute there, its weights fit with the slower tiers, and nothing is left
+    on disk alone."""
     fast = budget.fast
     need = _activations_need(fp, name, dtype, workload, fast)
     if fast in budget.shares:
         budget = budget.shifted({fast: need})
-    if need > budget[fast]:
+    if _activation_verdict(fp, name, dtype, budget, need) is not None:
         return False
     plan = _place(fp, STAGES[name], budget, dtype, name, {fast: need})
     return plan.fits and not _stranded(plan, name)
@@ -452,7 +514,7 @@ def _fewer(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, bud
     guess = affine_guess(lambda s: _activations_need(fp, name, dtype, workload.square(s), fast), room, above)
     side = largest_square(lambda s: _runs(fp, name, dtype, budget, workload.square(s)), above, guess)
     if side is None:
-        least = _activations_need(fp, name, dtype, workload.square(16), fast) + whole
+        least = _activations_need(fp, name, dtype, workload.square(16), fast) + _least_fast(fp, STAGES[name], dtype)
         return f"not even a 16x16 image fits; give {tier_label(fast)} at least {round_up_size(least)}"
     fewer = ", or fewer prompts per file" if workload.batch > 1 else ""
     return f"the largest square image that fits is {side}x{side}{fewer}"
@@ -480,10 +542,10 @@ def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload
     plan.activations, plan.workload, plan.warnings = counted, workload, warnings
     what = workload.describe(name) if workload is not None else ""
     top = max(counted, key=counted.get) if counted else None
-    if need and need > budget[fast]:
+    verdict = _activation_verdict(fp, name, dtype, budget, need) if need else None
+    if verdict is not None:
         plan.fits = False
-        plan.advice = (f"the activations of {what} alone need {format_bytes(need)} ({WHAT[top]}), more than "
-                       f"{tier_label(fast)} ({format_bytes(budget[fast])}); "
+        plan.advice = (f"the activations of {what} ({WHAT[top]}) {verdict}; "
                        f"{_fewer(fp, name, dtype, workload, budget)}.")
         return plan
     if need and fast not in budget.shares and budget[fast] - need < budget[fast] / 10:
@@ -630,14 +692,11 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
             f"alone ({WHAT[top]}), more than this machine's {tier_label(fast)} ({format_bytes(have)}); "
             f"{_fewer(fp, stage, plan.dtype, workload, machine).replace('that fits', 'that fits this machine')}."
         )
-    stranded = _stranded(judged, stage)
-    if stranded and judged.reserve:
-        jfast = judged.budget.fast
+    if judged is not plan and not _stranded(judged, stage) and _stranded(plan, stage):  # rounding at the edge
         raise UserError(
-            f"the budget ({judged.budget.describe()}) is too small for {what} of {workload.describe(stage)}: its "
-            f"activations take {format_bytes(judged.reserve_bytes)} of {tier_label(jfast)}, leaving too little "
-            f"for the weights of {stranded[0]}; {_fewer(judged_fp, stage, plan.dtype, workload, judged.budget)}."
-        )
+            f"the budget ({judged.budget.describe()}) leaves {_stranded(plan, stage)[0]} of {fp.model} on disk with no "
+            f"RAM or GPU to compute on, where {judged_fp.model} would just fit; give the cpu tier a little more.")
+    stranded = _stranded(judged, stage)
     if stranded:
         # the smallest cpu tier that gives it a place (others fill the tier first): grow until one does
         given = dict(judged.budget.tiers)

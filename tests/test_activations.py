@@ -223,7 +223,7 @@ def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_la
     from helpers.diffuse import diffusion_plan
 
     budget = "cpu=64MiB,disk=100%"
-    with pytest.raises(UserError, match=r"the activations of a 16384x16384 image alone need 40 GiB") as info:
+    with pytest.raises(UserError, match=r"the activations of a 16384x16384 image \(the VAE's decode\) alone need 40 GiB") as info:
         diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384))
     side = int(re.search(r"the largest square image that fits is (\d+)x\1", str(info.value)).group(1))
     assert 600 < side < 700  # the VAE's decode: 160 bytes a pixel against 64 MiB
@@ -255,7 +255,7 @@ def test_too_many_prompts_at_once_are_refused_naming_how_many_fit():
     from helpers.activations import Workload
     from helpers.encode import text_encoding_plan
 
-    with pytest.raises(UserError, match="the activations of 8 prompts of 512 tokens alone") as info:
+    with pytest.raises(UserError, match=r"the activations of 8 prompts of 512 tokens \(the T5 encoder\) alone") as info:
         text_encoding_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(batch=8, tokens=512))
     most = int(re.search(r"at most (\d+) prompt", str(info.value)).group(1))
     assert 1 <= most < 8
@@ -286,3 +286,20 @@ def test_footprint_json_reports_the_activations_of_the_chosen_size():
     assert set(data["activations"]["bytes"]) == {"text_encoder_2", "transformer", "vae"}
     assert data["plan"]["diffusion"]["activations"]["reserve_bytes"] == {"cpu": max(
         data["activations"]["bytes"]["transformer"], data["activations"]["bytes"]["vae"])}
+
+
+@pytest.mark.parametrize("budget", [{0: "8.5GiB", "cpu": "30GiB"}, {0: "5.5GiB", "cpu": "30GiB"},
+                                    {"cpu": "8.5GiB", "disk": "30GiB"}], ids=["method", "8 GB GPU", "one tier down"])
+def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budget):
+    """Up to the edge: at the largest size the CPU budget runs, the reference keeps little more than
+    its VAE and the transformer's modules outside the blocks; the twin must keep the same."""
+    from helpers.activations import Workload
+    from helpers.footprint import STAGES, footprint, plan_stages
+
+    dev, tiny = footprint("flux-dev"), footprint("tiny")
+    for work in (Workload(64, 64, tokens=16), Workload(1024, 1024, batch=2), Workload(2288, 2288)):
+        real, twin = plan_stages(dev, budget, workload=work), plan_stages(tiny, budget, like=dev, workload=work)
+        for stage in STAGES:
+            assert twin[stage].fits == real[stage].fits, (stage, work)
+            for a, b in zip(real[stage].components, twin[stage].components):
+                assert [u.tier for u in a.units] == [u.tier for u in b.units], (stage, work, a.component)

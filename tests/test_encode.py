@@ -87,7 +87,7 @@ def test_token_report_flags_clip_cut(tiny_folder):
     (dict(prompts=["ok", "  "]), "prompt 2 of 2 is empty"),
     (dict(prompts=[]), "no prompt given"),
     (dict(max_memory="cpu=lots"), "not a number with a unit"),
-    (dict(max_memory="cpu=1KiB"), "too small for text encoding: the activations of 1 prompt of 512 tokens alone"),
+    (dict(max_memory="cpu=1KiB"), r"too small for text encoding: the activations of 1 prompt of 512 tokens \(the T5 encoder\) alone"),
     (dict(max_memory="cpu=100KiB", max_sequence_length=8), "too small for text encoding: does not fit: needs"),
     (dict(max_sequence_length=0), "from 1 to 512"),
     (dict(max_sequence_length=600), "more than T5's 512"),
