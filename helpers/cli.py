@@ -211,7 +211,7 @@ def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> 
                 for path in outputs:
                     remove_partial(path)
         raise
-    if code == 130:
+    if code in (130, -signal.SIGINT):  # the stage was interrupted (by the terminal, or on its own)
         raise KeyboardInterrupt
     if code < 0:
         raise UserError(f"stage {name} ended by signal {signal.Signals(-code).name}; nothing more was made.")

@@ -303,3 +303,22 @@ def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budge
             assert twin[stage].fits == real[stage].fits, (stage, work)
             for a, b in zip(real[stage].components, twin[stage].components):
                 assert [u.tier for u in a.units] == [u.tier for u in b.units], (stage, work, a.component)
+
+
+@pytest.mark.parametrize("model", ["tiny", "flux-dev"])
+def test_two_blocks_of_each_list_have_the_peak_of_all_of_them(model):
+    """What makes a count quick: from the second block of a list on the blocks are alike."""
+    from helpers.activations import activation_peak, example_inputs, forward_peak
+    from helpers.footprint import footprint
+
+    fp = footprint(model, components=("text_encoder_2", "transformer"))
+    for component, dtype, size in (("transformer", torch.bfloat16, (256, 256, 64)),
+                                   ("transformer", torch.bfloat16, (1024, 1024, 512)),
+                                   ("text_encoder_2", torch.float32, (0, 0, 77)),
+                                   ("text_encoder_2", torch.float32, (0, 0, 512))):
+        module = fp.skeletons[component]
+        for t in (*module.parameters(), *module.buffers()):
+            t.data = t.data.to(dtype)
+        whole = activation_peak(*example_inputs(component, module, dtype, *size))
+        assert forward_peak(component, module, dtype, *size) == whole > 0, component
+        assert len(list(module.modules())) > 100  # the skeleton has all its blocks again
