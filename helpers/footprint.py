@@ -520,6 +520,20 @@ def _fewer(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, bud
     return f"the largest square image that fits is {side}x{side}{fewer}"
 
 
+def _count(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload | None,
+           fast: Tier | None) -> tuple[dict[str, int], int, list[str]]:
+    """``(activations per component, room kept on fast, warnings)`` for ``workload``; nothing
+    without one, and a warning where the meta device cannot run the forward (weights alone then)."""
+    if workload is None or fast is None:
+        return {}, 0, []
+    try:
+        return (stage_activations(name, fp.skeletons, dtype, workload),
+                _activations_need(fp, name, dtype, workload, fast), [])
+    except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
+        return {}, 0, [f"the activations of {fp.model} could not be counted on the meta device "
+                       f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone."]
+
+
 def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload | None) -> StagePlan:
     """Place stage ``name`` under ``budget``, keeping the fast tier's room for ``workload``'s activations.
 
@@ -528,16 +542,9 @@ def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload
     given as a share sizes the weights' split: the activations' room is added on top of it.
     """
     stage, fast = STAGES[name], budget.fast
-    need, counted, warnings = 0, {}, []
-    if workload is not None and fast is not None:
-        try:
-            counted = stage_activations(name, fp.skeletons, dtype, workload)
-            need = _activations_need(fp, name, dtype, workload, fast)
-        except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
-            warnings.append(f"the activations of {fp.model} could not be counted on the meta device "
-                            f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone.")
-        if need and fast in budget.shares:
-            budget = budget.shifted({fast: need})
+    counted, need, warnings = _count(fp, name, dtype, workload, fast)
+    if need and fast in budget.shares:
+        budget = budget.shifted({fast: need})
     plan = _place(fp, stage, budget, dtype, name, {fast: need} if need else None)
     plan.activations, plan.workload, plan.warnings = counted, workload, warnings
     what = workload.describe(name) if workload is not None else ""
@@ -590,15 +597,8 @@ def plan_stages(
         like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
         ref = _plan(like, name, dt, like_budget, workload)
         budget = _budget_like(fp, stage, ref, ref.weights_budget())
-        own, need, warnings = {}, 0, []
         fast = budget.fast
-        if workload is not None and fast is not None:
-            try:
-                own = stage_activations(name, fp.skeletons, dt, workload)
-                need = _activations_need(fp, name, dt, workload, fast)
-            except Exception as err:  # noqa: BLE001
-                warnings.append(f"the activations of {fp.model} could not be counted on the meta device "
-                                f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone.")
+        own, need, warnings = _count(fp, name, dt, workload, fast)
         plan = _place(fp, stage, budget.shifted({fast: need}) if need else budget, dt, name,
                       {fast: need} if need else None)
         plan.activations, plan.workload = own, workload
