@@ -9,6 +9,7 @@ child process left), 1 on anything unexpected.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -79,8 +80,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
-    from helpers.footprint import (STAGES, TWIN_REFERENCE, component_configs, footprint, plan_stages,
-                                   report)
+    from helpers.footprint import TWIN_REFERENCE, component_configs, footprint, plan_stages, report
     from helpers.models import resolve_model
     from helpers.report import Table
 
@@ -502,24 +502,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_once() -> list[float]:
+class _Interrupts:
     """Ctrl-C raises KeyboardInterrupt where the command is, so that its cleanup runs (partial files
     removed, children stopped); another within :data:`_SAME_INTERRUPT_S` is the same press and is
-    ignored, so it cannot cut that cleanup short. Returns the times of the interrupts so far."""
-    first: list[float] = []
+    ignored, so it cannot cut that cleanup short. :meth:`held` keeps a press for later where raising
+    would abort the process instead: torch's import runs Python callbacks from C++ (pybind11), and an
+    exception raised in one of them ends the process by SIGABRT with a C++ message."""
 
-    def handler(signum, frame):
+    def __init__(self) -> None:
+        self.times: list[float] = []  # when each press arrived
+        self._holding = False
+        self._pending = False
+        try:
+            signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (main() called from a thread): leave Python's default
+            pass
+
+    def _handler(self, signum, frame) -> None:
         now = time.monotonic()
-        if first and now - first[-1] < _SAME_INTERRUPT_S:
+        if self.times and now - self.times[-1] < _SAME_INTERRUPT_S:
             return
-        first.append(now)
+        self.times.append(now)
+        if self._holding:
+            self._pending = True
+            return
         raise KeyboardInterrupt
 
-    try:
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread (main() called from a thread): leave Python's default
-        pass
-    return first
+    @contextlib.contextmanager
+    def held(self):
+        """A press during the block is raised when the block ends (or right away if it fails)."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._pending:
+                self._pending = False
+                raise KeyboardInterrupt
 
 
 def interrupted() -> int:
@@ -530,9 +549,11 @@ def interrupted() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    pressed: list[float] = []
+    interrupts: _Interrupts | None = None
     try:
-        pressed = _interrupt_once()
+        interrupts = _Interrupts()
+        with interrupts.held():  # the first second or two of any command; Ctrl-C is answered right after
+            import torch  # noqa: F401
         from helpers.memory import return_large_blocks
 
         return_large_blocks()  # the process holds what its tensors hold: the RAM tier means what it says
@@ -550,6 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         # Ctrl-C in the middle of a library's import can surface as another error (a half-imported
         # module): once interrupted, the run ends as interrupted, whatever the library made of it
-        if pressed:
+        if interrupts is not None and interrupts.times:
             return interrupted()
         raise

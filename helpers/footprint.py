@@ -345,7 +345,7 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
         for unit, n in model_units(module, list(getattr(module, "_no_split_modules", None) or [])):
             own_units[f"{comp}.{unit}" if unit else comp] = n * size
     blocks = {f"{c}.{u}" for c in stage.mapped for u, _ in _blocks(fp.skeletons[c])}
-    ref_largest = max((b for u, b in _plan_units(like_plan) if u in blocks), default=0)
+    ref_largest = max((u.nbytes for p in like_plan.components for u in p.units if u.name in blocks), default=0)
     own_largest = max((own_units[u] for u in blocks), default=0)
     main = {like_budget.gpu if like_budget.gpu is not None else "cpu", "cpu"}
     ratio = (fp.nbytes(like_plan.dtype, list(stage.mapped)), like_plan_bytes(like_plan, stage.mapped))
@@ -368,10 +368,6 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
             room = room * own_next // ref_next
         tiers.append((tier, max(1, own_bytes + room)))
     return Budget(tuple(tiers), source=f"{like_budget} as {fp.model} sees it")
-
-
-def _plan_units(plan: StagePlan) -> list[tuple[str, int]]:
-    return [(u.name, u.nbytes) for p in plan.components for u in p.units]
 
 
 def _blocks(module: torch.nn.Module) -> list[tuple[str, int]]:
