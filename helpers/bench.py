@@ -23,6 +23,7 @@ import torch
 from helpers.errors import UserError
 
 CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group")
+_FP32 = "reference-fp32"  # the output every result's rel_error_vs_fp32 is measured against
 GPU_ONLY = ("diffusers-model", "diffusers-sequential")
 TOKENS = 64  # text tokens in the diffusion benchmark's embeddings
 #: what each stage benchmarks: the component, its dtype, the strategies that apply to it
@@ -30,6 +31,12 @@ STAGES = {
     "diffusion": ("transformer", torch.bfloat16, CPU_STRATEGIES + GPU_ONLY),
     "text_encoding": ("text_encoder_2", torch.float32, ("resident", "accelerate", "stream")),
 }
+
+
+def _compute_dtype(config: dict) -> torch.dtype:
+    from helpers.precision import COMPUTES
+
+    return COMPUTES[config.get("compute") or "bf16"]
 
 
 def _inputs(config: dict, model) -> dict:
@@ -41,13 +48,15 @@ def _inputs(config: dict, model) -> dict:
     g = torch.Generator().manual_seed(0)
     h, w = config["height"] // 16, config["width"] // 16
     cfg = model.config
+    # the same values in every precision (drawn in float32, rounded to bf16), given in the compute dtype
+    dt = _compute_dtype(config)
     inputs = dict(
-        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16),
-        encoder_hidden_states=torch.randn(1, TOKENS, cfg.joint_attention_dim, generator=g).to(torch.bfloat16),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16),
-        timestep=torch.tensor([0.5], dtype=torch.bfloat16),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", torch.bfloat16),
-        txt_ids=torch.zeros(TOKENS, 3, dtype=torch.bfloat16),
+        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16).to(dt),
+        encoder_hidden_states=torch.randn(1, TOKENS, cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dt),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16).to(dt),
+        timestep=torch.tensor([0.5], dtype=dt),
+        img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", dt),
+        txt_ids=torch.zeros(TOKENS, 3, dtype=dt),
         return_dict=False,
     )
     if cfg.guidance_embeds:
@@ -66,27 +75,10 @@ def _load_t5(strategy: str, config: dict, work: Path):
 
     folder = Path(config["folder"]) / "text_encoder_2"
     gpu = _gpu(config)
-    plan = _plan(config)
-    comps = {p.component: p for p in plan.components}
-    slow = "cpu" if gpu is not None else "disk"
-    off_fast = sum(u.nbytes for u in comps["text_encoder_2"].units if u.tier == slow)
-    if strategy == "resident":
-        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32)
-        return (model.to(gpu) if gpu is not None else model), lambda: 0, None
-    if strategy == "accelerate":
-        model = T5EncoderModel.from_pretrained(folder, dtype=torch.float32,
-                                               device_map=comps["text_encoder_2"].device_map,
-                                               offload_folder=work / "offload")
-        return model, lambda: off_fast, None
-    if strategy == "stream":
-        from helpers.offload import load_streaming, stream_budget
-
-        clip_tier = comps["text_encoder"].device_map[""]
-        clip_bytes = sum(u.nbytes for u in comps["text_encoder"].units)
-        cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
-        model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, cpu, ["encoder.block"], device=device,
-                                         device_bytes=device_bytes, reserve=plan.reserve_bytes)
-        return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
+    if strategy == "resident":  # no plan: the whole model, as the parent resolved its precision
+        return _resident(T5EncoderModel, folder, _precision(config), gpu), lambda: 0, None
+    if strategy in ("accelerate", "stream"):
+        return _mapped(strategy, T5EncoderModel, "text_encoder_2", folder, _plan(config), work)
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
 
 
@@ -97,10 +89,45 @@ def _plan(config: dict):
     from helpers.diffuse import diffusion_plan
     from helpers.encode import text_encoding_plan
 
+    knobs = dict(weights=config.get("weights"), compute=config.get("compute") or "auto")
     if config.get("stage") == "text_encoding":
-        return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]))
+        return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]),
+                                  **knobs)
     return diffusion_plan(config["model"], config["max_memory"],
-                          workload=Workload(config["height"], config["width"], 1, TOKENS))
+                          workload=Workload(config["height"], config["width"], 1, TOKENS), **knobs)
+
+
+def _precision(config: dict):
+    from helpers.precision import Precision
+
+    return Precision(config["weights"], config["compute"], "as the parent resolved it")
+
+
+def _resident(cls, folder: Path, precision, gpu):
+    """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says."""
+    from helpers.precision import upcast_layerwise
+
+    model = cls.from_pretrained(folder, dtype=precision.storage_dtype)
+    model = model.to(gpu) if gpu is not None else model
+    if precision.upcasts:
+        upcast_layerwise(model, precision.compute_dtype)
+    return model
+
+
+def _mapped(strategy: str, cls, component: str, folder: Path, plan, work: Path):
+    """accelerate's map or our stream, through the stages' own loader; (model, streamed, cleanup)."""
+    from helpers.loading import load_mapped, whole_bytes
+
+    other = {"transformer": ("vae",), "text_encoder_2": ("text_encoder",)}[component]
+    loaded = load_mapped(folder, cls, component, plan, strategy, whole=whole_bytes(plan, other),
+                         offload_folder=work / "offload", progress=False)
+    if strategy == "stream":
+        return loaded.model, _streamed_per_call(loaded.model, loaded.streamer), (
+            loaded.streamer.close if loaded.streamer else None)
+    slow = "cpu" if loaded.device.type == "cuda" else "disk"  # the tier accelerate's hooks fetch from
+    comp = next(p for p in plan.components if p.component == component)
+    moved = sum(u.nbytes for u in comp.units if u.tier == slow)
+    return loaded.model, lambda: moved, None
 
 
 def _streamed_per_call(model, streamer):
@@ -121,35 +148,26 @@ def _load(strategy: str, config: dict, work: Path):
 
     folder = Path(config["folder"])
     gpu = _gpu(config)
+    precision = _precision(config)
+    if strategy == "resident":  # no plan: the whole model (the float32 reference too)
+        return _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu), lambda: 0, None
     plan = _plan(config)
-    comps = {p.component: p for p in plan.components}
-    t_units = comps["transformer"].units
-    slow = "cpu" if gpu is not None else "disk"  # the tier the method's map fetches blocks from
-    off_fast = sum(u.nbytes for u in t_units if u.tier == slow)
-    everything = sum(u.nbytes for u in t_units)
-    if strategy == "resident":
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
-        return (model.to(gpu) if gpu is not None else model), lambda: 0, None
-    if strategy == "accelerate":
-        t_map = comps["transformer"].device_map
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16, device_map=t_map,
-                                                       offload_folder=work / "offload")
-        return model, lambda: off_fast, None
-    if strategy == "stream":
-        from helpers.offload import load_streaming, stream_budget
-
-        vae_tier = comps["vae"].device_map[""]
-        cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: sum(u.nbytes for u in comps["vae"].units)})
-        model, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
-                                         ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                         device_bytes=device_bytes, reserve=plan.reserve_bytes)
-        return model, _streamed_per_call(model, streamer), (streamer.close if streamer else None)
+    everything = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units)
+    if strategy in ("accelerate", "stream"):
+        return _mapped(strategy, FluxTransformer2DModel, "transformer", folder / "transformer", plan, work)
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
 
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        from helpers.precision import stored_bytes
+
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+        if precision.upcasts:  # diffusers' own layerwise casting; its default skips (norms...) would mismatch
+            from diffusers.hooks import apply_layerwise_casting
+
+            apply_layerwise_casting(model, storage_dtype=precision.storage_dtype,
+                                    compute_dtype=precision.compute_dtype, skip_modules_pattern=())
         # every group moves each call: the blocks, and the rest of the model as one more group
-        moved = sum(p.numel() * p.element_size() for p in model.parameters())
+        moved = stored_bytes(model)
         if gpu is not None:  # blocks in RAM, onloaded one group ahead on a CUDA stream
             apply_group_offloading(model, onload_device=gpu, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1, use_stream=True)
@@ -160,7 +178,11 @@ def _load(strategy: str, config: dict, work: Path):
     if strategy in GPU_ONLY:
         from diffusers import FluxPipeline
 
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=torch.bfloat16)
+        from helpers.precision import upcast_layerwise
+
+        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+        if precision.upcasts:
+            upcast_layerwise(model, precision.compute_dtype)
         pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=model)
         if strategy == "diffusers-model":  # the whole transformer moves to the GPU at its first call and stays
@@ -268,7 +290,8 @@ def rows(data: dict) -> list[dict]:
                "x floor": round(r["ratio_to_floor"], 2) if r.get("ratio_to_floor") else "",
                "peak RSS": size(r.get("peak_rss_bytes")), "peak GPU": size(r.get("peak_gpu_bytes")),
                "streamed/step": size(r.get("bytes_streamed_per_step")),
-               "max diff vs resident": r.get("max_abs_diff_vs_resident")}
+               "max diff vs resident": r.get("max_abs_diff_vs_resident"),
+               "rel err vs fp32": "" if r.get("rel_error_vs_fp32") is None else f"{r['rel_error_vs_fp32']:.2e}"}
         if all(x.get("peak_gpu_bytes") is None for x in data["results"]):
             del row["peak GPU"]
         out.append(row)
@@ -280,6 +303,8 @@ def title(data: dict) -> str:
     what = (f"text encoding, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
             else f"{data['height']}x{data['width']}")
     head = f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache"
+    if data.get("precision"):
+        head += f", {data['precision']['weights']} weights, {data['precision']['compute']} math"
     if data.get("floor") is None:  # a run stopped midway: what it measured so far
         planned = data.get("strategies") or []
         return f"{head}: stopped after {len(data['results'])} of {len(planned) or '?'} strategies, no floor"
@@ -417,7 +442,7 @@ def resolve_cache(cache: str, budget) -> str:
 
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
         strategies=None, progress=print, cache: str = "auto", stage: str = "diffusion", tokens: int = 512,
-        timeout: float | None = None, on_result=None) -> dict:
+        timeout: float | None = None, on_result=None, weights: str | None = None, compute: str = "auto") -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
     ``stage``: ``"diffusion"`` times the transformer (bfloat16) on latents of ``height`` x ``width``;
@@ -432,6 +457,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     A strategy that fails or runs past ``timeout`` seconds is reported with its ``error``; the
     others still run. ``on_result``: called after each strategy with the report so far
     (``"complete": false``, no floor yet), so that a long run stopped midway leaves what it measured.
+    ``weights`` and ``compute``: the precision every strategy runs in (see :mod:`helpers.precision`;
+    ``auto`` is resolved once, here, and the children run what it chose). With ``resident`` among the
+    strategies, one more resident run in float32 weights and math gives every result its
+    ``rel_error_vs_fp32``: the norm of its output's difference from that one over the norm of that one.
     """
     import math
 
@@ -463,8 +492,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     name = ref.name if ref.kind != "local" else str(ref.path)
     # no budget: the default, translated for a twin as the stages translate it (so a twin still splits)
     config = {"model": name, "max_memory": max_memory, "steps": steps, "height": height, "width": width,
-              "stage": stage, "tokens": tokens}
-    plan = _plan(config)  # checks the budget and the size, before anything runs
+              "stage": stage, "tokens": tokens, "weights": weights, "compute": compute}
+    plan = _plan(config)  # checks the budget, the size and the precision, before anything runs
+    precision = plan.precision
+    config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
     cache = resolve_cache(cache, plan.budget)
@@ -483,7 +514,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
     # the report: a model whose forward the meta device cannot run still benchmarks
     try:
-        activations = activation_bytes(component, component_configs(name)[1][component], STAGES[stage][1], height=height,
+        activations = activation_bytes(component, component_configs(name)[1][component], precision.compute_dtype,
+                                       height=height,
                                        width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
     except Exception:  # noqa: BLE001
         activations = None
@@ -494,12 +526,16 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         """The JSON so far; the floor is measured once every strategy has run (none of them shares the
         machine with the measurement), so a partial report has none."""
         reference = outputs.get("resident")
+        exact = outputs.get(_FP32)
         rows_ = []
         for r in results:
             r = {k: v for k, v in r.items() if k != "baseline_rss_bytes"}
             out = outputs.get(r["strategy"])
+            r["weights"], r["compute"] = precision.weights, precision.compute
             r["max_abs_diff_vs_resident"] = (None if reference is None or out is None
                                              else float((out.float() - reference.float()).abs().max()))
+            r["rel_error_vs_fp32"] = (None if exact is None or out is None
+                                      else float((out.float() - exact.float()).norm() / exact.float().norm()))
             rows_.append(r)
         floor = None
         if complete:
@@ -524,12 +560,26 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             "baseline_rss_bytes": min(baselines) if baselines else None,
             "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
             "cache": cache, "complete": complete, "strategies": strategies, "activation_bytes": activations,
+            "precision": precision.as_dict(),
             "floor": floor,
             "results": rows_,
         }
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
+        if "resident" in strategies:  # the float32 reference every result's error is measured against
+            progress("float32 reference (resident, fp32 weights and math): running in its own process...")
+            out = Path(tmp) / _FP32
+            exact = {**config, "weights": "fp32", "compute": "fp32"}
+            try:
+                done = subprocess.run([sys.executable, "-m", "helpers.bench", "resident", json.dumps(exact), str(out)],
+                                      capture_output=True, text=True, timeout=timeout)
+                if done.returncode == 0:
+                    outputs[_FP32] = torch.load(out.with_suffix(".pt"))
+                else:
+                    progress(f"float32 reference: failed, no rel_error_vs_fp32: {_failure(done)}")
+            except subprocess.TimeoutExpired:
+                progress(f"float32 reference: ran past the {timeout:g} s timeout, no rel_error_vs_fp32")
         for s in strategies:
             progress(f"{s}: running in its own process...")
             out = Path(tmp) / s

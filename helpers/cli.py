@@ -82,6 +82,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.encode import check_max_sequence_length
     from helpers.footprint import TWIN_REFERENCE, component_configs, footprint, plan_stages, report
     from helpers.models import resolve_model
+    from helpers.precision import resolve
     from helpers.report import Table
 
     ref = resolve_model(args.model)
@@ -96,7 +97,10 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
         component_configs(like_name)  # a bad --like fails here, before any skeleton is built
     fp = footprint(args.model)
     like = footprint(like_name) if like_name else None
-    plans = plan_stages(fp, spec, like=like, workload=workload)
+    fast = parse_budget(spec, model_bytes=2**40).fast
+    precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast),
+                  "diffusion": resolve("diffusion", args.weights, args.compute, fast)}
+    plans = plan_stages(fp, spec, like=like, workload=workload, precisions=precisions)
     data = report(fp, plans)
     data["max_memory"] = str(spec) if isinstance(spec, str) else str(parse_budget(spec))
     if like is not None:
@@ -116,7 +120,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     print(f"plan under max_memory {data['max_memory']}{scaled}:")
     for name, plan in plans.items():
         tiers = ", ".join(f"{tier_label(t)} {format_bytes(b)}" for t, b in plan.tier_bytes().items())
-        print(f"  {name} ({str(plan.dtype).replace('torch.', '')}): {'fits' if plan.fits else 'DOES NOT FIT'}; {tiers}")
+        print(f"  {name} ({plan.precision.describe()}): {'fits' if plan.fits else 'DOES NOT FIT'}; {tiers}")
         print(f"    {plan.advice}")
         for warning in plan.warnings:
             print(f"    warning: {warning}")
@@ -135,7 +139,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         args.model, args.prompt, args.out, max_memory=args.max_memory,
         max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
         create_folder=in_outputs(Path(args.out).parent),
-        offload=args.offload,
+        offload=args.offload, weights=args.weights, compute=args.compute,
     )
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -167,7 +171,8 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     result = diffuse_file(
         args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
         height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
-        create_folder=in_outputs(Path(args.out).parent), offload=args.offload,
+        create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
+        compute=args.compute,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -272,11 +277,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     budget = [f"--max-memory={args.max_memory}"] if args.max_memory else []
     overwrite = ["--overwrite"] if args.overwrite else []
     # --opt=value throughout: a prompt or path may start with "-"
-    offload = [f"--offload={args.offload}"]
+    offload = [f"--offload={args.offload}", *([f"--weights={args.weights}"] if args.weights else [])]
     encode_argv = [*common, *[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
                    f"--out={embeddings}", *budget, *overwrite, *offload]
     diffuse_argv = [*common, f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}",
-                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite, *offload]
+                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite, *offload,
+                    f"--compute={args.compute}"]
     if args.steps is not None:
         diffuse_argv.append(f"--steps={args.steps}")
     if args.guidance is not None:
@@ -321,7 +327,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
                stage=args.stage, tokens=args.tokens, timeout=args.timeout,
-               on_result=save_partial if args.json else None)
+               on_result=save_partial if args.json else None, weights=args.weights, compute=args.compute)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
@@ -346,6 +352,18 @@ def _offload_arg(q: argparse.ArgumentParser) -> None:
                    "hooks, one block at a time; stream: a few parts of blocks ahead while one computes, from the "
                    "checkpoint (no GPU tier) or from pinned RAM (GPU tier); the same output (see notebook 04). "
                    "auto (default): stream where the budget has no GPU tier and the stream fits it, else accelerate")
+
+
+def _precision_args(q: argparse.ArgumentParser, what: str) -> None:
+    from helpers.precision import COMPUTES, WEIGHTS
+
+    q.add_argument("--weights", choices=list(WEIGHTS), default=None,
+                   help=f"how {what} stores its weights: the bytes each tier holds and a stream moves (default: the "
+                   "method's, bf16 for the transformer and the VAE, fp32 for the text encoders)")
+    q.add_argument("--compute", choices=["auto", *COMPUTES], default="auto",
+                   help=f"the dtype {what} computes in; weights stored otherwise are upcast layer by layer as they "
+                   "run. auto (default): bf16 on a GPU that has it and on a CPU with native bf16 matrix instructions "
+                   "(found by a short timed probe), else fp32; the text encoders compute in fp32 unless asked")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens per prompt (default: 512; FLUX.1-schnell: 256)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _precision_args(p, "each stage (--compute: diffusion)")
     p.set_defaults(func=_cmd_footprint)
 
     p = sub.add_parser(
@@ -418,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--report", help=argparse.SUPPRESS)
     _offload_arg(p)
+    _precision_args(p, "CLIP and T5")
     p.set_defaults(func=_cmd_encode)
 
     def image_knobs(q: argparse.ArgumentParser) -> None:
@@ -445,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the image to write (a missing folder is made inside outputs/, refused elsewhere)")
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
     _offload_arg(p)
+    _precision_args(p, "the transformer and the VAE")
     image_knobs(p)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)
@@ -465,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     _offload_arg(p)
+    _precision_args(p, "each stage (--compute: diffusion)")
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -498,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON, after each strategy (\"complete\": "
                    "false until the last, so a run stopped midway keeps what it measured)")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
+    _precision_args(p, "the benchmarked model")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -30,7 +30,7 @@ import torch
 
 from helpers.activations import MULTIPLE, Workload
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir, remove_folder, run_folder
+from helpers.files import check_can_write, outputs_dir, remove_folder
 
 DIFFUSION_COMPONENTS = ("transformer", "vae")
 #: the usual settings of each FLUX.1 variant
@@ -100,8 +100,11 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
 
 
 def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto",
-                   workload: Workload | None = None):
-    """The transformer split and the VAE whole under the budget, in bfloat16; nothing is loaded.
+                   workload: Workload | None = None, weights: str | None = None, compute: str = "auto"):
+    """The transformer split and the VAE whole under the budget; nothing is loaded.
+
+    ``weights``: how they are stored (``None``: the method's bf16); ``compute``: their math
+    (``auto``: bf16 where the device has it natively, float32 otherwise); see :mod:`helpers.precision`.
 
     ``workload`` (:class:`helpers.activations.Workload`: image size, prompts, text tokens; default
     one 1024x1024 image): room for the larger of a denoising step's and the VAE decode's activations
@@ -110,7 +113,7 @@ def diffusion_plan(model: str | None = None, max_memory=None, like: str | None =
     """
     from helpers.footprint import plan_stage
 
-    return plan_stage("diffusion", model, max_memory, like, workload=workload)
+    return plan_stage("diffusion", model, max_memory, like, workload=workload, weights=weights, compute=compute)
 
 
 def expected_inputs(model: str | None) -> dict:
@@ -156,78 +159,40 @@ class Diffusion:
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
                    offload: str = "accelerate", progress: bool = True) -> Diffusion:
-    """Load the transformer with the plan's device map and the VAE whole, both bfloat16.
+    """Load the transformer split as the plan says and the VAE whole, in the plan's precision.
 
-    Pass an explicit device map: diffusers' ``device_map="auto"`` fails on a budget with a disk tier
-    ("Expected one of cpu, cuda, ... device string: disk"). Blocks mapped to disk are written to
-    ``offload_folder`` (created if missing) as one file per tensor; without one, a fresh folder under
-    ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
+    The transformer is loaded with an explicit device map (diffusers' ``device_map="auto"`` fails on
+    a budget with a disk tier: "Expected one of cpu, cuda, ... device string: disk"). Blocks mapped to
+    disk are written to ``offload_folder`` (created if missing) as one file per tensor; without one,
+    a fresh folder under ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
 
     ``offload="stream"``: without a GPU tier, the blocks that do not fit the cpu tier are read
     straight from the checkpoint by :mod:`helpers.offload`, a few parts of a block ahead, into a
     small pool (with a GPU tier: held in pinned RAM, copied ahead on a side stream), keeping the
     plan's room for the activations free; ``"auto"`` picks it where the budget has no GPU tier and
-    the stream fits the budget, else ``"accelerate"``. ``progress``: a progress bar while a stream
-    loads.
+    the stream fits the budget, else ``"accelerate"``. The weights are stored as the plan's
+    precision says and upcast layer by layer to its compute dtype (:mod:`helpers.loading`).
+    ``progress``: a progress bar while a stream loads.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    from helpers.encode import compare_maps, torch_device
-    from helpers.offload import stream_or_none
+    from helpers.loading import load_mapped, load_whole, whole_bytes
 
     folder = Path(folder)
-    by_comp = {p.component: p for p in plan.components}
-    vae_tier = by_comp["vae"].device_map[""]
-    t_map = dict(by_comp["transformer"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, vae_tier, progress))
-    if streamed is not None:
-        return streamed
-    temporary = False
-    if "disk" in t_map.values():
-        if offload_folder is None:
-            offload_folder, temporary = run_folder("transformer"), True
-        offload_folder = Path(offload_folder)
-        offload_folder.mkdir(parents=True, exist_ok=True)
-    else:
-        offload_folder = None
+    vae_tier = next(p for p in plan.components if p.component == "vae").device_map[""]
+    loaded = load_mapped(folder / "transformer", FluxTransformer2DModel, "transformer", plan, offload,
+                         whole=whole_bytes(plan, ("vae",)), offload_folder=offload_folder, progress=progress)
     try:
-        transformer = FluxTransformer2DModel.from_pretrained(
-            folder / "transformer", dtype=torch.bfloat16, device_map=t_map, offload_folder=offload_folder
-        )
-        vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
-    except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
-        if temporary:
-            remove_folder(offload_folder)
+        vae = load_whole(folder / "vae", AutoencoderKL, vae_tier, plan.precision)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+    except BaseException:
+        loaded.close()
         raise
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=loaded.model,
                         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    applied = dict(getattr(transformer, "hf_device_map", None) or {"": vae_tier})
-    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=compare_maps(t_map, applied),
-                     device=torch_device(vae_tier), offload_folder=offload_folder, temporary=temporary)
-
-
-def _load_streaming(folder: Path, plan, vae_tier, progress: bool = True) -> Diffusion:
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    from helpers.encode import torch_device
-    from helpers.offload import stream_budget, load_streaming
-
-    vae_bytes = sum(u.nbytes for p in plan.components if p.component == "vae" for u in p.units)
-    cpu, device, device_bytes = stream_budget(plan.budget, {vae_tier: vae_bytes})
-    transformer, streamer = load_streaming(folder / "transformer", FluxTransformer2DModel, torch.bfloat16, cpu,
-                                           ["transformer_blocks", "single_transformer_blocks"], device=device,
-                                           device_bytes=device_bytes, reserve=plan.reserve_bytes, progress=progress)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.bfloat16).to(torch_device(vae_tier))
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=transformer,
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    streamed = set(streamer.streamed_blocks) if streamer else set()
-    fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
-    applied = {n: fast for n, _ in transformer.named_children()}
-    applied.update({b: slow for b in streamed})
-    return Diffusion(pipe=pipe, plan=plan, applied=applied, differences=[],
-                     device=device if device is not None else torch.device("cpu"), streamer=streamer, offload="stream")
+    return Diffusion(pipe=pipe, plan=plan, applied=loaded.applied, differences=loaded.differences,
+                     device=loaded.device, offload_folder=loaded.offload_folder, temporary=loaded.temporary,
+                     streamer=loaded.streamer, offload=loaded.offload)
 
 
 # --------------------------------------------------------------------------- 3. generate
@@ -248,14 +213,14 @@ def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, 
              height: int, width: int, progress: bool = True) -> Generation:
     """The method's diffusion call: embeddings in, images out; one image per prompt in the file.
 
-    The embeddings are moved to the transformer's dtype and execution device (the pipeline does not
+    The embeddings are moved to the plan's compute dtype and the execution device (the pipeline does not
     do it), and the seed seeds a CPU generator, so the same seed gives the same image on any device.
     """
     check_seed(seed)
     check_settings(height, width, steps, guidance)
     pipe = diffusion.pipe
     pipe.set_progress_bar_config(disable=not progress, desc="denoising")
-    dtype = pipe.transformer.dtype
+    dtype = diffusion.plan.precision.compute_dtype  # the weights may be stored in another
     prompt_embeds = tensors["prompt_embeds"].to(diffusion.device, dtype)
     pooled = tensors["pooled_prompt_embeds"].to(diffusion.device, dtype)
     times: list[float] = []
@@ -340,12 +305,15 @@ def diffuse_file(
     create_folder: bool = True,
     progress: bool = True,
     offload: str = "auto",
+    weights: str | None = None,
+    compute: str = "auto",
 ) -> DiffuseResult:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
     variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
+    ``weights`` and ``compute``: see :func:`diffusion_plan`.
     """
     from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
@@ -379,7 +347,7 @@ def diffuse_file(
     check_offload(offload)
     # room for the larger of a step's and the decode's activations at this size and batch; too large is refused
     workload = Workload(height, width, header.batch, header.max_sequence_length)
-    plan = diffusion_plan(model, max_memory, workload=workload)
+    plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
     for p in paths:  # only now, when the run can go ahead
         p.parent.mkdir(parents=True, exist_ok=True)

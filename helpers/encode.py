@@ -23,7 +23,8 @@ import torch
 
 from helpers.budget import Tier
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir, remove_folder, run_folder
+from helpers.files import check_can_write, outputs_dir, remove_folder
+from helpers.loading import compare_maps, torch_device  # noqa: F401 - the notebooks' names
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -36,8 +37,12 @@ def embeddings_path(name: str) -> Path:
 # --------------------------------------------------------------------------- 1. plan
 
 
-def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto", workload=None):
-    """Place CLIP (whole) and T5 (split) under the budget in float32; refuse a budget that is too small.
+def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto", workload=None,
+                       weights: str | None = None, compute: str = "auto"):
+    """Place CLIP (whole) and T5 (split) under the budget; refuse a budget that is too small.
+
+    ``weights``: how the encoders are stored (``None``: the method's float32; ``bf16`` halves them);
+    ``compute``: their math (``auto``: float32, the method's); see :mod:`helpers.precision`.
 
     ``workload`` (:class:`helpers.activations.Workload`: prompts and tokens; default one prompt of
     512 tokens): T5's activations for it keep room on the fast tier, and a batch whose activations
@@ -46,15 +51,10 @@ def text_encoding_plan(model: str | None = None, max_memory=None, like: str | No
     """
     from helpers.footprint import plan_stage
 
-    return plan_stage("text_encoding", model, max_memory, like, workload=workload)
+    return plan_stage("text_encoding", model, max_memory, like, workload=workload, weights=weights, compute=compute)
 
 
 # --------------------------------------------------------------------------- 2. load
-
-
-def torch_device(tier: Tier) -> torch.device:
-    """The device that computes for a tier: GPU ``i`` for tier ``i``, else the CPU."""
-    return torch.device("cuda", tier) if isinstance(tier, int) else torch.device("cpu")
 
 
 @dataclass
@@ -84,114 +84,41 @@ class TextEncoders:
             remove_folder(self.offload_folder)
 
 
-def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str]:
-    """What differs between the planned device map and ``model.hf_device_map``; empty when they agree.
-
-    accelerate may condense or expand entries (a whole ``encoder`` vs its blocks), so both maps are
-    compared module by module: each name of either map gets the tier of its longest prefix in each.
-    """
-
-    def tier(name: str, mapping: dict[str, Tier]) -> Tier | None:
-        best, found = -1, None
-        for key, value in mapping.items():
-            if key == "" or name == key or name.startswith(key + "."):
-                if len(key) > best:
-                    best, found = len(key), value
-        return found
-
-    every = set(planned) | set(applied)
-    # compare at the finest level either map names: skip a name that another name refines
-    names = sorted(n for n in every if not any(o != n and (n == "" or o.startswith(n + ".")) for o in every))
-    out = []
-    for name in names:
-        a, b = tier(name, planned), tier(name, applied)
-        if a != b:
-            out.append(f"{name or '(whole model)'}: planned {a}, applied {b}")
-    return out
-
-
 def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
                        offload: str = "accelerate", progress: bool = True) -> TextEncoders:
-    """Load CLIP whole and T5 with the plan's device map, in float32; check what was applied.
+    """Load CLIP whole and T5 split as the plan says, in the plan's precision; check what was applied.
 
     A plan that puts blocks on ``disk`` needs an offload folder: ``offload_folder`` (created if
     missing: accelerate expects it to exist), or by default a fresh one of this run's own under
     ``outputs/offload/``, removed by :meth:`TextEncoders.close`. ``offload="stream"``: T5's blocks
     that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload`; from the
-    checkpoint without a GPU tier, converted to float32 as they arrive; from pinned RAM to the GPU
-    with one), keeping the plan's room for activations free; ``"auto"`` picks it where the budget has
-    no GPU tier and the stream fits the budget, else ``"accelerate"``. ``progress``: a progress bar
-    while a stream loads.
+    checkpoint without a GPU tier, converted to the compute dtype as they arrive; from pinned RAM to
+    the GPU with one), keeping the plan's room for activations free; ``"auto"`` picks it where the
+    budget has no GPU tier and the stream fits the budget, else ``"accelerate"``. The weights are
+    stored as :attr:`plan.precision <helpers.footprint.StagePlan.precision>` says and upcast layer by
+    layer to its compute dtype (:mod:`helpers.loading`). ``progress``: a progress bar while a
+    stream loads.
     """
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    from helpers.offload import stream_or_none
+    from helpers.loading import load_mapped, load_whole, whole_bytes
 
     folder = Path(folder)
-    by_comp = {p.component: p for p in plan.components}
-    clip_tier = by_comp["text_encoder"].device_map[""]
-    t5_map = dict(by_comp["text_encoder_2"].device_map)
-    streamed = stream_or_none(offload, plan.budget, lambda: _load_streaming(folder, plan, clip_tier, progress))
-    if streamed is not None:
-        return streamed
-    temporary = False
-    if "disk" in t5_map.values():
-        if offload_folder is None:
-            offload_folder, temporary = run_folder("text_encoder_2"), True
-        offload_folder = Path(offload_folder)
-        offload_folder.mkdir(parents=True, exist_ok=True)
-    else:
-        offload_folder = None
+    clip_tier = next(p for p in plan.components if p.component == "text_encoder").device_map[""]
+    t5 = load_mapped(folder / "text_encoder_2", T5EncoderModel, "text_encoder_2", plan, offload,
+                     whole=whole_bytes(plan, ("text_encoder",)), offload_folder=offload_folder, progress=progress)
     try:
-        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32,
-                                                     device_map={"": clip_tier})
-        text_encoder_2 = T5EncoderModel.from_pretrained(
-            folder / "text_encoder_2", dtype=torch.float32, device_map=t5_map, offload_folder=offload_folder
-        )
-    except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
-        if temporary:
-            remove_folder(offload_folder)
+        text_encoder = load_whole(folder / "text_encoder", CLIPTextModel, clip_tier, plan.precision)
+    except BaseException:
+        t5.close()
         raise
-    applied = dict(getattr(text_encoder_2, "hf_device_map", {"": "cpu"}))
-    used = {clip_tier, *t5_map.values()}
-    fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
     return TextEncoders(
-        text_encoder=text_encoder.eval(),
+        text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=text_encoder_2.eval(),
+        text_encoder_2=t5.model,
         tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        plan=plan,
-        applied=applied,
-        device=torch_device(fastest),
-        offload_folder=offload_folder,
-        differences=compare_maps(t5_map, applied),
-        temporary=temporary,
-    )
-
-
-def _load_streaming(folder: Path, plan, clip_tier, progress: bool = True) -> TextEncoders:
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    from helpers.offload import load_streaming, stream_budget
-
-    clip_bytes = sum(u.nbytes for p in plan.components if p.component == "text_encoder" for u in p.units)
-    cpu, device, device_bytes = stream_budget(plan.budget, {clip_tier: clip_bytes})
-    text_encoder_2, streamer = load_streaming(folder / "text_encoder_2", T5EncoderModel, torch.float32, cpu,
-                                              ["encoder.block"], device=device, device_bytes=device_bytes,
-                                              reserve=plan.reserve_bytes, progress=progress)
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32, device_map={"": clip_tier})
-    streamed = set(streamer.streamed_blocks) if streamer else set()
-    fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
-    n_blocks = len(text_encoder_2.encoder.block)
-    applied = {"shared": fast, **{f"encoder.block.{i}": slow if f"encoder.block.{i}" in streamed else fast
-                                  for i in range(n_blocks)}, "encoder.final_layer_norm": fast, "encoder.dropout": fast}
-    return TextEncoders(
-        text_encoder=text_encoder.eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=text_encoder_2.eval(),
-        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        plan=plan, applied=applied, device=device if device is not None else torch.device("cpu"), streamer=streamer,
-        offload="stream",
+        plan=plan, applied=t5.applied, device=t5.device, offload_folder=t5.offload_folder,
+        differences=t5.differences, streamer=t5.streamer, offload=t5.offload, temporary=t5.temporary,
     )
 
 
@@ -300,11 +227,13 @@ def encode_prompts(
     overwrite: bool = False,
     create_folder: bool = True,
     offload: str = "auto",
+    weights: str | None = None,
+    compute: str = "auto",
 ) -> EncodeResult:
     """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load.
 
     ``offload``: see :func:`load_text_encoders` (``auto``: ``stream`` without a GPU tier, else
-    ``accelerate``).
+    ``accelerate``). ``weights`` and ``compute``: see :func:`text_encoding_plan`.
     """
     from helpers.activations import Workload
     from helpers.embeddings import fingerprint, save_embeddings
@@ -332,7 +261,8 @@ def encode_prompts(
     check_can_write(out, overwrite)
     check_offload(offload)
     # T5's activations for these prompts keep room on the fast tier; too many at once are refused here
-    plan = text_encoding_plan(model, max_memory, workload=Workload(batch=len(prompts), tokens=max_sequence_length))
+    plan = text_encoding_plan(model, max_memory, workload=Workload(batch=len(prompts), tokens=max_sequence_length),
+                              weights=weights, compute=compute)
     folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
     name = model if ref.kind != "local" else str(ref.path)
     _, configs = component_configs(name)

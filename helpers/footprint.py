@@ -23,6 +23,7 @@ from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budg
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
 from helpers.models import TWINS, resolve_model, twin_configs
+from helpers.precision import Precision, method_precision, short_name
 
 #: dtypes reported for every component, by the names torch gives them
 DTYPES: dict[str, torch.dtype] = {
@@ -253,7 +254,7 @@ class StagePlan:
     """
 
     stage: str
-    dtype: torch.dtype
+    precision: Precision
     budget: Budget
     components: list[ComponentPlan]
     fits: bool = False
@@ -266,6 +267,11 @@ class StagePlan:
     warnings: list[str] = field(default_factory=list)
     #: with a translated budget: the reference model's plan under the budget as written (see plan_stages)
     reference: "StagePlan | None" = field(default=None, repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in (what each tier holds)."""
+        return self.precision.storage_dtype
 
     @property
     def reserve_bytes(self) -> int:
@@ -294,6 +300,7 @@ class StagePlan:
                 entry["modules"].append(unit.name)
         return {
             "dtype": str(self.dtype).replace("torch.", ""),
+            "precision": self.precision.as_dict(),
             "tiers": tiers,
             "fits": self.fits,
             "advice": self.advice,
@@ -304,7 +311,7 @@ class StagePlan:
         }
 
 
-def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name: str,
+def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: str,
            reserve: dict[Tier, int] | None = None) -> StagePlan:
     """Place the stage's components one after another, each in what the earlier ones left of
     ``budget`` less ``reserve`` (the activations' room)."""
@@ -312,12 +319,12 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, name
     left, plans = budget.shifted({t: -b for t, b in reserve.items()}), []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
-        plan = plan_component(fp.skeletons[comp], left, dtype, component=comp, whole=whole)
+        plan = plan_component(fp.skeletons[comp], left, prec.storage_dtype, component=comp, whole=whole)
         plans.append(plan)
         left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
     # show components in pipeline order
     plans.sort(key=lambda p: COMPONENT_ORDER.index(p.component))
-    result = StagePlan(name, dtype, budget, plans, reserve=reserve)
+    result = StagePlan(name, prec, budget, plans, reserve=reserve)
     on_disk = result.tier_bytes().get("disk", 0)
     result.overflow = max(0, on_disk - (budget["disk"] if "disk" in budget else 0))
     result.fits = result.overflow == 0
@@ -383,19 +390,19 @@ def like_plan_bytes(plan: StagePlan, components) -> int:
     return sum(u.nbytes for p in plan.components if p.component in components for u in p.units)
 
 
-def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, dtype: torch.dtype, tier: Tier,
+def _extra_needed(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, tier: Tier,
                   reserve: dict[Tier, int] | None = None) -> int | None:
     """The least extra room on ``tier`` (to 1/4096 of the stage's size) that makes it fit; by bisection.
 
     ``None`` when no amount on that tier helps.
     """
-    step = max(1, fp.nbytes(dtype, list(stage.components)) // 4096)
+    step = max(1, fp.nbytes(prec.storage_dtype, list(stage.components)) // 4096)
     base = dict(budget.tiers)
 
     def fits(extra: int) -> bool:
         trial = dict(base)
         trial[tier] = trial.get(tier, 0) + extra
-        return _place(fp, stage, parse_budget(trial), dtype, "", reserve).fits
+        return _place(fp, stage, parse_budget(trial), prec, "", reserve).fits
 
     hi = step
     while not fits(hi):
@@ -425,7 +432,7 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
             f"to {tier_label(used[0])} when their turn comes."
         )
     slow = "cpu" if "cpu" in plan.budget else next((t for t in plan.budget.names if t != "disk"), "cpu")
-    extra = _extra_needed(fp, stage, plan.budget, plan.dtype, slow, plan.reserve)
+    extra = _extra_needed(fp, stage, plan.budget, plan.precision, slow, plan.reserve)
     have = plan.budget[slow] if slow in plan.budget else 0
     options = []
     if extra is not None:
@@ -434,24 +441,25 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
         options.append(f"add a disk tier (disk={round_up_size(plan.overflow * 1.1)}; slow)")
     if plan.dtype == torch.float32:
         half = fp.nbytes(torch.bfloat16, list(stage.components))
-        options.append(f"use bfloat16 (the stage then needs {format_bytes(half)})")
+        options.append(f"store the weights in bf16 (--weights bf16; the stage then needs {format_bytes(half)})")
     need = f"needs {format_bytes(extra)} more {tier_label(slow)}" if extra is not None else (
         f"more {tier_label(slow)} alone does not help")
     return f"does not fit: {need}; " + ", or ".join(options) + "."
 
 
-def _activations_need(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, fast: Tier) -> int:
+def _activations_need(fp: Footprint, name: str, prec: Precision, workload: Workload, fast: Tier) -> int:
     """The room ``name`` keeps on ``fast`` for ``workload``: its largest component's activations
-    (batch included), plus a GPU's workspace."""
-    return max(stage_activations(name, fp.skeletons, dtype, workload).values()) + (
+    (batch included, in the compute dtype), plus a GPU's workspace."""
+    return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload).values()) + (
         WORKSPACE_GPU if isinstance(fast, int) else 0)
 
 
-def _least_fast(fp: Footprint, stage: Stage, dtype: torch.dtype) -> int:
+def _least_fast(fp: Footprint, stage: Stage, prec: Precision) -> int:
     """The weights the fast tier must hold for a stage to compute at all: its whole components, the
     split components' modules outside their blocks, and room for their largest block (accelerate
     keeps that free there for each block it fetches from a slower tier; a stream, its pool)."""
-    size = torch.tensor([], dtype=dtype).element_size()
+    dtype = prec.storage_dtype
+    size = dtype.itemsize
     least = sum(fp.components[c].nbytes(dtype) for c in stage.whole)
     for comp in stage.mapped:
         blocks = [n * size for _, n in _blocks(fp.skeletons[comp])]
@@ -459,14 +467,14 @@ def _least_fast(fp: Footprint, stage: Stage, dtype: torch.dtype) -> int:
     return least
 
 
-def _activation_verdict(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, need: int) -> str | None:
+def _activation_verdict(fp: Footprint, name: str, prec: Precision, budget: Budget, need: int) -> str | None:
     """Why ``need`` bytes of activations on the fast tier leave ``budget`` unable to run stage
     ``name`` (a sentence), or ``None``: they exceed the tier, or leave less than the weights must have
     there (see :func:`_least_fast`; a share sizes the weights' room itself, on top of the activations)."""
     fast = budget.fast
     if need > budget[fast]:
         return f"alone need {format_bytes(need)}, more than {tier_label(fast)} ({format_bytes(budget[fast])})"
-    least = _least_fast(fp, STAGES[name], dtype)
+    least = _least_fast(fp, STAGES[name], prec)
     # the activations are why it does not run: without them the tier would hold what must compute there
     if fast not in budget.shares and budget[fast] - need < least <= budget[fast]:
         return (f"take {format_bytes(need)} of {tier_label(fast)} ({format_bytes(budget[fast])}), leaving "
@@ -476,21 +484,21 @@ def _activation_verdict(fp: Footprint, name: str, dtype: torch.dtype, budget: Bu
     return None
 
 
-def _runs(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload) -> bool:
+def _runs(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: Workload) -> bool:
     """Whether stage ``name`` can run under ``budget`` at ``workload``: its activations leave the fast
     tier room for what must compute there, its weights fit with the slower tiers, and nothing is left
     on disk alone."""
     fast = budget.fast
-    need = _activations_need(fp, name, dtype, workload, fast)
+    need = _activations_need(fp, name, prec, workload, fast)
     if fast in budget.shares:
         budget = budget.shifted({fast: need})
-    if _activation_verdict(fp, name, dtype, budget, need) is not None:
+    if _activation_verdict(fp, name, prec, budget, need) is not None:
         return False
-    plan = _place(fp, STAGES[name], budget, dtype, name, {fast: need})
+    plan = _place(fp, STAGES[name], budget, prec, name, {fast: need})
     return plan.fits and not _stranded(plan, name)
 
 
-def _fewer(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, budget: Budget) -> str:
+def _fewer(fp: Footprint, name: str, prec: Precision, workload: Workload, budget: Budget) -> str:
     """What does run under ``budget``: the largest square image (diffusion) or the most prompts at
     once (text encoding), for the message that refuses ``workload``."""
     fast = budget.fast
@@ -498,39 +506,39 @@ def _fewer(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload, bud
         lo, hi = 0, workload.batch  # lo runs (0: none known), hi does not
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if _runs(fp, name, dtype, budget, replace(workload, batch=mid)) else (lo, mid)
+            lo, hi = (mid, hi) if _runs(fp, name, prec, budget, replace(workload, batch=mid)) else (lo, mid)
         if not lo:
             return (f"not even one prompt of {workload.tokens} tokens fits; lower max_sequence_length, or give "
                     f"{tier_label(fast)} more room")
         return (f"at most {lo} prompt(s) of {workload.tokens} tokens fit at once: split the prompts over several "
                 "files, or lower max_sequence_length")
     above = max(workload.height, workload.width)
-    whole = sum(fp.components[c].nbytes(dtype) for c in STAGES[name].whole)
+    whole = sum(fp.components[c].nbytes(prec.storage_dtype) for c in STAGES[name].whole)
     room = (budget[fast] if fast not in budget.shares else 2**62) - whole
-    guess = affine_guess(lambda s: _activations_need(fp, name, dtype, workload.square(s), fast), room, above)
-    side = largest_square(lambda s: _runs(fp, name, dtype, budget, workload.square(s)), above, guess)
+    guess = affine_guess(lambda s: _activations_need(fp, name, prec, workload.square(s), fast), room, above)
+    side = largest_square(lambda s: _runs(fp, name, prec, budget, workload.square(s)), above, guess)
     if side is None:
-        least = _activations_need(fp, name, dtype, workload.square(16), fast) + _least_fast(fp, STAGES[name], dtype)
+        least = _activations_need(fp, name, prec, workload.square(16), fast) + _least_fast(fp, STAGES[name], prec)
         return f"not even a 16x16 image fits; give {tier_label(fast)} at least {round_up_size(least)}"
     fewer = ", or fewer prompts per file" if workload.batch > 1 else ""
     return f"the largest square image that fits is {side}x{side}{fewer}"
 
 
-def _count(fp: Footprint, name: str, dtype: torch.dtype, workload: Workload | None,
+def _count(fp: Footprint, name: str, prec: Precision, workload: Workload | None,
            fast: Tier | None) -> tuple[dict[str, int], int, list[str]]:
     """``(activations per component, room kept on fast, warnings)`` for ``workload``; nothing
     without one, and a warning where the meta device cannot run the forward (weights alone then)."""
     if workload is None or fast is None:
         return {}, 0, []
     try:
-        return (stage_activations(name, fp.skeletons, dtype, workload),
-                _activations_need(fp, name, dtype, workload, fast), [])
+        return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload),
+                _activations_need(fp, name, prec, workload, fast), [])
     except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
         return {}, 0, [f"the activations of {fp.model} could not be counted on the meta device "
                        f"({type(err).__name__}: {err}); {tier_label(fast)} is planned for weights alone."]
 
 
-def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload: Workload | None) -> StagePlan:
+def _plan(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: Workload | None) -> StagePlan:
     """Place stage ``name`` under ``budget``, keeping the fast tier's room for ``workload``'s activations.
 
     A size whose activations alone exceed the fast tier does not fit (the advice names the largest
@@ -538,18 +546,18 @@ def _plan(fp: Footprint, name: str, dtype: torch.dtype, budget: Budget, workload
     given as a share sizes the weights' split: the activations' room is added on top of it.
     """
     stage, fast = STAGES[name], budget.fast
-    counted, need, warnings = _count(fp, name, dtype, workload, fast)
+    counted, need, warnings = _count(fp, name, prec, workload, fast)
     if need and fast in budget.shares:
         budget = budget.shifted({fast: need})
-    plan = _place(fp, stage, budget, dtype, name, {fast: need} if need else None)
+    plan = _place(fp, stage, budget, prec, name, {fast: need} if need else None)
     plan.activations, plan.workload, plan.warnings = counted, workload, warnings
     what = workload.describe(name) if workload is not None else ""
     top = max(counted, key=counted.get) if counted else None
-    verdict = _activation_verdict(fp, name, dtype, budget, need) if need else None
+    verdict = _activation_verdict(fp, name, prec, budget, need) if need else None
     if verdict is not None:
         plan.fits = False
         plan.advice = (f"the activations of {what} ({WHAT[top]}) {verdict}; "
-                       f"{_fewer(fp, name, dtype, workload, budget)}.")
+                       f"{_fewer(fp, name, prec, workload, budget)}.")
         return plan
     if need and fast not in budget.shares and budget[fast] - need < budget[fast] / 10:
         slower = sum(b for t, b in plan.tier_bytes().items() if t != fast)
@@ -570,8 +578,12 @@ def plan_stages(
     like: Footprint | None = None,
     stages=tuple(STAGES),
     workload: Workload | None = None,
+    precisions: dict[str, Precision] | None = None,
 ) -> dict[str, StagePlan]:
-    """Place the method's ``stages`` (all by default) under ``max_memory``; ``dtypes`` overrides a stage's dtype.
+    """Place the method's ``stages`` (all by default) under ``max_memory``.
+
+    Each stage in the method's precision unless ``precisions`` gives one (weights and compute dtype,
+    see :mod:`helpers.precision`), or ``dtypes`` one dtype for both (``{"diffusion": "float32"}``).
 
     Shares in the budget (``"0=40%"``) are of the stage's size. With ``like`` (say the real
     FLUX.1-dev), the budget is read against that model and translated into this model's bytes
@@ -584,13 +596,12 @@ def plan_stages(
     plans = {}
     for name in stages:
         stage = STAGES[name]
-        dt = (dtypes or {}).get(name, stage.dtype)
-        dt = DTYPES[dt] if isinstance(dt, str) else dt
+        dt = _stage_precision(name, dtypes, precisions)
         if like is None:
-            plans[name] = _plan(fp, name, dt, parse_budget(max_memory, model_bytes=fp.nbytes(dt, list(stage.components))),
-                                workload)
+            plans[name] = _plan(fp, name, dt, parse_budget(
+                max_memory, model_bytes=fp.nbytes(dt.storage_dtype, list(stage.components))), workload)
             continue
-        like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt, list(stage.components)))
+        like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt.storage_dtype, list(stage.components)))
         ref = _plan(like, name, dt, like_budget, workload)
         budget = _budget_like(fp, stage, ref, ref.weights_budget())
         fast = budget.fast
@@ -605,6 +616,16 @@ def plan_stages(
         plan.advice = f"as {like.model} under {like_budget}: {ref.advice}"
         plans[name] = plan
     return plans
+
+
+def _stage_precision(name: str, dtypes, precisions) -> Precision:
+    if precisions and name in precisions:
+        return precisions[name]
+    if dtypes and name in dtypes:
+        short = short_name(dtypes[name])
+        math = short if short in ("bf16", "fp16", "fp32") else "bf16"  # fp8 weights compute in bf16
+        return Precision(short, math, "one dtype for weights and math" if math == short else "fp8 planned, bf16 math")
+    return method_precision(name)
 
 
 def check_tiers_exist(budget: Budget) -> None:
@@ -642,7 +663,8 @@ def _machine_bytes(tier: Tier) -> int | None:
 
 
 def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto",
-               runnable: bool = True, workload: Workload | None = None) -> StagePlan:
+               runnable: bool = True, workload: Workload | None = None, weights: str | None = None,
+               compute: str = "auto") -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
 
     ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
@@ -651,9 +673,12 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     (default: one 1024x1024 image, one prompt of 512 tokens), whose activations keep room on the
     fast tier (see :func:`plan_stages`). ``runnable`` (the default) also refuses tiers this machine
     lacks, and activations more than this machine's memory for the tier, since the plan is about
-    to be loaded.
+    to be loaded. ``weights`` and ``compute``: the precision (:func:`helpers.precision.resolve`;
+    ``auto`` is chosen for the budget's fast tier, the one the stage computes on), planned in stored
+    bytes and carried by the plan to the loaders.
     """
     from helpers.budget import default_budget
+    from helpers.precision import check_compute, check_weights, resolve
     from helpers.models import resolve_model
 
     ref = resolve_model(model)
@@ -663,19 +688,22 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     if max_memory is None:
         max_memory = default_budget()
     checked = parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
+    check_weights(weights or "bf16")
+    check_compute(compute)
     if runnable:
         check_tiers_exist(checked)
+    precision = resolve(stage, weights, compute, checked.fast)
     comps = STAGES[stage].components
     name = ref.name if ref.kind != "local" else str(ref.path)
     fp = footprint(name, components=comps)
     like_fp = footprint(like, components=comps) if like else None
-    plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,), workload=workload)[stage]
+    plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,), workload=workload,
+                       precisions={stage: precision})[stage]
     what = stage.replace("_", " ")
     # judged in the terms the budget was written in: for a translated one, the reference's
     judged, judged_fp = (plan.reference, like_fp) if plan.reference is not None else (plan, fp)
     if not plan.fits:
-        advice = plan.advice.split(", or use bfloat16")[0].rstrip(".") + "." if runnable else plan.advice
-        raise UserError(f"the budget ({judged.budget.describe()}) is too small for {what}: {advice}")
+        raise UserError(f"the budget ({judged.budget.describe()}) is too small for {what}: {plan.advice}")
     if not runnable:
         return plan
     fast = plan.budget.fast
@@ -686,7 +714,7 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
         raise UserError(
             f"{what} of {workload.describe(stage)} needs {format_bytes(plan.reserve_bytes)} for its activations "
             f"alone ({WHAT[top]}), more than this machine's {tier_label(fast)} ({format_bytes(have)}); "
-            f"{_fewer(fp, stage, plan.dtype, workload, machine).replace('that fits', 'that fits this machine')}."
+            f"{_fewer(fp, stage, plan.precision, workload, machine).replace('that fits', 'that fits this machine')}."
         )
     if judged is not plan and not _stranded(judged, stage) and _stranded(plan, stage):  # rounding at the edge
         raise UserError(
@@ -699,7 +727,8 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
         step = max(stranded[1], 1)
         for k in range(1, 64):
             trial = {**given, "cpu": given.get("cpu", 0) + k * step}
-            again = plan_stages(judged_fp, trial, like=None, stages=(stage,), workload=workload)[stage]
+            again = plan_stages(judged_fp, trial, like=None, stages=(stage,), workload=workload,
+                                precisions={stage: precision})[stage]
             if again.fits and not _stranded(again, stage):
                 break
         raise UserError(

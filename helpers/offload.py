@@ -938,7 +938,7 @@ def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
-                   reserve: int = 0, split: bool = True):
+                   reserve: int = 0, split: bool = True, compute: torch.dtype | None = None):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
@@ -947,8 +947,10 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
     :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
     the largest part (by default up to 4, within the bytes of two whole blocks); on a GPU the room
-    left by whole blocks keeps some of their parts resident. Weights are used in ``dtype``; blocks
-    stored in another dtype are converted as they are read.
+    left by whole blocks keeps some of their parts resident. Resident weights are held in ``dtype``
+    (converted once, at load, from what the checkpoint stores); streamed pieces arrive in ``compute``
+    (default ``dtype``): converted by the reader as they are read, ahead of their turn, so the layers
+    find them ready (the resident ones are upcast as they run: :func:`helpers.precision.upcast_layerwise`).
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more part-sized
@@ -971,6 +973,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if pool is not None and pool < 2:
         raise UserError(f"the pool needs at least 2 buffers (one computing, one being fetched), not {pool!r}.")
     folder = Path(folder)
+    compute = compute or dtype
     model = skeleton_from_folder(folder, cls)
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
         if t.is_floating_point():
@@ -987,7 +990,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     else:
         parts = {n: [n] for n in names}
     # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
-    plans = {u: _plan_block(u, model.get_submodule(u), index, folder, dtype, align=256 if on_gpu else None)
+    plans = {u: _plan_block(u, model.get_submodule(u), index, folder, compute, align=256 if on_gpu else None)
              for n in names for u in parts[n]}
     # streamed: a pool buffer holds its largest part (whole pages)
     buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
@@ -1069,10 +1072,10 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         if not pieces:
             return model, None
         if on_gpu:
-            return model, HostStreamer(model, folder, list(pieces), device, pool=pool, dtype=dtype,
+            return model, HostStreamer(model, folder, list(pieces), device, pool=pool, dtype=compute,
                                        on_read=bar.update if bar is not None else None, parents=pieces)
     finally:
         if bar is not None:
             bar.close()
     return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
-                                dtype=dtype, parents=pieces)  # in RAM no parts are kept (see above)
+                                dtype=compute, parents=pieces)  # in RAM no parts are kept (see above)

@@ -44,9 +44,13 @@ def test_same_seed_same_pixels(embeddings, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(a.paths[0])), np.asarray(Image.open(c.paths[0])))
 
 
-@pytest.mark.parametrize("offload", ["accelerate", "stream"])
-def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_path, offload):
-    """The decoupled run (two processes, offloaded, file hand-off) against FluxPipeline in one process."""
+@pytest.mark.parametrize("offload, compute", [("accelerate", "bf16"), ("stream", "bf16"), ("accelerate", "fp32"),
+                                              ("stream", "fp32")])
+def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_path, offload, compute):
+    """The decoupled run (two processes, offloaded, file hand-off) against FluxPipeline in one process.
+
+    fp32: the weights stay stored in bf16 and are upcast layer by layer; the one-piece pipeline holds
+    them in float32 (the same values: widening is exact)."""
     from diffusers import FluxPipeline
     from transformers import CLIPTextModel, T5EncoderModel
 
@@ -55,7 +59,7 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
     done = subprocess.run([sys.executable, "-m", "helpers", "generate", "--model", str(tiny_folder), "--prompt", prompt,
                            "--out", str(out), "--steps", str(steps), "--seed", str(seed), "--height", "64",
                            "--width", "64", "--max-sequence-length", "64", "--max-memory", "cpu=50%,disk=100%",
-                           "--offload", offload],
+                           "--offload", offload, "--compute", compute],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "text encoding" in done.stderr and "diffusion" in done.stderr and "total" in done.stderr
@@ -67,11 +71,15 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
         text_encoder_2=T5EncoderModel.from_pretrained(tiny_folder / "text_encoder_2", dtype=torch.float32))
     with torch.no_grad():
         pe, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, max_sequence_length=64)  # float32
-    one = pipe(prompt_embeds=pe.to(torch.bfloat16), pooled_prompt_embeds=pooled.to(torch.bfloat16),
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+    pipe.transformer.to(dtype)
+    pipe.vae.to(dtype)
+    # the embeddings file holds bf16 (the method's hand-off), which the decoupled run widens
+    one = pipe(prompt_embeds=pe.to(torch.bfloat16).to(dtype), pooled_prompt_embeds=pooled.to(torch.bfloat16).to(dtype),
                num_inference_steps=steps, guidance_scale=3.5, height=64, width=64,
                generator=torch.Generator("cpu").manual_seed(seed)).images[0]
     diff = np.abs(np.asarray(Image.open(out)).astype(int) - np.asarray(one).astype(int)).max()
-    print(f"max pixel difference, decoupled ({offload}) vs one-piece: {diff}")
+    print(f"max pixel difference, decoupled ({offload}, {compute} math) vs one-piece: {diff}")
     assert diff == 0
 
 

@@ -130,7 +130,7 @@ def test_method_budget_reproduces_the_method(dev):
 def test_transformer_does_not_fit_in_float32_and_advice_says_what_to_do(dev):
     plan = plan_stages(dev, METHOD_BUDGET, dtypes={"diffusion": "float32"})["diffusion"]
     assert not plan.fits and plan.overflow > 0
-    assert "does not fit" in plan.advice and "bfloat16" in plan.advice and "disk" in plan.advice
+    assert "does not fit" in plan.advice and "--weights bf16" in plan.advice and "disk" in plan.advice
     # the extra RAM the advice names is enough, and 2/64 GiB less is not
     extra = float(plan.advice.split("needs ")[1].split(" GiB")[0]) * GiB
     more = plan_stages(dev, {0: "8.5GiB", "cpu": int(30 * GiB + extra + 2**24)}, dtypes={"diffusion": "float32"})

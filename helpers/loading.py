@@ -1,0 +1,217 @@
+"""Load a stage's components as its plan says: where each block goes, how it moves, in what precision.
+
+One path for every stage and the benchmark: a component split across tiers is loaded with the
+method's accelerate map (:func:`load_mapped`, ``offload="accelerate"``) or streamed
+(``"stream"``, :mod:`helpers.offload`); one loaded whole goes to its tier (:func:`load_whole`).
+Both store the weights in the plan's :attr:`~helpers.footprint.StagePlan.precision` and, where
+its compute dtype differs, upcast them layer by layer as they run
+(:func:`helpers.precision.upcast_layerwise`). Before any weight loads, the checkpoint's header is
+checked for what the loaders cannot read right (fp8 weights with scales).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from helpers.budget import Tier
+from helpers.errors import UserError
+from helpers.files import remove_folder, run_folder
+
+#: the lists of blocks a split component streams, in call order
+BLOCK_LISTS = {"transformer": ["transformer_blocks", "single_transformer_blocks"], "text_encoder_2": ["encoder.block"]}
+
+
+def torch_device(tier: Tier) -> torch.device:
+    """The device that computes for a tier: GPU ``i`` for tier ``i``, else the CPU."""
+    return torch.device("cuda", tier) if isinstance(tier, int) else torch.device("cpu")
+
+
+def check_checkpoint(folder: str | os.PathLike) -> None:
+    """Refuse, from the headers alone, weights the loaders would read wrong: fp8 tensors stored with
+    scales beside them (``*_scale``, ``*.scale_weight``), which a plain cast to bf16 would ignore."""
+    from helpers.offload import read_safetensors_index
+
+    folder = Path(folder)
+    if not any(folder.glob("*.safetensors")):
+        return  # from_pretrained says what is missing
+    index = read_safetensors_index(folder)
+    fp8 = [n for n, (_, _, _, dtype, _) in index.items() if dtype.startswith("F8")]
+    scales = [n for n in index if n.endswith(("_scale", ".scale_weight", ".weight_scale", ".scale_input"))]
+    if fp8 and scales:
+        raise UserError(
+            f"{folder} stores {len(fp8)} tensors in fp8 with {len(scales)} scales beside them (e.g. {scales[0]}); "
+            "these loaders do not apply such scales yet and would compute with wrong weights: use a bf16 checkpoint."
+        )
+
+
+def _check_loadable(precision) -> None:
+    if not precision.loadable:
+        raise UserError(f"{precision.weights} weights are counted by the plans, not loaded yet: use --weights bf16 or fp32.")
+
+
+def compare_maps(planned: dict[str, Tier], applied: dict[str, Tier]) -> list[str]:
+    """What differs between the planned device map and ``model.hf_device_map``; empty when they agree.
+
+    accelerate may condense or expand entries (a whole ``encoder`` vs its blocks), so both maps are
+    compared module by module: each name of either map gets the tier of its longest prefix in each.
+    """
+
+    def tier(name: str, mapping: dict[str, Tier]) -> Tier | None:
+        best, found = -1, None
+        for key, value in mapping.items():
+            if key == "" or name == key or name.startswith(key + "."):
+                if len(key) > best:
+                    best, found = len(key), value
+        return found
+
+    every = set(planned) | set(applied)
+    # compare at the finest level either map names: skip a name that another name refines
+    names = sorted(n for n in every if not any(o != n and (n == "" or o.startswith(n + ".")) for o in every))
+    out = []
+    for name in names:
+        a, b = tier(name, planned), tier(name, applied)
+        if a != b:
+            out.append(f"{name or '(whole model)'}: planned {a}, applied {b}")
+    return out
+
+
+@dataclass
+class Loaded:
+    """A component loaded by its plan: the model, the map applied, and what to clean up after."""
+
+    model: torch.nn.Module
+    applied: dict[str, Tier]
+    device: torch.device  # where it computes
+    offload: str  # "accelerate" or "stream"
+    streamer: object | None = None
+    offload_folder: Path | None = None
+    temporary: bool = False  # the offload folder is this run's own, removed by close()
+    differences: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+            self.streamer = None
+        if self.temporary and self.offload_folder is not None:
+            remove_folder(self.offload_folder)
+            self.temporary = False
+
+
+def _streamed_units(model: torch.nn.Module, block_lists: list[str]) -> list[str]:
+    """The model's units as a device map names them: its children, the block lists' members in
+    their place, each tied tensor once."""
+    units: list[str] = []
+    seen: set[int] = set()
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            if full in block_lists:
+                units.extend(f"{full}.{i}" for i in range(len(child)))
+            elif any(b.startswith(full + ".") for b in block_lists):
+                walk(full + ".", child)
+            else:
+                params = {id(p) for p in child.parameters()}
+                if params and params <= seen:  # T5's embed_tokens is its shared embedding
+                    continue
+                units.append(full)
+            seen.update(id(p) for p in child.parameters())
+
+    walk("", model)
+    return units
+
+
+def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: str = "accelerate",
+                whole: dict[Tier, int] | None = None, offload_folder: str | os.PathLike | None = None,
+                progress: bool = True) -> Loaded:
+    """Load ``component`` of stage ``plan`` from its ``folder``: split across the plan's tiers.
+
+    ``offload="auto"``: ``stream`` where the budget has no GPU tier and the stream fits it, else
+    ``accelerate``. ``"accelerate"``: the plan's device map, applied by accelerate (blocks on disk go to
+    ``offload_folder``, by default a fresh one of this run's own, removed by :meth:`Loaded.close`).
+    ``"stream"``: what the fast tier cannot hold is streamed (:func:`helpers.offload.load_streaming`;
+    raises :class:`helpers.offload.StreamBudgetError` before any weight loads when it cannot),
+    keeping the plan's room for activations free; ``whole``: the stage's components loaded whole,
+    ``{tier: bytes}``, whose bytes come off their tier. The weights are stored in the plan's precision
+    and upcast layer by layer to its compute dtype.
+    """
+    from helpers.offload import StreamBudgetError, check_offload, choose_offload, load_streaming, stream_budget
+    from helpers.precision import upcast_layerwise
+
+    folder = Path(folder)
+    _check_loadable(plan.precision)
+    check_checkpoint(folder)
+    if choose_offload(check_offload(offload), plan.budget) == "stream" and offload != "stream":
+        try:  # auto: the stream where it fits the budget (found before any weight loads), else the hooks
+            return load_mapped(folder, cls, component, plan, "stream", whole, offload_folder, progress)
+        except StreamBudgetError:
+            offload = "accelerate"
+    elif offload == "auto":
+        offload = "accelerate"
+    precision = plan.precision
+    comp_plan = next(p for p in plan.components if p.component == component)
+    if offload == "stream":
+        cpu, device, device_bytes = stream_budget(plan.budget, whole or {})
+        blocks = BLOCK_LISTS[component]
+        model, streamer = load_streaming(folder, cls, precision.storage_dtype, cpu, blocks, device=device,
+                                         device_bytes=device_bytes, reserve=plan.reserve_bytes, progress=progress,
+                                         compute=precision.compute_dtype)
+        streamed = set(streamer.streamed_blocks) if streamer else set()
+        fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
+        applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}
+        loaded = Loaded(model.eval(), applied, device if device is not None else torch.device("cpu"), "stream",
+                        streamer=streamer)
+    elif offload == "accelerate":
+        device_map = dict(comp_plan.device_map)
+        temporary = False
+        if "disk" in device_map.values():
+            if offload_folder is None:
+                offload_folder, temporary = run_folder(component), True
+            offload_folder = Path(offload_folder)
+            offload_folder.mkdir(parents=True, exist_ok=True)
+        else:
+            offload_folder = None
+        try:
+            model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
+                                        offload_folder=offload_folder)
+        except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
+            if temporary:
+                remove_folder(offload_folder)
+            raise
+        applied = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
+        used = set(device_map.values())
+        fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
+        loaded = Loaded(model.eval(), applied, torch_device(fastest), "accelerate", offload_folder=offload_folder,
+                        temporary=temporary, differences=compare_maps(device_map, applied))
+    else:
+        raise UserError(f"unknown offload {offload!r}; use 'accelerate' or 'stream'.")
+    if precision.upcasts:
+        upcast_layerwise(loaded.model, precision.compute_dtype)
+    return loaded
+
+
+def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision) -> torch.nn.Module:
+    """A component the plan loads whole on ``tier`` (CLIP, the VAE), in ``precision``."""
+    from helpers.precision import upcast_layerwise
+
+    folder = Path(folder)
+    _check_loadable(precision)
+    check_checkpoint(folder)
+    model = cls.from_pretrained(folder, dtype=precision.storage_dtype).to(torch_device(tier)).eval()
+    if precision.upcasts:
+        upcast_layerwise(model, precision.compute_dtype)
+    return model
+
+
+def whole_bytes(plan, components) -> dict[Tier, int]:
+    """``{tier: bytes}`` of the plan's components loaded whole (what a stream budget leaves them)."""
+    out: dict[Tier, int] = {}
+    for p in plan.components:
+        if p.component in components:
+            tier = p.device_map[""]
+            out[tier] = out.get(tier, 0) + sum(u.nbytes for u in p.units)
+    return out

@@ -1,0 +1,292 @@
+"""Two knobs: the bytes each weight is stored in, and the dtype the layers compute in.
+
+The method has one dtype per stage (bfloat16 for diffusion, float32 for T5) that stands for the
+bytes each tier holds, the bytes that move and the math. They are different levers:
+
+- ``weights`` (storage): what every tier holds and what a stream moves. ``bf16`` (2 bytes per
+  weight) or ``fp32`` (4).
+- ``compute``: the dtype the layers run in. A weight stored in bf16 is upcast to float32 just
+  before its layer runs (:func:`upcast_layerwise`), never the whole model at once, so RAM holds
+  stored bytes and the math is float32. On a CPU without native bf16 matrix instructions that is
+  several times faster than computing in bf16 (notebook 05 measures it), and the result is the one
+  float32 weights give: widening a bf16 value to float32 is exact.
+
+``auto`` picks the compute dtype for the device a stage computes on (:func:`auto_compute`).
+A :class:`Precision` is made once, at the edge (the CLI, a notebook's parameters cell), and goes
+into the stage's plan; the loaders take it from there.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from helpers.errors import UserError
+
+#: storage formats, by the names the flags take
+WEIGHTS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+#: formats a plan can count but no loader reads yet: fp8 sized as one byte per weight (notebook 01)
+PLANNED_ONLY: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn}
+#: compute dtypes (``auto`` is resolved per device by :func:`auto_compute`)
+COMPUTES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: torch's names, as the plans and JSON have spelled dtypes so far
+TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn"}
+#: the method's weights per stage: the transformer and the VAE in bf16, T5 (and CLIP) in float32
+STAGE_WEIGHTS = {"diffusion": "bf16", "text_encoding": "fp32"}
+
+
+def short_name(dtype: torch.dtype | str) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bf16"``."""
+    name = str(dtype).replace("torch.", "")
+    for short, long in TORCH_NAMES.items():
+        if name in (short, long):
+            return short
+    raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(TORCH_NAMES)}.")
+
+
+def check_weights(weights: str) -> str:
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown weights format {weights!r}; use one of {', '.join(WEIGHTS)} "
+                        "(the bytes each weight is stored in).")
+    return weights
+
+
+def check_compute(compute: str) -> str:
+    if compute != "auto" and compute not in COMPUTES:
+        raise UserError(f"unknown compute dtype {compute!r}; use auto or one of {', '.join(COMPUTES)}.")
+    return compute
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a stage holds and computes its weights: ``weights`` (storage) and ``compute``, both
+    short names (``bf16``, ``fp32``...), ``compute`` already resolved; ``why``: how ``auto`` chose."""
+
+    weights: str = "bf16"
+    compute: str = "bf16"
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        if self.weights not in PLANNED_ONLY:
+            check_weights(self.weights)
+        if self.compute not in COMPUTES:
+            raise UserError(f"a precision's compute dtype must be resolved ({', '.join(COMPUTES)}), not {self.compute!r}.")
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return {**WEIGHTS, **PLANNED_ONLY}[self.weights]
+
+    @property
+    def loadable(self) -> bool:
+        """Whether the loaders read this format (fp8 is planned only, for now)."""
+        return self.weights in WEIGHTS
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return COMPUTES[self.compute]
+
+    @property
+    def upcasts(self) -> bool:
+        """Whether weights change dtype on their way into a layer."""
+        return self.storage_dtype != self.compute_dtype
+
+    def describe(self) -> str:
+        return f"{self.weights} weights, {self.compute} math"
+
+    def as_dict(self) -> dict:
+        return {"weights": self.weights, "compute": self.compute, "why": self.why}
+
+
+# --------------------------------------------------------------------------- choosing the compute dtype
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _matmul_seconds(dtype: torch.dtype, n: int = 512, reps: int = 3) -> float:
+    a = torch.randn(n, 2 * n).to(dtype)
+    b = torch.randn(2 * n, n).to(dtype)
+    a @ b  # warm-up: kernel choice, thread pool
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 matrix products natively, and how that was found.
+
+    The flags (``avx512_bf16``, ``amx_bf16`` on x86; ``bf16`` on Arm) say what the CPU has, not what
+    PyTorch's kernels make of it, so a short timed probe decides: a 512x1024 by 1024x512 product in
+    bf16 and in float32, best of 3 (tens of milliseconds, once per process). bf16 counts as native when
+    it runs at least as fast as float32; without the flags it is emulated (several times slower), and
+    the probe is skipped.
+    """
+    flags = _cpu_flags()
+    have = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not have:
+        return False, f"this CPU ({capability}) lists no bf16 matrix instructions"
+    fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+    ratio = fp32 / bf16 if bf16 > 0 else 0.0
+    native = ratio >= 1.0
+    return native, (f"this CPU ({capability}) lists {', '.join(have)}, and a probe ran a bf16 matrix product "
+                    f"{ratio:.1f}x as fast as float32")
+
+
+def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "diffusion") -> tuple[str, str]:
+    """``(compute, why)`` for a stage computing on ``device`` (``"cpu"`` or a GPU index).
+
+    Text encoding keeps T5's float32 math (T5 is known to overflow in fp16, and the method encodes in
+    float32). Diffusion: on a GPU, bf16 where it has bf16 (compute capability 8.0 and up), else
+    float32: fp16 has bf16's speed there but not its range (largest value 65504), and FLUX's
+    activations are not kept within it; a GPU of this machine that cannot be asked (planning for a
+    card elsewhere) is taken to have bf16. On a CPU, bf16 where :func:`cpu_bf16` finds it native,
+    float32 otherwise.
+    """
+    if stage == "text_encoding":
+        return "fp32", "T5 computes in float32 (the method's; it overflows in fp16)"
+    if device in (None, "disk", "mps"):  # nothing else computes: the CPU does
+        device = "cpu"
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type == "cuda":
+        index = dev.index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            return "bf16", f"GPU {index} is not on this machine: planned as a card with bf16"
+        major, minor = torch.cuda.get_device_capability(index)
+        if major >= 8:
+            return "bf16", f"GPU {index} (compute capability {major}.{minor}) has bf16"
+        return "fp32", (f"GPU {index} (compute capability {major}.{minor}) has no bf16; fp16 does not hold FLUX's "
+                        "activations (largest value 65504), so float32")
+    native, why = cpu_bf16()
+    return ("bf16" if native else "fp32"), why
+
+
+def resolve(stage: str, weights: str | None = None, compute: str = "auto", device: str | int | None = "cpu") -> Precision:
+    """The precision of ``stage`` from the flags: ``weights`` (``None``: the method's for the stage)
+    and ``compute`` (``auto``: :func:`auto_compute` for ``device``, the tier the stage computes on)."""
+    weights = check_weights(weights or STAGE_WEIGHTS[stage])
+    check_compute(compute)
+    if compute == "auto":
+        chosen, why = auto_compute(device, stage)
+        return Precision(weights, chosen, f"auto: {why}")
+    return Precision(weights, compute, "asked for")
+
+
+def method_precision(stage: str) -> Precision:
+    """The method's precision, no probe: bf16 diffusion, float32 text encoding."""
+    weights = STAGE_WEIGHTS[stage]
+    return Precision(weights, weights, "the method's")
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def stored_bytes(module: torch.nn.Module, weights: str | None = None) -> int:
+    """The bytes ``module`` holds: its parameters and buffers, each shared tensor once.
+
+    ``weights``: count floating-point tensors in that storage format instead of their own dtype
+    (a skeleton on the meta device sized for a format); other tensors count as they are.
+    """
+    size = WEIGHTS[check_weights(weights)].itemsize if weights else None
+    seen: set[int] = set()
+    total = 0
+    for t in (*module.parameters(), *module.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        itemsize = size if size is not None and t.is_floating_point() else t.element_size()
+        total += t.numel() * itemsize
+    return total
+
+
+# --------------------------------------------------------------------------- upcasting layer by layer
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+        return value.to(dtype)
+    if isinstance(value, tuple):
+        return tuple(_cast(v, dtype) for v in value)
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value
+
+
+class _Upcast:
+    """Hooks of one module: its own floating weights upcast while it runs, its inputs cast to match."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.saved: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # name -> (stored, copy)
+
+    def pre(self, module, args, kwargs):
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type != "meta":
+                copy = torch.nn.Parameter(p.to(self.dtype), requires_grad=False)
+                self.saved[name] = (p, copy)
+                module._parameters[name] = copy
+        return _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+
+    def post(self, module, args, output):
+        for name, (stored, copy) in self.saved.items():
+            if module._parameters.get(name) is copy:  # not if accelerate has sent it back to its offload
+                module._parameters[name] = stored
+        self.saved.clear()
+        return output
+
+
+def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Compute ``model`` in ``dtype`` while its weights stay stored as they are; returns how many
+    modules were hooked.
+
+    Every module holding weights of its own (a linear layer, a norm, an embedding) gets a hook that,
+    just before it runs, replaces those weights by copies in ``dtype`` and casts its floating inputs
+    to ``dtype``, and one that puts the stored weights back after. At any moment one layer's weights
+    exist twice: the model never holds more than its stored bytes plus its largest layer upcast.
+    Unlike diffusers' layerwise casting, norms are upcast too (the math is all ``dtype``, so a norm
+    that reads its weight's dtype does not cast its input back down), and inputs are cast, so code
+    that casts to a parameter's stored dtype (the VAE's decoder does) still meets a matching layer.
+    Weights already in ``dtype`` (a streamed block arrives upcast: see :mod:`helpers.offload`) are
+    left alone. On a module with accelerate's hook (which fetches offloaded weights as it runs) the
+    upcast is chained after that hook, so it sees the fetched weights.
+    """
+    hooked = 0
+    for module in model.modules():
+        if not any(p is not None and p.is_floating_point() for p in module._parameters.values()):
+            continue
+        hook = _Upcast(dtype)
+        if hasattr(module, "_hf_hook"):
+            _chain_after_accelerate(module, hook)
+        else:
+            module.register_forward_pre_hook(hook.pre, with_kwargs=True)
+            module.register_forward_hook(hook.post, always_call=True)
+        hooked += 1
+    return hooked
+
+
+def _chain_after_accelerate(module: torch.nn.Module, hook: _Upcast) -> None:
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Chained(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return hook.pre(module, args, kwargs)
+
+        def post_forward(self, module, output):
+            return hook.post(module, None, output)
+
+    add_hook_to_module(module, Chained(), append=True)

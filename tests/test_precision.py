@@ -1,0 +1,172 @@
+"""The two knobs: weights stored in one dtype, layers computing in another, planned and loaded."""
+
+import copy
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.errors import UserError
+from helpers.precision import (Precision, auto_compute, check_compute, check_weights, cpu_bf16, resolve,
+                               stored_bytes, upcast_layerwise)
+
+
+def _flux_inputs(cfg, n=16, tokens=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, n, cfg.in_channels, generator=g).to(dtype),
+                  encoder_hidden_states=torch.randn(1, tokens, cfg.joint_attention_dim, generator=g).to(dtype),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
+                  timestep=torch.tensor([0.5], dtype=dtype), img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(tokens, 3),
+                  return_dict=False)
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def transformer(tiny_folder):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(tiny_folder / "transformer", dtype=torch.bfloat16).eval()
+
+
+def test_bf16_stored_fp32_math_equals_fp32_weights_bit_for_bit(transformer):
+    """Widening bf16 to float32 is exact, so upcasting each layer as it runs is float32 weights' math."""
+    model = copy.deepcopy(transformer)
+    reference = copy.deepcopy(transformer).to(torch.float32)
+    before = stored_bytes(model)
+    assert upcast_layerwise(model, torch.float32) > 100  # every linear layer and norm of the twin
+    inputs = _flux_inputs(model.config)
+    with torch.no_grad():
+        ours, theirs = model(**inputs)[0], reference(**inputs)[0]
+        bf16 = transformer(**_flux_inputs(model.config, dtype=torch.bfloat16))[0]
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    assert not torch.equal(ours, bf16.float())  # and the bf16 math is another result
+    # the weights stay stored: bf16, the same bytes, after the forward as before
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and stored_bytes(model) == before
+
+
+def test_upcast_vae_whose_decoder_casts_to_its_weights_dtype(tiny_folder):
+    """diffusers' decoder casts its input to its parameters' dtype (bf16): the hooks cast it back."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_folder / "vae", dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(vae).to(torch.float32)
+    upcast_layerwise(vae, torch.float32)
+    z = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, reference.decode(z).sample)
+
+
+def test_upcast_after_accelerate_fetches_offloaded_weights(tiny_folder, tmp_path):
+    """Blocks accelerate keeps on disk are fetched by its hook; the upcast runs after it and leaves
+    nothing behind in RAM (the block goes back to meta)."""
+    from diffusers import FluxTransformer2DModel
+
+    folder = tiny_folder / "transformer"
+    device_map = {"": "cpu"}
+    skeleton = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16)
+    device_map = {name: "cpu" for name, _ in skeleton.named_children()}
+    device_map["single_transformer_blocks"] = "disk"
+    model = FluxTransformer2DModel.from_pretrained(folder, dtype=torch.bfloat16, device_map=device_map,
+                                                   offload_folder=tmp_path / "off").eval()
+    upcast_layerwise(model, torch.float32)
+    reference = skeleton.to(torch.float32).eval()
+    inputs = _flux_inputs(model.config)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], reference(**inputs)[0])
+    block = model.single_transformer_blocks[0]
+    assert {p.device.type for p in block.parameters()} == {"meta"}  # back in its offload, not kept upcast
+
+
+def test_stored_bytes_counts_parameters_and_buffers_once():
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    module[0].to(torch.bfloat16)
+    params = 4 * 3 * 2 + 3 * 2 + 3 * 4 * 2  # the linear in bf16, the norm's weight and bias in fp32
+    buffers = 3 * 4 * 2 + 8  # running mean and var, and the int64 count
+    assert stored_bytes(module) == params + buffers
+    tied = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Linear(2, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    assert stored_bytes(tied) == 5 * 2 * 4
+    assert stored_bytes(tied, "bf16") == 5 * 2 * 2  # sized for a format: a skeleton on meta works too
+
+
+def test_knobs_refuse_what_they_do_not_know():
+    assert check_weights("bf16") == "bf16" and check_compute("auto") == "auto"
+    with pytest.raises(UserError, match="unknown weights format 'int3'.*bf16, fp32"):
+        check_weights("int3")
+    with pytest.raises(UserError, match="unknown compute dtype 'fp64'"):
+        check_compute("fp64")
+    with pytest.raises(UserError, match="must be resolved"):
+        Precision("bf16", "auto")
+
+
+def test_auto_compute_per_device_and_stage():
+    assert resolve("text_encoding").compute == "fp32"  # T5 keeps float32 math
+    assert resolve("text_encoding", compute="bf16").compute == "bf16"  # unless asked
+    assert resolve("diffusion", "fp32", "fp16") == Precision("fp32", "fp16", "asked for")
+    native, why = cpu_bf16()
+    chosen = resolve("diffusion")
+    assert chosen.weights == "bf16" and chosen.compute == ("bf16" if native else "fp32") and why in chosen.why
+    if not torch.cuda.is_available():  # planning for a card elsewhere: one with bf16
+        assert auto_compute(0) == ("bf16", "GPU 0 is not on this machine: planned as a card with bf16")
+
+
+def test_the_plan_carries_the_precision_and_counts_activations_in_its_compute_dtype():
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+
+    work = Workload(256, 256, 1, 64)
+    bf16 = diffusion_plan("tiny", "cpu=50%,disk=100%", workload=work, compute="bf16")
+    fp32 = diffusion_plan("tiny", "cpu=50%,disk=100%", workload=work, compute="fp32")
+    wide = diffusion_plan("tiny", "cpu=50%,disk=100%", workload=work, weights="fp32", compute="fp32")
+    assert bf16.precision == Precision("bf16", "bf16", "asked for") and fp32.dtype == torch.bfloat16
+    assert fp32.reserve_bytes > 1.8 * bf16.reserve_bytes  # float32 activations: about twice the bytes
+    weights = lambda plan: sum(u.nbytes for p in plan.components for u in p.units)  # noqa: E731
+    assert weights(fp32) == weights(bf16) and weights(wide) == 2 * weights(bf16)  # stored bytes
+    assert fp32.as_dict()["precision"] == {"weights": "bf16", "compute": "fp32", "why": "asked for"}
+
+
+def test_load_diffusion_stores_bf16_and_computes_fp32_for_both_offloads(tiny_folder):
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan, generate, load_diffusion
+
+    plan = diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 8), compute="fp32")
+    tensors = {"prompt_embeds": torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16),
+               "pooled_prompt_embeds": torch.randn(1, 32, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)}
+    images = {}
+    for offload in ("accelerate", "stream"):
+        diffusion = load_diffusion(tiny_folder, plan, offload=offload, progress=False)
+        try:
+            transformer = diffusion.pipe.transformer
+            assert transformer.x_embedder.weight.dtype == torch.bfloat16  # resident: stored bytes
+            if offload == "stream":
+                assert diffusion.streamer is not None and diffusion.streamer.convert  # pieces arrive upcast
+            out = generate(diffusion, tensors, seed=0, steps=2, guidance=3.5, height=64, width=64, progress=False)
+            images[offload] = torch.from_numpy(np.asarray(out.images[0]).copy())
+        finally:
+            diffusion.close()
+    assert torch.equal(images["accelerate"], images["stream"])
+
+
+def test_fp8_checkpoint_with_scales_is_refused_before_loading(tmp_path):
+    from helpers.loading import check_checkpoint
+
+    header = {"blocks.0.weight": {"dtype": "F8_E4M3", "shape": [2, 2], "data_offsets": [0, 4]},
+              "blocks.0.weight_scale": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(12))
+    with pytest.raises(UserError, match="fp8 with 1 scales beside them.*blocks.0.weight_scale"):
+        check_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value", [("--weights", "fp8"), ("--compute", "fp64")])
+def test_cli_refuses_unknown_precision(flag, value, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "helpers", "diffuse", "--embeddings", str(tmp_path / "e.safetensors"),
+                           "--out", str(tmp_path / "x.png"), flag, value], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"invalid choice: '{value}'" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
