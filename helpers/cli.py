@@ -191,6 +191,21 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from helpers.budget import format_bytes
+    from helpers.convert import convert
+    from helpers.precision import FORMAT_FILE
+
+    out = convert(args.model, args.weights, args.out, components=args.components)
+    for comp in args.components:
+        record = json.loads((out / comp / FORMAT_FILE).read_text())
+        print(f"{comp}: {record['weights']}, {format_bytes(record['bytes'])} ({record['scheme']})", file=sys.stderr)
+    print(out)
+    return 0
+
+
 def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> None:
     """Run ``python -m helpers NAME ARGV`` as a child and wait for it.
 
@@ -489,6 +504,24 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_args(p, "each stage (--compute: diffusion)")
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "convert",
+        help="copy a model with some components stored in another format (fp8: half the bytes of bf16)",
+        description="Write a copy of MODEL in the diffusers layout at --out with --components stored as --weights: "
+        "fp8 keeps every linear layer's weight in float8 e4m3fn with a float32 scale per output row beside it "
+        "(<name>.weight_scale) and the rest in bf16; the folder records its format, and `--model OUT` then plans "
+        "and loads it as stored (the stream reads its bytes). Written in a temporary folder and renamed into "
+        "place; an existing --out is never replaced. Prints the new folder on stdout.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
+    p.add_argument("--weights", required=True, choices=["fp8", "bf16", "fp32"], help="the format to store in")
+    p.add_argument("--components", nargs="+", default=["transformer"], metavar="NAME",
+                   choices=["text_encoder", "text_encoder_2", "transformer", "vae"],
+                   help="what to convert (default: transformer); the rest is copied as it is")
+    p.add_argument("--out", required=True, metavar="FOLDER", help="the new model folder (must not exist)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
         "bench",

@@ -78,11 +78,14 @@ def _quiet_missing_gpu() -> Iterator[None]:
         log.removeFilter(flt)
 
 
-def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...]) -> list[tuple[str, int]]:
+def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...],
+                nbytes: bool = False) -> list[tuple[str, int]]:
     """The model's placeable units in order, each with its parameter count (shared weights once).
 
     A unit is a module of a no-split class (a block), or a module with parameters that holds no
-    block. Parameters counted by an earlier unit (tied weights) are not counted again.
+    block. Parameters counted by an earlier unit (tied weights) are not counted again. ``nbytes``:
+    each unit's stored bytes instead, parameters and buffers in their own dtypes (fp8 weights and
+    their scales: a skeleton made by :func:`helpers.precision.to_storage`).
     """
     no_split = set(no_split)
 
@@ -103,14 +106,18 @@ def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...]) -
     walk("", model)
     seen: set[int] = set()
     counts = []
+
+    def tensors(module, recurse=True):
+        return [*module.parameters(recurse=recurse), *(module.buffers(recurse=recurse) if nbytes else [])]
+
     for name in names:
         n = 0
-        for p in model.get_submodule(name).parameters():
+        for p in tensors(model.get_submodule(name)):
             if id(p) not in seen:
                 seen.add(id(p))
-                n += p.numel()
+                n += p.numel() * (p.element_size() if nbytes else 1)
         counts.append((name, n))
-    own = sum(p.numel() for p in model.parameters(recurse=False))
+    own = sum(p.numel() * (p.element_size() if nbytes else 1) for p in tensors(model, recurse=False))
     if own:
         counts.insert(0, ("", own))
     return counts
@@ -128,11 +135,14 @@ def _tier_of(unit: str, device_map: dict[str, Tier]) -> Tier:
 def plan_component(
     model: torch.nn.Module,
     budget: Budget,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     component: str = "",
     whole: bool = False,
 ) -> ComponentPlan:
     """Place ``model`` under ``budget`` in ``dtype``; ``whole`` puts it on the first tier with room.
+
+    ``dtype=None``: in the model's own dtypes, buffers included (a skeleton converted to a storage
+    format, fp8 weights with their scales: :func:`helpers.precision.to_storage`).
 
     Uses ``infer_auto_device_map`` with the model's ``_no_split_modules`` (blocks are never cut) and a
     fresh ``max_memory`` dict (accelerate rewrites the one it gets). Units that fit no budgeted tier
@@ -141,8 +151,11 @@ def plan_component(
     from accelerate import infer_auto_device_map
 
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    size = torch.tensor([], dtype=dtype).element_size()
-    units = [(name, n * size) for name, n in model_units(model, no_split)]
+    if dtype is None:
+        units = model_units(model, no_split, nbytes=True)
+    else:
+        size = torch.tensor([], dtype=dtype).element_size()
+        units = [(name, n * size) for name, n in model_units(model, no_split)]
     if whole:
         total = sum(b for _, b in units)
         tier = next((t for t, room in budget.tiers if room >= total and t != "disk"), "disk")
@@ -169,7 +182,7 @@ def plan_component(
                 full_param = f"{name}.{pname}" if name else pname
                 key = max((k for k in device_map if k == "" or full_param.startswith(k + ".")), key=len, default=name)
                 entry = pieces_by_key.setdefault(key or name, [0, _tier_of(full_param, device_map)])
-                entry[0] += p.numel() * size
+                entry[0] += p.numel() * (p.element_size() if dtype is None else size)
             pieces = [(key, b, tier) for key, (b, tier) in pieces_by_key.items()]
         if not finer:
             seen.update(id(p) for p in (model.get_submodule(name) if name else model).parameters())

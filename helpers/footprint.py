@@ -23,7 +23,7 @@ from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budg
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
 from helpers.models import TWINS, resolve_model, twin_configs
-from helpers.precision import Precision, method_precision, short_name
+from helpers.precision import Precision, method_precision, short_name, stored_bytes
 
 #: dtypes reported for every component, by the names torch gives them
 DTYPES: dict[str, torch.dtype] = {
@@ -171,9 +171,13 @@ class ComponentFootprint:
     component: str
     cls: str
     params: int
+    #: stored bytes in fp8: the linear layers' weights at 1 byte and a float32 scale per row, the rest bf16
+    fp8_bytes: int = 0
 
     def nbytes(self, dtype: str | torch.dtype) -> int:
         dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if dt == torch.float8_e4m3fn and self.fp8_bytes:
+            return self.fp8_bytes
         return self.params * torch.tensor([], dtype=dt).element_size()
 
 
@@ -184,6 +188,30 @@ class Footprint:
     model: str
     components: dict[str, ComponentFootprint]
     skeletons: dict[str, torch.nn.Module] = field(repr=False, default_factory=dict)
+    _stored: dict = field(repr=False, default_factory=dict)
+
+    def stored_skeleton(self, component: str, weights: str) -> torch.nn.Module:
+        """The component's skeleton with its tensors in the dtypes ``weights`` stores (fp8: weights
+        and scales), on meta; what a plan places when the format is not one dtype for all."""
+        import copy
+
+        from helpers.precision import to_storage
+
+        key = (component, weights)
+        if key not in self._stored:
+            self._stored[key] = to_storage(copy.deepcopy(self.skeletons[component]), weights)
+        return self._stored[key]
+
+    def block_bytes(self, component: str, prec: Precision) -> list[tuple[str, int]]:
+        """``(name, stored bytes)`` of the component's blocks in ``prec``'s weights format."""
+        from helpers.devicemap import model_units
+
+        blocks = _blocks(self.skeletons[component])
+        if prec.weights != "fp8":
+            return [(n, c * prec.storage_dtype.itemsize) for n, c in blocks]
+        stored = self.stored_skeleton(component, "fp8")
+        units = dict(model_units(stored, list(getattr(stored, "_no_split_modules", None) or []), nbytes=True))
+        return [(n, units[n]) for n, _ in blocks]
 
     def nbytes(self, dtype: str | torch.dtype, components=None) -> int:
         names = components or list(self.components)
@@ -223,7 +251,8 @@ def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_O
     for comp in [c for c in COMPONENT_ORDER if c in components]:
         module = skeleton(comp, configs[comp], tie=tie)
         skels[comp] = module
-        comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module))
+        comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module),
+                                         fp8_bytes=stored_bytes(module, "fp8"))
     return Footprint(name, comps, skels)
 
 
@@ -319,7 +348,10 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: s
     left, plans = budget.shifted({t: -b for t, b in reserve.items()}), []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
-        plan = plan_component(fp.skeletons[comp], left, prec.storage_dtype, component=comp, whole=whole)
+        if prec.weights == "fp8":  # not one dtype for all: placed in the skeleton's own stored dtypes
+            plan = plan_component(fp.stored_skeleton(comp, "fp8"), left, None, component=comp, whole=whole)
+        else:
+            plan = plan_component(fp.skeletons[comp], left, prec.storage_dtype, component=comp, whole=whole)
         plans.append(plan)
         left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
     # show components in pipeline order
@@ -459,10 +491,9 @@ def _least_fast(fp: Footprint, stage: Stage, prec: Precision) -> int:
     split components' modules outside their blocks, and room for their largest block (accelerate
     keeps that free there for each block it fetches from a slower tier; a stream, its pool)."""
     dtype = prec.storage_dtype
-    size = dtype.itemsize
     least = sum(fp.components[c].nbytes(dtype) for c in stage.whole)
     for comp in stage.mapped:
-        blocks = [n * size for _, n in _blocks(fp.skeletons[comp])]
+        blocks = [b for _, b in fp.block_bytes(comp, prec)]
         least += fp.components[comp].nbytes(dtype) - sum(blocks) + max(blocks, default=0)
     return least
 
@@ -690,6 +721,7 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     checked = parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
     check_weights(weights or "bf16")
     check_compute(compute)
+    weights = _stored_weights(ref, stage, weights, runnable)
     if runnable:
         check_tiers_exist(checked)
     precision = resolve(stage, weights, compute, checked.fast)
@@ -736,6 +768,29 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
             f"compute on; give the cpu tier at least {format_bytes(trial['cpu'])}."
         )
     return plan
+
+
+#: the component whose folder says how a stage's weights are stored
+_MAIN = {"text_encoding": "text_encoder_2", "diffusion": "transformer"}
+
+
+def _stored_weights(ref, stage: str, weights: str | None, runnable: bool) -> str | None:
+    """The weights format to plan: as asked, or as the model's folder stores it (an fp8 copy made by
+    ``convert``). fp8 is read as stored, so a run refuses fp8 of a folder that holds bf16, and the
+    other way round, before anything loads (a plan alone may count any format)."""
+    from helpers.precision import folder_format
+
+    stored = folder_format(ref.path / _MAIN[stage]) if ref.kind == "local" else None
+    if weights is None:
+        return stored
+    if runnable and weights == "fp8" and stored != "fp8":
+        raise UserError(
+            f"{ref.name} stores its {_MAIN[stage]} in {stored or 'bf16'}; fp8 weights are read from an fp8 copy: "
+            f"`python -m helpers convert --model {ref.name} --weights fp8 --out FOLDER`, then --model FOLDER.")
+    if runnable and stored == "fp8" and weights != "fp8":
+        raise UserError(f"{ref.name} stores its {_MAIN[stage]} in fp8 and is read as stored: leave --weights out "
+                        f"(or give fp8), or use the model it was converted from for {weights}.")
+    return weights
 
 
 def _stranded(plan, stage: str) -> tuple[str, int] | None:

@@ -20,6 +20,7 @@ import torch
 from helpers.budget import Tier
 from helpers.errors import UserError
 from helpers.files import remove_folder, run_folder
+from helpers.precision import FP8_REST
 
 #: the lists of blocks a split component streams, in call order
 BLOCK_LISTS = {"transformer": ["transformer_blocks", "single_transformer_blocks"], "text_encoder_2": ["encoder.block"]}
@@ -32,19 +33,22 @@ def torch_device(tier: Tier) -> torch.device:
 
 def check_checkpoint(folder: str | os.PathLike) -> None:
     """Refuse, from the headers alone, weights the loaders would read wrong: fp8 tensors stored with
-    scales beside them (``*_scale``, ``*.scale_weight``), which a plain cast to bf16 would ignore."""
+    scales beside them (``*_scale``, ``*.scale_weight``) by another tool, which a plain cast to bf16
+    would ignore. A folder ``convert`` made records its format and is read with its scales."""
     from helpers.offload import read_safetensors_index
+    from helpers.precision import folder_format
 
     folder = Path(folder)
-    if not any(folder.glob("*.safetensors")):
-        return  # from_pretrained says what is missing
+    if not any(folder.glob("*.safetensors")) or folder_format(folder) == "fp8":
+        return  # from_pretrained says what is missing; our own fp8 is read right
     index = read_safetensors_index(folder)
     fp8 = [n for n, (_, _, _, dtype, _) in index.items() if dtype.startswith("F8")]
     scales = [n for n in index if n.endswith(("_scale", ".scale_weight", ".weight_scale", ".scale_input"))]
     if fp8 and scales:
         raise UserError(
-            f"{folder} stores {len(fp8)} tensors in fp8 with {len(scales)} scales beside them (e.g. {scales[0]}); "
-            "these loaders do not apply such scales yet and would compute with wrong weights: use a bf16 checkpoint."
+            f"{folder} stores {len(fp8)} tensors in fp8 with {len(scales)} scales beside them (e.g. {scales[0]}), in a "
+            "layout these loaders do not know, and would compute with wrong weights: use a bf16 checkpoint, or make "
+            "an fp8 copy of one with `python -m helpers convert --weights fp8`."
         )
 
 
@@ -157,9 +161,11 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     if offload == "stream":
         cpu, device, device_bytes = stream_budget(plan.budget, whole or {})
         blocks = BLOCK_LISTS[component]
-        model, streamer = load_streaming(folder, cls, precision.storage_dtype, cpu, blocks, device=device,
-                                         device_bytes=device_bytes, reserve=plan.reserve_bytes, progress=progress,
-                                         compute=precision.compute_dtype)
+        fp8 = precision.weights == "fp8"
+        model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
+                                         device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
+                                         progress=progress, compute=precision.compute_dtype,
+                                         weights="fp8" if fp8 else None)
         streamed = set(streamer.streamed_blocks) if streamer else set()
         fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
         applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}
@@ -176,8 +182,11 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         else:
             offload_folder = None
         try:
-            model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
-                                        offload_folder=offload_folder)
+            if precision.weights == "fp8":
+                model = _dispatch_fp8(folder, cls, device_map, offload_folder)
+            else:
+                model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
+                                            offload_folder=offload_folder)
         except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
             if temporary:
                 remove_folder(offload_folder)
@@ -195,15 +204,50 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
 
 
 def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision) -> torch.nn.Module:
-    """A component the plan loads whole on ``tier`` (CLIP, the VAE), in ``precision``."""
-    from helpers.precision import upcast_layerwise
+    """A component the plan loads whole on ``tier`` (CLIP, the VAE), in ``precision``; in an fp8
+    stage one that was not converted (the VAE, by default) is stored in bf16."""
+    from helpers.precision import folder_format, upcast_layerwise
 
     folder = Path(folder)
     _check_loadable(precision)
     check_checkpoint(folder)
-    model = cls.from_pretrained(folder, dtype=precision.storage_dtype).to(torch_device(tier)).eval()
+    if precision.weights == "fp8" and folder_format(folder) == "fp8":
+        model = _dispatch_fp8(folder, cls, {"": tier}, None)
+    else:
+        dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype
+        model = cls.from_pretrained(folder, dtype=dtype).to(torch_device(tier))
+    model = model.eval()
     if precision.upcasts:
         upcast_layerwise(model, precision.compute_dtype)
+    return model
+
+
+def _checkpoint(folder: Path) -> Path:
+    """The file accelerate reads a component from: its shards' index, or its one file."""
+    index = next(folder.glob("*.safetensors.index.json"), None)
+    if index is not None:
+        return index
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        raise UserError(f"{folder} has {len(files)} .safetensors files and no index; convert the model again.")
+    return files[0]
+
+
+def _dispatch_fp8(folder: Path, cls, device_map: dict, offload_folder) -> torch.nn.Module:
+    """An fp8 folder (``convert``) loaded as stored: a skeleton with fp8 linear weights and scale
+    buffers, filled from the checkpoint and dispatched by accelerate with the plan's map (diffusers'
+    ``from_pretrained`` would cast the fp8 weights and drop the scales)."""
+    from accelerate import load_checkpoint_and_dispatch
+
+    from helpers.offload import skeleton_from_folder
+    from helpers.precision import to_storage
+
+    model = to_storage(skeleton_from_folder(folder, cls), "fp8")
+    model = load_checkpoint_and_dispatch(model, str(_checkpoint(folder)), device_map=device_map,
+                                         offload_folder=str(offload_folder) if offload_folder else None,
+                                         dtype=None, strict=True, offload_buffers=True)  # scales go with their weights
+    if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
+        model.tie_weights()
     return model
 
 

@@ -253,7 +253,13 @@ def _fill(files: _Files, block: _Block, dst: torch.Tensor, stage: torch.Tensor |
     n = files.read_into(block, stage)
     for t in block.tensors:
         target = _target(t.stored, dtype)
-        if t.stored == torch.bfloat16 and target == torch.float32:
+        scale = t.owner._buffers.get(f"{t.leaf}_scale")  # fp8 weights: their row scales stay resident
+        if scale is not None and t.stored != target:
+            from helpers.precision import dequantize_rows
+
+            dequantize_rows(_view(stage, t.read_pos, t.stored, t.shape), scale, target,
+                            out=_view(dst, t.pos, target, t.shape))
+        elif t.stored == torch.bfloat16 and target == torch.float32:
             _widen_bf16(stage, t.read_pos, dst, t.pos, t.nbytes)
         else:
             _view(dst, t.pos, target, t.shape).copy_(_view(stage, t.read_pos, t.stored, t.shape))
@@ -786,10 +792,6 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
     return model
 
 
-def _nbytes(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    return sum(p.numel() for p in module.parameters()) * _itemsize(dtype)
-
-
 #: models whose blocks are streamed in parts: the component whose example forward traces the parts' order
 _TRACED = {"FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_2"}
 #: what a block's own code may read of a part's parameter while the part is not there (its placeholder has them)
@@ -938,7 +940,8 @@ def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
-                   reserve: int = 0, split: bool = True, compute: torch.dtype | None = None):
+                   reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
+                   weights: str | None = None):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
@@ -951,6 +954,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     (converted once, at load, from what the checkpoint stores); streamed pieces arrive in ``compute``
     (default ``dtype``): converted by the reader as they are read, ahead of their turn, so the layers
     find them ready (the resident ones are upcast as they run: :func:`helpers.precision.upcast_layerwise`).
+    ``weights="fp8"``: a checkpoint converted to fp8 (``python -m helpers convert``): the linear
+    layers' weights stay fp8 when resident, their row scales are loaded beside them, and streamed
+    pieces are dequantized by the reader (``dtype`` is then the dtype of the rest, bf16).
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
     come from the disk (:class:`BlockStreamer`; a converting stream needs one more part-sized
@@ -975,13 +981,15 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     folder = Path(folder)
     compute = compute or dtype
     model = skeleton_from_folder(folder, cls)
+    from helpers.precision import stored_bytes, to_storage
+
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
         if t.is_floating_point():
             t.data = t.data.to(dtype)
     index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
-    size = {n: _nbytes(model.get_submodule(n), dtype) for n in names}  # resident
-    # streamed in parts, in the order a forward calls them (traced on the meta device)
+    # streamed in parts, in the order a forward calls them (traced on the meta device, before fp8:
+    # the meta device has no fp8 kernels)
     component = _TRACED.get(cls.__name__)
     if component and split:
         from helpers.activations import example_inputs
@@ -989,6 +997,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
     else:
         parts = {n: [n] for n in names}
+    if weights == "fp8":  # on meta: fp8 linear weights and their scales, the rest bf16
+        to_storage(model, "fp8")
+    size = {n: stored_bytes(model.get_submodule(n)) for n in names}  # resident, in stored bytes
     # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
     plans = {u: _plan_block(u, model.get_submodule(u), index, folder, compute, align=256 if on_gpu else None)
              for n in names for u in parts[n]}
@@ -997,8 +1008,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     converted = _converts(plans.values())
     # a disk -> RAM stream converts through a staging buffer in RAM; RAM -> GPU converts at load
     stage = {n: max(plans[u].read_nbytes for u in parts[n]) if converted and not on_gpu else 0 for n in names}
-    block_params = {f"{n}.{p}" for n in names for p, _ in model.get_submodule(n).named_parameters()}
-    other = sum(p.numel() for n, p in model.named_parameters() if n not in block_params) * _itemsize(dtype)
+    other = stored_bytes(model) - sum(size.values())  # outside the blocks (tied tensors once)
     largest = max(buffer.values())
     if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
         biggest = max(sum(plans[u].nbytes for u in parts[n]) for n in names)
@@ -1026,7 +1036,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
     used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
     used += max((stage[n] for n in streamed), default=0)
-    kept = _keep_parts(candidates, {u: _nbytes(model.get_submodule(u), dtype) for u in candidates}, room - used)
+    kept = _keep_parts(candidates, {u: stored_bytes(model.get_submodule(u)) for u in candidates}, room - used)
     pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
     pinned = sum(_align(plans[u].nbytes, _PAGE) for u in pieces)  # whole pages each
     if on_gpu and pinned > cpu_bytes:
@@ -1058,12 +1068,16 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     try:
         for name, key in keys.items():
             value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
-            set_module_tensor_to_device(model, name, device, value=value.to(device, dtype), clear_cache=False)
+            stored = model.get_parameter(name).dtype  # what this tier holds: fp8 stays fp8
+            set_module_tensor_to_device(model, name, device, value=value.to(device, stored), clear_cache=False)
             if bar is not None:
                 bar.update(index[key][2])
         if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
             model.tie_weights()
         for name, b in model.named_buffers():
+            if b.device.type == "meta" and name in index:  # fp8's scales, every block's (a few bytes per row)
+                set_module_tensor_to_device(model, name, device, value=read_tensor(*index[name]), clear_cache=False)
+                continue
             if b.device.type == "meta":
                 raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
             if b.device != device:

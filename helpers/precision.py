@@ -4,7 +4,12 @@ The method has one dtype per stage (bfloat16 for diffusion, float32 for T5) that
 bytes each tier holds, the bytes that move and the math. They are different levers:
 
 - ``weights`` (storage): what every tier holds and what a stream moves. ``bf16`` (2 bytes per
-  weight) or ``fp32`` (4).
+  weight), ``fp32`` (4), or ``fp8``: every linear layer's weight in float8 e4m3fn (1 byte) with a
+  float32 scale per output row beside it (``<name>.weight_scale``), the rest in bf16 (norms,
+  biases, embeddings: under 1% of FLUX's bytes). A row is scaled so that its largest value is
+  e4m3's largest (448), which keeps small weights out of e4m3's coarse subnormal range: notebook 05
+  measures the error against plain casting. An fp8 checkpoint is made once (``python -m helpers
+  convert``), its folder records the format (:data:`FORMAT_FILE`), and it is read as stored.
 - ``compute``: the dtype the layers run in. A weight stored in bf16 is upcast to float32 just
   before its layer runs (:func:`upcast_layerwise`), never the whole model at once, so RAM holds
   stored bytes and the math is float32. On a CPU without native bf16 matrix instructions that is
@@ -26,10 +31,15 @@ import torch
 
 from helpers.errors import UserError
 
-#: storage formats, by the names the flags take
-WEIGHTS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
-#: formats a plan can count but no loader reads yet: fp8 sized as one byte per weight (notebook 01)
-PLANNED_ONLY: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn}
+#: storage formats, by the names the flags take (fp8: the linear layers' weights; see above)
+WEIGHTS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
+PLANNED_ONLY: dict[str, torch.dtype] = {}
+#: the file in a component folder that says how its weights are stored (written by ``convert``)
+FORMAT_FILE = "weights_format.json"
+#: e4m3fn's largest finite value: each row's largest weight is scaled to it
+FP8_MAX = 448.0
+#: what fp8 leaves in bf16 (everything but the linear layers' weights)
+FP8_REST = torch.bfloat16
 #: compute dtypes (``auto`` is resolved per device by :func:`auto_compute`)
 COMPUTES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: torch's names, as the plans and JSON have spelled dtypes so far
@@ -196,22 +206,87 @@ def method_precision(stage: str) -> Precision:
 # --------------------------------------------------------------------------- bytes
 
 
+def quantized(module: torch.nn.Module, name: str) -> bool:
+    """Whether fp8 stores parameter ``name`` of ``module`` in fp8 (a linear layer's weight)."""
+    return isinstance(module, torch.nn.Linear) and name == "weight"
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fp8 weight, float32 scale per row)``: each row divided by its largest magnitude / 448."""
+    w = weight.detach().to(torch.float32)
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
+    """The weight in ``dtype`` from its fp8 values and row scales; the one formula every path uses
+    (the layer hooks, the stream's reader), so all give the same bits."""
+    return torch.mul(q.to(dtype), scale.to(dtype)[:, None], out=out)
+
+
 def stored_bytes(module: torch.nn.Module, weights: str | None = None) -> int:
     """The bytes ``module`` holds: its parameters and buffers, each shared tensor once.
 
-    ``weights``: count floating-point tensors in that storage format instead of their own dtype
-    (a skeleton on the meta device sized for a format); other tensors count as they are.
+    ``weights``: count the module as stored in that format instead of its own dtypes (a skeleton on
+    the meta device sized for a format): floating tensors at the format's size; with ``fp8``, the
+    linear layers' weights at one byte plus a float32 scale per row, the rest at bf16's two.
     """
-    size = WEIGHTS[check_weights(weights)].itemsize if weights else None
+    if weights is not None:
+        check_weights(weights)
     seen: set[int] = set()
     total = 0
-    for t in (*module.parameters(), *module.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        itemsize = size if size is not None and t.is_floating_point() else t.element_size()
-        total += t.numel() * itemsize
+    for owner in module.modules():
+        tensors = [(n, t, True) for n, t in owner._parameters.items() if t is not None]
+        tensors += [(n, t, False) for n, t in owner._buffers.items() if t is not None]
+        for name, t, is_param in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if weights is None or not t.is_floating_point():
+                total += t.numel() * t.element_size()
+            elif weights == "fp8" and is_param and quantized(owner, name):
+                total += t.numel() + t.shape[0] * 4
+            elif weights == "fp8":
+                total += t.numel() * (FP8_REST.itemsize if not name.endswith("_scale") else t.element_size())
+            else:
+                total += t.numel() * WEIGHTS[weights].itemsize
     return total
+
+
+def to_storage(module: torch.nn.Module, weights: str) -> torch.nn.Module:
+    """``module`` (in place) with its tensors in the dtypes ``weights`` stores: on the meta device a
+    skeleton to size or to load into; with values, converted (fp8: quantized, scales added)."""
+    check_weights(weights)
+    for owner in module.modules():
+        for name, p in list(owner._parameters.items()):
+            if p is None or not p.is_floating_point():
+                continue
+            if weights == "fp8" and quantized(owner, name):
+                if p.device.type == "meta":
+                    q, scale = torch.empty_like(p, dtype=torch.float8_e4m3fn), torch.empty(p.shape[0], device="meta")
+                else:
+                    q, scale = quantize_rows(p)
+                owner._parameters[name] = torch.nn.Parameter(q, requires_grad=False)
+                owner.register_buffer(f"{name}_scale", scale)
+            else:
+                dtype = FP8_REST if weights == "fp8" else WEIGHTS[weights]
+                owner._parameters[name] = torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return module
+
+
+def folder_format(folder) -> str | None:
+    """How a component folder stores its weights: what :data:`FORMAT_FILE` records, else ``None``."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / FORMAT_FILE
+    if not path.is_file():
+        return None
+    try:
+        weights = json.loads(path.read_text())["weights"]
+        return check_weights(weights)
+    except (ValueError, KeyError, TypeError, UserError) as err:
+        raise UserError(f"{path} is damaged ({err}); convert the model again.") from None
 
 
 # --------------------------------------------------------------------------- upcasting layer by layer
@@ -237,15 +312,23 @@ class _Upcast:
     def pre(self, module, args, kwargs):
         for name, p in module._parameters.items():
             if p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type != "meta":
-                copy = torch.nn.Parameter(p.to(self.dtype), requires_grad=False)
+                scale = module._buffers.get(f"{name}_scale")
+                value = dequantize_rows(p, scale, self.dtype) if scale is not None else p.to(self.dtype)
+                copy = torch.nn.Parameter(value, requires_grad=False)
                 self.saved[name] = (p, copy)
                 module._parameters[name] = copy
         return _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
 
     def post(self, module, args, output):
         for name, (stored, copy) in self.saved.items():
-            if module._parameters.get(name) is copy:  # not if accelerate has sent it back to its offload
+            current = module._parameters.get(name)
+            if current is copy:
                 module._parameters[name] = stored
+            elif current is not None and current.device.type == "meta" and current.dtype != stored.dtype:
+                # accelerate sent the layer back to its offload, as a placeholder in the upcast dtype: it
+                # would cast the next fetch to it (fp8 without its scales); keep the stored dtype instead
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, device="meta"),
+                                                              requires_grad=False)
         self.saved.clear()
         return output
 
@@ -276,7 +359,31 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
             module.register_forward_pre_hook(hook.pre, with_kwargs=True)
             module.register_forward_hook(hook.post, always_call=True)
         hooked += 1
+    report_compute_dtype(model, dtype)
     return hooked
+
+
+def report_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Make a diffusers model's ``.dtype`` say ``dtype``, the dtype it computes in, not its first
+    weight's stored one: pipelines make their inputs in ``model.dtype`` (FluxPipeline's text ids),
+    which must not be fp8. diffusers reads it from a hook registered under the name its own layerwise
+    casting uses; this one does nothing else."""
+    try:
+        from diffusers.hooks.hooks import HookRegistry, ModelHook
+    except ImportError:  # not a diffusers model's world
+        return
+    if not hasattr(model, "config") or not hasattr(type(model), "from_pretrained") or not hasattr(
+            type(model), "load_config"):
+        return
+
+    class ComputeDtype(ModelHook):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compute_dtype = dtype
+
+    registry = HookRegistry.check_if_exists_or_initialize(model)
+    if registry.get_hook("layerwise_casting") is None:
+        registry.register_hook(ComputeDtype(), "layerwise_casting")
 
 
 def _chain_after_accelerate(module: torch.nn.Module, hook: _Upcast) -> None:
