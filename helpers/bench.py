@@ -103,11 +103,32 @@ def _precision(config: dict):
     return Precision(config["weights"], config["compute"], "as the parent resolved it")
 
 
+def _source(folder: Path) -> Path:
+    """The component folder an fp8 copy was converted from (recorded by ``convert``)."""
+    import json
+
+    from helpers.precision import FORMAT_FILE
+
+    source = json.loads((folder / FORMAT_FILE).read_text()).get("source")
+    if not source or not Path(source).is_dir():
+        raise UserError(f"{folder} does not say which model it was converted from (or that folder is gone); "
+                        "no float32 reference to measure its error against.")
+    return Path(source)
+
+
 def _resident(cls, folder: Path, precision, gpu):
     """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says."""
-    from helpers.precision import upcast_layerwise
+    from helpers.loading import _dispatch_fp8
+    from helpers.precision import FP8_REST, folder_format, upcast_layerwise
 
-    model = cls.from_pretrained(folder, dtype=precision.storage_dtype)
+    stored = folder_format(folder)
+    if stored == "fp8" and precision.weights == "fp8":
+        model = _dispatch_fp8(folder, cls, {"": gpu if gpu is not None else "cpu"}, None)
+    elif stored == "fp8":  # the float32 reference of an fp8 copy: the model it was converted from
+        source = _source(folder)
+        model = cls.from_pretrained(source, dtype=precision.storage_dtype)
+    else:
+        model = cls.from_pretrained(folder, dtype=FP8_REST if precision.weights == "fp8" else precision.storage_dtype)
     model = model.to(gpu) if gpu is not None else model
     if precision.upcasts:
         upcast_layerwise(model, precision.compute_dtype)
@@ -197,8 +218,9 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
     """Measure one strategy in this process (the child side of :func:`run`)."""
     import importlib
 
-    from helpers.memory import rss_bytes
+    from helpers.memory import return_large_blocks, rss_bytes
 
+    return_large_blocks()  # as the stages' commands do: RSS is what the tensors hold, not glibc's arenas
     # the baseline is a process after its imports, before any weight
     for module, name in (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
                          ("transformers", "T5EncoderModel"), ("helpers.offload", None)):

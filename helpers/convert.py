@@ -114,7 +114,7 @@ def _convert_component(src: Path, dst: Path, cls, weights: str, progress: bool) 
     scheme = ("float8_e4m3fn linear weights, a float32 scale per output row (<name>.weight_scale), the rest bfloat16"
               if weights == "fp8" else f"every floating tensor in {weights}")
     (dst / FORMAT_FILE).write_text(json.dumps({"weights": weights, "scheme": scheme, "tensors": counts,
-                                               "bytes": total}, indent=2) + "\n")
+                                               "bytes": total, "source": str(src.resolve())}, indent=2) + "\n")
     return counts
 
 
@@ -147,6 +147,10 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
                 continue
             else:
                 _copy(child, tmp / child.name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp's and save_file's private modes: as any new folder
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         os.rename(tmp, out)  # refused if out appeared meanwhile: then nothing is replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -48,3 +48,20 @@ def enlarge(image, factor: int = 4):
     from PIL import Image
 
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio of ``image`` against ``reference`` (8-bit images), in dB: 20 log10(255 / RMS
+    difference); infinite for identical pixels. Used in ``05_weights-and-compute.ipynb``."""
+    import math
+
+    import numpy as np
+
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        from helpers.errors import UserError
+
+        raise UserError(f"cannot compare images of sizes {a.shape} and {b.shape}.")
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 20 * math.log10(255 / math.sqrt(mse))

@@ -127,8 +127,10 @@ def embeddings_choices() -> list[str]:
 
 
 def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, height: int, width: int,
-                  overwrite: bool = True, max_memory=None, model: str | None = None) -> Panel:
-    """Embeddings file (from ``outputs/embeddings/``), seed, steps, guidance, size, and a Generate button.
+                  overwrite: bool = True, max_memory=None, model: str | None = None, weights: str | None = None,
+                  compute: str = "auto") -> Panel:
+    """Embeddings file (from ``outputs/embeddings/``), seed, steps, guidance, size, the weights format
+    and compute dtype (:mod:`helpers.precision`), and a Generate button.
 
     Generate calls :func:`helpers.diffuse.diffuse_file`, saves to ``outputs/images/`` and shows the
     images under the button.
@@ -158,6 +160,11 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
     height_box = w.IntText(value=height, description="Height")
     width_box = w.IntText(value=width, description="Width")
     replace = w.Checkbox(value=overwrite, description="replace an image of the same name")
+    from helpers.precision import COMPUTES, WEIGHTS, check_compute
+
+    weights_box = w.Dropdown(options=[("as stored", None), *[(k, k) for k in WEIGHTS]], value=weights,
+                             description="Weights")
+    compute_box = w.Dropdown(options=["auto", *COMPUTES], value=check_compute(compute), description="Math")
 
     def run(panel: Panel) -> None:
         panel.status.value = "checking, then loading and denoising..."
@@ -165,9 +172,10 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         result = diffuse_file(
             embeddings_path(source.value), image_path(name), model=model, steps=steps_box.value,
             seed=seed_box.value, guidance=guidance_box.value, height=height_box.value, width=width_box.value,
-            max_memory=max_memory, overwrite=replace.value,
+            max_memory=max_memory, overwrite=replace.value, weights=weights_box.value, compute=compute_box.value,
         )
-        panel.status.value = f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step)"
+        panel.status.value = (f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step; "
+                              f"{result.plan.precision.describe()})")
         for note in result.notes:
             display(_message(f"note: {note}", "#a60"))
         for warning in result.warnings:
@@ -177,5 +185,5 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         display(enlarge(sheet, max(1, 256 // max(sheet.height, 1))))
 
     inputs = [w.HBox([source, refresh]), w.HBox([seed_box, steps_box, guidance_box]),
-              w.HBox([height_box, width_box]), replace]
+              w.HBox([height_box, width_box]), w.HBox([weights_box, compute_box]), replace]
     return Panel(inputs, "Generate", run)

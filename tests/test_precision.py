@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -164,9 +165,134 @@ def test_fp8_checkpoint_with_scales_is_refused_before_loading(tmp_path):
         check_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("flag, value", [("--weights", "fp8"), ("--compute", "fp64")])
+@pytest.mark.parametrize("flag, value", [("--weights", "int4"), ("--compute", "fp64")])
 def test_cli_refuses_unknown_precision(flag, value, tmp_path):
     done = subprocess.run([sys.executable, "-m", "helpers", "diffuse", "--embeddings", str(tmp_path / "e.safetensors"),
                            "--out", str(tmp_path / "x.png"), flag, value], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and f"invalid choice: '{value}'" in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- fp8
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8(tiny_folder, tmp_path_factory):
+    from helpers.convert import convert
+
+    return convert(str(tiny_folder), "fp8", tmp_path_factory.mktemp("fp8") / "tiny-fp8", progress=False)
+
+
+def test_row_scales_beat_plain_casting():
+    """Per-row scales against casting straight to e4m3, on FLUX.1-dev-sized linear weights as
+    flux-dev-random draws them (uniform in +-1/sqrt(3072), where plain e4m3 is coarse: its normal
+    range starts at 2**-6), and on weights four times smaller (a layer of a wider model)."""
+    from helpers.models import _random_value
+    from helpers.precision import dequantize_rows, quantize_rows
+
+    for shrink, better in ((1, 1.8), (4, 3.0)):
+        w = _random_value("block.weight", [3072, 3072], torch.bfloat16, 0).float() / shrink
+        q, s = quantize_rows(w)
+        scaled = ((dequantize_rows(q, s, torch.float32) - w).norm() / w.norm()).item()
+        plain = ((w.to(torch.float8_e4m3fn).float() - w).norm() / w.norm()).item()
+        print(f"relative error of a 3072x3072 weight (/{shrink}): per-row scaled {scaled:.4f}, plain cast {plain:.4f}")
+        assert scaled < 0.03 and plain > better * scaled
+
+
+def test_convert_writes_fp8_with_scales_and_records_it(tiny_folder, tiny_fp8):
+    from helpers.offload import read_safetensors_index
+    from helpers.precision import folder_format
+
+    assert folder_format(tiny_fp8 / "transformer") == "fp8" and folder_format(tiny_fp8 / "vae") is None
+    assert not (tiny_fp8 / "twin.json").exists()  # a folder of its own, not the twin
+    index = read_safetensors_index(tiny_fp8 / "transformer")
+    assert index["x_embedder.weight"][3] == "F8_E4M3" and index["x_embedder.weight_scale"][3] == "F32"
+    assert index["x_embedder.bias"][3] == "BF16"
+    before = sum(e[2] for e in read_safetensors_index(tiny_folder / "transformer").values())
+    after = sum(e[2] for e in index.values())
+    assert after < 0.6 * before  # the twin is narrow: its biases and scales weigh more than FLUX.1-dev's
+    with pytest.raises(UserError, match="never replaces"):
+        from helpers.convert import convert
+
+        convert(str(tiny_folder), "fp8", tiny_fp8)
+
+
+def test_fp8_planned_in_stored_bytes():
+    from helpers.footprint import footprint, plan_stages
+
+    dev = footprint("flux-dev", components=("transformer", "vae"))
+    fp8 = dev.components["transformer"].nbytes("float8_e4m3fn")
+    assert dev.components["transformer"].params < fp8 < 1.01 * dev.components["transformer"].params
+    plan = plan_stages(dev, "0=12GiB,cpu=30GiB", stages=("diffusion",),
+                       precisions={"diffusion": Precision("fp8", "bf16")})["diffusion"]
+    assert plan.fits and plan.advice.startswith("fits whole on GPU 0")  # 11.1 GiB: whole on a 12 GiB card
+    bf16 = plan_stages(dev, "0=12GiB,cpu=30GiB", stages=("diffusion",))["diffusion"]
+    assert "across tiers" in bf16.advice
+
+
+def test_fp8_folder_runs_the_same_with_both_offloads_and_streams_fewer_bytes(tiny_folder, tiny_fp8):
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan
+    from helpers.loading import load_mapped
+
+    plan = diffusion_plan(str(tiny_fp8), "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 8), compute="fp32")
+    assert plan.precision.weights == "fp8"  # as the folder stores it
+    bf16_plan = diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 8), compute="fp32")
+    inputs = _flux_inputs(SimpleNamespace(**FluxTransformer2DModel.load_config(tiny_fp8 / "transformer")))
+    second = dict(inputs, timestep=torch.tensor([0.3]))
+    outs, streamed = {}, {}
+    for name, folder, p in (("stream", tiny_fp8, plan), ("accelerate", tiny_fp8, plan), ("bf16", tiny_folder, bf16_plan)):
+        offload = "accelerate" if name == "accelerate" else "stream"
+        loaded = load_mapped(folder / "transformer", FluxTransformer2DModel, "transformer", p, offload, progress=False)
+        try:
+            with torch.no_grad():  # twice: a second call must fetch the offloaded layers with their scales again
+                outs[name] = (loaded.model(**inputs)[0], loaded.model(**second)[0])
+            if loaded.streamer is not None:
+                streamed[name] = loaded.streamer.bytes_streamed / 2
+        finally:
+            loaded.close()
+    assert all(torch.equal(a, b) for a, b in zip(outs["stream"], outs["accelerate"]))
+    error = ((outs["stream"][0] - outs["bf16"][0]).norm() / outs["bf16"][0].norm()).item()
+    print(f"fp8 against bf16 weights, one step: relative error {error:.4f}; "
+          f"streamed per step {streamed['stream']:.0f} vs {streamed['bf16']:.0f} bytes")
+    assert 0 < error < 0.2
+    assert streamed["stream"] < 0.65 * streamed["bf16"]
+
+
+def test_fp8_refused_where_the_folder_does_not_store_it(tiny_folder, tiny_fp8):
+    from helpers.diffuse import diffusion_plan
+
+    with pytest.raises(UserError, match="fp8 weights are read from an fp8 copy: `python -m helpers convert"):
+        diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", weights="fp8")
+    with pytest.raises(UserError, match="stores its transformer in fp8 and is read as stored"):
+        diffusion_plan(str(tiny_fp8), "cpu=50%,disk=100%", weights="bf16")
+    from helpers.footprint import plan_stage
+
+    planned = plan_stage("diffusion", str(tiny_folder), "cpu=50%,disk=100%", weights="fp8", runnable=False)
+    assert planned.precision.weights == "fp8"  # a plan alone may count any format
+
+
+def test_generate_from_an_fp8_folder(tiny_fp8, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "helpers", "generate", "--model", str(tiny_fp8), "--prompt", "a red circle",
+                           "--out", str(tmp_path / "x.png"), "--steps", "2", "--height", "64", "--width", "64",
+                           "--max-sequence-length", "16", "--max-memory", "cpu=50%,disk=100%"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "x.png").is_file()
+
+
+def test_convert_command_and_its_refusals(tiny_folder, tmp_path):
+    out = tmp_path / "copy"
+    args = [sys.executable, "-m", "helpers", "convert", "--model", str(tiny_folder), "--weights", "fp8", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(out) and "transformer: fp8" in done.stderr
+    listing = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "never replaces" in again.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == listing  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left behind
+    wrong = subprocess.run([*args[:-1], str(tmp_path / "nowhere" / "x")], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "does not exist" in wrong.stderr
