@@ -474,9 +474,20 @@ def _advice(fp: Footprint, stage: Stage, plan: StagePlan) -> str:
     if plan.dtype == torch.float32:
         half = fp.nbytes(torch.bfloat16, list(stage.components))
         options.append(f"store the weights in bf16 (--weights bf16; the stage then needs {format_bytes(half)})")
+    if plan.precision.weights != "fp8" and _fp8_fits(fp, stage, plan):
+        eight = fp.nbytes(torch.float8_e4m3fn, list(stage.mapped))
+        options.append(f"store the {' and '.join(stage.mapped)} in fp8 (`python -m helpers convert --weights fp8 "
+                       f"--components {' '.join(stage.mapped)}`, then --model FOLDER: {format_bytes(eight)}, and the "
+                       "stage fits)")
     need = f"needs {format_bytes(extra)} more {tier_label(slow)}" if extra is not None else (
         f"more {tier_label(slow)} alone does not help")
     return f"does not fit: {need}; " + ", or ".join(options) + "."
+
+
+def _fp8_fits(fp: Footprint, stage: Stage, plan: StagePlan) -> bool:
+    """Whether the stage would fit the same budget with its split components stored in fp8."""
+    prec = Precision("fp8", plan.precision.compute, "the advice's what-if")
+    return _place(fp, stage, plan.budget, prec, "", plan.reserve).fits
 
 
 def _activations_need(fp: Footprint, name: str, prec: Precision, workload: Workload, fast: Tier) -> int:

@@ -19,8 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=.gpu/wheels
-PACKAGES="accelerate diffusers transformers safetensors huggingface_hub hf-xet tokenizers psutil tqdm pytest
-  regex filelock fsspec PyYAML requests packaging pillow numpy typing_extensions iniconfig pluggy pygments"
+# what the GPU machine's image lacks (diffusers) or holds in another version; pure Python, so one wheel
+# serves its Python (3.12 there) as well as ours. Its torch, numpy, safetensors, tokenizers and the rest
+# are used as they are.
+PACKAGES="diffusers transformers accelerate huggingface_hub"
 
 prepare() {
   local pins=()
@@ -29,9 +31,8 @@ prepare() {
     pins+=("${pin:-$p}")
   done
   mkdir -p "$WHEELS"
-  .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform any -d "$WHEELS" "${pins[@]}"
+  rm -rf "$WHEELS"
+  .venv/bin/python -m pip download --quiet --no-deps --only-binary=:all: -d "$WHEELS" "${pins[@]}"
   du -sh "$WHEELS"
 }
 
@@ -54,7 +55,7 @@ run() {
   local py=${PYTHON:-python3}
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   if [ -d "$WHEELS" ]; then
-    "$py" -m pip install --quiet --no-index --find-links "$WHEELS" $PACKAGES || exit 1
+    "$py" -m pip install --quiet --no-deps --no-index --find-links "$WHEELS" $PACKAGES || exit 1
   fi
   "$py" -m pip install --quiet --no-deps --no-build-isolation -e . || exit 1
   "$py" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1

@@ -296,3 +296,13 @@ def test_convert_command_and_its_refusals(tiny_folder, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left behind
     wrong = subprocess.run([*args[:-1], str(tmp_path / "nowhere" / "x")], capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "does not exist" in wrong.stderr
+
+
+def test_advice_names_fp8_where_it_would_make_the_stage_fit():
+    from helpers.footprint import footprint, plan_stages
+
+    dev = footprint("flux-dev", components=("transformer", "vae"))
+    tight = plan_stages(dev, "cpu=14GiB", stages=("diffusion",))["diffusion"]  # 22 GiB of bf16, no disk tier
+    assert not tight.fits and "store the transformer in fp8 (`python -m helpers convert --weights fp8" in tight.advice
+    hopeless = plan_stages(dev, "cpu=4GiB", stages=("diffusion",))["diffusion"]  # 11.1 GiB of fp8 does not fit either
+    assert not hopeless.fits and "fp8" not in hopeless.advice
