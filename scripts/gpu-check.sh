@@ -14,7 +14,9 @@
 #                                         the whole run ends by itself within 9 minutes; a step that
 #                                         runs out is reported and the next one starts.
 #
-# `make bench-gpu` runs the second half on a GPU machine that has the packages already.
+# `make bench-gpu` runs the second half on a GPU machine that has the packages already. On a lent
+# machine whose image has torch but not diffusers: prepare here, carry .gpu/ along, and run
+# `bash scripts/gpu-check.sh run "$OUT"` there with a limit of about 560 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
