@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 from helpers.budget import METHOD_BUDGET, PRESETS, parse_budget
 from helpers.devicemap import draw_plan, model_units, plan_component, remaining, summarise
 from helpers.errors import UserError
+from helpers.precision import stored_bytes
 from helpers.footprint import (
     COMPONENT_ORDER,
     DTYPES,
@@ -64,7 +65,10 @@ def test_bytes_are_params_times_dtype_size(dev):
     for comp in dev.components.values():
         assert comp.nbytes("float32") == 4 * comp.params
         assert comp.nbytes("bfloat16") == 2 * comp.params
-        assert comp.nbytes("float8_e4m3fn") == comp.params
+        # fp8 as stored: linear weights at 1 byte plus a float32 scale per row, the rest (CLIP's and
+        # T5's embeddings, norms, biases) in bf16
+        assert comp.nbytes("float8_e4m3fn") == stored_bytes(dev.skeletons[comp.component], "fp8")
+        assert comp.params < comp.nbytes("float8_e4m3fn") < 2 * comp.params
     assert set(DTYPES) == {"float32", "bfloat16", "float8_e4m3fn"}
 
 
@@ -201,7 +205,7 @@ def test_report_json_shape_and_exact_integers(dev):
     for comp, entry in data["components"].items():
         assert set(entry) == {"class", "params", "bytes"} and isinstance(entry["params"], int)
         assert entry["bytes"] == {"float32": 4 * entry["params"], "bfloat16": 2 * entry["params"],
-                                  "float8_e4m3fn": entry["params"]}
+                                  "float8_e4m3fn": dev.components[comp].fp8_bytes}
     for name, stage in data["plan"].items():
         assert {"dtype", "tiers", "fits", "advice"} <= set(stage)
         assert isinstance(stage["fits"], bool) and stage["advice"]
