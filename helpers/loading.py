@@ -172,6 +172,10 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         loaded = Loaded(model.eval(), applied, device if device is not None else torch.device("cpu"), "stream",
                         streamer=streamer)
     elif offload == "accelerate":
+        if precision.weights == "fp8" and component == "text_encoder_2":
+            raise UserError("T5 in fp8 runs with offload 'stream' only: under accelerate's hooks its feed-forward "
+                            "would cast its activations to fp8 (it reads its weights' stored dtype); use --offload "
+                            "stream, or keep T5 in bf16 (convert without text_encoder_2).")
         device_map = dict(comp_plan.device_map)
         temporary = False
         if "disk" in device_map.values():

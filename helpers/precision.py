@@ -327,39 +327,55 @@ class _Workspace:
         self.top[dtype] -= n
 
 
-class _Upcast:
-    """Hooks of one module: its own floating weights upcast while it runs, its inputs cast to match."""
+#: modules whose own code reads a child's weight dtype (T5's feed-forward casts its input to
+#: ``wo.weight.dtype``, which is the stored bf16 outside ``wo``): upcast as one, all their layers at once
+GROUPS = ("T5DenseActDense", "T5DenseGatedActDense")
 
-    def __init__(self, dtype: torch.dtype, workspace: _Workspace) -> None:
+
+class _Upcast:
+    """Hooks of one module: the floating weights of ``members`` (the module itself, or a group's
+    layers) upcast while it runs, its inputs cast to match."""
+
+    def __init__(self, dtype: torch.dtype, workspace: _Workspace, members: list[torch.nn.Module]) -> None:
         self.dtype = dtype
         self.workspace = workspace
-        self.saved: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}  # name -> (stored, copy)
+        self.members = members
+        self.saved: list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.nn.Parameter]] = []
 
     def pre(self, module, args, kwargs):
-        for name, p in module._parameters.items():
-            if p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type != "meta":
-                value = self.workspace.take(self.dtype, p.shape, p.device)
-                scale = module._buffers.get(f"{name}_scale")
-                if scale is not None:
-                    dequantize_rows(p, scale, self.dtype, out=value)
-                else:
-                    value.copy_(p)
-                copy = torch.nn.Parameter(value, requires_grad=False)
-                self.saved[name] = (p, copy)
-                module._parameters[name] = copy
+        for owner in self.members:
+            for name, p in owner._parameters.items():
+                if (p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type == "meta"
+                        and owner is not module and f"{name}_scale" not in owner._buffers):
+                    # a layer of the group that accelerate fetches when it runs: its placeholder in the
+                    # math's dtype, so the group's code reads that dtype and the fetch is widened into it
+                    # (exact from bf16; fp8 with scales is not grouped this way: see helpers.loading)
+                    owner._parameters[name] = torch.nn.Parameter(torch.empty_like(p, dtype=self.dtype),
+                                                                 requires_grad=False)
+                    continue
+                if p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type != "meta":
+                    value = self.workspace.take(self.dtype, p.shape, p.device)
+                    scale = owner._buffers.get(f"{name}_scale")
+                    if scale is not None:
+                        dequantize_rows(p, scale, self.dtype, out=value)
+                    else:
+                        value.copy_(p)
+                    copy = torch.nn.Parameter(value, requires_grad=False)
+                    self.saved.append((owner, name, p, copy))
+                    owner._parameters[name] = copy
         return _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
 
     def post(self, module, args, output):
-        for name, (stored, copy) in reversed(list(self.saved.items())):
+        for owner, name, stored, copy in reversed(self.saved):
             self.workspace.give(self.dtype, copy.numel())
-            current = module._parameters.get(name)
+            current = owner._parameters.get(name)
             if current is copy:
-                module._parameters[name] = stored
+                owner._parameters[name] = stored
             elif current is not None and current.device.type == "meta" and current.dtype != stored.dtype:
                 # accelerate sent the layer back to its offload, as a placeholder in the upcast dtype: it
                 # would cast the next fetch to it (fp8 without its scales); keep the stored dtype instead
-                module._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, device="meta"),
-                                                              requires_grad=False)
+                owner._parameters[name] = torch.nn.Parameter(torch.empty_like(stored, device="meta"),
+                                                             requires_grad=False)
         self.saved.clear()
         return output
 
@@ -381,10 +397,18 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """
     hooked = 0
     workspace = _Workspace()
+    grouped: set[int] = set()
     for module in model.modules():
-        if not any(p is not None and p.is_floating_point() for p in module._parameters.values()):
+        if id(module) in grouped:
             continue
-        hook = _Upcast(dtype, workspace)
+        if type(module).__name__ in GROUPS:
+            members = list(module.modules())
+            grouped.update(id(m) for m in members)
+        elif any(p is not None and p.is_floating_point() for p in module._parameters.values()):
+            members = [module]
+        else:
+            continue
+        hook = _Upcast(dtype, workspace, members)
         if hasattr(module, "_hf_hook"):
             _chain_after_accelerate(module, hook)
         else:

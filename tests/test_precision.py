@@ -306,3 +306,20 @@ def test_advice_names_fp8_where_it_would_make_the_stage_fit():
     assert not tight.fits and "store the transformer in fp8 (`python -m helpers convert --weights fp8" in tight.advice
     hopeless = plan_stages(dev, "cpu=4GiB", stages=("diffusion",))["diffusion"]  # 11.1 GiB of fp8 does not fit either
     assert not hopeless.fits and "fp8" not in hopeless.advice
+
+
+@pytest.mark.parametrize("offload", ["stream", "accelerate"])
+def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
+    """Half T5's bytes, the same embeddings: its feed-forward reads ``wo.weight.dtype`` outside ``wo``,
+    so its layers are upcast as a group (a layer-by-layer upcast let it round to bf16 there)."""
+    from helpers.encode import encode_prompts
+    from helpers.embeddings import load_embeddings
+
+    out = {}
+    for weights in (None, "bf16"):
+        path = tmp_path / f"{weights}.safetensors"
+        result = encode_prompts("tiny", ["a red circle on a blue background"], path, max_sequence_length=32,
+                                max_memory="cpu=50%,disk=100%", offload=offload, weights=weights)
+        assert result.plan.precision.weights == (weights or "fp32") and result.plan.precision.compute == "fp32"
+        out[weights] = load_embeddings(path)[0]
+    assert all(torch.equal(out[None][k], out["bf16"][k]) for k in out[None])
