@@ -516,9 +516,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
-    p.add_argument("--weights", required=True, choices=["fp8", "bf16", "fp32"], help="the format to store in")
-    p.add_argument("--components", nargs="+", default=["transformer"], metavar="NAME",
-                   choices=["text_encoder", "text_encoder_2", "transformer", "vae"],
+    from helpers.convert import CONVERTIBLE, DEFAULT_COMPONENTS
+    from helpers.precision import WEIGHTS
+
+    p.add_argument("--weights", required=True, choices=list(WEIGHTS), help="the format to store in")
+    p.add_argument("--components", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="NAME",
+                   choices=list(CONVERTIBLE),
                    help="what to convert (default: transformer); the rest is copied as it is")
     p.add_argument("--out", required=True, metavar="FOLDER", help="the new model folder (must not exist)")
     p.set_defaults(func=_cmd_convert)
