@@ -26,6 +26,11 @@ def _inputs(seed=0):
                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)
 
 
+def _inputs_in(dtype, seed=0):
+    """:func:`_inputs` with its floating tensors in ``dtype`` (the same values: drawn in bf16)."""
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in _inputs(seed).items()}
+
+
 def _bytes(module):
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -209,7 +214,7 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
 
     partial = []
     data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"],
-               progress=lambda _: None, on_result=partial.append)
+               progress=lambda _: None, on_result=partial.append, image=False)
     # a report after each strategy but the last, so a run stopped midway keeps what it measured
     assert [len(p["results"]) for p in partial] == [1, 2, 3] and not any(p["complete"] for p in partial)
     assert partial[1]["floor"] is None and partial[1]["results"][1]["max_abs_diff_vs_resident"] == 0.0
@@ -226,6 +231,25 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
         assert r["max_abs_diff_vs_resident"] == 0.0 and r["peak_gpu_bytes"] is None and r["s_per_step"] > 0
     assert data["results"][0]["bytes_streamed_per_step"] == 0 and data["results"][2]["bytes_streamed_per_step"] > 0
     assert data["floor"]["s_per_step"] > 0
+
+
+def test_bench_puts_the_method_beside_another_precision_and_measures_its_image():
+    """bf16 weights with fp32 math: the method's row (accelerate, bf16 math) runs beside the others in
+    the same report, each strategy in every round, and one image per precision gives the PSNR."""
+    from helpers.bench import rows, run
+
+    lines = []
+    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "stream", "method"], compute="fp32",
+               rounds=2, progress=lines.append)
+    resident, stream, method = data["results"]
+    assert data["rounds"] == 2 and sum("(round 2 of 2)" in line for line in lines) == 3
+    assert all(len(r["s_per_step_rounds"]) == 2 and len(r["step_times"]) == 2 for r in data["results"])
+    assert (stream["weights"], stream["compute"]) == ("bf16", "fp32") and stream["rel_error_vs_fp32"] == 0.0
+    assert stream["max_abs_diff_vs_resident"] == 0.0 and stream["bytes_streamed_per_step"] > 0
+    assert (method["weights"], method["compute"]) == ("bf16", "bf16") and method["bytes_streamed_per_step"] > 0
+    assert method["max_abs_diff_vs_resident"] is None and method["rel_error_vs_fp32"] > 1e-3  # bf16 math rounds
+    assert 20 < data["image"]["psnr_vs_bf16_db"] < 100 and not data["image"]["identical"]
+    assert rows(data)[2]["weights, math"] == "bf16, bf16"
 
 
 def test_bench_drops_the_page_cache_only_where_weights_come_from_the_disk():
@@ -316,7 +340,9 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
     budget = int(_bytes(whole) * 0.5)
     model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, budget, ["encoder.block"])
     try:
-        assert streamer is not None and streamer.stage is not None  # bf16 -> fp32: one staging buffer
+        # bf16 -> fp32: read as stored, decoded by a second thread into buffers in float32
+        assert streamer is not None and streamer.convert and streamer.reads is not streamer.buffers
+        assert streamer.ram_bytes == sum(b.numel() for b in streamer.reads + streamer.buffers)
         assert model.shared.weight is model.encoder.embed_tokens.weight  # tied, loaded once
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
         assert resident_bytes + streamer.ram_bytes <= budget
@@ -329,46 +355,54 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
 
 
 @pytest.mark.parametrize("where", [1, -1])  # a middle block, and the last (the next pass starts at block 0 anyway)
-@pytest.mark.parametrize("kind", ["disk -> RAM", "RAM -> device"])
+@pytest.mark.parametrize("kind", ["disk -> RAM", "RAM -> device", "disk -> RAM, decoded to float32"])
 def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident, where, kind):
     budget = int(_bytes(resident) * 0.3)
-    load = load_streaming if kind == "disk -> RAM" else _host_streamed
-    model, streamer = load(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS)
+    dtype = torch.float32 if kind.endswith("float32") else torch.bfloat16
+    if dtype == torch.float32:  # the reader and the decoder thread both start over
+        resident = copy.deepcopy(resident).float()
+        model, streamer = load_streaming(tiny_folder / "transformer", type(resident), dtype, 2 * budget, BLOCKS)
+        assert streamer.convert
+    else:
+        load = load_streaming if kind == "disk -> RAM" else _host_streamed
+        model, streamer = load(tiny_folder / "transformer", type(resident), dtype, budget, BLOCKS)
     try:
         victim = model.get_submodule(streamer.blocks[where].name)
         handle = victim.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         with torch.no_grad(), pytest.raises(KeyboardInterrupt):
-            model(**_inputs(0))
+            model(**_inputs_in(dtype, 0))
         handle.remove()
         with torch.no_grad():  # the next calls start over from the first streamed block
             for seed in (0, 1):
-                assert torch.equal(resident(**_inputs(seed))[0], model(**_inputs(seed))[0])
+                assert torch.equal(resident(**_inputs_in(dtype, seed))[0], model(**_inputs_in(dtype, seed))[0])
         assert all(p.device.type == "meta" for b in streamer.blocks for p in b.module.parameters())
     finally:
         streamer.close()
 
 
-def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: through the decoder thread
+def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident, dtype):
     import shutil
 
     from helpers.offload import BlockStreamer
 
+    resident = resident if dtype == torch.bfloat16 else copy.deepcopy(resident).to(dtype)
     budget = int(_bytes(resident) * 0.3)
-    model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS)
+    model, streamer = load_streaming(tiny_folder / "transformer", type(resident), dtype, budget, BLOCKS)
     streamer.close()
     folder = tmp_path / "transformer"
     shutil.copytree(tiny_folder / "transformer", folder)
     for f in folder.glob("*.safetensors"):  # cut every shard short
         with open(f, "r+b") as fh:
             fh.truncate(fh.seek(0, 2) // 8)
-    broken = BlockStreamer(model, folder, [b.name for b in streamer.blocks])
+    broken = BlockStreamer(model, folder, [b.name for b in streamer.blocks], dtype=dtype)
     try:
         with torch.no_grad(), pytest.raises(RuntimeError, match="reading .* failed: .*ended at byte"):
-            model(**_inputs(0))
+            model(**_inputs_in(dtype, 0))
         for f in folder.glob("*.safetensors"):  # the files come back: the next call reads again
             shutil.copyfile(tiny_folder / "transformer" / f.name, f)
         with torch.no_grad():
-            assert torch.equal(resident(**_inputs(0))[0], model(**_inputs(0))[0])
+            assert torch.equal(resident(**_inputs_in(dtype, 0))[0], model(**_inputs_in(dtype, 0))[0])
     finally:
         broken.close()
 
@@ -453,8 +487,9 @@ def test_host_streamer_equals_resident(tiny_folder, resident, device):
     # the reference runs on the same device: CPU and GPU kernels round differently
     reference = resident if device == "cpu" else copy.deepcopy(resident).to(device)
     try:
-        assert streamer.host_bytes == sum(b.nbytes for b in streamer.blocks)
+        assert streamer.host_bytes == sum(b.stored_nbytes for b in streamer.blocks)
         assert streamer.device_bytes == streamer.pool_size * streamer.largest  # largest part, not block
+        assert streamer.staging is None  # bf16 math on bf16 weights: nothing to decode
         if device == "cuda":
             assert all(h.is_pinned() for h in streamer.host)
             assert all(p.device.type == "cuda" for p in model.parameters() if p.device.type != "meta")
@@ -477,7 +512,9 @@ def test_host_streamer_equals_resident(tiny_folder, resident, device):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder, device):
+def test_host_streamer_holds_t5_as_stored_and_decodes_it_on_the_way(tiny_folder, device):
+    """T5 stored in bf16, computing in float32: pinned RAM and the copies hold bf16, decoded on the
+    device (its copy stream) from a staging buffer into the pool."""
     from transformers import T5EncoderModel
 
     folder = tiny_folder / "text_encoder_2"
@@ -491,7 +528,11 @@ def test_host_streamer_converts_t5_to_float32_at_load(tiny_folder, device):
     try:
         assert all(h.dtype == torch.uint8 for h in streamer.host)
         for block in streamer.blocks:  # every tensor 256-byte aligned in the pool, whatever its file offset
-            assert all(t.pos % 256 == 0 for t in block.tensors)
+            assert all(t.pos % 256 == 0 and t.stored_pos % 256 == 0 for t in block.tensors)
+            assert block.stored <= block.stored_nbytes < block.nbytes  # as stored (bf16), half of float32
+        assert streamer.host_bytes == sum(b.stored_nbytes for b in streamer.blocks)
+        assert streamer.staging is not None and streamer.device_bytes == (
+            streamer.pool_size * streamer.largest + streamer.staging.numel())
         ids = torch.randint(0, whole.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.no_grad():
             assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
@@ -572,6 +613,13 @@ def test_bench_refuses_bad_settings_before_running():
             run("tiny", timeout=timeout, **quiet)
     with pytest.raises(UserError, match="tokens must be a whole number from 1 to 512"):
         run("tiny", stage="text_encoding", tokens=600, **quiet)
+    with pytest.raises(UserError, match="tokens must be a whole number from 1 to 512"):
+        run("tiny", tokens=0, **quiet)
+    for rounds in (0, 1.5, True):
+        with pytest.raises(UserError, match="rounds must be a whole number from 1 to 100"):
+            run("tiny", rounds=rounds, **quiet)
+    with pytest.raises(UserError, match="not benchmarked for text_encoding"):
+        run("tiny", stage="text_encoding", strategies=["method"], **quiet)
 
 
 def test_auto_falls_back_to_accelerate_when_the_stream_does_not_fit(tmp_path):

@@ -323,3 +323,60 @@ def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
         assert result.plan.precision.weights == (weights or "fp32") and result.plan.precision.compute == "fp32"
         out[weights] = load_embeddings(path)[0]
     assert all(torch.equal(out[None][k], out["bf16"][k]) for k in out[None])
+
+
+# --------------------------------------------------------------------------- decoding on the way in
+
+
+@pytest.mark.parametrize("background", [False, True])  # torch on its threads; numpy on a reader's thread
+def test_decode_into_gives_the_formulas_bits(background):
+    """fp8 by moving bits equals ``dequantize_rows`` bit for bit: every e4m3fn byte (subnormals, both
+    zeros), rows of every size of scale, and a scale too large for the trick (the formula then)."""
+    from helpers.precision import decode_into, dequantize_rows
+
+    codes = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)  # not the NaNs
+    q = codes.repeat(7, 3).view(torch.float8_e4m3fn)
+    scale = torch.tensor([1e-30, 3e-7, 1e-4, 0.01, 1.0, 100.0, 1000.0])  # the last: past the trick's range
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = torch.empty(q.shape, dtype=dtype)
+        decode_into(q, out, scale, background=background)
+        assert torch.equal(out, dequantize_rows(q, scale, dtype)), dtype
+    w = torch.randn(33, 17).to(torch.bfloat16)
+    assert torch.equal(decode_into(w, torch.empty(33, 17), background=background), w.float())  # exact widening
+    assert torch.equal(decode_into(w, torch.empty(33, 17, dtype=torch.bfloat16), background=background), w)
+
+
+def test_fp8_moves_to_the_device_as_stored_and_is_decoded_there(tiny_fp8):
+    """RAM -> device (the CPU standing in for the GPU): pinned RAM and every copy hold fp8 bytes, and
+    the pieces are dequantized from the staging buffer into the pool, giving the disk stream's output."""
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.offload import HostStreamer, load_streaming
+
+    folder = tiny_fp8 / "transformer"
+    blocks = ["transformer_blocks", "single_transformer_blocks"]
+    inputs = _flux_inputs(SimpleNamespace(**FluxTransformer2DModel.load_config(folder)))
+    from helpers.offload import read_safetensors_index
+
+    whole = sum(entry[2] for entry in read_safetensors_index(folder).values())
+    model, disk = load_streaming(folder, FluxTransformer2DModel, torch.bfloat16, whole // 2, blocks,
+                                 compute=torch.float32, weights="fp8")
+    upcast_layerwise(model, torch.float32)  # the resident part, as the loaders do
+    try:
+        assert disk.convert and all(r.numel() < b.numel() for r, b in zip(disk.reads, disk.buffers))
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        names = [b.name for b in disk.blocks]
+    finally:
+        disk.close()
+    host = HostStreamer(model, folder, names, "cpu", dtype=torch.float32)
+    try:
+        linear = [t for b in host.blocks for t in b.tensors if t.stored == torch.float8_e4m3fn]
+        assert linear and host.convert and host.staging is not None
+        stored, computed = sum(b.stored_nbytes for b in host.blocks), sum(b.nbytes for b in host.blocks)
+        assert host.host_bytes == stored < 0.5 * computed  # fp8 (and bf16 biases) against float32
+        with torch.no_grad():
+            assert torch.equal(model(**inputs)[0], expected)
+        assert host.bytes_copied >= stored  # what crossed: stored bytes
+    finally:
+        host.close()
