@@ -24,8 +24,14 @@ from helpers.errors import UserError
 
 CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group")
 _FP32 = "reference-fp32"  # the output every result's rel_error_vs_fp32 is measured against
+_IMAGE = "image"  # a child that makes one image (every step and the decode), for the PSNR against bf16
 GPU_ONLY = ("diffusers-model", "diffusers-sequential")
-TOKENS = 64  # text tokens in the diffusion benchmark's embeddings
+#: the method as published, beside the others when they run in another precision: accelerate's hooks,
+#: bf16 weights and bf16 math
+METHOD = "method"
+#: text tokens of the diffusion benchmark's embeddings unless asked (FluxPipeline pads to 512 on
+#: FLUX.1-dev, 256 on schnell: ``--tokens`` for those)
+TOKENS = {"diffusion": 64, "text_encoding": 512}
 #: what each stage benchmarks: the component, its dtype, the strategies that apply to it
 STAGES = {
     "diffusion": ("transformer", torch.bfloat16, CPU_STRATEGIES + GPU_ONLY),
@@ -52,11 +58,11 @@ def _inputs(config: dict, model) -> dict:
     dt = _compute_dtype(config)
     inputs = dict(
         hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16).to(dt),
-        encoder_hidden_states=torch.randn(1, TOKENS, cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dt),
+        encoder_hidden_states=torch.randn(1, config["tokens"], cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dt),
         pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16).to(dt),
         timestep=torch.tensor([0.5], dtype=dt),
         img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", dt),
-        txt_ids=torch.zeros(TOKENS, 3, dtype=dt),
+        txt_ids=torch.zeros(config["tokens"], 3, dtype=dt),
         return_dict=False,
     )
     if cfg.guidance_embeds:
@@ -94,7 +100,7 @@ def _plan(config: dict):
         return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]),
                                   **knobs)
     return diffusion_plan(config["model"], config["max_memory"],
-                          workload=Workload(config["height"], config["width"], 1, TOKENS), **knobs)
+                          workload=Workload(config["height"], config["width"], 1, config["tokens"]), **knobs)
 
 
 def _precision(config: dict):
@@ -228,13 +234,44 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         if name:
             getattr(loaded, name)
     config = {**config, "baseline": rss_bytes()}
+    name = strategy
+    if strategy == METHOD:  # accelerate's hooks in the method's precision
+        config.update(weights="bf16", compute="bf16")
+        strategy = "accelerate"
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-", dir=config.get("work_root")))
     try:
-        return _measure(strategy, config, out, work)
+        return {**_measure(strategy, config, out, work), "strategy": name,
+                "weights": config["weights"], "compute": config["compute"]}
     finally:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _image(config: dict, out: Path) -> None:
+    """One image through the whole diffusion call, resident, in the config's precision, written to
+    ``out`` (PNG): every step and the VAE's decode, from the benchmark's random embeddings and seed 0,
+    guidance 0 (the method's). What the precision costs in pixels (the child side of :func:`run`)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    from helpers.loading import load_whole
+
+    folder, gpu, precision = Path(config["folder"]), _gpu(config), _precision(config)
+    transformer = _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu).eval()
+    vae = load_whole(folder / "vae", AutoencoderKL, config.get("gpu") if gpu is not None else "cpu", precision)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"), vae=vae,
+                        transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    g, cfg, dtype = torch.Generator().manual_seed(0), transformer.config, precision.compute_dtype
+    embeds = torch.randn(1, config["tokens"], cfg.joint_attention_dim, generator=g).to(torch.bfloat16)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16)
+    device = gpu if gpu is not None else torch.device("cpu")
+    with torch.no_grad():
+        image = pipe(prompt_embeds=embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
+                     num_inference_steps=config["steps"], guidance_scale=0.0, height=config["height"],
+                     width=config["width"], generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    image.save(out)
 
 
 def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
@@ -316,6 +353,8 @@ def rows(data: dict) -> list[dict]:
                "rel err vs fp32": "" if r.get("rel_error_vs_fp32") is None else f"{r['rel_error_vs_fp32']:.2e}"}
         if all(x.get("peak_gpu_bytes") is None for x in data["results"]):
             del row["peak GPU"]
+        if len({(x.get("weights"), x.get("compute")) for x in data["results"]}) > 1:  # the method's row beside
+            row["weights, math"] = f"{r.get('weights')}, {r.get('compute')}"
         out.append(row)
     return out
 
@@ -323,10 +362,12 @@ def rows(data: dict) -> list[dict]:
 def title(data: dict) -> str:
     """What a result is: model, device, stage and size, budget, page cache, floor."""
     what = (f"text encoding, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
-            else f"{data['height']}x{data['width']}")
+            else f"{data['height']}x{data['width']}" + (f", {data['tokens']} tokens" if data.get("tokens") else ""))
     head = f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache"
     if data.get("precision"):
         head += f", {data['precision']['weights']} weights, {data['precision']['compute']} math"
+    if (data.get("image") or {}).get("psnr_vs_bf16_db") is not None:
+        head += f" (image {data['image']['psnr_vs_bf16_db']:.1f} dB against bf16)"
     if data.get("floor") is None:  # a run stopped midway: what it measured so far
         planned = data.get("strategies") or []
         return f"{head}: stopped after {len(data['results'])} of {len(planned) or '?'} strategies, no floor"
@@ -462,13 +503,40 @@ def resolve_cache(cache: str, budget) -> str:
     return "warm" if budget.gpu is not None and "disk" not in budget.names else "cold"
 
 
+def _child(name: str, config: dict, out: Path, timeout: float | None) -> str | None:
+    """Run ``python -m helpers.bench NAME CONFIG OUT``; ``None``, or why it failed."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "helpers.bench", name, json.dumps(config), str(out)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"ran past the {timeout:g} s timeout"
+    return None if done.returncode == 0 else _failure(done)
+
+
+def _combine(runs: list[dict]) -> dict:
+    """One strategy's result over its rounds: the median of their seconds per step (each round's is
+    already a median over its steps), the most memory any round held, every step's time."""
+    last = runs[-1]
+    out = dict(last)
+    out["s_per_step"] = statistics.median(r["s_per_step"] for r in runs)
+    out["s_per_step_rounds"] = [r["s_per_step"] for r in runs]
+    out["step_times"] = [t for r in runs for t in r["step_times"]]
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    gpu = [r["peak_gpu_bytes"] for r in runs if r.get("peak_gpu_bytes") is not None]
+    out["peak_gpu_bytes"] = max(gpu) if gpu else None
+    out["baseline_rss_bytes"] = min(r["baseline_rss_bytes"] for r in runs)
+    return out
+
+
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
-        strategies=None, progress=print, cache: str = "auto", stage: str = "diffusion", tokens: int = 512,
-        timeout: float | None = None, on_result=None, weights: str | None = None, compute: str = "auto") -> dict:
+        strategies=None, progress=print, cache: str = "auto", stage: str = "diffusion", tokens: int | None = None,
+        timeout: float | None = None, on_result=None, weights: str | None = None, compute: str = "auto",
+        rounds: int = 1, image: bool = True) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
-    ``stage``: ``"diffusion"`` times the transformer (bfloat16) on latents of ``height`` x ``width``;
-    ``"text_encoding"`` times the T5 encoder (float32) on one prompt of ``tokens`` token ids.
+    ``stage``: ``"diffusion"`` times the transformer on latents of ``height`` x ``width`` and
+    ``tokens`` text tokens (default 64); ``"text_encoding"`` times the T5 encoder on one prompt of
+    ``tokens`` token ids (default 512).
     ``cache="cold"``: before each step the page cache of the checkpoint and of every offload folder
     is dropped, so a strategy that reads from the disk tier reads from the disk, as on a machine
     whose RAM is the budget; ``"warm"`` leaves the files cached (spare RAM holds the disk tier:
@@ -483,12 +551,20 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     ``auto`` is resolved once, here, and the children run what it chose). With ``resident`` among the
     strategies, one more resident run in float32 weights and math gives every result its
     ``rel_error_vs_fp32``: the norm of its output's difference from that one over the norm of that one.
+    Where that precision is not the method's (bf16 weights and math), the diffusion stage also runs
+    ``method``: accelerate's hooks in bf16, the method as published, side by side with the others;
+    and ``image`` (default) makes one image (every step and the VAE's decode, resident) in each of
+    the two precisions, for ``image.psnr_vs_bf16_db``.
+    ``rounds``: run the strategies one after the other that many times, so that a machine whose speed
+    drifts (a shared or throttled one) slows each of them alike; each result's ``s_per_step`` is the
+    median of its rounds' (``s_per_step_rounds``).
     """
     import math
 
     from helpers.budget import default_budget, parse_budget
     from helpers.diffuse import check_settings
     from helpers.footprint import TWIN_REFERENCE, activation_bytes, component_configs
+    from helpers.images import psnr
     from helpers.models import model_path, resolve_model
 
     ref = resolve_model(model)
@@ -496,8 +572,11 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         raise UserError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}.")
     component, _, allowed = STAGES[stage]
     check_settings(height, width, steps, 0.0)
+    tokens = TOKENS[stage] if tokens is None else tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 512:
         raise UserError(f"tokens must be a whole number from 1 to 512 (T5's limit), not {tokens!r}.")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 100:
+        raise UserError(f"rounds must be a whole number from 1 to 100, not {rounds!r}.")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not math.isfinite(timeout) or not timeout > 0):
         raise UserError(f"timeout must be a finite number of seconds above 0, not {timeout!r}.")
@@ -505,9 +584,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         raise UserError(f"cache must be 'auto', 'cold' or 'warm', not {cache!r}.")
     has_gpu = torch.cuda.is_available()
     for s in strategies or ():
-        if s not in CPU_STRATEGIES + GPU_ONLY:
-            raise UserError(f"unknown strategy {s!r}; the strategies are {', '.join(CPU_STRATEGIES + GPU_ONLY)}.")
-        if s not in allowed:
+        if s not in CPU_STRATEGIES + GPU_ONLY + (METHOD,):
+            raise UserError(f"unknown strategy {s!r}; the strategies are "
+                            f"{', '.join(CPU_STRATEGIES + GPU_ONLY + (METHOD,))}.")
+        if s not in allowed + ((METHOD,) if stage == "diffusion" else ()):
             raise UserError(f"strategy {s!r} is not benchmarked for {stage}; use {', '.join(allowed)}.")
         if s in GPU_ONLY and not has_gpu:
             raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
@@ -518,6 +598,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     plan = _plan(config)  # checks the budget, the size and the precision, before anything runs
     precision = plan.precision
     config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
+    method = (precision.weights, precision.compute) == ("bf16", "bf16")  # the bench's precision is the method's
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
     cache = resolve_cache(cache, plan.budget)
@@ -530,31 +611,43 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if s in GPU_ONLY and gpu is None:
             raise UserError(f"strategy {s!r} needs a GPU tier in the budget, e.g. \"0=8.5GiB,cpu=30GiB\".")
     everything = CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES
-    strategies = list(strategies or [s for s in everything if s in allowed])
+    if strategies:
+        strategies = list(strategies)
+    else:
+        strategies = [s for s in everything if s in allowed]
+        if stage == "diffusion" and not method and "accelerate" in strategies:
+            strategies.insert(strategies.index("accelerate") + 1, METHOD)
     needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
     folder = model_path(model, components=needs)
     # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
     # the report: a model whose forward the meta device cannot run still benchmarks
     try:
         activations = activation_bytes(component, component_configs(name)[1][component], precision.compute_dtype,
-                                       height=height,
-                                       width=width, tokens=tokens if stage == "text_encoding" else TOKENS)
+                                       height=height, width=width, tokens=tokens)
     except Exception:  # noqa: BLE001
         activations = None
     config.update(folder=str(folder), cache=cache, gpu=gpu)
-    results, outputs = [], {}
+    runs: dict[str, list[dict]] = {s: [] for s in strategies}
+    errors: dict[str, str] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    picture: dict = {}
 
     def report(complete: bool) -> dict:
         """The JSON so far; the floor is measured once every strategy has run (none of them shares the
         machine with the measurement), so a partial report has none."""
         reference = outputs.get("resident")
         exact = outputs.get(_FP32)
+        results = [({"strategy": s, "error": errors[s], "s_per_step": None, "peak_rss_bytes": None,
+                     "peak_gpu_bytes": None, "bytes_streamed_per_step": None} if s in errors else _combine(runs[s]))
+                   for s in strategies if s in errors or runs[s]]
         rows_ = []
         for r in results:
             r = {k: v for k, v in r.items() if k != "baseline_rss_bytes"}
             out = outputs.get(r["strategy"])
-            r["weights"], r["compute"] = precision.weights, precision.compute
-            r["max_abs_diff_vs_resident"] = (None if reference is None or out is None
+            r.setdefault("weights", precision.weights)
+            r.setdefault("compute", precision.compute)
+            alike = (r["weights"], r["compute"]) == (precision.weights, precision.compute)  # resident's precision
+            r["max_abs_diff_vs_resident"] = (None if reference is None or out is None or not alike
                                              else float((out.float() - reference.float()).abs().max()))
             r["rel_error_vs_fp32"] = (None if exact is None or out is None
                                       else float((out.float() - exact.float()).norm() / exact.float().norm()))
@@ -563,7 +656,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if complete:
             bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
                          else disk_bandwidth(folder, cache, component=component))
-            compute = next((r["s_per_step"] for r in results if r["strategy"] == "resident" and r["s_per_step"]), None)
+            compute = next((r["s_per_step"] for r in rows_ if r["strategy"] == "resident" and r["s_per_step"]), None)
             slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
             streamed = sum(u.nbytes for p in plan.components if p.component == component for u in p.units
                            if u.tier == slow)
@@ -572,7 +665,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         for r in rows_:
             r["ratio_to_floor"] = (r["s_per_step"] / floor["s_per_step"]
                                    if floor and floor["s_per_step"] and r["s_per_step"] else None)
-        baselines = [r["baseline_rss_bytes"] for r in results if "baseline_rss_bytes" in r]
+        baselines = [r["baseline_rss_bytes"] for r in results if r.get("baseline_rss_bytes")]
         return {
             "model": config["model"], "stage": stage,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
@@ -580,9 +673,11 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             "budget_scaled_like": TWIN_REFERENCE if plan.reference is not None else None,
             "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
             "baseline_rss_bytes": min(baselines) if baselines else None,
-            "steps": steps, "height": height, "width": width, "tokens": tokens if stage == "text_encoding" else None,
-            "cache": cache, "complete": complete, "strategies": strategies, "activation_bytes": activations,
+            "steps": steps, "height": height, "width": width, "tokens": tokens,
+            "cache": cache, "complete": complete, "strategies": strategies, "rounds": rounds,
+            "activation_bytes": activations,
             "precision": precision.as_dict(),
+            "image": picture or None,
             "floor": floor,
             "results": rows_,
         }
@@ -592,35 +687,47 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if "resident" in strategies:  # the float32 reference every result's error is measured against
             progress("float32 reference (resident, fp32 weights and math): running in its own process...")
             out = Path(tmp) / _FP32
-            exact = {**config, "weights": "fp32", "compute": "fp32"}
-            try:
-                done = subprocess.run([sys.executable, "-m", "helpers.bench", "resident", json.dumps(exact), str(out)],
-                                      capture_output=True, text=True, timeout=timeout)
-                if done.returncode == 0:
-                    outputs[_FP32] = torch.load(out.with_suffix(".pt"))
-                else:
-                    progress(f"float32 reference: failed, no rel_error_vs_fp32: {_failure(done)}")
-            except subprocess.TimeoutExpired:
-                progress(f"float32 reference: ran past the {timeout:g} s timeout, no rel_error_vs_fp32")
-        for s in strategies:
-            progress(f"{s}: running in its own process...")
-            out = Path(tmp) / s
-            try:
-                done = subprocess.run([sys.executable, "-m", "helpers.bench", s, json.dumps(config), str(out)],
-                                      capture_output=True, text=True, timeout=timeout)
-                error = None if done.returncode == 0 else _failure(done)
-            except subprocess.TimeoutExpired:
-                error = f"ran past the {timeout:g} s timeout"
-            if error is not None:
-                progress(f"{s}: failed: {error}")
-                results.append({"strategy": s, "error": error, "s_per_step": None, "peak_rss_bytes": None,
-                                "peak_gpu_bytes": None, "bytes_streamed_per_step": None})
+            error = _child("resident", {**config, "weights": "fp32", "compute": "fp32"}, out, timeout)
+            if error is None:
+                outputs[_FP32] = torch.load(out.with_suffix(".pt"))
             else:
-                results.append(json.loads(out.with_suffix(".json").read_text()))
-                outputs[s] = torch.load(out.with_suffix(".pt"))
-                progress(f"{s}: {results[-1]['s_per_step']:.4f} s/step")
-            if on_result is not None:  # the last one too: the floor is still to be measured
-                on_result(report(complete=False))
+                progress(f"float32 reference: failed, no rel_error_vs_fp32: {error}")
+        if image and stage == "diffusion" and not method:
+            progress("image in this precision and in the method's bf16 (resident, every step and the decode)...")
+            pngs = {}
+            for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):
+                out = Path(tmp) / f"{_IMAGE}-{key}"
+                error = _child(_IMAGE, {**config, **knobs}, out, timeout)
+                if error is not None:
+                    progress(f"image: failed, no PSNR: {error}")
+                    break
+                from PIL import Image
+
+                with Image.open(out.with_suffix(".png")) as img:
+                    pngs[key] = img.convert("RGB")
+            if len(pngs) == 2:
+                value = psnr(pngs["this"], pngs["bf16"])
+                picture.update(seed=0, steps=steps, guidance=0.0, reference="bf16 weights, bf16 math",
+                               psnr_vs_bf16_db=None if math.isinf(value) else round(value, 2),
+                               identical=math.isinf(value))
+                progress(f"image: PSNR against bf16 {value:.2f} dB")
+        for round_ in range(rounds):
+            for s in strategies:
+                if s in errors:
+                    continue
+                when = f" (round {round_ + 1} of {rounds})" if rounds > 1 else ""
+                progress(f"{s}: running in its own process{when}...")
+                out = Path(tmp) / s
+                error = _child(s, config, out, timeout)
+                if error is not None:
+                    progress(f"{s}: failed: {error}")
+                    errors[s] = error
+                else:
+                    runs[s].append(json.loads(out.with_suffix(".json").read_text()))
+                    outputs[s] = torch.load(out.with_suffix(".pt"))
+                    progress(f"{s}: {runs[s][-1]['s_per_step']:.4f} s/step")
+                if on_result is not None:  # the last one too: the floor is still to be measured
+                    on_result(report(complete=False))
     return report(complete=True)
 
 
@@ -628,5 +735,8 @@ if __name__ == "__main__":  # the child: python -m helpers.bench STRATEGY CONFIG
     __import__("helpers")  # its logging filters, as in the parent
 
     _strategy, _config, _out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    _result = run_one(_strategy, _config, _out)
-    _out.with_suffix(".json").write_text(json.dumps(_result))
+    if _strategy == _IMAGE:
+        _image(_config, _out.with_suffix(".png"))
+    else:
+        _result = run_one(_strategy, _config, _out)
+        _out.with_suffix(".json").write_text(json.dumps(_result))

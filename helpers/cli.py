@@ -342,7 +342,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
                stage=args.stage, tokens=args.tokens, timeout=args.timeout,
-               on_result=save_partial if args.json else None, weights=args.weights, compute=args.compute)
+               on_result=save_partial if args.json else None, weights=args.weights, compute=args.compute,
+               rounds=args.rounds, image=not args.no_image)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
@@ -534,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
         "step, peak RSS and GPU memory, bytes streamed per step and the largest difference from the resident "
         "output, with the floor: max(compute, bytes to move / measured bandwidth: disk to RAM, or pinned RAM to "
         "GPU). Strategies: resident, accelerate, stream, diffusers-group; with a GPU tier in the budget also "
-        "diffusers-model and diffusers-sequential.",
+        "diffusers-model and diffusers-sequential; and, where --weights/--compute is not the method's bf16, "
+        "method (accelerate's hooks in bf16 weights and math, side by side), with one image in each precision "
+        "for the PSNR against bf16.",
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
@@ -544,9 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=64, metavar="W")
     p.add_argument("--strategies", nargs="+", metavar="NAME", help="default: all that run on this machine")
     p.add_argument("--stage", choices=["diffusion", "text_encoding"], default="diffusion",
-                   help="diffusion: the transformer in bfloat16 (default); text_encoding: the T5 encoder in float32 "
-                   "on one prompt of --tokens token ids")
-    p.add_argument("--tokens", type=int, default=512, metavar="N", help="text_encoding: tokens per prompt (default 512)")
+                   help="diffusion: the transformer (default); text_encoding: the T5 encoder on one prompt of "
+                   "--tokens token ids")
+    p.add_argument("--tokens", type=int, default=None, metavar="N",
+                   help="text tokens: of the diffusion step's embeddings (default 64; FluxPipeline pads to 512 on "
+                   "FLUX.1-dev), or per prompt for text_encoding (default 512)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="run the strategies one after the other N times and report the median of each one's "
+                   "rounds: on a machine whose speed drifts, each strategy meets the same drift (default 1)")
+    p.add_argument("--no-image", action="store_true",
+                   help="skip the two images (this precision and the method's bf16) behind image.psnr_vs_bf16_db")
     p.add_argument("--timeout", type=_finite, default=None, metavar="S",
                    help="give up on a strategy after S seconds (it is reported as failed; the others still run)")
     p.add_argument("--cache", choices=["auto", "cold", "warm"], default="auto",
