@@ -79,14 +79,16 @@ def _quiet_missing_gpu() -> Iterator[None]:
 
 
 def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...],
-                nbytes: bool = False) -> list[tuple[str, int]]:
-    """The model's placeable units in order, each with its parameter count (shared weights once).
+                weights: str | None = None) -> list[tuple[str, int]]:
+    """The model's placeable units in order, each with its bytes (shared tensors once).
 
     A unit is a module of a no-split class (a block), or a module with parameters that holds no
-    block. Parameters counted by an earlier unit (tied weights) are not counted again. ``nbytes``:
-    each unit's stored bytes instead, parameters and buffers in their own dtypes (fp8 weights and
-    their scales: a skeleton made by :func:`helpers.precision.to_storage`).
+    block. Tensors counted by an earlier unit (tied weights) are not counted again. Bytes: parameters
+    and buffers, in their own dtypes (``weights=None``: a skeleton as it is, fp8 weights and scales
+    included) or as the format ``weights`` stores them (:func:`helpers.precision.tensor_bytes`).
     """
+    from helpers.precision import tensor_bytes
+
     no_split = set(no_split)
 
     def holds_block(module: torch.nn.Module) -> bool:
@@ -105,19 +107,18 @@ def model_units(model: torch.nn.Module, no_split: list[str] | tuple[str, ...],
 
     walk("", model)
     seen: set[int] = set()
-    counts = []
 
-    def tensors(module, recurse=True):
-        return [*module.parameters(recurse=recurse), *(module.buffers(recurse=recurse) if nbytes else [])]
-
-    for name in names:
+    def size(module: torch.nn.Module, recurse: bool = True) -> int:
         n = 0
-        for p in tensors(model.get_submodule(name)):
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel() * (p.element_size() if nbytes else 1)
-        counts.append((name, n))
-    own = sum(p.numel() * (p.element_size() if nbytes else 1) for p in tensors(model, recurse=False))
+        for owner in (module.modules() if recurse else [module]):
+            for leaf, t in [*owner._parameters.items(), *owner._buffers.items()]:
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    n += tensor_bytes(owner, leaf, t, weights)
+        return n
+
+    counts = [(name, size(model.get_submodule(name))) for name in names]
+    own = size(model, recurse=False)
     if own:
         counts.insert(0, ("", own))
     return counts
@@ -150,12 +151,11 @@ def plan_component(
     """
     from accelerate import infer_auto_device_map
 
+    from helpers.precision import short_name, tensor_bytes
+
     no_split = list(getattr(model, "_no_split_modules", None) or [])
-    if dtype is None:
-        units = model_units(model, no_split, nbytes=True)
-    else:
-        size = torch.tensor([], dtype=dtype).element_size()
-        units = [(name, n * size) for name, n in model_units(model, no_split)]
+    weights = None if dtype is None else short_name(dtype)
+    units = model_units(model, no_split, weights)
     if whole:
         total = sum(b for _, b in units)
         tier = next((t for t, room in budget.tiers if room >= total and t != "disk"), "disk")
@@ -175,17 +175,20 @@ def plan_component(
             # accelerate split this small module further: place its parameters one by one
             pieces_by_key: dict[str, list] = {}
             module = model.get_submodule(name) if name else model
-            for pname, p in module.named_parameters():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                full_param = f"{name}.{pname}" if name else pname
-                key = max((k for k in device_map if k == "" or full_param.startswith(k + ".")), key=len, default=name)
-                entry = pieces_by_key.setdefault(key or name, [0, _tier_of(full_param, device_map)])
-                entry[0] += p.numel() * (p.element_size() if dtype is None else size)
+            for owner_name, owner in module.named_modules():
+                for leaf, p in [*owner._parameters.items(), *owner._buffers.items()]:
+                    if p is None or id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    full_param = ".".join(x for x in (name, owner_name, leaf) if x)
+                    key = max((k for k in device_map if k == "" or full_param.startswith(k + ".")), key=len,
+                              default=name)
+                    entry = pieces_by_key.setdefault(key or name, [0, _tier_of(full_param, device_map)])
+                    entry[0] += tensor_bytes(owner, leaf, p, weights)
             pieces = [(key, b, tier) for key, (b, tier) in pieces_by_key.items()]
         if not finer:
-            seen.update(id(p) for p in (model.get_submodule(name) if name else model).parameters())
+            module = model.get_submodule(name) if name else model
+            seen.update(id(p) for p in [*module.parameters(), *module.buffers()])
         for piece, b, tier in pieces:
             full = f"{component}.{piece}" if component and piece else (component or piece)
             plan.units.append(Unit(full, b, tier))

@@ -171,14 +171,16 @@ class ComponentFootprint:
     component: str
     cls: str
     params: int
-    #: stored bytes in fp8: the linear layers' weights at 1 byte and a float32 scale per row, the rest bf16
-    fp8_bytes: int = 0
+    #: stored bytes per dtype of :data:`DTYPES` (parameters and buffers; fp8: the linear layers'
+    #: weights at 1 byte and a float32 scale per row, the rest bf16), from
+    #: :func:`helpers.precision.stored_bytes`
+    bytes: dict[str, int] = field(default_factory=dict)
 
     def nbytes(self, dtype: str | torch.dtype) -> int:
-        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        if dt == torch.float8_e4m3fn and self.fp8_bytes:
-            return self.fp8_bytes
-        return self.params * torch.tensor([], dtype=dt).element_size()
+        name = str(dtype).replace("torch.", "")
+        if name not in self.bytes:
+            raise UserError(f"no footprint in {name}; the footprints are in {', '.join(self.bytes)}.")
+        return self.bytes[name]
 
 
 @dataclass
@@ -204,14 +206,7 @@ class Footprint:
 
     def block_bytes(self, component: str, prec: Precision) -> list[tuple[str, int]]:
         """``(name, stored bytes)`` of the component's blocks in ``prec``'s weights format."""
-        from helpers.devicemap import model_units
-
-        blocks = _blocks(self.skeletons[component])
-        if prec.weights != "fp8":
-            return [(n, c * prec.storage_dtype.itemsize) for n, c in blocks]
-        stored = self.stored_skeleton(component, "fp8")
-        units = dict(model_units(stored, list(getattr(stored, "_no_split_modules", None) or []), nbytes=True))
-        return [(n, units[n]) for n, _ in blocks]
+        return _blocks(self.skeletons[component], prec.weights)
 
     def nbytes(self, dtype: str | torch.dtype, components=None) -> int:
         names = components or list(self.components)
@@ -252,7 +247,7 @@ def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_O
         module = skeleton(comp, configs[comp], tie=tie)
         skels[comp] = module
         comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module),
-                                         fp8_bytes=stored_bytes(module, "fp8"))
+                                         {dt: stored_bytes(module, short_name(dt)) for dt in DTYPES})
     return Footprint(name, comps, skels)
 
 
@@ -377,12 +372,12 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
     """
     from helpers.devicemap import model_units
 
-    size = torch.tensor([], dtype=like_plan.dtype).element_size()
+    weights = like_plan.precision.weights
     own_units: dict[str, int] = {}
     for comp in stage.components:
         module = fp.skeletons[comp]
-        for unit, n in model_units(module, list(getattr(module, "_no_split_modules", None) or [])):
-            own_units[f"{comp}.{unit}" if unit else comp] = n * size
+        for unit, n in model_units(module, list(getattr(module, "_no_split_modules", None) or []), weights):
+            own_units[f"{comp}.{unit}" if unit else comp] = n
     blocks = {f"{c}.{u}" for c in stage.mapped for u, _ in _blocks(fp.skeletons[c])}
     ref_largest = max((u.nbytes for p in like_plan.components for u in p.units if u.name in blocks), default=0)
     own_largest = max((own_units[u] for u in blocks), default=0)
@@ -409,12 +404,13 @@ def _budget_like(fp: Footprint, stage: Stage, like_plan: StagePlan, like_budget:
     return Budget(tuple(tiers), source=f"{like_budget} as {fp.model} sees it")
 
 
-def _blocks(module: torch.nn.Module) -> list[tuple[str, int]]:
-    """``(name, parameters)`` of the model's blocks (its no-split modules), in order."""
+def _blocks(module: torch.nn.Module, weights: str | None = None) -> list[tuple[str, int]]:
+    """``(name, bytes)`` of the model's blocks (its no-split modules), in order, as ``weights`` stores
+    them (``None``: as they are)."""
     from helpers.devicemap import model_units
 
     no_split = list(getattr(module, "_no_split_modules", None) or [])
-    return [(u, n) for u, n in model_units(module, no_split)
+    return [(u, n) for u, n in model_units(module, no_split, weights)
             if u and type(module.get_submodule(u)).__name__ in no_split]
 
 

@@ -632,13 +632,15 @@ def model_path(name: str | None = None, components=None, download: bool = False,
 
 def describe_pipeline(pipe) -> list[dict]:
     """One row per component of a loaded pipeline: class, blocks, parameters, bytes, dtype."""
+    from helpers.precision import stored_bytes
+
     rows = []
     for comp in ("text_encoder", "text_encoder_2", "transformer", "vae"):
         module = getattr(pipe, comp, None)
         if module is None:
             continue
         params = sum(p.numel() for p in module.parameters())
-        nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+        nbytes = stored_bytes(module)
         rows.append({
             "component": comp,
             "class": type(module).__name__,

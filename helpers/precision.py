@@ -220,8 +220,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
     """The weight in ``dtype`` from its fp8 values and row scales: each value times its row's scale,
-    both in ``dtype``, rounded once. The definition every path gives bit for bit (see :func:`decode_into`)."""
-    return torch.mul(q.to(dtype), scale.to(dtype)[:, None], out=out)
+    both in ``dtype``, rounded once. The definition every path gives bit for bit (see :func:`decode_into`).
+    With ``out``, written there without a temporary the size of the weight (every e4m3 value is
+    exact in bf16, fp16 and float32, so the cast first and the product in place round once, the same)."""
+    if out is None:
+        return torch.mul(q.to(dtype), scale.to(dtype)[:, None])
+    return out.copy_(q).mul_(scale.to(dtype)[:, None])
 
 
 #: 2**120: an e4m3 value's bits moved into a float32's place read as 2**-120 times the value
@@ -235,38 +239,48 @@ def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, bac
     An e4m3fn byte is sign, 4 exponent bits (bias 7), 3 mantissa bits. Shifted left by 20 into a
     float32 (the sign kept in bit 31) it reads as the value times 2**-120, exactly, subnormals
     included (they land on float32 subnormals); times ``scale * 2**120`` it is the value times the
-    scale, rounded once, as :func:`dequantize_rows` rounds it. ``False`` (nothing written) where a
-    scale times 2**120 would not be a finite float32 (rows past 2**7 in magnitude: not weights).
-    ``background``: numpy, on this thread alone (a reader thread must not start torch's worker
+    scale, rounded once, as :func:`dequantize_rows` rounds it. e4m3fn's NaN (0x7F, 0xFF) would read
+    as 480: a quantized weight never holds it. ``False`` (nothing written, the caller falls back to
+    the formula) where a scale times 2**120 would not be a finite float32 (rows past 2**7 in
+    magnitude: not weights), and where this thread flushes subnormals to zero (a library built with
+    fast-math can set that), which would zero e4m3's subnormals here and not in torch's cast.
+    ``background``: numpy alone, on this thread (a decoding thread must not start torch's worker
     threads beside the model's); else torch, on its threads.
     """
-    if q.dim() != 2 or not bool((scale.abs() < 2.0 ** 7).all()):
-        return False
-    factor = (scale.to(torch.float32) * _E4M3_SHIFT)[:, None]
-    if background:
-        import numpy as np
+    import numpy as np
 
+    if q.dim() != 2 or scale.dtype != torch.float32:
+        return False
+    if background:
+        rows = scale.numpy()
+        if not (np.abs(rows) < 2.0 ** 7).all() or np.float32(1e-39) * np.float32(1.0) == 0:
+            return False
+        factor = (rows.astype(np.float32) * np.float32(_E4M3_SHIFT))[:, None]
         bits = out.view(torch.int32).numpy()
         np.copyto(bits, q.view(torch.int8).numpy())  # sign-extended
         np.left_shift(bits, 20, out=bits)
         np.bitwise_and(bits, np.int32(-0x78100000), out=bits)  # 0x87F00000: the sign, then 7 bits of value
-        np.multiply(out.numpy(), factor.numpy(), out=out.numpy())
-    else:
-        bits = out.view(torch.int32)
-        bits.copy_(q.view(torch.int8))
-        bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)
-        out.mul_(factor)
+        np.multiply(out.numpy(), factor, out=out.numpy())
+        return True
+    if not bool((scale.abs() < 2.0 ** 7).all()) or bool(torch.tensor(1e-39) * 1.0 == 0):
+        return False
+    bits = out.view(torch.int32)
+    bits.copy_(q.view(torch.int8))
+    bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)
+    out.mul_((scale.to(torch.float32) * _E4M3_SHIFT)[:, None])
     return True
 
 
 def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
                 background: bool = False) -> torch.Tensor:
     """``stored`` (a weight as a tier holds it) written into ``out`` in ``out``'s dtype: the one
-    conversion every path uses (the layer hooks, the stream's reader and copy stream).
+    conversion every path uses (the layer hooks, the stream's decoding thread and copy stream).
 
     bf16 -> float32 is exact widening; fp8 with its row ``scale`` is :func:`dequantize_rows`, on a CPU
     into float32 by moving bits (:func:`_e4m3_bits_fp32`). ``background``: called from a thread beside
-    the model's (the stream's reader), which must not start torch's worker threads: numpy there.
+    the model's (the stream's decoding thread), which must not start torch's worker threads: numpy
+    there, except for fp8 into bf16 or fp16 math on a CPU (torch's cast: the math the CPU runs
+    natively, so a CPU with native bf16, with cores to match).
     """
     cpu = out.device.type == "cpu"
     if scale is not None and stored.dtype == torch.float8_e4m3fn:
@@ -288,33 +302,39 @@ def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | N
     return out.copy_(stored)
 
 
+def tensor_bytes(owner: torch.nn.Module, name: str, t: torch.Tensor, weights: str | None = None) -> int:
+    """The bytes tensor ``name`` of ``owner`` (a parameter or a buffer) takes: as it is, or stored as
+    ``weights``: floating tensors at the format's size; with ``fp8``, a linear layer's weight at one
+    byte plus a float32 scale per row, a scale already beside one as it is, the rest at bf16's two.
+    The one rule every count of bytes uses (:func:`stored_bytes`, the device maps' units)."""
+    if weights is None or not t.is_floating_point():
+        return t.numel() * t.element_size()
+    if weights == "fp8" and name in owner._parameters and quantized(owner, name):
+        return t.numel() + t.shape[0] * 4
+    if weights == "fp8":
+        return t.numel() * (t.element_size() if name.endswith("_scale") else FP8_REST.itemsize)
+    return t.numel() * (WEIGHTS.get(weights) or COMPUTES[weights]).itemsize
+
+
+def named_tensors(module: torch.nn.Module):
+    """``(owner, name, tensor)`` for every parameter and buffer of ``module``, each shared tensor once."""
+    seen: set[int] = set()
+    for owner in module.modules():
+        for name, t in [*owner._parameters.items(), *owner._buffers.items()]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                yield owner, name, t
+
+
 def stored_bytes(module: torch.nn.Module, weights: str | None = None) -> int:
     """The bytes ``module`` holds: its parameters and buffers, each shared tensor once.
 
     ``weights``: count the module as stored in that format instead of its own dtypes (a skeleton on
-    the meta device sized for a format): floating tensors at the format's size; with ``fp8``, the
-    linear layers' weights at one byte plus a float32 scale per row, the rest at bf16's two.
+    the meta device sized for a format; see :func:`tensor_bytes`).
     """
     if weights is not None:
         check_weights(weights)
-    seen: set[int] = set()
-    total = 0
-    for owner in module.modules():
-        tensors = [(n, t, True) for n, t in owner._parameters.items() if t is not None]
-        tensors += [(n, t, False) for n, t in owner._buffers.items() if t is not None]
-        for name, t, is_param in tensors:
-            if id(t) in seen:
-                continue
-            seen.add(id(t))
-            if weights is None or not t.is_floating_point():
-                total += t.numel() * t.element_size()
-            elif weights == "fp8" and is_param and quantized(owner, name):
-                total += t.numel() + t.shape[0] * 4
-            elif weights == "fp8":
-                total += t.numel() * (FP8_REST.itemsize if not name.endswith("_scale") else t.element_size())
-            else:
-                total += t.numel() * WEIGHTS[weights].itemsize
-    return total
+    return sum(tensor_bytes(owner, name, t, weights) for owner, name, t in named_tensors(module))
 
 
 def to_storage(module: torch.nn.Module, weights: str) -> torch.nn.Module:

@@ -61,10 +61,13 @@ def test_published_figures(dev):
     assert dev.nbytes("float32") > 61 * GiB
 
 
-def test_bytes_are_params_times_dtype_size(dev):
+def test_bytes_are_what_each_format_stores(dev):
+    """Parameters and buffers, in one rule (CLIP's one buffer: 77 int64 position ids)."""
+    buffers = {"text_encoder": 77 * 8}
     for comp in dev.components.values():
-        assert comp.nbytes("float32") == 4 * comp.params
-        assert comp.nbytes("bfloat16") == 2 * comp.params
+        assert comp.nbytes("float32") == 4 * comp.params + buffers.get(comp.component, 0)
+        assert comp.nbytes("bfloat16") == 2 * comp.params + buffers.get(comp.component, 0)
+        assert comp.nbytes("float32") == stored_bytes(dev.skeletons[comp.component], "fp32")
         # fp8 as stored: linear weights at 1 byte plus a float32 scale per row, the rest (CLIP's and
         # T5's embeddings, norms, biases) in bf16
         assert comp.nbytes("float8_e4m3fn") == stored_bytes(dev.skeletons[comp.component], "fp8")
@@ -204,13 +207,13 @@ def test_report_json_shape_and_exact_integers(dev):
     assert data["activations"] == {"workload": None, "bytes": {}}  # planned for weights alone
     for comp, entry in data["components"].items():
         assert set(entry) == {"class", "params", "bytes"} and isinstance(entry["params"], int)
-        assert entry["bytes"] == {"float32": 4 * entry["params"], "bfloat16": 2 * entry["params"],
-                                  "float8_e4m3fn": dev.components[comp].fp8_bytes}
+        skeleton = dev.skeletons[comp]
+        assert entry["bytes"] == {"float32": stored_bytes(skeleton, "fp32"), "bfloat16": stored_bytes(skeleton, "bf16"),
+                                  "float8_e4m3fn": stored_bytes(skeleton, "fp8")}
     for name, stage in data["plan"].items():
         assert {"dtype", "tiers", "fits", "advice"} <= set(stage)
         assert isinstance(stage["fits"], bool) and stage["advice"]
-        size = {"float32": 4, "bfloat16": 2}[stage["dtype"]]
-        total = sum(data["components"][c]["params"] for c in STAGES[name].components) * size
+        total = sum(data["components"][c]["bytes"][stage["dtype"]] for c in STAGES[name].components)
         assert sum(t["bytes"] for t in stage["tiers"].values()) == total  # every byte placed once
         assert set(stage["tiers"]) == {"0", "cpu"}
         assert all(isinstance(m, str) for t in stage["tiers"].values() for m in t["modules"])
@@ -224,7 +227,9 @@ def test_model_units_are_blocks(tiny):
     assert t5[0] == "shared" and t5[-1] == "encoder.final_layer_norm"
     assert [n for n in t5 if n.startswith("encoder.block.")] == [f"encoder.block.{i}" for i in range(24)]
     flux_units = model_units(tiny.skeletons["transformer"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"])
-    assert sum(n for _, n in flux_units) == tiny.components["transformer"].params
+    assert sum(n for _, n in flux_units) == tiny.components["transformer"].nbytes("float32")  # as the skeleton is
+    bf16 = model_units(tiny.skeletons["transformer"], ["FluxTransformerBlock", "FluxSingleTransformerBlock"], "bf16")
+    assert [n for _, n in bf16] == [n // 2 for _, n in flux_units]
     assert sum(1 for name, _ in flux_units if name.startswith("single_transformer_blocks.")) == 38
 
 
