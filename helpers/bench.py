@@ -236,6 +236,12 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
     config = {**config, "baseline": rss_bytes()}
     name = strategy
     if strategy == METHOD:  # accelerate's hooks in the method's precision
+        from helpers.precision import folder_format
+
+        transformer = Path(config["folder"]) / "transformer"
+        if config.get("stage", "diffusion") == "diffusion" and folder_format(transformer) == "fp8":
+            source = str(_source(transformer).parent)  # an fp8 copy: the method runs the model it was made from
+            config.update(model=source, folder=source)
         config.update(weights="bf16", compute="bf16")
         strategy = "accelerate"
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-", dir=config.get("work_root")))
@@ -413,6 +419,42 @@ def plot_time_memory(data: dict, ax=None):
     return ax
 
 
+def plot_step_times(results: list[dict], ax=None):
+    """Seconds per step of every strategy, grouped by result (size, tokens, precision), with how many
+    times faster ``stream`` is than the method's row where a result has one. For notebook 05; returns
+    the axes."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        ax = plt.subplots(figsize=(11, 4.5))[1]
+    order = [*CPU_STRATEGIES[:2], METHOD, *CPU_STRATEGIES[2:], *GPU_ONLY]
+    present = [s for s in order if any(r["strategy"] == s and r.get("s_per_step") for d in results for r in d["results"])]
+    width = 0.8 / max(len(present), 1)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, strategy in enumerate(present):
+        heights = [next((r["s_per_step"] for r in d["results"] if r["strategy"] == strategy and r.get("s_per_step")),
+                        np.nan) for d in results]
+        ax.bar(np.arange(len(results)) + (k - (len(present) - 1) / 2) * width, heights, width,
+               label=strategy, color=colours[k % len(colours)])
+    for i, d in enumerate(results):
+        times = {r["strategy"]: r["s_per_step"] for r in d["results"] if r.get("s_per_step")}
+        if METHOD in times and "stream" in times:
+            ax.annotate(f"{times[METHOD] / times['stream']:.1f}x", (i, max(times.values())), ha="center",
+                        va="bottom", fontsize=11, xytext=(0, 3), textcoords="offset points")
+    def label(d: dict) -> str:
+        what = f"{d['height']}x{d['width']}" + (f", {d['tokens']} tokens" if d.get("tokens") else "")
+        knobs = d.get("precision") or {}
+        return what + (f"\n{knobs['weights']} weights, {knobs['compute']} math" if knobs else "")
+
+    labels = [label(d) for d in results]
+    ax.set_xticks(range(len(results)), labels, fontsize=10)
+    ax.set_ylabel("seconds per step", fontsize=12)
+    ax.legend(fontsize=10, ncols=len(present))
+    ax.set_title("seconds per step (above each group: the method's time over stream's)", fontsize=12)
+    return ax
+
+
 def plot_timeline(data: dict, ax=None):
     """The ``stream`` row's fetches (disk reads, or copies to the GPU) against its computes, block by
     block, over its last calls; ``None`` when the result has no stream timeline."""
@@ -423,11 +465,14 @@ def plot_timeline(data: dict, ax=None):
         return None
     if ax is None:
         ax = plt.subplots(figsize=(12, 2.6))[1]
-    fetch = "copy" if any(k == "copy" for k, *_ in stream["timeline"]) else "read"
-    for row, kind, colour in ((1, fetch, "#ff7f0e"), (0, "compute", "#1f77b4")):
+    kinds = {k for k, *_ in stream["timeline"]}
+    fetch = "copy" if "copy" in kinds else "read"
+    # top to bottom: the fetch, the decoding into the compute dtype (a converting stream), the compute
+    lanes = [("compute", "#1f77b4"), *([("decode", "#2ca02c")] if "decode" in kinds else []), (fetch, "#ff7f0e")]
+    for row, (kind, colour) in enumerate(lanes):
         spans = [(a, b - a) for k, _, a, b in stream["timeline"] if k == kind]
         ax.broken_barh(spans, (row - 0.35, 0.7), color=colour, edgecolor="white", linewidth=0.3)
-    ax.set_yticks([0, 1], ["compute", fetch], fontsize=12)
+    ax.set_yticks(range(len(lanes)), [k for k, _ in lanes], fontsize=12)
     ax.set_xlabel("seconds", fontsize=12)
     ax.set_title(f"stream on {data['device']}: the {fetch} of the next pieces while one computes", fontsize=12)
     return ax
@@ -637,8 +682,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         machine with the measurement), so a partial report has none."""
         reference = outputs.get("resident")
         exact = outputs.get(_FP32)
+        method_knobs = {"weights": "bf16", "compute": "bf16"}
         results = [({"strategy": s, "error": errors[s], "s_per_step": None, "peak_rss_bytes": None,
-                     "peak_gpu_bytes": None, "bytes_streamed_per_step": None} if s in errors else _combine(runs[s]))
+                     "peak_gpu_bytes": None, "bytes_streamed_per_step": None, **(method_knobs if s == METHOD else {})}
+                    if not runs[s] else {**_combine(runs[s]), **({"error": errors[s]} if s in errors else {})})
                    for s in strategies if s in errors or runs[s]]
         rows_ = []
         for r in results:
@@ -692,7 +739,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                 outputs[_FP32] = torch.load(out.with_suffix(".pt"))
             else:
                 progress(f"float32 reference: failed, no rel_error_vs_fp32: {error}")
-        if image and stage == "diffusion" and not method:
+        if image and stage == "diffusion" and not method and "resident" in strategies:  # whole models, as resident
             progress("image in this precision and in the method's bf16 (resident, every step and the decode)...")
             pngs = {}
             for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):

@@ -5,11 +5,13 @@ the rest one at a time, synchronously. :class:`BlockStreamer` does it with read-
 tier down (disk -> RAM, on a machine without a GPU): the blocks that fit the ``cpu`` budget stay
 resident, spread out between the streamed ones; the others stay in the checkpoint's own
 safetensors files and are read, by a background thread, into a small fixed pool of buffers while
-the previous block computes. Nothing is converted or copied to an offload folder, and RAM holds at
-most the resident blocks plus the pool.
+the previous block computes. Nothing is copied to an offload folder, and RAM holds at most the
+resident blocks plus the pool (where the math's dtype is not the stored one, the pool reads stored
+bytes and two more buffers hold pieces decoded ahead of their turn).
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
-live once in pinned RAM and are copied ahead on a side CUDA stream. Streamed blocks go in their
-parts (attention, feed-forward...), so the pool is a few parts, not two whole blocks.
+live once in pinned RAM, as stored, and are copied ahead on a side CUDA stream (and decoded there).
+Streamed blocks go in their parts (attention, feed-forward...), so the pool is a few parts, not two
+whole blocks.
 :func:`load_streaming` builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
 """
 
@@ -371,8 +373,10 @@ class _Streamer:
                 ])
         #: the bytes of the blocks the model has used so far
         self.bytes_streamed = 0
-        #: (kind, block index, start, end): the fetches ("read" or "copy") and "compute"; the last two passes
-        self.events: collections.deque = collections.deque(maxlen=4 * len(self.blocks))
+        #: (kind, block index, start, end): the fetches ("read" or "copy"), "decode" where a thread decodes
+        #: (a converting :class:`BlockStreamer`) and "compute"; the last two passes
+        kinds = 3 if getattr(self, "convert", False) and isinstance(self, BlockStreamer) else 2
+        self.events: collections.deque = collections.deque(maxlen=2 * kinds * len(self.blocks))
         self._compute_start: dict[int, object] = {}
         self._current: dict[int, int] = {}  # block -> buffer, for blocks computing now
         self._next = 0  # the block the forward pass reaches next
@@ -462,6 +466,10 @@ def _yield_to_compute() -> None:
     threads already use every core, it decodes in the time they leave (and, when the model waits for
     it, in the time the waiting leaves) instead of taking turns with them: measured 5-10% faster
     steps on 2 cores. Elsewhere, nothing."""
+    import sys
+
+    if not sys.platform.startswith("linux"):  # elsewhere the id of a thread is not one setpriority takes
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
@@ -473,16 +481,18 @@ class BlockStreamer(_Streamer):
 
     ``blocks``: the names of the blocks (or parts of blocks) to stream, in the order the forward
     pass calls them (each call of the model runs them all in this order). ``pool``: how many may be
-    in RAM at once as read (2: one computing, one being read; more: reads further ahead).
+    in RAM at once as read (2: one computing, one being read; more: reads further ahead; where
+    pieces are decoded, the decoded buffers are the ones computing, and all the pool reads ahead).
     ``dtype``: the dtype to compute in, when it is not the one stored (bf16 weights with float32
     math, fp8 weights): a second thread then decodes each piece read into one of :data:`DECODED`
     buffers in ``dtype``, ahead of its turn, while the reader goes on reading in stored bytes (a
     quarter of float32's for fp8), so reads, decoding and compute overlap; ``ram_bytes`` counts
     both kinds of buffers.
 
-    ``direct``: read with ``O_DIRECT``, straight from the disk into the pool, so that the streamed
-    weights take no page cache (RAM the budget does not have) and the copy costs no CPU time;
-    where the file system refuses it, reads fall back to the page cache.
+    ``direct``: read with ``O_DIRECT``, straight from the disk into the read buffers, so that the
+    streamed weights take no page cache (RAM the budget does not have) and the read costs no CPU
+    time (decoding does, in its own thread); where the file system refuses it, reads fall back to
+    the page cache.
     """
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], pool: int = 2,
@@ -771,16 +781,17 @@ class HostStreamer(_Streamer):
         n = block.stored_nbytes
 
         def move() -> None:  # the stored bytes across, then decoded into the pool where they convert
+            if self.staging is not None:  # the transfer need not wait for the pool buffer, only the decoding
+                self.staging[:n].copy_(self.host[j][:n], non_blocking=self.cuda)
+            if self.cuda and self._freed[k] is not None:  # the compute that last read this buffer is done
+                self.copy_stream.wait_event(self._freed[k])
             if self.staging is None:
                 self.buffers[k][:n].copy_(self.host[j][:n], non_blocking=self.cuda)
             else:
-                self.staging[:n].copy_(self.host[j][:n], non_blocking=self.cuda)
                 _decode(block, self.staging, "stored_pos", self.buffers[k], "pos", self._dtype)
 
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
-                if self._freed[k] is not None:
-                    self.copy_stream.wait_event(self._freed[k])
                 started = self._mark(self.copy_stream)
                 move()
                 event = torch.cuda.Event(enable_timing=True)
@@ -969,8 +980,9 @@ def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: di
     first (Flux: the double blocks, 2.4x the bytes of a single block for about the same compute):
     there a fetch takes longest against its compute, so that is where the cover is needed; streaming
     the smaller blocks also keeps the pool small once all the largest are resident. ``lists``: the
-    model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer`` and
-    ``stage``: the buffers a converting stream adds (decoded, or a staging buffer), when streamed.
+    model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer``: the
+    pool buffer its largest piece needs when streamed; ``stage``: what a converting stream adds for
+    it (the decoded buffers, or a staging buffer).
     """
     lists = sorted((names for names in lists if names), key=lambda names: -max(size[n] for n in names))
     everything = [n for names in lists for n in names]

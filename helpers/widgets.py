@@ -78,9 +78,23 @@ class Panel(w.VBox):
         self._clicked()
 
 
+def _precision_boxes(weights: str | None, compute: str) -> tuple[w.Dropdown, w.Dropdown]:
+    """The two knobs (:mod:`helpers.precision`): how the weights are stored, the dtype of the math."""
+    from helpers.precision import COMPUTES, WEIGHTS, check_compute, check_weights
+
+    if weights is not None:
+        check_weights(weights)
+    weights_box = w.Dropdown(options=[("as stored", None), *[(k, k) for k in WEIGHTS]], value=weights,
+                             description="Weights")
+    compute_box = w.Dropdown(options=["auto", *COMPUTES], value=check_compute(compute), description="Math")
+    return weights_box, compute_box
+
+
 def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_name: str,
-                 overwrite: bool = True, max_memory=None) -> Panel:
-    """Prompt box (one prompt per line), max_sequence_length, file name, and an Encode button.
+                 overwrite: bool = True, max_memory=None, weights: str | None = None,
+                 compute: str = "auto") -> Panel:
+    """Prompt box (one prompt per line), max_sequence_length, file name, the weights format and
+    compute dtype (``auto``: float32 for the text encoders), and an Encode button.
 
     Encode calls :func:`helpers.encode.encode_prompts` and shows where the file went.
     """
@@ -95,6 +109,7 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     length = w.BoundedIntText(value=max_sequence_length, min=1, max=512, description="Max tokens")
     name = w.Text(value=out_name, description="File name")
     replace = w.Checkbox(value=overwrite, description="replace a file of the same name")
+    weights_box, compute_box = _precision_boxes(weights, compute)
 
     def run(panel: Panel) -> None:
         from helpers.errors import UserError
@@ -105,16 +120,17 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
             raise UserError("give the embeddings a plain file name (no folders, not starting with a dot).")
         panel.status.value = f"encoding {len(lines)} prompt(s)..."
         result = encode_prompts(model, lines or [""], embeddings_path(stem), max_memory=max_memory,
-                                max_sequence_length=int(length.value), overwrite=replace.value)
+                                max_sequence_length=int(length.value), overwrite=replace.value,
+                                weights=weights_box.value, compute=compute_box.value)
         m = result.measurement
-        panel.status.value = f"done in {m.wall_s:.1f} s"
+        panel.status.value = f"done in {m.wall_s:.1f} s ({result.plan.precision.describe()})"
         display(_message(f"saved {shown(result.path)}\n{len(lines)} prompt(s), {result.shapes['prompt_embeds']}, "
                          f"peak RSS {format_bytes(m.peak_rss)}"))
         for warning in result.warnings:
             display(_message(f"warning: {warning}", "#a60"))
         display(Table(result.per_tier(), title="per tier"))
 
-    return Panel([prompt_box, w.HBox([length, name]), replace], "Encode", run)
+    return Panel([prompt_box, w.HBox([length, name]), w.HBox([weights_box, compute_box]), replace], "Encode", run)
 
 
 def embeddings_choices() -> list[str]:
@@ -160,11 +176,7 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
     height_box = w.IntText(value=height, description="Height")
     width_box = w.IntText(value=width, description="Width")
     replace = w.Checkbox(value=overwrite, description="replace an image of the same name")
-    from helpers.precision import COMPUTES, WEIGHTS, check_compute
-
-    weights_box = w.Dropdown(options=[("as stored", None), *[(k, k) for k in WEIGHTS]], value=weights,
-                             description="Weights")
-    compute_box = w.Dropdown(options=["auto", *COMPUTES], value=check_compute(compute), description="Math")
+    weights_box, compute_box = _precision_boxes(weights, compute)
 
     def run(panel: Panel) -> None:
         panel.status.value = "checking, then loading and denoising..."

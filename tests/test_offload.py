@@ -716,7 +716,7 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from helpers.bench import plot_time_memory, plot_timeline
+    from helpers.bench import plot_step_times, plot_time_memory, plot_timeline
 
     cpu = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" / "medium-cpu2-64x64-cold.json").read_text())
     ax = plot_time_memory(cpu)
@@ -724,6 +724,12 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     limit = 1.1 * (cpu["baseline_rss_bytes"] + cpu["max_memory_bytes"]["cpu"]) / 2**20
     assert any(line.get_xdata()[0] == limit for line in ax.lines)  # the RSS criterion's line
     assert "read" in plot_timeline(cpu).get_title()
+    # bf16 weights, float32 math: a decoding thread between the reads and the compute, a lane of its own
+    decoded = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" /
+                          "medium-avx2-64x64-t64-bf16-weights-auto-math.json").read_text())
+    lanes = [t.get_text() for t in plot_timeline(decoded).get_yticklabels()]
+    assert lanes == ["compute", "decode", "read"]
+    assert plot_step_times([decoded, cpu]).get_legend() is not None
     gpu = copy_.deepcopy(cpu)
     gpu.update(device="cuda:0 (a card)", max_memory_bytes={"0": 9 * 2**30, "cpu": 30 * 2**30}, floor=None)
     for r in gpu["results"]:
