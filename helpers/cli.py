@@ -273,8 +273,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{embeddings} --out {out}; or pass --overwrite to encode again."
         )
     # both plans with their activations: a batch or an image size too large is refused before stage 1
-    text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length))
-    diffusion_plan(args.model, args.max_memory, workload=Workload(args.height, args.width, len(prompts), length))
+    text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length),
+                       weights=args.weights)
+    diffusion_plan(args.model, args.max_memory, workload=Workload(args.height, args.width, len(prompts), length),
+                   weights=args.weights, compute=args.compute)
     from helpers.models import COMPONENTS, model_path
 
     model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)

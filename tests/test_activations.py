@@ -224,29 +224,35 @@ def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_la
 
     budget = "cpu=64MiB,disk=100%"
     with pytest.raises(UserError, match=r"the activations of a 16384x16384 image \(the VAE's decode\) alone need 40 GiB") as info:
-        diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384))
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384), compute="bf16")
+    # the activations are in the dtype of the math: float32 math (the default on a CPU without
+    # native bf16) doubles them, and the largest size shrinks by about 1/sqrt(2)
+    with pytest.raises(UserError, match=r"16384x16384 image \(the VAE's decode\) alone need 80 GiB") as wide:
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384), compute="fp32")
+    side32 = int(re.search(r"the largest square image that fits is (\d+)x\1", str(wide.value)).group(1))
     side = int(re.search(r"the largest square image that fits is (\d+)x\1", str(info.value)).group(1))
     assert 600 < side < 700  # the VAE's decode: 160 bytes a pixel against 64 MiB
-    plan = diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side))
+    assert 0.65 < side32 / side < 0.75
+    plan = diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side), compute="bf16")
     assert plan.budget["cpu"] - plan.reserve_bytes >= plan.tier_bytes()["cpu"]
     with pytest.raises(UserError, match=f"the largest square image that fits is {side}x{side}"):
-        diffusion_plan(str(tiny_folder), budget, workload=Workload(side + 16, side + 16))
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(side + 16, side + 16), compute="bf16")
     # a batch: the same room for fewer pixels, and the message says fewer prompts would do too
     with pytest.raises(UserError, match="or fewer prompts per file"):
-        diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side, batch=2))
+        diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side, batch=2), compute="bf16")
 
 
 def test_a_size_that_leaves_the_weights_little_room_is_warned():
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan
 
-    # the VAE's decode: 59.4 MiB at 624x624, 62.5 MiB at 640x640 (the largest that fits 64 MiB)
-    near = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(624, 624))
+    # the VAE's decode in bf16 math: 59.4 MiB at 624x624, 62.5 MiB at 640x640 (the largest that fits 64 MiB)
+    near = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(624, 624), compute="bf16")
     assert len(near.warnings) == 1 and "leaving 4.59 MiB for weights: they fit" in near.warnings[0]
-    edge = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(640, 640))
+    edge = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(640, 640), compute="bf16")
     assert len(edge.warnings) == 1 and "leaving 1.5 MiB for weights" in edge.warnings[0]
     assert "are fetched from a slower tier every step" in edge.warnings[0]
-    assert not diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(256, 256)).warnings
+    assert not diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(256, 256), compute="bf16").warnings
 
 
 def test_too_many_prompts_at_once_are_refused_naming_how_many_fit():
