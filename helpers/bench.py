@@ -419,6 +419,13 @@ def plot_time_memory(data: dict, ax=None):
     return ax
 
 
+def by_workload(results: list[dict]) -> list[dict]:
+    """``bench`` results in the order to compare them: by image size, then text tokens, then bytes per
+    weight (bf16 first), so that neighbours differ in one thing."""
+    return sorted(results, key=lambda d: (d["height"] * d["width"], d.get("tokens") or 0,
+                                          (d.get("precision") or {}).get("weights") != "bf16"))
+
+
 def plot_step_times(results: list[dict], ax=None):
     """Seconds per step of every strategy, grouped by result (size, tokens, precision), with how many
     times faster ``stream`` is than the method's row where a result has one. For notebook 05; returns
@@ -428,6 +435,7 @@ def plot_step_times(results: list[dict], ax=None):
 
     if ax is None:
         ax = plt.subplots(figsize=(11, 4.5))[1]
+    results = by_workload(results)
     order = [*CPU_STRATEGIES[:2], METHOD, *CPU_STRATEGIES[2:], *GPU_ONLY]
     present = [s for s in order if any(r["strategy"] == s and r.get("s_per_step") for d in results for r in d["results"])]
     width = 0.8 / max(len(present), 1)
@@ -443,14 +451,15 @@ def plot_step_times(results: list[dict], ax=None):
             ax.annotate(f"{times[METHOD] / times['stream']:.1f}x", (i, max(times.values())), ha="center",
                         va="bottom", fontsize=11, xytext=(0, 3), textcoords="offset points")
     def label(d: dict) -> str:
-        what = f"{d['height']}x{d['width']}" + (f", {d['tokens']} tokens" if d.get("tokens") else "")
+        what = f"{d['height']}x{d['width']}" + (f"\n{d['tokens']} tokens" if d.get("tokens") else "")
         knobs = d.get("precision") or {}
-        return what + (f"\n{knobs['weights']} weights, {knobs['compute']} math" if knobs else "")
+        return what + (f"\n{knobs['weights']} weights\n{knobs['compute']} math" if knobs else "")
 
     labels = [label(d) for d in results]
     ax.set_xticks(range(len(results)), labels, fontsize=10)
     ax.set_ylabel("seconds per step", fontsize=12)
-    ax.legend(fontsize=10, ncols=len(present))
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the ratios and the legend
+    ax.legend(fontsize=10, ncols=len(present), loc="upper left")
     ax.set_title("seconds per step (above each group: the method's time over stream's)", fontsize=12)
     return ax
 
