@@ -320,20 +320,37 @@ def _remove_stale_builds(folder: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _built_here(name: str, folder: Path) -> bool:
+    """True when ``folder`` holds twin ``name`` as some version of this builder left it (its marker
+    names the twin and a builder version): the only kind of folder a build may replace."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("twin") == name and "builder_version" in marker
+
+
 def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
     """The folder of twin ``name`` (``tiny`` or ``medium``), building it first if needed.
 
     Reuses a complete folder; otherwise builds into a temporary sibling folder and renames it into
     place, so an interrupted build never leaves a half-written twin behind. Deterministic: two
-    builds give byte-identical files.
+    builds give byte-identical files. Replaces only a folder this builder made (an older version or
+    other widths of the same twin), never another folder; and where another build of the same twin
+    finished first, keeps that one instead of deleting it.
     """
     if name not in TWINS:
         raise UserError(f"unknown twin {name!r}; the twins are {', '.join(TWINS)}.")
     folder = Path(folder) if folder is not None else twin_folder(name)
     if not rebuild and twin_is_built(name, folder):
         return folder
-    if folder.exists() and not (folder / MARKER).is_file() and any(folder.iterdir()):
-        raise UserError(f"{folder} exists and is not a twin built here (no {MARKER}); choose an empty or new folder.")
+
+    def check_replaceable() -> None:
+        if folder.exists() and any(folder.iterdir()) and not _built_here(name, folder):
+            raise UserError(f"{folder} exists and is not a twin {name!r} built here (its {MARKER} does not say so); "
+                            "nothing in it was changed: choose an empty or new folder.")
+
+    check_replaceable()
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(folder)
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
@@ -342,11 +359,16 @@ def build_twin(name: str = "tiny", folder: str | os.PathLike | None = None, rebu
     try:
         _write_twin(TWINS[name], tmp)
         (tmp / MARKER).write_text(json.dumps(_marker(name, TWINS[name]), indent=2) + "\n")
-        if folder.exists():
+        try:
+            tmp.rename(folder)  # an absent (or empty) folder: replaced in one step
+        except OSError:  # it holds something: a twin another build just finished, or one to replace
+            if not rebuild and twin_is_built(name, folder):
+                return folder  # the same files as ours: keep theirs, in use perhaps
+            check_replaceable()
             old = folder.parent / f".{folder.name}.old-{os.getpid()}"
             folder.rename(old)
+            tmp.rename(folder)
             shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -181,9 +181,38 @@ def test_stale_twin_is_rebuilt_and_foreign_folders_are_refused(tmp_path, tiny_fo
     mine = tmp_path / "mydata"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    with pytest.raises(UserError, match="not a twin built here"):
+    with pytest.raises(UserError, match="not a twin 'tiny' built here"):
         build_twin("tiny", mine)
     assert (mine / "notes.txt").read_text() == "keep"
+    # a folder with a marker that is not this builder's (a trained twin, another tool's) is not replaced
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    (other / MARKER).write_text(json.dumps({"twin": "tiny", "trained": True}))
+    with pytest.raises(UserError, match="nothing in it was changed"):
+        build_twin("tiny", other, rebuild=True)
+    assert json.loads((other / MARKER).read_text()) == {"twin": "tiny", "trained": True}
+    with pytest.raises(UserError, match="not a twin 'medium' built here"):  # another twin's folder neither
+        build_twin("medium", twin)
+    assert twin_is_built("tiny", twin)
+
+
+def test_a_build_that_finishes_second_keeps_the_first_ones_folder(tmp_path, tiny_folder, monkeypatch):
+    """Two builds at once: the one that finishes second must not delete the folder the first put in
+    place (another process may already read it)."""
+    from helpers import models
+
+    twin = tmp_path / "tiny"
+    write = models._write_twin
+
+    def meanwhile(spec, folder):  # while this build writes, another one finishes
+        write(spec, folder)
+        shutil.copytree(tiny_folder, twin)
+        (twin / "theirs").write_text("in use")
+
+    monkeypatch.setattr(models, "_write_twin", meanwhile)
+    assert build_twin("tiny", twin) == twin
+    assert (twin / "theirs").read_text() == "in use"  # their folder, not replaced by ours
+    assert twin_is_built("tiny", twin) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_builds_killed_earlier_are_cleaned_up(tmp_path, tiny_folder):
