@@ -1,8 +1,8 @@
-"""Measure FLUX.1 before loading it: weightless skeletons, bytes per dtype, and a plan per stage.
+"""Measure FLUX.1 before loading it: bytes per dtype of weightless skeletons, and a plan per stage.
 
-Each component is built as a skeleton on PyTorch's meta device (accelerate's ``init_empty_weights``):
-the real module tree with shapes but no storage, so even the 12-billion-parameter transformer costs
-nothing to build. Counting its parameters gives the bytes it needs in any dtype. The published
+Each component is built as a skeleton on PyTorch's meta device (:mod:`helpers.architecture`, with
+accelerate's ``init_empty_weights``): the real module tree with shapes but no storage, so even the
+12-billion-parameter transformer costs nothing to build. Counting its parameters gives the bytes it needs in any dtype. The published
 configs of FLUX.1-dev and FLUX.1-schnell ship with this package (``helpers/configs/``), so this
 needs no download. :func:`plan_stages` then places every stage under a memory budget.
 Explained in ``01_memory-footprint.ipynb``.
@@ -10,19 +10,17 @@ Explained in ``01_memory-footprint.ipynb``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from importlib import resources
-from pathlib import Path
 
 import torch
 
 from helpers.activations import (WHAT, WORKSPACE_GPU, Workload, affine_guess, forward_peak, largest_square,
                                  stage_activations)
+from helpers.architecture import COMPONENT_ORDER, SHIPPED, count_params, shipped_configs, skeleton  # noqa: F401
 from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
-from helpers.models import TWINS, resolve_model, twin_configs
+from helpers.models import component_configs, resolve_model  # noqa: F401  (component_configs: re-exported)
 from helpers.precision import Precision, method_precision, short_name, stored_bytes
 
 #: dtypes reported for every component, by the names torch gives them
@@ -31,13 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float8_e4m3fn": torch.float8_e4m3fn,
 }
-COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
 #: the model a twin's default budget is read against, so that the twin splits where it would
 TWIN_REFERENCE = "flux-dev"
 
-#: Published configs shipped as package data, copied from the hub repositories of the same name
-#: (black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell, each component's config.json).
-SHIPPED = {"black-forest-labs/FLUX.1-dev": "FLUX.1-dev", "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell"}
 
 
 @dataclass(frozen=True)
@@ -63,104 +57,6 @@ STAGES: dict[str, Stage] = {
     # the VAE whole on the fastest tier, the transformer split: bfloat16
     "diffusion": Stage(torch.bfloat16, whole=("vae",), mapped=("transformer",)),
 }
-
-
-# --------------------------------------------------------------------------- configs and skeletons
-
-
-def shipped_configs(name: str) -> dict[str, dict]:
-    """The shipped configs of ``FLUX.1-dev`` or ``FLUX.1-schnell``, per component."""
-    root = resources.files("helpers") / "configs" / name
-    return {c: json.loads((root / c / "config.json").read_text()) for c in COMPONENT_ORDER}
-
-
-#: a key each component's config must have, to tell a FLUX.1 folder from something else
-_REQUIRED_KEYS = {"text_encoder": "hidden_size", "text_encoder_2": "d_model", "transformer": "num_single_layers",
-                  "vae": "latent_channels"}
-
-
-def _folder_configs(folder: Path) -> dict[str, dict]:
-    missing = [c for c in COMPONENT_ORDER if not (folder / c / "config.json").is_file()]
-    if missing:
-        raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a FLUX.1 folder.")
-    configs = {}
-    for comp in COMPONENT_ORDER:
-        path = folder / comp / "config.json"
-        try:
-            configs[comp] = json.loads(path.read_text())
-        except (ValueError, OSError) as err:
-            raise UserError(f"{path} is not readable JSON ({err}); fetch or copy that file again.") from None
-        if not isinstance(configs[comp], dict) or _REQUIRED_KEYS[comp] not in configs[comp]:
-            raise UserError(f"{path} has no {_REQUIRED_KEYS[comp]!r}: not a FLUX.1 {comp} config.")
-    return configs
-
-
-def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
-    """``(name, configs)`` for a model name; no weights, no download.
-
-    Twins come from their builder, FLUX.1-dev/schnell from the shipped configs, a local folder from
-    its ``config.json`` files, another hub id from the Hugging Face cache if its configs are there.
-    """
-    ref = resolve_model(model)
-    if ref.kind == "twin":
-        return ref.name, twin_configs(TWINS[ref.name])
-    if ref.kind == "random":
-        from helpers.models import RANDOM
-
-        return ref.name, shipped_configs(SHIPPED[RANDOM[ref.name]])
-    if ref.kind == "local":
-        return ref.name, _folder_configs(ref.path)
-    if ref.repo_id in SHIPPED:
-        return ref.name, shipped_configs(SHIPPED[ref.repo_id])
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(ref.repo_id, allow_patterns=["*/config.json"], local_files_only=True))
-    except Exception:
-        raise UserError(
-            f"no config shipped for {ref.repo_id} and none in your Hugging Face cache; fetch its configs with "
-            f"`hf download {ref.repo_id} --include '*/config.json'` or pass a local folder."
-        ) from None
-    return ref.name, _folder_configs(folder)
-
-
-def skeleton(component: str, config: dict, tie: bool = True) -> torch.nn.Module:
-    """Build ``component`` from ``config`` on the meta device: shapes, no storage.
-
-    ``tie=True`` re-ties shared weights after ``init_empty_weights``: under transformers 5 it leaves
-    T5's ``shared`` and ``encoder.embed_tokens`` as two tensors, one tensor in the real checkpoint,
-    and the footprint would count ~0.5 GiB twice (the trap notebook 01 shows).
-    """
-    from accelerate import init_empty_weights
-
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    with init_empty_weights():
-        if component == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            module = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
-        elif component == "text_encoder_2":
-            from transformers import T5Config, T5EncoderModel
-
-            module = T5EncoderModel(T5Config.from_dict(cfg))
-        elif component == "transformer":
-            from diffusers import FluxTransformer2DModel
-
-            module = FluxTransformer2DModel.from_config(cfg)
-        elif component == "vae":
-            from diffusers import AutoencoderKL
-
-            module = AutoencoderKL.from_config(cfg)
-        else:
-            raise UserError(f"unknown component {component!r}; the components are {', '.join(COMPONENT_ORDER)}.")
-    if tie and hasattr(module, "tie_weights"):
-        module.tie_weights()
-    return module.eval()
-
-
-def count_params(module: torch.nn.Module) -> int:
-    """Parameters, each shared tensor once (``parameters()`` skips repeats of the same tensor)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 # --------------------------------------------------------------------------- footprint

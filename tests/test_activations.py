@@ -70,7 +70,8 @@ def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
 
 def test_flux_dev_activations_at_1024_are_about_half_a_gib():
     """The full-size transformer on meta: a second, no weights. What a stream keeps free on a GPU."""
-    from helpers.footprint import activation_bytes, shipped_configs
+    from helpers.architecture import shipped_configs
+    from helpers.footprint import activation_bytes
 
     configs = shipped_configs("FLUX.1-dev")
     step = activation_bytes("transformer", configs["transformer"], torch.bfloat16, 1024, 1024, 512)

@@ -114,7 +114,8 @@ def test_resident_blocks_are_spread_over_the_largest_blocks():
 
 def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
     from helpers.activations import example_inputs
-    from helpers.footprint import component_configs, skeleton
+    from helpers.architecture import skeleton
+    from helpers.models import component_configs
     from helpers.offload import split_blocks
 
     _, configs = component_configs("tiny")

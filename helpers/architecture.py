@@ -1,0 +1,87 @@
+"""The architecture of FLUX.1, as facts: configs, weightless skeletons, parameter counts.
+
+Nothing here plans, loads or builds weights: :mod:`helpers.models` (names, twins, the trainer's
+modules), :mod:`helpers.footprint` (bytes and plans) and :mod:`helpers.training` all stand on it,
+and it imports none of them. The published configs of FLUX.1-dev and FLUX.1-schnell ship with this
+package (``helpers/configs/``), so none of it needs a download. Explained in ``01_memory-footprint.ipynb``.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+from helpers.errors import UserError
+
+COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
+
+#: Published configs shipped as package data, copied from the hub repositories of the same name
+#: (black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell, each component's config.json).
+SHIPPED = {"black-forest-labs/FLUX.1-dev": "FLUX.1-dev", "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell"}
+
+
+def shipped_configs(name: str) -> dict[str, dict]:
+    """The shipped configs of ``FLUX.1-dev`` or ``FLUX.1-schnell``, per component."""
+    root = resources.files("helpers") / "configs" / name
+    return {c: json.loads((root / c / "config.json").read_text()) for c in COMPONENT_ORDER}
+
+
+#: a key each component's config must have, to tell a FLUX.1 folder from something else
+_REQUIRED_KEYS = {"text_encoder": "hidden_size", "text_encoder_2": "d_model", "transformer": "num_single_layers",
+                  "vae": "latent_channels"}
+
+
+def folder_configs(folder: Path) -> dict[str, dict]:
+    missing = [c for c in COMPONENT_ORDER if not (folder / c / "config.json").is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a FLUX.1 folder.")
+    configs = {}
+    for comp in COMPONENT_ORDER:
+        path = folder / comp / "config.json"
+        try:
+            configs[comp] = json.loads(path.read_text())
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path} is not readable JSON ({err}); fetch or copy that file again.") from None
+        if not isinstance(configs[comp], dict) or _REQUIRED_KEYS[comp] not in configs[comp]:
+            raise UserError(f"{path} has no {_REQUIRED_KEYS[comp]!r}: not a FLUX.1 {comp} config.")
+    return configs
+
+
+def skeleton(component: str, config: dict, tie: bool = True) -> "torch.nn.Module":
+    """Build ``component`` from ``config`` on the meta device: shapes, no storage.
+
+    ``tie=True`` re-ties shared weights after ``init_empty_weights``: under transformers 5 it leaves
+    T5's ``shared`` and ``encoder.embed_tokens`` as two tensors, one tensor in the real checkpoint,
+    and the footprint would count ~0.5 GiB twice (the trap notebook 01 shows).
+    """
+    from accelerate import init_empty_weights
+
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    with init_empty_weights():
+        if component == "text_encoder":
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            module = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
+        elif component == "text_encoder_2":
+            from transformers import T5Config, T5EncoderModel
+
+            module = T5EncoderModel(T5Config.from_dict(cfg))
+        elif component == "transformer":
+            from diffusers import FluxTransformer2DModel
+
+            module = FluxTransformer2DModel.from_config(cfg)
+        elif component == "vae":
+            from diffusers import AutoencoderKL
+
+            module = AutoencoderKL.from_config(cfg)
+        else:
+            raise UserError(f"unknown component {component!r}; the components are {', '.join(COMPONENT_ORDER)}.")
+    if tie and hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval()
+
+
+def count_params(module: "torch.nn.Module") -> int:
+    """Parameters, each shared tensor once (``parameters()`` skips repeats of the same tensor)."""
+    return sum(p.numel() for p in module.parameters())
