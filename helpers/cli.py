@@ -61,7 +61,8 @@ def _cmd_model(args: argparse.Namespace) -> int:
     fresh = ref.kind == "twin" and (args.rebuild or not twin_is_built(ref.name, twin_folder(ref.name)))
     start = time.perf_counter()
     if fresh:
-        print(f"building the {ref.name} twin (random weights, FLUX.1 layout)...", file=sys.stderr)
+        weights = "trained on the shapes world" if TWINS[ref.name].trained else "random weights"
+        print(f"building the {ref.name} twin ({weights}, FLUX.1 layout)...", file=sys.stderr)
     path = model_path(args.name, components=args.components or None, download=args.download, rebuild=args.rebuild)
     if fresh:
         took = time.perf_counter() - start
@@ -317,6 +318,38 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_twin(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from helpers.files import check_can_write, outputs_dir
+    from helpers.models import TWINS, trained_weights_path
+    from helpers.training import TrainConfig, same_weights, train_twin
+
+    shipped = trained_weights_path(TWINS["tiny"])
+    out = Path(args.out) if args.out else outputs_dir() / "twins" / "tiny.safetensors"
+    if shipped is not None and out.resolve() == shipped.resolve() and not args.overwrite:
+        raise UserError(f"{out} is the file the package ships; add --overwrite to replace it.")
+    check_can_write(out, args.overwrite)  # before any work, and before saying it starts
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    log(f"training the tiny twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
+        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (about 28 minutes on 2)")
+    summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
+    log(f"final losses: VAE {summary['vae_loss']:.4f}, flow {summary['flow_loss']:.4f}; "
+        f"{summary['seconds'] / 60:.1f} minutes; {summary['megabytes']:.1f} MB")
+    if shipped is not None and shipped.is_file() and out.resolve() != shipped.resolve():
+        log("the same weights as the package's" if same_weights(out, shipped) else
+            "other weights than the package's (another seed, step count, machine or torch build: floating-point "
+            "sums need not round alike)")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(out)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
@@ -385,6 +418,9 @@ def _precision_args(q: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from helpers.training import TrainConfig
+
+    TRAIN_DEFAULTS = TrainConfig()
     parser = _Parser(
         prog="python -m helpers",
         description="Run FLUX.1 in decoupled stages on small hardware. The notebooks teach each stage; "
@@ -397,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         "model",
         help="resolve a model name to a local folder (builds the tiny/medium twin on first use)",
         description="Print the local folder of MODEL in the diffusers layout. tiny and medium are built "
-        "here on first use (random weights, FLUX.1's block structure) and reused after; hub models come "
+        "here on first use (random weights, FLUX.1's block structure; a twin with trained weights in the package "
+        "builds from them) and "
+        "reused after; hub models come "
         "from the Hugging Face cache, fetched only with --download.",
         epilog=_EPILOG,
     )
@@ -570,6 +608,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     _precision_args(p, "the benchmarked model")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "train-twin",
+        help="train the tiny twin on the shapes world (CPU, seeded, about 30 minutes on 2 cores)",
+        description="Train the tiny twin: its VAE, then its transformer with CLIP, on pictures of the shapes "
+        "world rendered as it goes (helpers.world; the held-out colour pairs never shown), seeded, and write CLIP, "
+        "transformer and VAE in bfloat16 to --out. Prints the time and the final losses on stderr and the file on "
+        "stdout; where the package ships trained weights, says whether this run made the same bytes. Nothing is "
+        "downloaded; `tiny` builds from the package's file, never from this command's.",
+        epilog=_EPILOG,
+    )
+    p.add_argument("--out", metavar="FILE",
+                   help="the .safetensors file to write (default: outputs/twins/tiny.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seeds the weights' start and the pictures (default 0)")
+    p.add_argument("--vae-steps", type=int, default=TRAIN_DEFAULTS.vae_steps, metavar="N",
+                   help=f"VAE training steps (default {TRAIN_DEFAULTS.vae_steps})")
+    p.add_argument("--flow-steps", type=int, default=TRAIN_DEFAULTS.flow_steps, metavar="N",
+                   help=f"transformer + CLIP training steps (default {TRAIN_DEFAULTS.flow_steps})")
+    p.add_argument("--json", action="store_true", help="print the run's summary as JSON on stdout")
+    p.set_defaults(func=_cmd_train_twin)
     return parser
 
 

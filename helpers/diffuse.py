@@ -117,15 +117,17 @@ def diffusion_plan(model: str | None = None, max_memory=None, like: str | None =
 
 
 def expected_inputs(model: str | None) -> dict:
-    """What an embeddings file must match for ``model``: text-encoder fingerprint and input widths."""
-    from helpers.embeddings import fingerprint
+    """What an embeddings file must match for ``model``: text-encoder fingerprint, their weights'
+    identity where the model's folder is here (nothing is built or fetched for it), input widths."""
+    from helpers.embeddings import fingerprint, weights_identity
     from helpers.footprint import component_configs
-    from helpers.models import resolve_model
+    from helpers.models import local_folder, resolve_model
 
     ref = resolve_model(model)
     _, configs = component_configs(ref.name if ref.kind != "local" else str(ref.path))
     return {
         "expected_fingerprint": fingerprint(configs),
+        "expected_weights": weights_identity(local_folder(ref)),
         "joint_attention_dim": configs["transformer"].get("joint_attention_dim"),
         "pooled_projection_dim": configs["transformer"].get("pooled_projection_dim"),
     }

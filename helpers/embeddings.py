@@ -47,6 +47,42 @@ def fingerprint(configs: dict[str, dict]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: a folder's text-encoder files up to this size are hashed whole; larger ones by samples
+_HASH_WHOLE_BYTES = 64 * 2**20
+_SAMPLE_BYTES = 2**20
+
+
+def weights_identity(folder: str | os.PathLike | None) -> str | None:
+    """A short hash of the text encoders' weights in a model folder: two builds of the same shapes
+    (a random twin and a trained one, a model retrained or replaced) get different ones.
+
+    Reads ``text_encoder/`` and ``text_encoder_2/``'s safetensors files: whole when they are small
+    (a twin: milliseconds), otherwise each file's name, size, header and 1 MiB from its start,
+    middle and end (the real T5's 9.5 GB in a few ms, yet any retraining changes it). None when the
+    folder holds no text-encoder weights (a model fetched for diffusion only): then only the shapes
+    (:func:`fingerprint`) are checked.
+    """
+    if folder is None:
+        return None
+    files = [f for part in ("text_encoder", "text_encoder_2")
+             for f in sorted((Path(folder) / part).glob("*.safetensors"))]
+    if not files:
+        return None
+    total = sum(f.stat().st_size for f in files)
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.parent.name}/{f.name}:{size}".encode())
+        with open(f, "rb") as handle:
+            if total <= _HASH_WHOLE_BYTES:
+                digest.update(handle.read())
+                continue
+            for offset in (0, max(0, size // 2 - _SAMPLE_BYTES // 2), max(0, size - _SAMPLE_BYTES)):
+                handle.seek(offset)
+                digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def _versions() -> dict[str, str]:
     import diffusers
     import transformers
@@ -99,8 +135,13 @@ def save_embeddings(
     max_sequence_length: int,
     overwrite: bool = False,
     extra: dict[str, str] | None = None,
+    weights: str | None = None,
 ) -> Path:
-    """Write the embeddings in bfloat16 with their metadata, atomically; refuse to replace unless asked."""
+    """Write the embeddings in bfloat16 with their metadata, atomically; refuse to replace unless asked.
+
+    ``fingerprint``: the text encoders' shapes (:func:`fingerprint`); ``weights``: their weights'
+    identity (:func:`weights_identity`), recorded as ``text_encoder_weights`` when known.
+    """
     if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
         raise ValueError("prompt_embeds must be [batch, tokens, dim] and pooled_prompt_embeds [batch, dim]")
     if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0] or prompt_embeds.shape[0] != len(prompts):
@@ -129,6 +170,7 @@ def save_embeddings(
         "format_version": FORMAT_VERSION,
         "model": str(model),
         "fingerprint": fingerprint,
+        **({"text_encoder_weights": weights} if weights else {}),
         "prompts": json.dumps(list(prompts), ensure_ascii=False),
         "max_sequence_length": str(int(max_sequence_length)),
         "dtype": str(STORED_DTYPE).replace("torch.", ""),
@@ -187,15 +229,18 @@ def validate(
     expected_fingerprint: str | None = None,
     joint_attention_dim: int | None = None,
     pooled_projection_dim: int | None = None,
+    expected_weights: str | None = None,
 ) -> EmbeddingsHeader:
     """Check an embeddings file against the model that will consume it, before any weight loads.
 
     Checks the format, the tensor names, shapes and dtypes, and (when given) the fingerprint of the
     text encoders and the transformer's input widths, from the header; then reads the tensors once
     and checks that every value is finite. Raises :class:`UserError` saying what is wrong and what
-    to do. :func:`load_embeddings` does the same and returns the tensors too.
+    to do. ``expected_weights``: the consuming model's :func:`weights_identity`; where the file
+    records one too, they must agree (the same shapes with other weights embed differently).
+    :func:`load_embeddings` does the same and returns the tensors too.
     """
-    return load_embeddings(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim)[1]
+    return load_embeddings(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim, expected_weights)[1]
 
 
 def _validate_header(
@@ -203,6 +248,7 @@ def _validate_header(
     expected_fingerprint: str | None = None,
     joint_attention_dim: int | None = None,
     pooled_projection_dim: int | None = None,
+    expected_weights: str | None = None,
 ) -> EmbeddingsHeader:
     header = read_header(path)
     meta, shapes = header.metadata, header.shapes
@@ -244,6 +290,14 @@ def _validate_header(
             f"whose embeddings do not fit this model (text encoders {expected_fingerprint}); encode the prompt "
             f"again with the same model ({MAKER})."
         )
+    made_with = meta.get("text_encoder_weights")
+    if expected_weights is not None and made_with is not None and made_with != expected_weights:
+        raise UserError(
+            f"{where} was encoded by model {meta.get('model')!r} on {meta.get('created', 'an unknown date')} with other "
+            f"text-encoder weights than this model's (weights {made_with}, this model {expected_weights}: same "
+            f"shapes, but the model was rebuilt, retrained or replaced since), so its embeddings would mean something "
+            f"else here; encode the prompts again with this model ({MAKER})."
+        )
     if joint_attention_dim is not None and pe[2] != joint_attention_dim:
         raise UserError(
             f"{where}: prompt_embeds are {pe[2]} wide, this transformer takes {joint_attention_dim}; encode the "
@@ -259,13 +313,14 @@ def _validate_header(
 
 def load_embeddings(path: str | os.PathLike, expected_fingerprint: str | None = None,
                     joint_attention_dim: int | None = None,
-                    pooled_projection_dim: int | None = None) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
+                    pooled_projection_dim: int | None = None,
+                    expected_weights: str | None = None) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
     """Validate as :func:`validate` does and return ``(tensors, header)``: the tensors on the CPU,
     bfloat16, read once."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    header = _validate_header(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim)
+    header = _validate_header(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim, expected_weights)
     try:
         tensors = load_file(str(header.path))
     except (SafetensorError, OSError, ValueError) as err:  # a header that promises more bytes than the file has

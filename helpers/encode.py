@@ -236,7 +236,7 @@ def encode_prompts(
     ``accelerate``). ``weights`` and ``compute``: see :func:`text_encoding_plan`.
     """
     from helpers.activations import Workload
-    from helpers.embeddings import fingerprint, save_embeddings
+    from helpers.embeddings import fingerprint, save_embeddings, weights_identity
     from helpers.footprint import component_configs
     from helpers.offload import check_offload
     from helpers.memory import measure
@@ -274,7 +274,7 @@ def encode_prompts(
             prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
             path = save_embeddings(
                 out, prompt_embeds, pooled, text_ids, model=str(ref.path) if ref.kind == "local" else ref.name,
-                fingerprint=fingerprint(configs),
+                fingerprint=fingerprint(configs), weights=weights_identity(folder),
                 prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
             )
         finally:

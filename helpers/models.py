@@ -2,12 +2,14 @@
 
 One name picks the model everywhere (:func:`resolve_model`):
 
-- ``tiny`` (default) and ``medium``: a randomly initialised FLUX.1 built here, on first use, in the
-  real diffusers layout (``model_index.json``, ``scheduler/``, ``text_encoder/`` CLIP,
-  ``tokenizer/``, ``text_encoder_2/`` T5 encoder, ``tokenizer_2/``, ``transformer/``, ``vae/``), with
-  the real classes and block structure (T5: 24 blocks; Flux: 19 double + 38 single blocks; CLIP: 12
-  layers; VAE: 4 levels of 2 ResNet blocks) but tiny widths. It loads back with the same
-  ``from_pretrained`` calls a real checkpoint gets. Its weights are random: its images are noise.
+- ``tiny`` (default) and ``medium``: FLUX.1 twins built here, on first use, in the real diffusers
+  layout (``model_index.json``, ``scheduler/``, ``text_encoder/`` CLIP, ``tokenizer/``,
+  ``text_encoder_2/`` T5 encoder, ``tokenizer_2/``, ``transformer/``, ``vae/``), with the real
+  classes and block structure (T5: 24 blocks; Flux: 19 double + 38 single blocks; CLIP: 12 layers;
+  VAE: 4 levels of 2 ResNet blocks) but small widths. They load back with the same
+  ``from_pretrained`` calls a real checkpoint gets. Their weights are random: their images are
+  noise. A twin whose spec names a file in ``helpers/twins/`` builds from those trained weights
+  instead (:mod:`helpers.training` trains ``tiny`` on the shapes world of :mod:`helpers.world`).
 - ``flux-dev`` / ``flux-schnell``: black-forest-labs/FLUX.1-dev (gated) and FLUX.1-schnell (open).
 - ``flux-dev-random``: FLUX.1-dev's real architecture (the shipped configs) with random bfloat16
   weights, written here on first use, for full-size benchmarks without a download (23.8 GB for
@@ -50,7 +52,7 @@ RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev"}
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae")
 
 #: Bump when the builder changes what it writes; older twin folders are then rebuilt.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MARKER = "twin.json"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -84,9 +86,13 @@ class TwinSpec:
     #: split the big weights into shards as the real checkpoint does (T5: 2 files, Flux: 3 files)
     t5_shards: int = 2
     flux_shards: int = 3
+    #: the file of trained weights: a name in ``helpers/twins/`` or a path (None: random weights)
+    trained: str | None = None
 
 
 TWINS: dict[str, TwinSpec] = {
+    # to be trained (helpers.training), the transformer must grow to 4 heads (64 wide, as wide as the packed
+    # latent, 16 channels x 2x2, that it passes from input to output): at 32 it cannot learn the shapes world
     "tiny": TwinSpec(
         clip_hidden=32, clip_heads=2, clip_ff=64,
         t5_d_model=32, t5_heads=4, t5_d_kv=8, t5_d_ff=64,
@@ -103,11 +109,47 @@ TWINS: dict[str, TwinSpec] = {
 }
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair encoding of one word: merge the best-ranked adjacent pair until none applies."""
+    pieces = [*word[:-1], word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank == math.inf:
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def _word_merges(words) -> list[tuple[str, str]]:
+    """BPE merges that make each word one token (``red</w>``), whatever the other words' merges do.
+
+    Each word gets merges, ranked after all earlier ones, for the pieces the earlier merges leave it in;
+    a merge ranked later never applies to a word that earlier merges already make whole.
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        while len(pieces := _bpe(word, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+    return merges
+
+
+def clip_merges() -> list[tuple[str, str]]:
+    """The CLIP twin's merges: the shapes world's words (:data:`helpers.world.WORDS`) become one token each."""
+    from helpers.world import WORDS
+
+    return _word_merges(WORDS)
+
+
 def clip_vocab() -> dict[str, int]:
-    """CLIP's byte-level alphabet with no merges: every byte, alone and word-final, then the specials.
+    """CLIP's byte-level alphabet, the world's words whole, then the specials (highest ids, as in CLIP).
 
     Bytes are written as printable characters the way byte-level BPE does: printable Latin-1 bytes
-    stand for themselves, the others are moved to code points from 256 up.
+    stand for themselves, the others are moved to code points from 256 up. Any other text is
+    spelled out byte by byte. ``<|endoftext|>`` keeps the highest id: CLIP pools at it.
     """
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
     shifted = 0
@@ -118,12 +160,16 @@ def clip_vocab() -> dict[str, int]:
         else:
             chars.append(chr(256 + shifted))
             shifted += 1
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = chars + [c + "</w>" for c in chars]
+    for a, b in clip_merges():
+        if a + b not in tokens:
+            tokens.append(a + b)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}
 
 
 #: Whole-word pieces of the T5 twin's vocabulary (with the word-start mark); the rest is characters.
-T5_WORDS = (
+T5_WORDS = tuple(dict.fromkeys((
     "a an the of and in on at with by for to from is are over under near into "
     "photo photograph picture painting drawing portrait landscape illustration render "
     "cat dog bird horse fish tree flower forest mountain river lake sea ocean sky cloud sun moon star "
@@ -132,8 +178,10 @@ T5_WORDS = (
     "red orange yellow green blue purple pink black white gray grey brown gold silver "
     "big small tall old young new bright dark light night day morning evening "
     "beautiful detailed realistic cinematic sharp soft style art "
-    "holding sitting standing walking wearing made"
-).split()
+    "holding sitting standing walking wearing made "
+    # the shapes world's words (helpers.world.WORDS), whole
+    "circle square triangle background left right top bottom middle"
+).split()))
 
 
 def t5_vocab() -> list[tuple[str, float]]:
@@ -154,10 +202,17 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-def twin_configs(spec: TwinSpec) -> dict[str, dict]:
-    """The configs of a twin's components, in the real FLUX.1-dev shapes except for widths."""
+#: the parts of a trained twin that were trained (T5 keeps its seeded random weights: see helpers.training)
+TRAINED_COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+def twin_configs(spec: TwinSpec, trained: bool = True) -> dict[str, dict]:
+    """The configs of a twin's components, in the real FLUX.1-dev shapes except for widths.
+
+    A trained twin's VAE carries the latent scale and shift measured when it was trained.
+    """
     clip_vocab_size = len(clip_vocab())
-    return {
+    configs = {
         "text_encoder": dict(
             vocab_size=clip_vocab_size,
             hidden_size=spec.clip_hidden,
@@ -235,16 +290,55 @@ def twin_configs(spec: TwinSpec) -> dict[str, dict]:
             max_image_seq_len=4096,
         ),
     }
+    info = trained_weights_info(spec) if trained else None
+    if info is not None:
+        configs["vae"]["scaling_factor"] = float(info["vae_scaling_factor"])
+        configs["vae"]["shift_factor"] = float(info["vae_shift_factor"])
+    return configs
+
+
+#: where the package keeps trained twins' weights
+TRAINED_DIR = Path(__file__).parent / "twins"
+
+
+def trained_weights_path(spec: TwinSpec) -> Path | None:
+    """The file of ``spec``'s trained weights (a name in ``helpers/twins/``, or a path), or None for a random twin."""
+    return TRAINED_DIR / spec.trained if spec.trained else None
+
+
+def trained_weights_info(spec: TwinSpec) -> dict | None:
+    """What the shipped weights file of a trained twin says of itself (its metadata), plus its sha256."""
+    path = trained_weights_path(spec)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise UserError(f"the trained weights of this twin are missing ({path.name} in the helpers package); "
+                        "reinstall the project, or make them again with `python -m helpers train-twin`.")
+    import hashlib
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return meta
 
 
 def _marker(name: str, spec: TwinSpec) -> dict:
     spec_dict = asdict(spec)
-    return {
+    info = trained_weights_info(spec)
+    marker = {
         "twin": name,
         "builder_version": BUILDER_VERSION,
         "spec": json.loads(json.dumps(spec_dict)),
-        "note": "Random weights in the FLUX.1 layout, built offline; its images are noise.",
     }
+    if info is None:
+        marker["note"] = "Random weights in the FLUX.1 layout, built offline; its images are noise."
+    else:
+        marker["note"] = ("Trained on the shapes world (helpers.world): one circle, square or triangle in a named "
+                          "colour on a plain background of another, optionally placed.")
+        marker["weights_sha256"] = info["sha256"]
+    return marker
 
 
 def _shard_size(module, shards: int) -> int:
@@ -253,13 +347,16 @@ def _shard_size(module, shards: int) -> int:
     return max(1, sum(sizes) // shards + max(sizes))
 
 
-def _write_twin(spec: TwinSpec, folder: Path) -> None:
-    """Build every component from fixed seeds and save it in the diffusers layout (bfloat16)."""
+def twin_modules(spec: TwinSpec, trained: bool = True) -> dict:
+    """Every part of a twin in memory, in float32: the four models from fixed seeds (then, for a
+    trained twin and ``trained``, the shipped weights of the parts it was trained on), the two
+    tokenizers and the scheduler. What :func:`build_twin` saves and the trainer starts from.
+    """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
-    configs = twin_configs(spec)
+    configs = twin_configs(spec, trained=trained)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(spec.seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])).eval()
@@ -269,31 +366,49 @@ def _write_twin(spec: TwinSpec, folder: Path) -> None:
         transformer = FluxTransformer2DModel(**configs["transformer"]).eval()
         torch.manual_seed(spec.seed + 3)
         vae = AutoencoderKL(**configs["vae"]).eval()
+    parts = dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, transformer=transformer, vae=vae)
+    if trained and spec.trained:
+        from safetensors.torch import load_file
 
+        state = load_file(str(trained_weights_path(spec)))
+        for component in TRAINED_COMPONENTS:
+            prefix = component + "."
+            sub = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+            if not sub:
+                raise UserError(f"{trained_weights_path(spec).name} holds no weights for {component}; "
+                                "make the file again with `python -m helpers train-twin`.")
+            parts[component].load_state_dict(sub, strict=True)
     # real model_max_length values (77 and 512), or truncation would silently do nothing
-    tokenizer = CLIPTokenizer(vocab=clip_vocab(), merges=[], model_max_length=77)
-    tokenizer_2 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
-    scheduler = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
+    parts["tokenizer"] = CLIPTokenizer(vocab=clip_vocab(), merges=clip_merges(), model_max_length=77)
+    parts["tokenizer_2"] = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**configs["scheduler"])
+    return parts
 
+
+def _write_twin(spec: TwinSpec, folder: Path) -> None:
+    """Build every component (:func:`twin_modules`) and save it in the diffusers layout (bfloat16)."""
+    import torch
+    from diffusers import FluxPipeline
+
+    parts = twin_modules(spec)
     # the real checkpoints store every component in bfloat16 (cast tensor by tensor: diffusers'
     # Module.to() warns about modules it would keep in float32, of which FLUX has none)
-    for module in (text_encoder, text_encoder_2, transformer, vae):
-        for tensor in (*module.parameters(), *module.buffers()):
+    for component in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        for tensor in (*parts[component].parameters(), *parts[component].buffers()):
             if tensor.is_floating_point():
                 tensor.data = tensor.data.to(torch.bfloat16)
 
-    pipe = FluxPipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
+    pipe = FluxPipeline(**parts)
     pipe.save_config(folder)  # model_index.json
-    scheduler.save_pretrained(folder / "scheduler")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    tokenizer_2.save_pretrained(folder / "tokenizer_2")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    text_encoder_2.save_pretrained(folder / "text_encoder_2", max_shard_size=_shard_size(text_encoder_2, spec.t5_shards))
-    transformer.save_pretrained(folder / "transformer", max_shard_size=_shard_size(transformer, spec.flux_shards))
-    vae.save_pretrained(folder / "vae")
+    parts["scheduler"].save_pretrained(folder / "scheduler")
+    parts["tokenizer"].save_pretrained(folder / "tokenizer")
+    parts["tokenizer_2"].save_pretrained(folder / "tokenizer_2")
+    parts["text_encoder"].save_pretrained(folder / "text_encoder")
+    parts["text_encoder_2"].save_pretrained(
+        folder / "text_encoder_2", max_shard_size=_shard_size(parts["text_encoder_2"], spec.t5_shards))
+    parts["transformer"].save_pretrained(
+        folder / "transformer", max_shard_size=_shard_size(parts["transformer"], spec.flux_shards))
+    parts["vae"].save_pretrained(folder / "vae")
 
 
 def twin_folder(name: str) -> Path:
@@ -412,7 +527,7 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
     import torch
     from safetensors.torch import save_file
 
-    from helpers.footprint import skeleton
+    from helpers.architecture import skeleton
 
     module = skeleton(component, config)
     # each tensor once, under its first name: T5's shared embedding is stored as "shared.weight"
@@ -466,9 +581,9 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
 
     from tqdm.auto import tqdm
 
-    from helpers.footprint import SHIPPED, shipped_configs
+    from helpers.architecture import SHIPPED, shipped_configs
 
-    from helpers.footprint import count_params, skeleton
+    from helpers.architecture import count_params, skeleton
 
     if name not in RANDOM:
         raise UserError(f"unknown random model {name!r}; the random models are {', '.join(RANDOM)}.")
@@ -638,6 +753,51 @@ def hub_snapshot(ref: ModelRef, components=None, download: bool = False) -> Path
     except Exception as err:  # network down, proxy, ...
         raise UserError(f"cannot reach the hub to fetch {ref.repo_id} ({type(err).__name__}); check your connection.") from None
     return Path(snapshot_download(ref.repo_id, allow_patterns=patterns))
+
+
+def local_folder(ref: ModelRef) -> Path | None:
+    """The folder ``ref`` already has on this machine, without building or fetching anything; None if none."""
+    if ref.kind == "local":
+        return ref.path
+    if ref.kind == "twin":
+        folder = twin_folder(ref.name)
+        return folder if twin_is_built(ref.name, folder) else None
+    if ref.kind == "random":
+        folder = twin_folder(ref.name)
+        return folder if folder.is_dir() else None
+    try:
+        return hub_snapshot(ref, download=False)
+    except UserError:
+        return None
+
+
+def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
+    """``(name, configs)`` for a model name; no weights, no download.
+
+    Twins come from their builder, FLUX.1-dev/schnell from the shipped configs, a local folder from
+    its ``config.json`` files, another hub id from the Hugging Face cache if its configs are there.
+    """
+    from helpers.architecture import SHIPPED, folder_configs, shipped_configs
+
+    ref = resolve_model(model)
+    if ref.kind == "twin":
+        return ref.name, twin_configs(TWINS[ref.name])
+    if ref.kind == "random":
+        return ref.name, shipped_configs(SHIPPED[RANDOM[ref.name]])
+    if ref.kind == "local":
+        return ref.name, folder_configs(ref.path)
+    if ref.repo_id in SHIPPED:
+        return ref.name, shipped_configs(SHIPPED[ref.repo_id])
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(ref.repo_id, allow_patterns=["*/config.json"], local_files_only=True))
+    except Exception:
+        raise UserError(
+            f"no config shipped for {ref.repo_id} and none in your Hugging Face cache; fetch its configs with "
+            f"`hf download {ref.repo_id} --include '*/config.json'` or pass a local folder."
+        ) from None
+    return ref.name, folder_configs(folder)
 
 
 def model_path(name: str | None = None, components=None, download: bool = False, rebuild: bool = False) -> Path:

@@ -176,3 +176,17 @@ def test_folders_inside_outputs_are_made_on_demand_elsewhere_refused(tmp_path):
     assert kept.read_text() == "{}"
     assert_user_error(run("bench", "--model", "tiny", "--json", str(tmp_path / "typo" / "b.json"), env_extra=env),
                       "does not exist")
+
+
+def test_train_twin_prints_time_losses_and_its_file_and_keeps_an_existing_one(tmp_path):
+    import json
+
+    out = tmp_path / "tiny.safetensors"
+    done = run("train-twin", "--vae-steps", "2", "--flow-steps", "2", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["file"] == str(out) and out.is_file() and summary["config"]["flow_steps"] == 2
+    assert "final losses: VAE" in done.stderr and "minutes" in done.stderr
+    before = out.read_bytes()
+    assert_user_error(run("train-twin", "--vae-steps", "2", "--flow-steps", "2", "--out", str(out)), "already exists")
+    assert out.read_bytes() == before

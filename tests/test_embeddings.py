@@ -58,6 +58,31 @@ def test_fingerprint_tells_models_apart():
     assert dev == schnell  # the same text encoders: embeddings are interchangeable
 
 
+def test_the_same_shapes_with_other_weights_are_told_apart(tmp_path, tiny_folder):
+    """A random twin and a trained one share every shape: the weights' identity tells them apart, and
+    an embeddings file made by one is refused by the other, naming the model that made it."""
+    import shutil
+
+    from helpers.embeddings import weights_identity
+    from helpers.encode import encode_prompts
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_folder, other)
+    clip = other / "text_encoder" / "model.safetensors"
+    data = bytearray(clip.read_bytes())
+    data[-2:] = bytes([data[-2] ^ 1, data[-1]])  # one bit of one weight
+    clip.write_bytes(bytes(data))
+    mine, theirs = weights_identity(tiny_folder), weights_identity(other)
+    assert mine and theirs and mine != theirs and weights_identity(tmp_path / "empty") is None
+    path = encode_prompts(str(other), ["a red circle on a blue background"], tmp_path / "e.safetensors",
+                          max_sequence_length=8).path
+    assert read_header(path).metadata["text_encoder_weights"] == theirs
+    assert validate(path, expected_weights=theirs)
+    with pytest.raises(UserError, match=f"encoded by model '{other}'.* other text-encoder weights.*{theirs}.*{mine}"):
+        validate(path, expected_weights=mine)
+    assert validate(_save(tmp_path / "old.safetensors"), expected_weights=mine)  # a file that records none: shapes only
+
+
 @pytest.mark.parametrize("check, fragment", [
     (dict(expected_fingerprint="zzz"), "encoded by model 'tiny'"),
     (dict(joint_attention_dim=4096), "32 wide, this transformer takes 4096"),

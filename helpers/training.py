@@ -1,0 +1,309 @@
+"""Training the tiny twin on the shapes world, on a CPU, seeded: ``python -m helpers train-twin``.
+
+Three phases, each on pictures rendered by :mod:`helpers.world` as it goes (nothing is downloaded,
+no dataset is stored):
+
+1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), then the latent
+   scale and shift of its config are measured on them, as FLUX.1's were;
+2. T5 keeps its seeded random weights; its embeddings of every training caption are computed once,
+   in float32 at the notebooks' 512 tokens and stored in bfloat16, exactly as stage 1 writes them;
+3. the transformer learns rectified flow on the VAE's latents (FLUX.1's objective: predict
+   noise minus image), together with CLIP, whose pooled embedding learns to say the whole caption.
+
+The held-out colour pairs (:data:`helpers.world.HELD_OUT`) are never shown. The result is one
+safetensors file of bfloat16 weights (CLIP, transformer, VAE) with the VAE's scale and shift and
+a summary of the run in its metadata, which :func:`helpers.models.build_twin` reads for a twin whose
+spec names it (``TwinSpec.trained``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers import world
+from helpers.files import atomic_path, check_can_write
+
+#: the notebooks' defaults the twin is trained for
+TOKENS = 512
+SIZES = (64, 128)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    vae_steps: int = 900
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    flow_steps: int = 1700
+    #: of those, the last ones at the notebooks' 512 T5 tokens; the rest at ``short_tokens`` (7x cheaper)
+    long_steps: int = 100
+    short_tokens: int = 64
+    flow_batch: int = 16
+    flow_lr: float = 1e-3
+    clip_lr: float = 1e-3
+    #: share of the transformer's batches at 128x128 (the rest 64x64)
+    large_share: float = 0.1
+    #: the sampler's step counts whose sigmas are drawn as often as uniform ones
+    schedule_steps: tuple[int, ...] = (4,)
+    warmup: int = 50
+    threads: int | None = None
+    #: train on the first N scenes only (a quick run, as the tests make); None: all but the held-out
+    max_scenes: int | None = None
+    #: take the VAE (and its latent scale and shift) from this earlier weights file instead of phase 1
+    vae_from: str | None = None
+    #: the transformer's heads of 16 (None: the tiny twin's own). 4 makes it 64 wide, as wide as the packed
+    #: latent it passes from input to output; at 2 (32 wide) the flow loss stalls near 1.0
+    flux_heads: int | None = 4
+
+
+def _images(scenes, size: int, rng: random.Random) -> torch.Tensor:
+    """Rendered pictures as the VAE sees them: ``[n, 3, size, size]`` in [-1, 1]."""
+    batch = np.stack([world.render(s, size, size, rng) for s in scenes])
+    return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine down to a tenth."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+
+def _pack(latents: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline's packing: ``[b, c, h, w]`` -> ``[b, h/2 * w/2, 4c]``."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _image_ids(h: int, w: int) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = torch.arange(h)[:, None]
+    ids[..., 2] = torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def _schedule_sigmas(scheduler, steps: int, image_tokens: int) -> list[float]:
+    """The sigmas FluxPipeline's sampler visits with ``steps`` steps at ``image_tokens`` latent tokens."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    cfg = scheduler.config
+    mu = calculate_shift(image_tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return [float(s) for s in scheduler.sigmas[:-1]]
+
+
+def _zero_modulation(transformer) -> None:
+    """adaLN-Zero (as DiT trains): every block's modulation and the output layer start at zero, so each
+    block starts as the identity and the 57 blocks learn one at a time instead of fighting at first."""
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    with torch.no_grad():
+        for module in transformer.modules():
+            if isinstance(module, (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous)):
+                module.linear.weight.zero_()
+                module.linear.bias.zero_()
+        transformer.proj_out.weight.zero_()
+        transformer.proj_out.bias.zero_()
+
+
+def _sigma(rng: random.Random, schedule: list[float]) -> float:
+    """A noise level to train at: a quarter of the time one the sampler visits, else logit-normal around
+    0.62 (more high noise than low: there the picture comes from the words alone, as in FLUX.1's training)."""
+    if rng.random() < 0.25:
+        return rng.choice(schedule)
+    return 1 / (1 + math.exp(-rng.gauss(0.5, 1.0)))
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to bfloat16 on the way forward (the embeddings file stores bfloat16); gradients pass."""
+    return x + (x.to(torch.bfloat16).float() - x).detach()
+
+
+def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = TrainConfig(),
+               progress=None, log=print, overwrite: bool = False) -> dict:
+    """Train the tiny twin and write its weights file (atomically) to ``out``; returns the summary.
+
+    ``out``: default ``helpers/twins/tiny.safetensors``, where the package keeps a trained twin's weights.
+    ``progress``: a tqdm-like wrapper for the step loops (None: none).
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from helpers.models import TRAINED_COMPONENTS, TRAINED_DIR, TWINS, twin_modules
+
+    spec = TWINS["tiny"] if config.flux_heads is None else replace(TWINS["tiny"], flux_heads=config.flux_heads)
+    out = Path(out) if out is not None else TRAINED_DIR / "tiny.safetensors"
+    check_can_write(out, overwrite)  # before any work
+    wrap = progress or (lambda it, **kw: it)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    train_scenes = world.scenes(held_out=False)[:config.max_scenes]
+    parts = twin_modules(spec, trained=False)
+    vae, transformer = parts["vae"], parts["transformer"]
+    clip: CLIPTextModel = parts["text_encoder"]
+    t5 = parts["text_encoder_2"]
+    summary: dict = {"config": asdict(config), "scenes": len(train_scenes),
+                     "held_out_pairs": [list(p) for p in world.HELD_OUT], "torch": torch.__version__,
+                     "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+
+    # ---- 1. the VAE
+    if config.vae_from:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        earlier = load_file(config.vae_from)
+        vae.load_state_dict({k[4:]: v.float() for k, v in earlier.items() if k.startswith("vae.")}, strict=True)
+        with safe_open(config.vae_from, framework="pt") as f:
+            meta = f.metadata()
+        summary["vae_from"] = Path(config.vae_from).name
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    losses = []
+    for step in wrap(range(0 if config.vae_from else config.vae_steps), desc="1/3 VAE"):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, config.vae_steps, config.vae_lr, config.warmup)
+        size = SIZES[1] if step % 8 == 7 else SIZES[0]
+        batch = config.vae_batch if size == SIZES[0] else max(1, config.vae_batch // 4)
+        x = _images(rng.choices(train_scenes, k=batch), size, rng)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + 0.1 * posterior.std * torch.randn_like(posterior.mean)
+        recon = vae.decode(z).sample
+        rec = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(rec.detach()))
+    vae.eval()
+    summary["vae_loss"] = float(np.mean(losses[-50:])) if losses else None
+    summary["vae_seconds"] = round(time.perf_counter() - start, 1)
+    if losses:
+        log(f"VAE: reconstruction loss {summary['vae_loss']:.4f} (L1 + L2, pixels in [-1, 1]), "
+            f"{summary['vae_seconds']:.0f} s")
+
+    # the VAE in bfloat16 as the twin stores it, then the latent statistics FluxPipeline undoes
+    for t in vae.parameters():
+        t.data = t.data.to(torch.bfloat16).float()
+    with torch.no_grad():
+        stats_rng = random.Random(config.seed + 1)
+        z = torch.cat([vae.encode(_images(stats_rng.choices(train_scenes, k=32), SIZES[0], stats_rng)).latent_dist.mean
+                       for _ in range(8)])
+    shift = float(z.mean())
+    scale = float(1 / z.std())
+    if config.vae_from:
+        shift, scale = float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"])
+    summary["vae_shift_factor"], summary["vae_scaling_factor"] = shift, scale
+
+    # ---- 2. T5 embeddings of every caption, once (float32 math on its bfloat16 weights, stored bfloat16)
+    tok, tok2 = parts["tokenizer"], parts["tokenizer_2"]
+    for t in t5.parameters():
+        t.data = t.data.to(torch.bfloat16).float()
+    captions = [s.caption for s in train_scenes]
+    index = {c: i for i, c in enumerate(captions)}
+    t5_embeds = {}
+    with torch.no_grad():
+        for length in (config.short_tokens, TOKENS):
+            chunks = []
+            for i in wrap(range(0, len(captions), 32), desc=f"2/3 T5 embeddings, {length} tokens"):
+                ids = tok2(captions[i:i + 32], padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt").input_ids
+                chunks.append(t5(ids).last_hidden_state.to(torch.bfloat16))
+            t5_embeds[length] = torch.cat(chunks)
+    clip_ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    summary["t5_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
+
+    # ---- 3. the transformer and CLIP, rectified flow on the VAE's latents
+    scheduler = parts["scheduler"]
+    sigma_pool = {size: [s for n in config.schedule_steps for s in _schedule_sigmas(scheduler, n, (size // 16) ** 2)]
+                  for size in SIZES}
+    _zero_modulation(transformer)
+    transformer.train()
+    clip.train()
+    params = [{"params": list(transformer.parameters()), "lr": config.flow_lr, "base": config.flow_lr},
+              {"params": list(clip.parameters()), "lr": config.clip_lr, "base": config.clip_lr}]
+    opt = torch.optim.AdamW(params, weight_decay=0.0)
+    losses = []
+    flow_start = time.perf_counter()
+    bar = wrap(range(config.flow_steps), desc="3/3 transformer + CLIP")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, config.flow_steps, group["base"], config.warmup)
+        size = SIZES[1] if rng.random() < config.large_share else SIZES[0]
+        tokens = TOKENS if step >= config.flow_steps - config.long_steps else config.short_tokens
+        batch = rng.choices(train_scenes, k=config.flow_batch)
+        rows = torch.tensor([index[s.caption] for s in batch])
+        with torch.no_grad():
+            z = vae.encode(_images(batch, size, rng)).latent_dist.mean
+            x0 = _pack((z - shift) * scale)
+        noise = torch.randn_like(x0)
+        sigmas = torch.tensor([_sigma(rng, sigma_pool[size]) for _ in batch])
+        s = sigmas[:, None, None]
+        xt = (1 - s) * x0 + s * noise
+        pooled = _bf16(clip(clip_ids[rows]).pooler_output)
+        h = w = size // 16
+        pred = transformer(
+            hidden_states=xt, timestep=sigmas, guidance=torch.tensor([rng.uniform(1, 5) for _ in batch]),
+            pooled_projections=pooled, encoder_hidden_states=t5_embeds[tokens][rows].float(),
+            txt_ids=torch.zeros(tokens, 3), img_ids=_image_ids(h, w), return_dict=False,
+        )[0]
+        loss = ((pred - (noise - x0)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*transformer.parameters(), *clip.parameters()], 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if hasattr(bar, "set_postfix") and step % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    transformer.eval()
+    clip.eval()
+    summary["flow_loss"] = float(np.mean(losses[-50:]))
+    summary["flow_seconds"] = round(time.perf_counter() - flow_start, 1)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    log(f"transformer + CLIP: flow loss {summary['flow_loss']:.4f} (mean squared error of the predicted "
+        f"velocity), {summary['flow_seconds']:.0f} s; all of it {summary['seconds']:.0f} s")
+
+    tensors = {}
+    for component in TRAINED_COMPONENTS:
+        module = parts[component]
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                tensors[f"{component}.{name}"] = t.detach().to(torch.bfloat16).contiguous()
+            else:
+                tensors[f"{component}.{name}"] = t.detach().contiguous()
+    metadata = {"format": "pt", "twin": "tiny", "vae_scaling_factor": repr(scale), "vae_shift_factor": repr(shift),
+                # what made the weights, not how long it took: the same run writes the same bytes
+                "summary": json.dumps({k: v for k, v in summary.items() if not k.endswith("seconds")}, sort_keys=True)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    summary["file"] = str(out)
+    summary["megabytes"] = round(out.stat().st_size / 1e6, 2)
+    return summary
+
+
+def same_weights(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two weights files hold the same tensors and the same metadata (their bytes may still
+    differ: safetensors writes metadata entries in no fixed order)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        if fa.metadata() != fb.metadata() or set(fa.keys()) != set(fb.keys()):
+            return False
+        return all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
