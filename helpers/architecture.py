@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from helpers.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
 

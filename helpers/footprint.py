@@ -20,7 +20,7 @@ from helpers.architecture import COMPONENT_ORDER, SHIPPED, count_params, shipped
 from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
-from helpers.models import component_configs, resolve_model  # noqa: F401  (component_configs: re-exported)
+from helpers.models import component_configs  # noqa: F401  (re-exported)
 from helpers.precision import Precision, method_precision, short_name, stored_bytes
 
 #: dtypes reported for every component, by the names torch gives them
