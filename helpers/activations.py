@@ -61,11 +61,25 @@ class Workload:
         return {"height": self.height, "width": self.width, "batch": self.batch, "tokens": self.tokens}
 
 
-def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool = True) -> int:
+def _conv_scratch(args, out) -> int:
+    """Bytes a convolution's kernel holds while it runs, beyond its output: measured on a CPU
+    (oneDNN, bf16 and float32, 3x3 convs of 3 to 32 channels at 1600x1600) as a reordered copy of
+    its input or two of its output (blocked layouts), whichever is larger; the meta device makes
+    neither."""
+    return max(args[0].untyped_storage().nbytes(), 2 * out.untyped_storage().nbytes())
+
+
+#: ops whose kernels hold scratch memory while they run, and how much
+_SCRATCH = {torch.ops.aten.convolution.default: _conv_scratch}
+
+
+def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool = True,
+                    kernel_scratch: bool = False) -> int:
     """The most bytes of intermediate tensors one forward pass of ``module`` holds at once.
 
-    Counted op by op: every new storage an op returns, until its last reference goes. Weights,
-    buffers and ``inputs`` are not counted. On the meta device this runs in about a second even for
+    Counted op by op: every new storage an op returns, until its last reference goes; with
+    ``kernel_scratch`` (a CPU run) also the scratch a convolution's kernel holds while it runs (see
+    :func:`_conv_scratch`). Weights, buffers and ``inputs`` are not counted. On the meta device this runs in about a second even for
     the 12B transformer, and counts what the same ops would allocate on a real device.
     ``fused_attention``: ``scaled_dot_product_attention`` is counted as the fused kernels a GPU runs
     it with (flash or memory-efficient attention: the output, no score matrix); otherwise as the
@@ -106,6 +120,8 @@ def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool
                         self.now += storage.nbytes()
                         self.peak = max(self.peak, self.now)
                         weakref.finalize(storage, self._gone, key)
+            if kernel_scratch and func in _SCRATCH:  # what the kernel holds while it runs, beside its output
+                self.peak = max(self.peak, self.now + _SCRATCH[func](args, out))
             return out
 
     class Fused(TorchFunctionMode):
@@ -199,26 +215,28 @@ def _two_blocks_each(component: str, module: torch.nn.Module):
 
 
 def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024, width: int = 1024,
-                 tokens: int = 512) -> int:
+                 tokens: int = 512, cpu: bool = False) -> int:
     """Peak activations of one forward of ``component`` (its skeleton ``module`` on the meta device),
     batch 1, computing in ``dtype``: for ``transformer`` one denoising step of a ``height`` x
     ``width`` image with ``tokens`` text tokens; for ``vae`` the decode of that image; for
     ``text_encoder_2`` one prompt of ``tokens`` tokens. Counted through one block of each list (the
     same peak, see :func:`_two_blocks_each`); the skeleton's own blocks and dtypes are put back after;
-    each shape is counted once per process."""
+    each shape is counted once per process. ``cpu``: the forward runs on a CPU, whose convolutions
+    hold scratch memory (see :func:`_conv_scratch`)."""
     if component not in WHAT:
         raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
     # only what the forward depends on is in the key
     size = (height, width, 0) if component == "vae" else (0, 0, tokens) if component == "text_encoder_2" else (
         height, width, tokens)
-    key = (component, _config_key(module), str(dtype), *size)
+    key = (component, _config_key(module), str(dtype), cpu, *size)
     if key not in _COUNTED:
         with _two_blocks_each(component, module):
             floats = [(t, t.dtype) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
             try:
                 for t, _ in floats:
                     t.data = t.data.to(dtype)
-                _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens))
+                _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens),
+                                                kernel_scratch=cpu)
             finally:
                 for t, original in floats:
                     t.data = t.data.to(original)
@@ -226,12 +244,12 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
 
 
 def stage_activations(stage: str, skeletons: dict[str, torch.nn.Module], dtype: torch.dtype,
-                      workload: Workload) -> dict[str, int]:
+                      workload: Workload, cpu: bool = False) -> dict[str, int]:
     """Bytes each component of ``stage`` holds beyond its weights at its peak for ``workload``
     (``batch`` prompts at once), in the order the stage runs them; the stage needs room for the
-    largest, since they run one after the other."""
-    return {c: workload.batch * forward_peak(c, skeletons[c], dtype, workload.height, workload.width, workload.tokens)
-            for c in STAGE_COMPONENTS[stage]}
+    largest, since they run one after the other. ``cpu``: it computes on a CPU."""
+    return {c: workload.batch * forward_peak(c, skeletons[c], dtype, workload.height, workload.width, workload.tokens,
+                                             cpu=cpu) for c in STAGE_COMPONENTS[stage]}
 
 
 def largest_square(fits: Callable[[int], bool], above: int, guess: int | None = None) -> int | None:

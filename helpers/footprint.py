@@ -151,14 +151,15 @@ def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_O
 
 
 def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: int = 1024, width: int = 1024,
-                     tokens: int = 512) -> int:
+                     tokens: int = 512, cpu: bool = False) -> int:
     """Peak activations of one forward of ``component`` built from ``config``, batch 1, computing in
     ``dtype``: for ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens``
     text tokens; for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of
-    ``tokens`` tokens. See :func:`helpers.activations.forward_peak`. No weights."""
+    ``tokens`` tokens; ``cpu``: with the scratch a CPU's convolutions hold. See
+    :func:`helpers.activations.forward_peak`. No weights."""
     if component not in ("transformer", "text_encoder_2", "vae"):
         raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-    return forward_peak(component, skeleton(component, config), dtype, height, width, tokens)
+    return forward_peak(component, skeleton(component, config), dtype, height, width, tokens, cpu=cpu)
 
 
 # --------------------------------------------------------------------------- plans
@@ -384,9 +385,10 @@ def _fp8_fits(fp: Footprint, stage: Stage, plan: StagePlan) -> bool:
 
 def _activations_need(fp: Footprint, name: str, prec: Precision, workload: Workload, fast: Tier) -> int:
     """The room ``name`` keeps on ``fast`` for ``workload``: its largest component's activations
-    (batch included, in the compute dtype), plus a GPU's workspace."""
-    return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload).values()) + (
-        WORKSPACE_GPU if isinstance(fast, int) else 0)
+    (batch included, in the compute dtype; a CPU's convolution scratch counted), plus a GPU's workspace."""
+    gpu = isinstance(fast, int)
+    return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not gpu).values()) + (
+        WORKSPACE_GPU if gpu else 0)
 
 
 def _least_fast(fp: Footprint, stage: Stage, prec: Precision) -> int:
@@ -465,7 +467,7 @@ def _count(fp: Footprint, name: str, prec: Precision, workload: Workload | None,
     if workload is None or fast is None:
         return {}, 0, []
     try:
-        return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload),
+        return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not isinstance(fast, int)),
                 _activations_need(fp, name, prec, workload, fast), [])
     except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
         return {}, 0, [f"the activations of {fp.model} could not be counted on the meta device "
