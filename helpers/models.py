@@ -203,7 +203,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 #: the parts of a trained twin that were trained (T5 keeps its seeded random weights: see helpers.training)
-TRAINED_COMPONENTS = ("text_encoder", "transformer", "vae")
+TRAINED_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 
 def twin_configs(spec: TwinSpec, trained: bool = True) -> dict[str, dict]:

@@ -188,6 +188,16 @@ class Detection:
     fill: float
     centre: tuple[float, float] | None
 
+    @property
+    def caption(self) -> str:
+        """What the picture shows, in the world's words: a caption, or what part of one it could read."""
+        if self.shape_colour is None:
+            return f"a plain {self.background} background"
+        if self.shape is None:
+            return f"something {self.shape_colour} on {_article(self.background)} {self.background} background"
+        return (f"{_article(self.shape_colour)} {self.shape_colour} {self.shape} on {_article(self.background)} "
+                f"{self.background} background, {self.place}")
+
     def matches(self, scene: Scene) -> dict[str, bool]:
         """Which parts of ``scene`` the picture shows (``place`` only where the scene names one)."""
         out = {"background": self.background == scene.background,
