@@ -202,7 +202,7 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-#: the parts of a trained twin that were trained (T5 keeps its seeded random weights: see helpers.training)
+#: the parts of a trained twin whose weights its file holds (all four learn: see helpers.training)
 TRAINED_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 

@@ -14,7 +14,7 @@ no dataset is stored):
    stores them.
 
 The held-out colour pairs (:data:`helpers.world.HELD_OUT`) are never shown. The result is one
-safetensors file of bfloat16 weights (CLIP, transformer, VAE) with the VAE's scale and shift and
+safetensors file of bfloat16 weights (CLIP, T5, transformer, VAE) with the VAE's scale and shift and
 a summary of the run in its metadata, which :func:`helpers.models.build_twin` reads for a twin whose
 spec names it (``TwinSpec.trained``).
 """
@@ -232,7 +232,7 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
                                                for i in wrap(range(0, len(ids), 32), desc=f"2/3 T5, {length} tokens")])
     summary["t5_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
 
-    # ---- 3. the transformer and CLIP, rectified flow on the VAE's latents
+    # ---- 3. the transformer and both text encoders, rectified flow on the VAE's latents
     scheduler = parts["scheduler"]
     sigma_pool = {size: [s for n in config.schedule_steps for s in _schedule_sigmas(scheduler, n, (size // 16) ** 2)]
                   for size in SIZES}
