@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from helpers.errors import UserError
+from helpers.precision import cpu_bf16
 
 #: what a GPU tier keeps beyond the counted activations: cuBLAS workspaces and the allocator's rounding
 WORKSPACE_GPU = 64 * 2**20
@@ -62,11 +64,25 @@ class Workload:
 
 
 def _conv_scratch(args, out) -> int:
-    """Bytes a convolution's kernel holds while it runs, beyond its output: measured on a CPU
-    (oneDNN, bf16 and float32, 3x3 convs of 3 to 32 channels at 1600x1600) as a reordered copy of
-    its input or two of its output (blocked layouts), whichever is larger; the meta device makes
-    neither."""
-    return max(args[0].untyped_storage().nbytes(), 2 * out.untyped_storage().nbytes())
+    """Bytes a convolution's kernel holds while it runs, beyond its output, on this machine's CPU (the
+    meta device makes none): a reordered copy of its input plus its output twice, in oneDNN's blocked
+    layout, whose channels come in groups of 16 (an output of 3 channels is held as 16).
+
+    Measured with 3x3 convs of 3 to 32 channels at 1600x1600, bf16 and float32, with oneDNN held to
+    AVX2, AVX-512, AVX-512 bf16 and AMX: the kernels keep one of these pieces or two (the input's copy,
+    or the output twice, or the input and a padded output), never more; counting all three is what
+    holds on every CPU, with room for the per-thread scratch that grows with the thread count
+    (the tiny twin's decode at 1824x1824 held 52 MiB more at 16 threads than at 2). bf16 math on a
+    CPU without native bf16 has no oneDNN kernel: PyTorch unfolds the input into one copy per
+    kernel tap (9 for a 3x3 conv), which is counted instead when it is larger.
+    """
+    channels = out.shape[1] if out.dim() >= 3 and out.shape[1] > 0 else 16
+    blocked = out.untyped_storage().nbytes() * max(channels, 16) // channels
+    held = args[0].untyped_storage().nbytes() + 2 * blocked
+    if args[0].dtype == torch.bfloat16 and not cpu_bf16()[0]:
+        taps = math.prod(args[1].shape[2:])
+        held = max(held, taps * args[0].untyped_storage().nbytes() + out.untyped_storage().nbytes())
+    return held
 
 
 #: ops whose kernels hold scratch memory while they run, and how much

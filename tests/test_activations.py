@@ -34,17 +34,35 @@ class _Attention(torch.nn.Module):
 
 
 def test_on_a_cpu_a_convolution_counts_the_scratch_its_kernel_holds():
-    """oneDNN reorders a conv's input (or writes its output twice, in a blocked layout) while it runs:
-    measured as the larger of the input and twice the output; the meta device makes neither."""
+    """oneDNN reorders a conv's input and writes its output twice, in a blocked layout of 16 channels,
+    while it runs (which of these a kernel keeps depends on the CPU: all of them are counted); the
+    meta device makes none."""
     from helpers.activations import activation_peak
 
     conv = torch.nn.Conv2d(16, 32, 3, padding=1, device="meta")
     x = torch.empty(1, 16, 64, 64, device="meta")
     out = 32 * 64 * 64 * 4
     assert activation_peak(conv, {"input": x}) == out
-    assert activation_peak(conv, {"input": x}, kernel_scratch=True) == out + max(x.numel() * 4, 2 * out)
-    narrow = torch.nn.Conv2d(16, 3, 3, padding=1, device="meta")  # the input copy is the larger
-    assert activation_peak(narrow, {"input": x}, kernel_scratch=True) == 3 * 64 * 64 * 4 + x.numel() * 4
+    assert activation_peak(conv, {"input": x}, kernel_scratch=True) == out + x.numel() * 4 + 2 * out
+    narrow = torch.nn.Conv2d(16, 3, 3, padding=1, device="meta")  # 3 channels held as 16
+    assert activation_peak(narrow, {"input": x}, kernel_scratch=True) == (3 * 64 * 64 * 4 + x.numel() * 4
+                                                                           + 2 * 16 * 64 * 64 * 4)
+
+
+def test_bf16_math_on_a_cpu_without_native_bf16_counts_the_unfolded_input(monkeypatch):
+    """Without native bf16 there is no oneDNN kernel: PyTorch unfolds the input once per kernel tap
+    (measured: 703 MiB beside a 78 MiB input for a 3x3 conv at 1600x1600)."""
+    import helpers.activations as activations
+
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(1, 16, 64, 64, device="meta", dtype=torch.bfloat16)
+    size = x.numel() * 2
+    monkeypatch.setattr(activations, "cpu_bf16", lambda: (True, "native"))
+    assert activations.activation_peak(conv, {"input": x}, kernel_scratch=True) == size + size + 2 * size
+    monkeypatch.setattr(activations, "cpu_bf16", lambda: (False, "emulated"))
+    assert activations.activation_peak(conv, {"input": x}, kernel_scratch=True) == size + 9 * size + size
+    fp32 = torch.nn.Conv2d(16, 16, 3, padding=1, device="meta")  # float32 keeps its oneDNN kernel
+    assert activations.activation_peak(fp32, {"input": x.float()}, kernel_scratch=True) == 4 * 2 * size
 
 
 def test_activation_peak_counts_attention_as_a_fused_kernel_or_with_its_score_matrix():
@@ -225,12 +243,12 @@ def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_it
     plan = plan_stages(fp, spec, like=dev, stages=("diffusion",), workload=work)["diffusion"]
     ref = plan_stages(dev, spec, stages=("diffusion",), workload=work)["diffusion"]
     assert plan.reference.reserve == ref.reserve and ref.reserve_bytes > 1.4 * 2**30  # the real decode: 1.5 GiB
-    assert plan.reserve_bytes == max(plan.activations.values()) < 200 * 2**20  # the twin's own room
+    assert plan.reserve_bytes == max(plan.activations.values()) < 256 * 2**20  # the twin's own room
     # unit for unit the twin's split is the reference's
     assert [u.tier for c in plan.components for u in c.units] == [u.tier for c in ref.components for u in c.units]
     too_big = plan_stages(fp, spec, like=dev, stages=("diffusion",), workload=Workload(4096, 4096))["diffusion"]
     # on a CPU: 24 GiB of tensors plus the scratch of the convolutions at full size
-    assert not too_big.fits and "as flux-dev under" in too_big.advice and "need 38 GiB" in too_big.advice
+    assert not too_big.fits and "as flux-dev under" in too_big.advice and "need 46 GiB" in too_big.advice
 
 
 def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_largest_that_runs(tiny_folder):
@@ -241,15 +259,15 @@ def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_la
     from helpers.diffuse import diffusion_plan
 
     budget = "cpu=64MiB,disk=100%"
-    with pytest.raises(UserError, match=r"the activations of a 16384x16384 image \(the VAE's decode\) alone need 48 GiB") as info:
+    with pytest.raises(UserError, match=r"the activations of a 16384x16384 image \(the VAE's decode\) alone need 56 GiB") as info:
         diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384), compute="bf16")
     # the activations are in the dtype of the math: float32 math (the default on a CPU without
     # native bf16) doubles them, and the largest size shrinks by about 1/sqrt(2)
-    with pytest.raises(UserError, match=r"16384x16384 image \(the VAE's decode\) alone need 96 GiB") as wide:
+    with pytest.raises(UserError, match=r"16384x16384 image \(the VAE's decode\) alone need 112 GiB") as wide:
         diffusion_plan(str(tiny_folder), budget, workload=Workload(16384, 16384), compute="fp32")
     side32 = int(re.search(r"the largest square image that fits is (\d+)x\1", str(wide.value)).group(1))
     side = int(re.search(r"the largest square image that fits is (\d+)x\1", str(info.value)).group(1))
-    assert 550 < side < 600  # the VAE's decode on a CPU: 192 bytes a pixel against 64 MiB
+    assert 500 < side < 560  # the VAE's decode on a CPU: 224 bytes a pixel against 64 MiB
     assert 0.65 < side32 / side < 0.75
     plan = diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side), compute="bf16")
     assert plan.budget["cpu"] - plan.reserve_bytes >= plan.tier_bytes()["cpu"]
@@ -264,12 +282,12 @@ def test_a_size_that_leaves_the_weights_little_room_is_warned():
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan
 
-    # the VAE's decode on a CPU: 58.6 MiB at 400x400 in float32 math; 60.75 MiB at 576x576 in bf16
-    # math (the largest that fits 64 MiB)
-    near = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(400, 400), compute="fp32")
-    assert len(near.warnings) == 1 and "leaving 5.41 MiB for weights: they fit" in near.warnings[0]
-    edge = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(576, 576), compute="bf16")
-    assert len(edge.warnings) == 1 and "leaving 3.25 MiB for weights" in edge.warnings[0]
+    # the VAE's decode on a CPU: 59.55 MiB at 528x528 in bf16 math; 63 MiB at 384x384 in float32
+    # math (each the largest that fits 64 MiB)
+    near = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(528, 528), compute="bf16")
+    assert len(near.warnings) == 1 and "leaving 4.45 MiB for weights: they fit" in near.warnings[0]
+    edge = diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(384, 384), compute="fp32")
+    assert len(edge.warnings) == 1 and "leaving 1 MiB for weights" in edge.warnings[0]
     assert "are fetched from a slower tier every step" in edge.warnings[0]
     assert not diffusion_plan("tiny", "cpu=64MiB,disk=100%", workload=Workload(256, 256), compute="bf16").warnings
 
