@@ -5,13 +5,15 @@ no dataset is stored):
 
 1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), then the latent
    scale and shift of its config are measured on them, as FLUX.1's were;
-2. the captions are tokenized for both text encoders, at a short length and at the notebooks' 512
-   T5 tokens;
+2. the text encoders: T5 keeps its seeded weights and reads every caption once at the notebooks'
+   512 tokens; CLIP learns to name the scene from its pooled embedding (background, shape colour,
+   shape, place: a linear head on it, thrown away after training);
 3. the transformer learns rectified flow on the VAE's latents (FLUX.1's objective: predict
-   noise minus image), together with both text encoders: CLIP's pooled embedding and T5's tokens
-   learn to say the caption (a random 24-block T5 hands on nearly the same vector for every word,
-   and no word order). Their outputs are rounded to bfloat16 on the way, as the embeddings file
-   stores them.
+   noise minus image), together with CLIP, which keeps naming the scene. The transformer sees T5's
+   512 tokens as 16 tokens and five groups of pads weighted by their size (:func:`_pad_groups`): the
+   same result as 512 tokens at the cost of 21. Noise levels lean to the top, where a picture's
+   layout comes from the words alone. Text outputs are rounded to bfloat16 on the way, as the
+   embeddings file stores them.
 
 The held-out colour pairs (:data:`helpers.world.HELD_OUT`) are never shown. The result is one
 safetensors file of bfloat16 weights (CLIP, T5, transformer, VAE) with the VAE's scale and shift and
@@ -43,31 +45,32 @@ SIZES = (64, 128)
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 900
+    vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    flow_steps: int = 1600
-    #: of those, the last ones at the notebooks' 512 T5 tokens; the rest at ``short_tokens`` (7x cheaper)
-    long_steps: int = 60
-    short_tokens: int = 64
+    #: CLIP alone first: its pooled embedding learns to name the scene (the heads of :func:`_scene_heads`)
+    clip_steps: int = 300
+    flow_steps: int = 3000
     flow_batch: int = 16
     flow_lr: float = 1e-3
     clip_lr: float = 1e-3
-    #: T5's learning rate; 0 keeps its seeded random weights (its embeddings computed once)
-    t5_lr: float = 1e-3
+    #: weight of the scene-naming loss on CLIP's pooled embedding beside the flow loss
+    name_weight: float = 1.0
     #: share of the transformer's batches at 128x128 (the rest 64x64)
-    large_share: float = 0.1
-    #: the sampler's step counts whose sigmas are drawn as often as uniform ones
+    large_share: float = 0.05
+    #: the sampler's step counts whose sigmas are drawn ``schedule_share`` of the time
     schedule_steps: tuple[int, ...] = (4,)
+    schedule_share: float = 0.25
+    #: share of noise levels drawn uniformly from the top (0.7-1), where the layout comes from the words alone
+    high_share: float = 0.35
     warmup: int = 50
     threads: int | None = None
     #: train on the first N scenes only (a quick run, as the tests make); None: all but the held-out
     max_scenes: int | None = None
     #: take the VAE (and its latent scale and shift) from this earlier weights file instead of phase 1
     vae_from: str | None = None
-    #: the transformer's heads of 16 (None: the tiny twin's own). 4 makes it 64 wide, as wide as the packed
-    #: latent it passes from input to output; at 2 (32 wide) the flow loss stalls near 1.0
-    flux_heads: int | None = 4
+    #: the transformer's heads of 16 (None: the tiny twin's own, 4)
+    flux_heads: int | None = None
 
 
 def _images(scenes, size: int, rng: random.Random) -> torch.Tensor:
@@ -122,12 +125,63 @@ def _zero_modulation(transformer) -> None:
         transformer.proj_out.bias.zero_()
 
 
-def _sigma(rng: random.Random, schedule: list[float]) -> float:
-    """A noise level to train at: a quarter of the time one the sampler visits, else logit-normal around
-    0.62 (more high noise than low: there the picture comes from the words alone, as in FLUX.1's training)."""
-    if rng.random() < 0.25:
+def _sigma(rng: random.Random, schedule: list[float], config: TrainConfig) -> float:
+    """A noise level to train at: one the sampler visits (``schedule_share`` of the time), one from the
+    top, 0.7-1 (``high_share``: there the picture comes from the words alone, and a 4-step sampler
+    takes its first, layout-setting step), else logit-normal around 0.62 (as FLUX.1's training)."""
+    r = rng.random()
+    if r < config.schedule_share:
         return rng.choice(schedule)
+    if r < config.schedule_share + config.high_share:
+        return rng.uniform(0.7, 1.0)
     return 1 / (1 + math.exp(-rng.gauss(0.5, 1.0)))
+
+
+#: what CLIP's pooled embedding learns to name, and how many values each has (the place: five or none)
+ATTRIBUTES = (("background", len(world.COLOURS)), ("shape_colour", len(world.COLOURS)),
+              ("shape", len(world.SHAPES)), ("place", len(world.PLACES) + 1))
+
+
+def _scene_labels(scenes) -> torch.Tensor:
+    """``[n, 4]``: each scene's background, shape colour, shape and place as class numbers."""
+    colours, places = list(world.COLOURS), [*world.PLACES, None]
+    return torch.tensor([[colours.index(s.background), colours.index(s.shape_colour),
+                          world.SHAPES.index(s.shape), places.index(s.place)] for s in scenes])
+
+
+def _naming_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the four attributes, summed, and how often each is named right (``[4]``)."""
+    pieces = torch.split(logits, [n for _, n in ATTRIBUTES], dim=1)
+    loss = sum(torch.nn.functional.cross_entropy(x, labels[:, i]) for i, x in enumerate(pieces))
+    right = torch.stack([(x.argmax(1) == labels[:, i]).float().mean() for i, x in enumerate(pieces)])
+    return loss, right
+
+
+#: T5's tokens kept one by one (every caption is shorter), then the pads in groups that end here
+PAD_GROUPS = (16, 32, 64, 128, 256, TOKENS)
+
+
+def _pad_groups(words: torch.Tensor) -> torch.Tensor:
+    """T5's ``[n, 512, d]`` output as the first 16 tokens and one mean per group of pads: ``[n, 21, d]``.
+
+    FluxPipeline runs T5 without a mask and gives text tokens no position, so the transformer treats
+    its 500-odd pads as one token repeated (T5 makes them nearly alike); a key repeated ``k`` times is
+    exactly one key with ``log k`` added to its attention score (:func:`_group_bias`). Trained this
+    way the transformer sees the notebooks' 512 tokens at the cost of 21 (its output differs from the
+    full 512 by about 1e-5, relative).
+    """
+    first = PAD_GROUPS[0]
+    means = [words[:, a:b].mean(1, keepdim=True) for a, b in zip(PAD_GROUPS, PAD_GROUPS[1:])]
+    return torch.cat([words[:, :first], *means], 1)
+
+
+def _group_bias(batch: int, image_tokens: int) -> torch.Tensor:
+    """The additive attention mask (``[batch, 1, 1, keys]``) that weighs each pad group by its size."""
+    first = PAD_GROUPS[0]
+    bias = torch.zeros(first + len(PAD_GROUPS) - 1 + image_tokens)
+    for i, (a, b) in enumerate(zip(PAD_GROUPS, PAD_GROUPS[1:])):
+        bias[first + i] = math.log(b - a)
+    return bias[None, None, None, :].expand(batch, 1, 1, -1)
 
 
 def _bf16(x: torch.Tensor) -> torch.Tensor:
@@ -215,77 +269,89 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
         shift, scale = float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"])
     summary["vae_shift_factor"], summary["vae_scaling_factor"] = shift, scale
 
-    # ---- 2. the captions as both text encoders read them
+    # ---- 2. the text encoders: T5's 512 tokens once, CLIP learns to name the scene
     tok, tok2 = parts["tokenizer"], parts["tokenizer_2"]
     captions = [s.caption for s in train_scenes]
     index = {c: i for i, c in enumerate(captions)}
-    t5_ids = {length: tok2(captions, padding="max_length", max_length=length, truncation=True,
-                           return_tensors="pt").input_ids for length in (config.short_tokens, TOKENS)}
+    labels = _scene_labels(train_scenes)
     clip_ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    t5_embeds = {}
-    if not config.t5_lr:  # frozen: its embeddings once (float32 math on its bfloat16 weights, stored bfloat16)
-        for t in t5.parameters():
-            t.data = t.data.to(torch.bfloat16).float()
-        with torch.no_grad():
-            for length, ids in t5_ids.items():
-                t5_embeds[length] = torch.cat([t5(ids[i:i + 32]).last_hidden_state.to(torch.bfloat16)
-                                               for i in wrap(range(0, len(ids), 32), desc=f"2/3 T5, {length} tokens")])
-    summary["t5_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
+    # T5 keeps its seeded weights: trained at 512 tokens it would cost 1.7 s a step; its tokens still
+    # tell the words apart for the transformer, and give it a place to measure image positions from
+    for t in t5.parameters():
+        t.data = t.data.to(torch.bfloat16).float()
+    t5_ids = tok2(captions, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():  # float32 math on its bfloat16 weights, rounded to bfloat16 as the embeddings file
+        words_all = torch.cat([_pad_groups(t5(t5_ids[i:i + 16]).last_hidden_state.to(torch.bfloat16).float())
+                               for i in wrap(range(0, len(captions), 16), desc="2/3 T5, 512 tokens")])
+    namer = torch.nn.Linear(clip.config.hidden_size, sum(n for _, n in ATTRIBUTES))
+    clip_params = [*clip.parameters(), *namer.parameters()]
+    opt = torch.optim.AdamW(clip_params, lr=config.clip_lr, weight_decay=0.0)
+    right = torch.zeros(len(ATTRIBUTES))
+    for step in wrap(range(config.clip_steps), desc="2/3 CLIP names the scene"):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, config.clip_steps, config.clip_lr, config.warmup)
+        rows = torch.tensor(rng.choices(range(len(captions)), k=config.flow_batch))
+        loss, right_now = _naming_loss(namer(clip(clip_ids[rows]).pooler_output), labels[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+        opt.step()
+        right = 0.9 * right + 0.1 * right_now if step else right_now
+    summary["clip_named"] = {name: round(float(r), 3) for (name, _), r in zip(ATTRIBUTES, right)}
+    summary["text_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
 
-    # ---- 3. the transformer and both text encoders, rectified flow on the VAE's latents
+    # ---- 3. the transformer and CLIP, rectified flow on the VAE's latents
     scheduler = parts["scheduler"]
     sigma_pool = {size: [s for n in config.schedule_steps for s in _schedule_sigmas(scheduler, n, (size // 16) ** 2)]
                   for size in SIZES}
     _zero_modulation(transformer)
     transformer.train()
     params = [{"params": list(transformer.parameters()), "lr": config.flow_lr, "base": config.flow_lr},
-              {"params": list(clip.parameters()), "lr": config.clip_lr, "base": config.clip_lr}]
-    if config.t5_lr:  # eval mode all the same: no dropout, gradients flow
-        params.append({"params": list(t5.parameters()), "lr": config.t5_lr, "base": config.t5_lr})
+              {"params": clip_params, "lr": config.clip_lr, "base": config.clip_lr}]
     trained = [p for group in params for p in group["params"]]
     opt = torch.optim.AdamW(params, weight_decay=0.0)
-    losses = []
+    losses, named = [], []
+    text_ids = torch.zeros(words_all.shape[1], 3)
     flow_start = time.perf_counter()
-    bar = wrap(range(config.flow_steps), desc="3/3 transformer + text encoders")
+    bar = wrap(range(config.flow_steps), desc="3/3 transformer + CLIP")
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, config.flow_steps, group["base"], config.warmup)
         size = SIZES[1] if rng.random() < config.large_share else SIZES[0]
-        tokens = TOKENS if step >= config.flow_steps - config.long_steps else config.short_tokens
         batch = rng.choices(train_scenes, k=config.flow_batch)
         rows = torch.tensor([index[s.caption] for s in batch])
         with torch.no_grad():
             z = vae.encode(_images(batch, size, rng)).latent_dist.mean
             x0 = _pack((z - shift) * scale)
         noise = torch.randn_like(x0)
-        sigmas = torch.tensor([_sigma(rng, sigma_pool[size]) for _ in batch])
+        sigmas = torch.tensor([_sigma(rng, sigma_pool[size], config) for _ in batch])
         s = sigmas[:, None, None]
         xt = (1 - s) * x0 + s * noise
-        pooled = _bf16(clip(clip_ids[rows]).pooler_output)
-        if config.t5_lr:
-            words = _bf16(t5(t5_ids[tokens][rows]).last_hidden_state)
-        else:
-            words = t5_embeds[tokens][rows].float()
+        clip_out = clip(clip_ids[rows]).pooler_output
+        name_loss, _ = _naming_loss(namer(clip_out), labels[rows])
         h = w = size // 16
         pred = transformer(
             hidden_states=xt, timestep=sigmas, guidance=torch.tensor([rng.uniform(1, 5) for _ in batch]),
-            pooled_projections=pooled, encoder_hidden_states=words,
-            txt_ids=torch.zeros(tokens, 3), img_ids=_image_ids(h, w), return_dict=False,
+            pooled_projections=_bf16(clip_out), encoder_hidden_states=words_all[rows],
+            txt_ids=text_ids, img_ids=_image_ids(h, w), return_dict=False,
+            joint_attention_kwargs={"attention_mask": _group_bias(len(batch), h * w)},
         )[0]
         loss = ((pred - (noise - x0)) ** 2).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + config.name_weight * name_loss).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         losses.append(float(loss.detach()))
+        named.append(float(name_loss.detach()))
         if hasattr(bar, "set_postfix") and step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     transformer.eval()
     summary["flow_loss"] = float(np.mean(losses[-50:]))
+    summary["name_loss"] = float(np.mean(named[-50:]))
     summary["flow_seconds"] = round(time.perf_counter() - flow_start, 1)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    log(f"transformer + text encoders: flow loss {summary['flow_loss']:.4f} (mean squared error of the predicted "
-        f"velocity), {summary['flow_seconds']:.0f} s; all of it {summary['seconds']:.0f} s")
+    log(f"transformer + CLIP: flow loss {summary['flow_loss']:.4f} (mean squared error of the predicted velocity), "
+        f"naming loss {summary['name_loss']:.3f}, {summary['flow_seconds']:.0f} s; all of it {summary['seconds']:.0f} s")
 
     tensors = {}
     for component in TRAINED_COMPONENTS:
