@@ -7,9 +7,10 @@ One name picks the model everywhere (:func:`resolve_model`):
   ``text_encoder_2/`` T5 encoder, ``tokenizer_2/``, ``transformer/``, ``vae/``), with the real
   classes and block structure (T5: 24 blocks; Flux: 19 double + 38 single blocks; CLIP: 12 layers;
   VAE: 4 levels of 2 ResNet blocks) but small widths. They load back with the same
-  ``from_pretrained`` calls a real checkpoint gets. Their weights are random: their images are
-  noise. A twin whose spec names a file in ``helpers/twins/`` builds from those trained weights
-  instead (:mod:`helpers.training` trains ``tiny`` on the shapes world of :mod:`helpers.world`).
+  ``from_pretrained`` calls a real checkpoint gets. ``tiny`` builds from the trained weights the
+  package ships (``helpers/twins/tiny.safetensors``; :mod:`helpers.training` made them on the
+  shapes world of :mod:`helpers.world`), so it draws what it is told in that world; ``medium`` has
+  random weights (benchmarks need its size, not its pictures), and its images are noise.
 - ``flux-dev`` / ``flux-schnell``: black-forest-labs/FLUX.1-dev (gated) and FLUX.1-schnell (open).
 - ``flux-dev-random``: FLUX.1-dev's real architecture (the shipped configs) with random bfloat16
   weights, written here on first use, for full-size benchmarks without a download (23.8 GB for
@@ -91,13 +92,14 @@ class TwinSpec:
 
 
 TWINS: dict[str, TwinSpec] = {
-    # to be trained (helpers.training), the transformer must grow to 4 heads (64 wide, as wide as the packed
-    # latent, 16 channels x 2x2, that it passes from input to output): at 32 it cannot learn the shapes world
+    # trained on the shapes world (helpers.training); the transformer has 4 heads (64 wide, as wide as the
+    # packed latent, 16 channels x 2x2, that it passes from input to output): at 32 it cannot learn the world
     "tiny": TwinSpec(
         clip_hidden=32, clip_heads=2, clip_ff=64,
         t5_d_model=32, t5_heads=4, t5_d_kv=8, t5_d_ff=64,
-        flux_heads=2, flux_head_dim=16, flux_axes_rope=(4, 6, 6),
+        flux_heads=4, flux_head_dim=16, flux_axes_rope=(4, 6, 6),
         vae_channels=(16, 16, 32, 32), vae_groups=8,
+        trained="tiny.safetensors",
     ),
     # about 1.2 GB in bfloat16: the CPU benchmarks' model
     "medium": TwinSpec(
