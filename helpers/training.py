@@ -48,7 +48,7 @@ class TrainConfig:
     vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 1e-3
-    #: CLIP alone first: its pooled embedding learns to name the scene (the heads of :func:`_scene_heads`)
+    #: CLIP alone first: its pooled embedding learns to name the scene (:data:`ATTRIBUTES`, :func:`_naming_loss`)
     clip_steps: int = 300
     flow_steps: int = 3000
     flow_batch: int = 16
