@@ -4,10 +4,10 @@ The method's device map keeps the first blocks in the fast tier and lets acceler
 the rest one at a time, synchronously. :class:`BlockStreamer` does it with read-ahead instead, one
 tier down (disk -> RAM, on a machine without a GPU): the blocks that fit the ``cpu`` budget stay
 resident, spread out between the streamed ones; the others stay in the checkpoint's own
-safetensors files and are read, by a background thread, into a small fixed pool of buffers while
+safetensors files and are read, by a thread of their own, into a small fixed pool of buffers while
 the previous block computes. Nothing is copied to an offload folder, and RAM holds at most the
 resident blocks plus the pool (where the math's dtype is not the stored one, the pool reads stored
-bytes and two more buffers hold pieces decoded ahead of their turn).
+bytes and one more buffer holds the piece computing, decoded at its turn).
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
 live once in pinned RAM, as stored, and are copied ahead on a side CUDA stream (and decoded there).
 Streamed blocks go in their parts (attention, feed-forward...), so the pool is a few parts, not two
@@ -263,7 +263,7 @@ def _view(buf: torch.Tensor, pos: int, dtype: torch.dtype, shape) -> torch.Tenso
 
 
 def _decode(block: _Block, src: torch.Tensor, src_at: str, dst: torch.Tensor, dst_at: str,
-            dtype: torch.dtype | None, background: bool = False) -> None:
+            dtype: torch.dtype | None) -> None:
     """``block``'s stored tensors in ``src`` (at their ``src_at`` positions: ``"read_pos"`` or
     ``"stored_pos"``) into ``dst`` (at ``dst_at``) in ``dtype`` (``None``: as stored, a new layout
     only), through :func:`helpers.precision.decode_into` (fp8 with the row scales that stay resident
@@ -274,7 +274,7 @@ def _decode(block: _Block, src: torch.Tensor, src_at: str, dst: torch.Tensor, ds
         out = _view(dst, getattr(t, dst_at), _target(t.stored, dtype), t.shape)
         stored = _view(src, getattr(t, src_at), t.stored, t.shape)
         scale = t.owner._buffers.get(f"{t.leaf}_scale") if out.dtype != t.stored else None
-        decode_into(stored, out, scale, background=background)
+        decode_into(stored, out, scale)
 
 
 def _page_aligned(nbytes: int) -> torch.Tensor:
@@ -373,8 +373,8 @@ class _Streamer:
                 ])
         #: the bytes of the blocks the model has used so far
         self.bytes_streamed = 0
-        #: (kind, block index, start, end): the fetches ("read" or "copy"), "decode" where a thread decodes
-        #: (a converting :class:`BlockStreamer`) and "compute"; the last two passes
+        #: (kind, block index, start, end): the fetches ("read" or "copy"), "decode" (a converting
+        #: :class:`BlockStreamer`: the model's thread, just before the piece computes) and "compute"; the last two passes
         kinds = 3 if getattr(self, "convert", False) and isinstance(self, BlockStreamer) else 2
         self.events: collections.deque = collections.deque(maxlen=2 * kinds * len(self.blocks))
         self._compute_start: dict[int, object] = {}
@@ -457,23 +457,8 @@ class _Streamer:
         self._handles.clear()
 
 
-#: pool buffers a converting stream decodes into: one computing, one decoded ahead of its turn
-DECODED = 2
-
-
-def _yield_to_compute() -> None:
-    """Lower this thread's priority (Linux: a thread's own nice value), so that where the model's
-    threads already use every core, it decodes in the time they leave (and, when the model waits for
-    it, in the time the waiting leaves) instead of taking turns with them: measured 5-10% faster
-    steps on 2 cores. Elsewhere, nothing."""
-    import sys
-
-    if not sys.platform.startswith("linux"):  # elsewhere the id of a thread is not one setpriority takes
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
+#: pool buffers a converting stream decodes into: the one computing (decoded at its turn, see :class:`BlockStreamer`)
+DECODED = 1
 
 
 class BlockStreamer(_Streamer):
@@ -484,10 +469,14 @@ class BlockStreamer(_Streamer):
     in RAM at once as read (2: one computing, one being read; more: reads further ahead; where
     pieces are decoded, the decoded buffers are the ones computing, and all the pool reads ahead).
     ``dtype``: the dtype to compute in, when it is not the one stored (bf16 weights with float32
-    math, fp8 weights): a second thread then decodes each piece read into one of :data:`DECODED`
-    buffers in ``dtype``, ahead of its turn, while the reader goes on reading in stored bytes (a
-    quarter of float32's for fp8), so reads, decoding and compute overlap; ``ram_bytes`` counts
-    both kinds of buffers.
+    math, fp8 weights): the reader reads ahead in stored bytes (a quarter of float32's for fp8), and
+    each piece is decoded into one buffer in ``dtype`` at its turn, on the model's thread with
+    torch's threads (:func:`helpers.precision.decode_into`); ``ram_bytes`` counts both kinds of
+    buffers. At its turn, not ahead of it: widening is memory-bound and quick on every core (bf16 ->
+    float32: about 0.15 ns a value on 2 cores), while a decoding thread beside the math finds every
+    core taken by it and waits for one. Measured on 2 cores, the medium twin at 64x64 with bf16
+    weights and float32 math: 0.55 s a step decoded at the turn against 0.72 s with a decoding
+    thread ahead (0.49 s resident); fp8: 0.73 against 0.90 s.
 
     ``direct``: read with ``O_DIRECT``, straight from the disk into the read buffers, so that the
     streamed weights take no page cache (RAM the budget does not have) and the read costs no CPU
@@ -507,7 +496,7 @@ class BlockStreamer(_Streamer):
         read = max((b.read_nbytes for b in self.blocks), default=0)
         #: the largest piece as the model computes with it
         self.largest = max((b.nbytes for b in self.blocks), default=0)
-        decoded = min(DECODED, len(self.blocks)) if self.convert else 0
+        decoded = DECODED if self.convert else 0
         #: bytes of RAM the streamer holds: the read buffers, and the decoded ones when converting
         self.ram_bytes = read * pool + self.largest * decoded
         if pool_bytes is not None and self.ram_bytes > pool_bytes:
@@ -523,12 +512,10 @@ class BlockStreamer(_Streamer):
         self._files = _Files(direct)
         self._dtype = dtype
         self._free_reads: queue.Queue = queue.Queue()  # read buffers the reader may fill
-        self.free: queue.Queue = self._free_reads if not self.convert else queue.Queue()  # pool buffers to fill
-        self._read: queue.Queue = queue.Queue()  # (block, read buffer) waiting to be decoded, or (block, exception)
-        self.ready: queue.Queue = queue.Queue()  # (block, pool buffer) ready, or (block, the exception)
+        self.ready: queue.Queue = queue.Queue()  # (block, read buffer) read, or (block, the exception)
         self.bytes_read = 0  # by the reader, read-ahead and page edges included
         self._stop = threading.Event()
-        self._attach(model, dtype)  # times in perf_counter seconds; "read" and "decode" spans by the threads
+        self._attach(model, dtype)  # times in perf_counter seconds; "read" spans by the reader
         self._resume()
 
     @property
@@ -549,39 +536,18 @@ class BlockStreamer(_Streamer):
 
     def _read_loop(self) -> None:
         i = 0
-        out = self._read if self.convert else self.ready
         while (k := self._take(self._free_reads)) is not None:
             j = i % len(self.blocks)
             started = time.perf_counter()
             try:
                 n = self._files.read_into(self.blocks[j], self.reads[k])
             except Exception as exc:  # handed to the forward pass, which raises it
-                out.put((j, exc))
+                self.ready.put((j, exc))
                 return
             self.bytes_read += n
             self.events.append(("read", j, started, time.perf_counter()))
-            out.put((j, k))
+            self.ready.put((j, k))
             i += 1
-
-    def _decode_loop(self) -> None:
-        _yield_to_compute()
-        while (item := self._take(self._read)) is not None:
-            j, k = item
-            if isinstance(k, Exception):
-                self.ready.put((j, k))
-                return
-            c = self._take(self.free)
-            if c is None:
-                return
-            started = time.perf_counter()
-            try:
-                _decode(self.blocks[j], self.reads[k], "read_pos", self.buffers[c], "pos", self._dtype, background=True)
-            except Exception as exc:  # noqa: BLE001 - handed to the forward pass, which raises it
-                self.ready.put((j, exc))
-                return
-            self.events.append(("decode", j, started, time.perf_counter()))
-            self._free_reads.put(k)
-            self.ready.put((j, c))
 
     # ----------------------------------------------------------------- the shared hooks' parts
 
@@ -597,32 +563,34 @@ class BlockStreamer(_Streamer):
             raise RuntimeError(f"block streamer: reading {self.blocks[j].name} failed: {k}") from k
         if j != i:  # the model ran its blocks in another order than declared
             raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {self.blocks[i].name}")
-        return k
+        if not self.convert:
+            return k
+        started = time.perf_counter()
+        _decode(self.blocks[j], self.reads[k], "read_pos", self.buffers[0], "pos", self._dtype)
+        self.events.append(("decode", j, started, time.perf_counter()))
+        self._free_reads.put(k)  # read as stored and decoded: the reader may fill it again
+        return 0
 
     def _release(self, i: int, k: int, end) -> None:
-        self.free.put(k)
+        if not self.convert:
+            self._free_reads.put(k)
 
     def _healthy(self) -> bool:
-        return all(t.is_alive() for t in self._threads)  # not after a read or decode error
+        return all(t.is_alive() for t in self._threads)  # not after a read error
 
     def _stop_work(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join()
-        for q in {id(q): q for q in (self.ready, self._read, self.free, self._free_reads)}.values():
+        for q in (self.ready, self._free_reads):
             while not q.empty():
                 q.get_nowait()
 
     def _resume(self) -> None:
         for k in range(len(self.reads)):
             self._free_reads.put(k)
-        if self.convert:
-            for c in range(len(self.buffers)):
-                self.free.put(c)
         self._stop.clear()
         self._threads = [threading.Thread(target=self._read_loop, daemon=True, name="block-reader")]
-        if self.convert:
-            self._threads.append(threading.Thread(target=self._decode_loop, daemon=True, name="block-decoder"))
         for t in self._threads:
             t.start()
 
@@ -1028,9 +996,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     the largest part (by default up to 4, within the bytes of two whole blocks); on a GPU the room
     left by whole blocks keeps some of their parts resident. Resident weights are held in ``dtype``
     (converted once, at load, from what the checkpoint stores); streamed pieces move in stored bytes
-    and arrive in ``compute`` (default ``dtype``): decoded ahead of their turn (by a second thread
-    beside the reader; on a GPU, on the copy stream), so the layers find them ready (the resident
-    ones are upcast as they run: :func:`helpers.precision.upcast_layerwise`).
+    and arrive in ``compute`` (default ``dtype``): in RAM decoded at their turn, on the model's
+    thread (see :class:`BlockStreamer`); on a GPU ahead of it, on the copy stream (the resident ones
+    are upcast as they run: :func:`helpers.precision.upcast_layerwise`).
     ``weights="fp8"``: a checkpoint converted to fp8 (``python -m helpers convert``): the linear
     layers' weights stay fp8 when resident, their row scales are loaded beside them, and streamed
     pieces are read and moved in fp8 and dequantized on their way into the pool (``dtype`` is then
@@ -1038,7 +1006,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
     come from the disk (:class:`BlockStreamer`; a converting stream reads ahead in stored bytes and
-    decodes into :data:`DECODED` part-sized buffers in ``compute``, counted). With a GPU ``device``
+    decodes into :data:`DECODED` part-sized buffer in ``compute``, counted). With a GPU ``device``
     the fast tier is its ``device_bytes`` (the pool in ``compute``, and one staging buffer as stored
     when converting), and streamed blocks are held in pinned RAM as stored, which must fit
     ``cpu_bytes`` (:class:`HostStreamer`).

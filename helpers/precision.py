@@ -152,10 +152,10 @@ def cpu_bf16() -> tuple[bool, str]:
     if not have:
         return False, f"this CPU ({capability}) lists no bf16 matrix instructions"
     fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
-    ratio = fp32 / bf16 if bf16 > 0 else 0.0
+    ratio = max(fp32, 1e-9) / max(bf16, 1e-9)
     native = ratio >= 1.0
-    return native, (f"this CPU ({capability}) lists {', '.join(have)}, and a probe ran a bf16 matrix product "
-                    f"{ratio:.1f}x as fast as float32")
+    speed = f"{ratio:.1f}x as fast as float32" if native else f"{1 / ratio:.1f}x slower than float32"
+    return native, f"this CPU ({capability}) lists {', '.join(have)}, and a probe ran a bf16 matrix product {speed}"
 
 
 def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "diffusion") -> tuple[str, str]:
@@ -232,7 +232,7 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, ou
 _E4M3_SHIFT = 2.0 ** 120
 
 
-def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, background: bool) -> bool:
+def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
     """fp8 e4m3fn -> float32 times the row scales, by moving bits: about 4x faster than torch's fp8
     conversion on a CPU, and the same bits as :func:`dequantize_rows`.
 
@@ -244,61 +244,29 @@ def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, bac
     the formula) where a scale times 2**120 would not be a finite float32 (rows past 2**7 in
     magnitude: not weights), and where this thread flushes subnormals to zero (a library built with
     fast-math can set that), which would zero e4m3's subnormals here and not in torch's cast.
-    ``background``: numpy alone, on this thread (a decoding thread must not start torch's worker
-    threads beside the model's); else torch, on its threads.
     """
-    import numpy as np
-
     if q.dim() != 2 or scale.dtype != torch.float32:
         return False
-    if background:
-        rows = scale.numpy()
-        if not (np.abs(rows) < 2.0 ** 7).all() or np.float32(1e-39) * np.float32(1.0) == 0:
-            return False
-        factor = (rows.astype(np.float32) * np.float32(_E4M3_SHIFT))[:, None]
-        bits = out.view(torch.int32).numpy()
-        np.copyto(bits, q.view(torch.int8).numpy())  # sign-extended
-        np.left_shift(bits, 20, out=bits)
-        np.bitwise_and(bits, np.int32(-0x78100000), out=bits)  # 0x87F00000: the sign, then 7 bits of value
-        np.multiply(out.numpy(), factor, out=out.numpy())
-        return True
     if not bool((scale.abs() < 2.0 ** 7).all()) or bool(torch.tensor(1e-39) * 1.0 == 0):
         return False
     bits = out.view(torch.int32)
-    bits.copy_(q.view(torch.int8))
-    bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)
+    bits.copy_(q.view(torch.int8))  # sign-extended
+    bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)  # 0x87F00000: the sign, then 7 bits of value
     out.mul_((scale.to(torch.float32) * _E4M3_SHIFT)[:, None])
     return True
 
 
-def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
-                background: bool = False) -> torch.Tensor:
+def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``stored`` (a weight as a tier holds it) written into ``out`` in ``out``'s dtype: the one
-    conversion every path uses (the layer hooks, the stream's decoding thread and copy stream).
+    conversion every path uses (the layer hooks, the stream at each piece's turn, the copy stream).
 
     bf16 -> float32 is exact widening; fp8 with its row ``scale`` is :func:`dequantize_rows`, on a CPU
-    into float32 by moving bits (:func:`_e4m3_bits_fp32`). ``background``: called from a thread beside
-    the model's (the stream's decoding thread), which must not start torch's worker threads: numpy
-    there, except for fp8 into bf16 or fp16 math on a CPU (torch's cast: the math the CPU runs
-    natively, so a CPU with native bf16, with cores to match).
+    into float32 by moving bits (:func:`_e4m3_bits_fp32`). torch's ops, on torch's threads.
     """
-    cpu = out.device.type == "cpu"
     if scale is not None and stored.dtype == torch.float8_e4m3fn:
-        if cpu and out.dtype == torch.float32 and _e4m3_bits_fp32(stored, scale, out, background):
+        if out.device.type == "cpu" and out.dtype == torch.float32 and _e4m3_bits_fp32(stored, scale, out):
             return out
         return dequantize_rows(stored, scale, out.dtype, out=out)
-    if cpu and background and stored.dtype == torch.bfloat16 and out.dtype == torch.float32:
-        import numpy as np
-
-        full = out.view(torch.int32).numpy().view(np.uint32)  # a bfloat16 is the top half of the float32
-        np.copyto(full, stored.view(torch.int16).numpy().view(np.uint16))
-        np.left_shift(full, 16, out=full)
-        return out
-    if cpu and background and stored.dtype == out.dtype:
-        import numpy as np
-
-        np.copyto(out.reshape(-1).view(torch.uint8).numpy(), stored.reshape(-1).view(torch.uint8).numpy())
-        return out
     return out.copy_(stored)
 
 

@@ -341,8 +341,9 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
     budget = int(_bytes(whole) * 0.5)
     model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, budget, ["encoder.block"])
     try:
-        # bf16 -> fp32: read as stored, decoded by a second thread into buffers in float32
+        # bf16 -> fp32: read ahead as stored, each piece decoded at its turn into one float32 buffer
         assert streamer is not None and streamer.convert and streamer.reads is not streamer.buffers
+        assert len(streamer.buffers) == 1 and [t.name for t in streamer._threads] == ["block-reader"]
         assert streamer.ram_bytes == sum(b.numel() for b in streamer.reads + streamer.buffers)
         assert model.shared.weight is model.encoder.embed_tokens.weight  # tied, loaded once
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
@@ -360,7 +361,7 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
 def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident, where, kind):
     budget = int(_bytes(resident) * 0.3)
     dtype = torch.float32 if kind.endswith("float32") else torch.bfloat16
-    if dtype == torch.float32:  # the reader and the decoder thread both start over
+    if dtype == torch.float32:  # the reader starts over; the pieces are decoded at their turn
         resident = copy.deepcopy(resident).float()
         model, streamer = load_streaming(tiny_folder / "transformer", type(resident), dtype, 2 * budget, BLOCKS)
         assert streamer.convert
@@ -381,7 +382,7 @@ def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folde
         streamer.close()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: through the decoder thread
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: decoded at each piece's turn
 def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident, dtype):
     import shutil
 
@@ -725,7 +726,7 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     limit = 1.1 * (cpu["baseline_rss_bytes"] + cpu["max_memory_bytes"]["cpu"]) / 2**20
     assert any(line.get_xdata()[0] == limit for line in ax.lines)  # the RSS criterion's line
     assert "read" in plot_timeline(cpu).get_title()
-    # bf16 weights, float32 math: a decoding thread between the reads and the compute, a lane of its own
+    # bf16 weights, float32 math: the decoding between the reads and the compute, a lane of its own
     decoded = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" /
                           "medium-avx2-64x64-t64-bf16-weights-auto-math.json").read_text())
     lanes = [t.get_text() for t in plot_timeline(decoded).get_yticklabels()]

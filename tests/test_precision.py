@@ -328,8 +328,7 @@ def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
 # --------------------------------------------------------------------------- decoding on the way in
 
 
-@pytest.mark.parametrize("background", [False, True])  # torch on its threads; numpy on a reader's thread
-def test_decode_into_gives_the_formulas_bits(background):
+def test_decode_into_gives_the_formulas_bits():
     """fp8 by moving bits equals ``dequantize_rows`` bit for bit: every e4m3fn byte (subnormals, both
     zeros), rows of every size of scale, and a scale too large for the trick (the formula then)."""
     from helpers.precision import decode_into, dequantize_rows
@@ -339,11 +338,11 @@ def test_decode_into_gives_the_formulas_bits(background):
     scale = torch.tensor([1e-30, 3e-7, 1e-4, 0.01, 1.0, 100.0, 1000.0])  # the last: past the trick's range
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = torch.empty(q.shape, dtype=dtype)
-        decode_into(q, out, scale, background=background)
+        decode_into(q, out, scale)
         assert torch.equal(out, dequantize_rows(q, scale, dtype)), dtype
     w = torch.randn(33, 17).to(torch.bfloat16)
-    assert torch.equal(decode_into(w, torch.empty(33, 17), background=background), w.float())  # exact widening
-    assert torch.equal(decode_into(w, torch.empty(33, 17, dtype=torch.bfloat16), background=background), w)
+    assert torch.equal(decode_into(w, torch.empty(33, 17)), w.float())  # exact widening
+    assert torch.equal(decode_into(w, torch.empty(33, 17, dtype=torch.bfloat16)), w)
 
 
 def test_fp8_moves_to_the_device_as_stored_and_is_decoded_there(tiny_fp8):
