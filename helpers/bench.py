@@ -280,6 +280,14 @@ def _image(config: dict, out: Path) -> None:
     image.save(out)
 
 
+def _held_bytes(model) -> int:
+    """The bytes of weights the loaded model holds between calls (RAM or GPU, not the meta device):
+    its resident part, as stored (fp8 with its scales)."""
+    from helpers.precision import named_tensors
+
+    return sum(t.numel() * t.element_size() for _, _, t in named_tensors(model) if t.device.type != "meta")
+
+
 def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
     from helpers.memory import drop_page_cache, measure
 
@@ -296,6 +304,7 @@ def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
     with measure(strategy) as m:
         model, streamed, cleanup = _load(strategy, config, work)
         model.eval()
+        held = _held_bytes(model)
         inputs = {k: v.to(gpu) if gpu is not None and torch.is_tensor(v) else v
                   for k, v in _inputs(config, model).items()}
         times = []
@@ -317,6 +326,7 @@ def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
         "peak_rss_bytes": m.peak_rss,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(gpu) if gpu is not None else None,
         "bytes_streamed_per_step": int(streamed()),
+        "resident_bytes": held,
         "baseline_rss_bytes": baseline,
         "step_times": times[1:],
     }
@@ -550,6 +560,28 @@ def disk_bandwidth(folder: Path, cache: str = "cold", limit: int = 2**30, compon
     return total / max(time.perf_counter() - start, 1e-9)
 
 
+#: environment variables that cap the instruction sets the math libraries use (a CPU run as an older one)
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def machine() -> dict:
+    """What ran the benchmark: the CPU's model name, its cores, the kernels PyTorch picked
+    (``AVX2``, ``AVX512``...), and any instruction-set caps set in the environment (:data:`ISA_CAPS`):
+    with them a CPU with native bf16 benchmarks as one without."""
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ}}
+
+
 def resolve_cache(cache: str, budget) -> str:
     """``cold`` or ``warm`` for ``cache="auto"`` under ``budget`` (see :func:`run`); others as given."""
     if cache != "auto":
@@ -725,6 +757,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         return {
             "model": config["model"], "stage": stage,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
+            "machine": machine(),
             "max_memory": budget_spec if isinstance(budget_spec, str) else str(parse_budget(budget_spec)),
             "budget_scaled_like": TWIN_REFERENCE if plan.reference is not None else None,
             "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},

@@ -232,6 +232,10 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
         assert r["max_abs_diff_vs_resident"] == 0.0 and r["peak_gpu_bytes"] is None and r["s_per_step"] > 0
     assert data["results"][0]["bytes_streamed_per_step"] == 0 and data["results"][2]["bytes_streamed_per_step"] > 0
     assert data["floor"]["s_per_step"] > 0
+    # the resident part: all of it resident, less where half the stage is the budget (the rest on disk)
+    held = [r["resident_bytes"] for r in data["results"]]
+    assert held[0] > held[1] > 0 and held[0] > held[2] > 0
+    assert data["machine"]["cores"] >= 1 and data["machine"]["capability"]
 
 
 def test_bench_puts_the_method_beside_another_precision_and_measures_its_image():
