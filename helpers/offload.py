@@ -467,7 +467,7 @@ class BlockStreamer(_Streamer):
     ``blocks``: the names of the blocks (or parts of blocks) to stream, in the order the forward
     pass calls them (each call of the model runs them all in this order). ``pool``: how many may be
     in RAM at once as read (2: one computing, one being read; more: reads further ahead; where
-    pieces are decoded, the decoded buffers are the ones computing, and all the pool reads ahead).
+    pieces are decoded, the decoded buffer is the one computing, and all the pool reads ahead).
     ``dtype``: the dtype to compute in, when it is not the one stored (bf16 weights with float32
     math, fp8 weights): the reader reads ahead in stored bytes (a quarter of float32's for fp8), and
     each piece is decoded into one buffer in ``dtype`` at its turn, on the model's thread with
@@ -507,7 +507,7 @@ class BlockStreamer(_Streamer):
             )
         #: what the reader reads into (stored bytes, the file's layout)
         self.reads = [_page_aligned(read) for _ in range(pool)]
-        #: what the model computes from: the decoded buffers, or the read ones when nothing converts
+        #: what the model computes from: the decoded buffer, or the read ones when nothing converts
         self.buffers = [_page_aligned(self.largest) for _ in range(decoded)] if self.convert else self.reads
         self._files = _Files(direct)
         self._dtype = dtype
@@ -950,7 +950,7 @@ def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: di
     the smaller blocks also keeps the pool small once all the largest are resident. ``lists``: the
     model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer``: the
     pool buffer its largest piece needs when streamed; ``stage``: what a converting stream adds for
-    it (the decoded buffers, or a staging buffer).
+    it (the decoded buffer, or a staging buffer).
     """
     lists = sorted((names for names in lists if names), key=lambda names: -max(size[n] for n in names))
     everything = [n for names in lists for n in names]
@@ -1055,7 +1055,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if on_gpu:  # pool buffers in the compute dtype; one staging buffer (stored) to decode from when converting
         buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
         stage = {n: max(plans[u].stored_nbytes for u in parts[n]) if converted else 0 for n in names}
-    else:  # read buffers as stored (whole pages); converting, DECODED buffers in the compute dtype
+    else:  # read buffers as stored (whole pages); converting, DECODED buffer in the compute dtype
         buffer = {n: max(plans[u].read_nbytes for u in parts[n]) for n in names}
         stage = {n: DECODED * max(plans[u].nbytes for u in parts[n]) if converted else 0 for n in names}
     other = stored_bytes(model) - sum(size.values())  # outside the blocks (tied tensors once)
