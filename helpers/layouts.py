@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from helpers.errors import UserError
+
 #: a checkpoint key prefix some single files carry (ComfyUI's full-model saves)
 PREFIX = "model.diffusion_model."
 
@@ -94,7 +96,7 @@ def bfl_layout(config) -> dict[str, list[Rows]]:
 
 def from_bfl(state: dict, config) -> dict:
     """A BFL state dict (torch tensors; the ``model.diffusion_model.`` prefix allowed) in diffusers'
-    names. Missing or unexpected keys are an error naming them (a file of another model)."""
+    names. Missing or unexpected keys are a :class:`UserError` naming them (a file of another model)."""
     import torch
 
     state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
@@ -102,8 +104,10 @@ def from_bfl(state: dict, config) -> dict:
     wanted = {p.key for pieces in layout.values() for p in pieces}
     missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
     if missing or extra:
-        raise KeyError(f"not this model's BFL layout: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                       f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+        raise UserError(f"these weights are not a FLUX.1 transformer of this model's widths in the BFL layout: "
+                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                        f"{extra[:3]}{'...' if len(extra) > 3 else ''}; use the file made for this model "
+                        "(dev or schnell, and its size).")
     return {name: torch.cat([state[p.key][p.start:p.stop] for p in pieces]) if len(pieces) > 1
             else state[pieces[0].key][pieces[0].start:pieces[0].stop]
             for name, pieces in layout.items()}

@@ -54,8 +54,10 @@ def test_a_twin_round_trips_through_the_bfl_layout(tiny_folder):
 def test_a_file_of_another_model_is_named_as_such():
     import pytest
 
+    from helpers.errors import UserError
+
     bfl = _fake_bfl(FLUX_WIDTH)
     bfl.pop("single_blocks.2.linear2.weight")
     bfl["some.other.tensor"] = torch.zeros(1)
-    with pytest.raises(KeyError, match=r"missing \['single_blocks.2.linear2.weight'\].*unexpected \['some.other"):
+    with pytest.raises(UserError, match=r"missing \['single_blocks.2.linear2.weight'\].*unexpected \['some.other"):
         from_bfl(bfl, FLUX_WIDTH)
