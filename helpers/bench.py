@@ -486,8 +486,7 @@ def plot_timeline(data: dict, ax=None):
         ax = plt.subplots(figsize=(12, 2.6))[1]
     kinds = {k for k, *_ in stream["timeline"]}
     fetch = "copy" if "copy" in kinds else "read"
-    # top to bottom: the fetch, the decoding into the compute dtype (a converting stream), the compute
-    lanes = [("compute", "#1f77b4"), *([("decode", "#2ca02c")] if "decode" in kinds else []), (fetch, "#ff7f0e")]
+    lanes = [("compute", "#1f77b4"), (fetch, "#ff7f0e")]  # top to bottom: the compute, the fetch
     for row, (kind, colour) in enumerate(lanes):
         spans = [(a, b - a) for k, _, a, b in stream["timeline"] if k == kind]
         ax.broken_barh(spans, (row - 0.35, 0.7), color=colour, edgecolor="white", linewidth=0.3)

@@ -373,16 +373,15 @@ class _Streamer:
                 ])
         #: the bytes of the blocks the model has used so far
         self.bytes_streamed = 0
-        #: (kind, block index, start, end): the fetches ("read" or "copy"), "decode" (a converting
-        #: :class:`BlockStreamer`: the model's thread, just before the piece computes) and "compute"; the last two passes
-        kinds = 3 if getattr(self, "convert", False) and isinstance(self, BlockStreamer) else 2
-        self.events: collections.deque = collections.deque(maxlen=2 * kinds * len(self.blocks))
+        #: (kind, block index, start, end): the fetches ("read" or "copy") and "compute"; the last two passes
+        self.events: collections.deque = collections.deque(maxlen=2 * 2 * len(self.blocks))
         self._compute_start: dict[int, object] = {}
         self._current: dict[int, int] = {}  # block -> buffer, for blocks computing now
         self._next = 0  # the block the forward pass reaches next
         self._handles = [model.register_forward_pre_hook(self._restart_if_interrupted)]
         for i, block in enumerate(self.blocks):
-            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i)))
+            # first of the piece's hooks: a layer's own (the upcast) finds its weights there
+            self._handles.append(block.module.register_forward_pre_hook(self._make_pre(i), prepend=True))
             self._handles.append(block.module.register_forward_hook(self._make_post(i)))
 
     @property
@@ -457,65 +456,53 @@ class _Streamer:
         self._handles.clear()
 
 
-#: pool buffers a converting stream decodes into: the one computing (decoded at its turn, see :class:`BlockStreamer`)
-DECODED = 1
-
-
 class BlockStreamer(_Streamer):
     """Attach to a model whose streamed blocks are on the meta device; stream them from disk.
 
     ``blocks``: the names of the blocks (or parts of blocks) to stream, in the order the forward
     pass calls them (each call of the model runs them all in this order). ``pool``: how many may be
-    in RAM at once as read (2: one computing, one being read; more: reads further ahead; where
-    pieces are decoded, the decoded buffer is the one computing, and all the pool reads ahead).
-    ``dtype``: the dtype to compute in, when it is not the one stored (bf16 weights with float32
-    math, fp8 weights): the reader reads ahead in stored bytes (a quarter of float32's for fp8), and
-    each piece is decoded into one buffer in ``dtype`` at its turn, on the model's thread with
-    torch's threads (:func:`helpers.precision.decode_into`); ``ram_bytes`` counts both kinds of
-    buffers. At its turn, not ahead of it: widening is memory-bound and quick on every core (bf16 ->
-    float32: about 0.15 ns a value on 2 cores), while a decoding thread beside the math finds every
-    core taken by it and waits for one. Measured on 2 cores, the medium twin at 64x64 with bf16
-    weights and float32 math: 0.55 s a step decoded at the turn against 0.72 s with a decoding
-    thread ahead (0.49 s resident); fp8: 0.73 against 0.90 s.
+    in RAM at once (2: one computing, one being read; more: reads further ahead).
+
+    A piece computes from its bytes as read, as stored (bf16, fp8 with its row scales resident
+    beside it): where the math is in another dtype, each layer is decoded as it runs, into one
+    workspace, by the hooks that decode the resident layers (:func:`helpers.precision.upcast_layerwise`;
+    :func:`load_streaming` sets them). Not the whole piece at its turn, and not ahead of it in a
+    thread: a layer decoded just before its product is still in the CPU's cache when the product
+    reads it, and a decoding thread beside the math finds every core taken by it. Measured on 2
+    cores (AVX2), the medium twin at 256x256 with 512 tokens, bf16 weights, float32 math: 0.99x the
+    resident model's time a step layer by layer, 1.03x with each piece decoded at its turn into a
+    float32 buffer (which also took a piece's float32 bytes of the budget); at 64x64 with 64 tokens
+    1.07x against 1.22x.
 
     ``direct``: read with ``O_DIRECT``, straight from the disk into the read buffers, so that the
     streamed weights take no page cache (RAM the budget does not have) and the read costs no CPU
-    time (decoding does, in its own thread); where the file system refuses it, reads fall back to
-    the page cache.
+    time; where the file system refuses it, reads fall back to the page cache.
     """
 
     def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], pool: int = 2,
-                 pool_bytes: int | None = None, dtype: torch.dtype | None = None, direct: bool = True,
+                 pool_bytes: int | None = None, direct: bool = True,
                  parents: dict[str, str] | None = None) -> None:
         folder = Path(folder)
         self._parents = dict(parents or {})
         index = read_safetensors_index(folder)
-        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype) for name in blocks]
+        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, None) for name in blocks]
         pool = max(1, min(pool, len(self.blocks)))  # more buffers than pieces would only read them twice
-        self.convert = any(b.converts for b in self.blocks)
         read = max((b.read_nbytes for b in self.blocks), default=0)
-        #: the largest piece as the model computes with it
-        self.largest = max((b.nbytes for b in self.blocks), default=0)
-        decoded = DECODED if self.convert else 0
-        #: bytes of RAM the streamer holds: the read buffers, and the decoded ones when converting
-        self.ram_bytes = read * pool + self.largest * decoded
+        #: bytes of RAM the streamer holds: its read buffers
+        self.ram_bytes = read * pool
         if pool_bytes is not None and self.ram_bytes > pool_bytes:
             raise UserError(
-                f"streaming needs {pool} buffers of the largest piece as stored ({read:,} bytes each)"
-                + (f" and {decoded} as it computes ({self.largest:,} bytes each)" if decoded else "")
-                + f", more than the {pool_bytes:,} bytes the RAM tier has left; give the cpu tier more room."
+                f"streaming needs {pool} buffers of the largest piece as stored ({read:,} bytes each), more than "
+                f"the {pool_bytes:,} bytes the RAM tier has left; give the cpu tier more room."
             )
-        #: what the reader reads into (stored bytes, the file's layout)
-        self.reads = [_page_aligned(read) for _ in range(pool)]
-        #: what the model computes from: the decoded buffer, or the read ones when nothing converts
-        self.buffers = [_page_aligned(self.largest) for _ in range(decoded)] if self.convert else self.reads
+        #: what the reader reads into and the model computes from (stored bytes, the file's layout)
+        self.buffers = [_page_aligned(read) for _ in range(pool)]
         self._files = _Files(direct)
-        self._dtype = dtype
-        self._free_reads: queue.Queue = queue.Queue()  # read buffers the reader may fill
-        self.ready: queue.Queue = queue.Queue()  # (block, read buffer) read, or (block, the exception)
+        self._free: queue.Queue = queue.Queue()  # buffers the reader may fill
+        self.ready: queue.Queue = queue.Queue()  # (block, buffer) read, or (block, the exception)
         self.bytes_read = 0  # by the reader, read-ahead and page edges included
         self._stop = threading.Event()
-        self._attach(model, dtype)  # times in perf_counter seconds; "read" spans by the reader
+        self._attach(model, None)  # times in perf_counter seconds; "read" spans by the reader
         self._resume()
 
     @property
@@ -523,7 +510,7 @@ class BlockStreamer(_Streamer):
         """Whether reads bypass the page cache (``O_DIRECT``); see :class:`_Files`."""
         return self._files.direct
 
-    # ----------------------------------------------------------------- reading and decoding
+    # ----------------------------------------------------------------- reading
 
     def _take(self, q: queue.Queue):
         """The next item of ``q``, or ``None`` once the streamer stops."""
@@ -536,11 +523,11 @@ class BlockStreamer(_Streamer):
 
     def _read_loop(self) -> None:
         i = 0
-        while (k := self._take(self._free_reads)) is not None:
+        while (k := self._take(self._free)) is not None:
             j = i % len(self.blocks)
             started = time.perf_counter()
             try:
-                n = self._files.read_into(self.blocks[j], self.reads[k])
+                n = self._files.read_into(self.blocks[j], self.buffers[k])
             except Exception as exc:  # handed to the forward pass, which raises it
                 self.ready.put((j, exc))
                 return
@@ -563,17 +550,10 @@ class BlockStreamer(_Streamer):
             raise RuntimeError(f"block streamer: reading {self.blocks[j].name} failed: {k}") from k
         if j != i:  # the model ran its blocks in another order than declared
             raise RuntimeError(f"block streamer expected block {self.blocks[j].name}, got {self.blocks[i].name}")
-        if not self.convert:
-            return k
-        started = time.perf_counter()
-        _decode(self.blocks[j], self.reads[k], "read_pos", self.buffers[0], "pos", self._dtype)
-        self.events.append(("decode", j, started, time.perf_counter()))
-        self._free_reads.put(k)  # read as stored and decoded: the reader may fill it again
-        return 0
+        return k
 
     def _release(self, i: int, k: int, end) -> None:
-        if not self.convert:
-            self._free_reads.put(k)
+        self._free.put(k)
 
     def _healthy(self) -> bool:
         return all(t.is_alive() for t in self._threads)  # not after a read error
@@ -582,13 +562,13 @@ class BlockStreamer(_Streamer):
         self._stop.set()
         for t in self._threads:
             t.join()
-        for q in (self.ready, self._free_reads):
+        for q in (self.ready, self._free):
             while not q.empty():
                 q.get_nowait()
 
     def _resume(self) -> None:
-        for k in range(len(self.reads)):
-            self._free_reads.put(k)
+        for k in range(len(self.buffers)):
+            self._free.put(k)
         self._stop.clear()
         self._threads = [threading.Thread(target=self._read_loop, daemon=True, name="block-reader")]
         for t in self._threads:
@@ -996,17 +976,17 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     the largest part (by default up to 4, within the bytes of two whole blocks); on a GPU the room
     left by whole blocks keeps some of their parts resident. Resident weights are held in ``dtype``
     (converted once, at load, from what the checkpoint stores); streamed pieces move in stored bytes
-    and arrive in ``compute`` (default ``dtype``): in RAM decoded at their turn, on the model's
-    thread (see :class:`BlockStreamer`); on a GPU ahead of it, on the copy stream (the resident ones
-    are upcast as they run: :func:`helpers.precision.upcast_layerwise`).
+    and compute in ``compute`` (default ``dtype``): in RAM each layer is decoded as it runs, like the
+    resident ones (:func:`helpers.precision.upcast_layerwise`, hooked here; see :class:`BlockStreamer`
+    for why); on a GPU a piece is decoded ahead of its turn, on the copy stream, and the resident
+    weights as they run (the caller hooks them).
     ``weights="fp8"``: a checkpoint converted to fp8 (``python -m helpers convert``): the linear
     layers' weights stay fp8 when resident, their row scales are loaded beside them, and streamed
     pieces are read and moved in fp8 and dequantized on their way into the pool (``dtype`` is then
     the dtype of the rest, bf16).
 
     Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
-    come from the disk (:class:`BlockStreamer`; a converting stream reads ahead in stored bytes and
-    decodes into :data:`DECODED` part-sized buffer in ``compute``, counted). With a GPU ``device``
+    come from the disk (:class:`BlockStreamer`, reading ahead in stored bytes). With a GPU ``device``
     the fast tier is its ``device_bytes`` (the pool in ``compute``, and one staging buffer as stored
     when converting), and streamed blocks are held in pinned RAM as stored, which must fit
     ``cpu_bytes`` (:class:`HostStreamer`).
@@ -1055,9 +1035,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if on_gpu:  # pool buffers in the compute dtype; one staging buffer (stored) to decode from when converting
         buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
         stage = {n: max(plans[u].stored_nbytes for u in parts[n]) if converted else 0 for n in names}
-    else:  # read buffers as stored (whole pages); converting, DECODED buffer in the compute dtype
+    else:  # read buffers as stored (whole pages), computed from as they are (decoded layer by layer)
         buffer = {n: max(plans[u].read_nbytes for u in parts[n]) for n in names}
-        stage = {n: DECODED * max(plans[u].nbytes for u in parts[n]) if converted else 0 for n in names}
+        stage = dict.fromkeys(names, 0)
     other = stored_bytes(model) - sum(size.values())  # outside the blocks (tied tensors once)
     largest = max(buffer.values())
     if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
@@ -1141,5 +1121,12 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     finally:
         if bar is not None:
             bar.close()
-    return model, BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
-                                dtype=compute, parents=pieces)  # in RAM no parts are kept (see above)
+    # in RAM no parts are kept (see above), and pieces stream as stored: each layer is decoded as it
+    # runs, by the hooks that decode the resident ones (see BlockStreamer)
+    streamer = BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+                             parents=pieces)
+    if compute != dtype or weights == "fp8" or any(plans[u].converts for u in pieces):
+        from helpers.precision import upcast_layerwise
+
+        upcast_layerwise(model, compute)
+    return model, streamer

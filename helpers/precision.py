@@ -443,6 +443,10 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
     left alone. On a module with accelerate's hook (which fetches offloaded weights as it runs) the
     upcast is chained after that hook, so it sees the fetched weights.
     """
+    if getattr(model, "_upcast_to", None) is not None:
+        if model._upcast_to != dtype:
+            raise ValueError(f"this model already computes in {model._upcast_to}; load it again for {dtype}.")
+        return 0  # hooked already (a streaming loader does it for its streamed pieces)
     hooked = 0
     workspace = _Workspace()
     grouped: set[int] = set()
@@ -464,6 +468,7 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
             module.register_forward_hook(hook.post, always_call=True)
         hooked += 1
     report_compute_dtype(model, dtype)
+    model._upcast_to = dtype
     return hooked
 
 

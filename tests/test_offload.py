@@ -337,7 +337,7 @@ def test_where_o_direct_is_refused_reads_fall_back_to_the_page_cache(tiny_folder
 
 
 def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
-    """T5 is stored in bfloat16 and encodes in float32: blocks are converted as they are read."""
+    """T5 is stored in bfloat16 and encodes in float32: pieces stream as stored, each layer decoded as it runs."""
     from transformers import T5EncoderModel
 
     folder = tiny_folder / "text_encoder_2"
@@ -345,10 +345,12 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
     budget = int(_bytes(whole) * 0.5)
     model, streamer = load_streaming(folder, T5EncoderModel, torch.float32, budget, ["encoder.block"])
     try:
-        # bf16 -> fp32: read ahead as stored, each piece decoded at its turn into one float32 buffer
-        assert streamer is not None and streamer.convert and streamer.reads is not streamer.buffers
-        assert len(streamer.buffers) == 1 and [t.name for t in streamer._threads] == ["block-reader"]
-        assert streamer.ram_bytes == sum(b.numel() for b in streamer.reads + streamer.buffers)
+        # bf16 -> fp32: read ahead as stored into the pool, computed from there by the layers' hooks
+        assert streamer is not None and [t.name for t in streamer._threads] == ["block-reader"]
+        assert {t.stored for b in streamer.blocks for t in b.tensors} == {torch.bfloat16}
+        assert {p.dtype for b in streamer.blocks for p in b.params[0]} == {torch.bfloat16}
+        assert model._upcast_to == torch.float32
+        assert streamer.ram_bytes == sum(b.numel() for b in streamer.buffers)
         assert model.shared.weight is model.encoder.embed_tokens.weight  # tied, loaded once
         resident_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == "cpu")
         assert resident_bytes + streamer.ram_bytes <= budget
@@ -365,10 +367,10 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
 def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident, where, kind):
     budget = int(_bytes(resident) * 0.3)
     dtype = torch.float32 if kind.endswith("float32") else torch.bfloat16
-    if dtype == torch.float32:  # the reader starts over; the pieces are decoded at their turn
+    if dtype == torch.float32:  # the reader starts over; the layers are decoded as they run
         resident = copy.deepcopy(resident).float()
         model, streamer = load_streaming(tiny_folder / "transformer", type(resident), dtype, 2 * budget, BLOCKS)
-        assert streamer.convert
+        assert model._upcast_to == torch.float32
     else:
         load = load_streaming if kind == "disk -> RAM" else _host_streamed
         model, streamer = load(tiny_folder / "transformer", type(resident), dtype, budget, BLOCKS)
@@ -386,7 +388,7 @@ def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folde
         streamer.close()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: decoded at each piece's turn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: decoded layer by layer
 def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident, dtype):
     import shutil
 
@@ -401,7 +403,7 @@ def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, t
     for f in folder.glob("*.safetensors"):  # cut every shard short
         with open(f, "r+b") as fh:
             fh.truncate(fh.seek(0, 2) // 8)
-    broken = BlockStreamer(model, folder, [b.name for b in streamer.blocks], dtype=dtype)
+    broken = BlockStreamer(model, folder, [b.name for b in streamer.blocks])
     try:
         with torch.no_grad(), pytest.raises(RuntimeError, match="reading .* failed: .*ended at byte"):
             model(**_inputs_in(dtype, 0))
@@ -730,11 +732,11 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     limit = 1.1 * (cpu["baseline_rss_bytes"] + cpu["max_memory_bytes"]["cpu"]) / 2**20
     assert any(line.get_xdata()[0] == limit for line in ax.lines)  # the RSS criterion's line
     assert "read" in plot_timeline(cpu).get_title()
-    # bf16 weights, float32 math: the decoding between the reads and the compute, a lane of its own
+    # bf16 weights, float32 math: decoded layer by layer within the compute, no lane of its own
     decoded = json.loads((Path(__file__).parent.parent / "docs" / "benchmarks" /
                           "medium-avx2-64x64-t64-bf16-weights-auto-math.json").read_text())
     lanes = [t.get_text() for t in plot_timeline(decoded).get_yticklabels()]
-    assert lanes == ["compute", "decode", "read"]
+    assert lanes == ["compute", "read"]
     assert plot_step_times([decoded, cpu]).get_legend() is not None
     gpu = copy_.deepcopy(cpu)
     gpu.update(device="cuda:0 (a card)", max_memory_bytes={"0": 9 * 2**30, "cpu": 30 * 2**30}, floor=None)
