@@ -6,8 +6,8 @@ tier down (disk -> RAM, on a machine without a GPU): the blocks that fit the ``c
 resident, spread out between the streamed ones; the others stay in the checkpoint's own
 safetensors files and are read, by a thread of their own, into a small fixed pool of buffers while
 the previous block computes. Nothing is copied to an offload folder, and RAM holds at most the
-resident blocks plus the pool (where the math's dtype is not the stored one, the pool reads stored
-bytes and one more buffer holds the piece computing, decoded at its turn).
+resident blocks plus the pool, as stored (where the math's dtype is not the stored one, each layer,
+resident or streamed, is decoded as it runs).
 :class:`HostStreamer` is the same one tier up (RAM -> GPU): the blocks the GPU tier cannot hold
 live once in pinned RAM, as stored, and are copied ahead on a side CUDA stream (and decoded there).
 Streamed blocks go in their parts (attention, feed-forward...), so the pool is a few parts, not two
