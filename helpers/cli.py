@@ -197,8 +197,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from helpers.budget import format_bytes
     from helpers.convert import convert
-    from helpers.precision import FORMAT_FILE
+    from helpers.precision import FORMAT_FILE, WEIGHTS
 
+    if Path(args.out).suffix in (".gguf", ".safetensors"):  # the transformer as one file, BFL layout
+        from helpers.sources import read_weights_file
+        from helpers.transformer_file import write_transformer_file
+
+        if args.components != ["transformer"]:
+            raise UserError("a .gguf or .safetensors --out holds the transformer alone; drop --components, or give "
+                            "a folder.")
+        path = write_transformer_file(args.model, args.weights, args.out)
+        wf = read_weights_file(path)
+        kinds = ", ".join(f"{n} {k}" for k, n in wf.types().items())
+        print(f"transformer: {args.weights}, {format_bytes(path.stat().st_size)} ({kinds})", file=sys.stderr)
+        print(path)
+        return 0
+    if args.weights not in WEIGHTS:
+        raise UserError(f"--weights {args.weights} writes a transformer file: give --out a .gguf name (or .safetensors "
+                        "for fp8-cast); a model folder is stored as one of " + ", ".join(WEIGHTS) + ".")
     out = convert(args.model, args.weights, args.out, components=args.components)
     for comp in args.components:
         record = json.loads((out / comp / FORMAT_FILE).read_text())
@@ -553,18 +569,27 @@ def build_parser() -> argparse.ArgumentParser:
         "fp8 keeps every linear layer's weight in float8 e4m3fn with a float32 scale per output row beside it "
         "(<name>.weight_scale) and the rest in bf16; the folder records its format, and `--model OUT` then plans "
         "and loads it as stored (the stream reads its bytes). Written in a temporary folder and renamed into "
-        "place; an existing --out is never replaced. Prints the new folder on stdout.",
+        "place; an existing --out is never replaced. Prints the new folder on stdout. With a .gguf or .safetensors "
+        "--out, writes the transformer alone as one file in the BFL key layout, as the ComfyUI / Forge world holds "
+        "it: GGUF quantized (q8_0, q6_k, q5_1, q5_0, q4_1, q4_0; rows that are not whole blocks stay bf16, 1-D "
+        "tensors f32), or safetensors in bf16, fp8 (row scales) or fp8-cast (no scales).",
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
     from helpers.convert import CONVERTIBLE, DEFAULT_COMPONENTS
     from helpers.precision import WEIGHTS
 
-    p.add_argument("--weights", required=True, choices=list(WEIGHTS), help="the format to store in")
+    from helpers.transformer_file import GGUF_FORMATS, SAFETENSORS_FORMATS
+
+    p.add_argument("--weights", required=True, choices=list(dict.fromkeys([*WEIGHTS, *GGUF_FORMATS, *SAFETENSORS_FORMATS])),
+                   help="the format to store in: a folder takes " + ", ".join(WEIGHTS) + "; a .gguf file "
+                   + ", ".join(GGUF_FORMATS) + "; a .safetensors file " + ", ".join(SAFETENSORS_FORMATS))
     p.add_argument("--components", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="NAME",
                    choices=list(CONVERTIBLE),
                    help="what to convert (default: transformer); the rest is copied as it is")
-    p.add_argument("--out", required=True, metavar="FOLDER", help="the new model folder (must not exist)")
+    p.add_argument("--out", required=True, metavar="FOLDER|FILE",
+                   help="the new model folder (must not exist); or a .gguf / .safetensors file: the transformer "
+                   "alone, in the BFL key layout the ComfyUI / Forge world uses (must not exist)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(

@@ -125,6 +125,30 @@ def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int
     return out
 
 
+def _index_of(source) -> dict:
+    """A checkpoint folder's index (:func:`read_safetensors_index`), or ``source`` when it is one already
+    (a transformer file's: :func:`helpers.transformer_file.stream_index`)."""
+    return source if isinstance(source, dict) else read_safetensors_index(source)
+
+
+def read_entry(entry) -> torch.Tensor:
+    """The tensor an index entry locates: one range of a file (:func:`read_tensor`), or several
+    concatenated along the rows (a tensor a single file stores in pieces)."""
+    if isinstance(entry, list):
+        return torch.cat([read_tensor(*piece) for piece in entry])
+    return read_tensor(*entry)
+
+
+def _source_path(index: dict) -> Path:
+    """The file an index reads from (its first entry's), for messages."""
+    entry = next(iter(index.values()))
+    return Path((entry[0] if isinstance(entry, list) else entry)[0])
+
+
+def entry_bytes(entry) -> int:
+    return sum(piece[2] for piece in entry) if isinstance(entry, list) else entry[2]
+
+
 def read_tensor(path: Path, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
     """One tensor of a safetensors file, read into memory this process owns (no memory map)."""
     out = torch.empty(shape, dtype=_DTYPES[dtype])
@@ -208,6 +232,8 @@ def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, d
         full = f"{name}.{pname}"
         if full not in index:
             raise UserError(f"{full} is not in the checkpoint at {folder}; cannot stream {name}.")
+        if isinstance(index[full], list):
+            raise UserError(f"{full} is stored in pieces in {folder}; {name} cannot stream (keep it resident).")
         path, offset, nbytes, stored, shape = index[full]
         owner_name, _, leaf = pname.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
@@ -479,12 +505,12 @@ class BlockStreamer(_Streamer):
     time; where the file system refuses it, reads fall back to the page cache.
     """
 
-    def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], pool: int = 2,
+    def __init__(self, model: torch.nn.Module, folder: str | Path | dict, blocks: list[str], pool: int = 2,
                  pool_bytes: int | None = None, direct: bool = True,
                  parents: dict[str, str] | None = None) -> None:
-        folder = Path(folder)
+        index = _index_of(folder)  # a folder, or an index already read (a transformer file's)
+        folder = _source_path(index) if isinstance(folder, dict) else Path(folder)
         self._parents = dict(parents or {})
-        index = read_safetensors_index(folder)
         self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, None) for name in blocks]
         pool = max(1, min(pool, len(self.blocks)))  # more buffers than pieces would only read them twice
         read = max((b.read_nbytes for b in self.blocks), default=0)
@@ -634,14 +660,14 @@ class HostStreamer(_Streamer):
 
     _counted = "stored_nbytes"  # what crossed to the device
 
-    def __init__(self, model: torch.nn.Module, folder: str | Path, blocks: list[str], device, pool: int = 2,
+    def __init__(self, model: torch.nn.Module, folder: str | Path | dict, blocks: list[str], device, pool: int = 2,
                  dtype: torch.dtype | None = None, direct: bool = False, on_read=None,
                  parents: dict[str, str] | None = None) -> None:
-        folder = Path(folder)
+        index = _index_of(folder)  # a folder, or an index already read (a transformer file's)
+        folder = _source_path(index) if isinstance(folder, dict) else Path(folder)
         self._parents = dict(parents or {})
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        index = read_safetensors_index(folder)
         self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype, align=256) for name in blocks]
         self.pool_size = max(2, min(pool, len(self.blocks)))
         self.largest = max(b.nbytes for b in self.blocks)
@@ -965,7 +991,7 @@ def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
-                   weights: str | None = None):
+                   weights: str | None = None, weights_file: str | Path | None = None):
     """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
 
     ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
@@ -994,6 +1020,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     :attr:`~helpers.footprint.StagePlan.reserve_bytes`), so that weights, pool and activations
     together stay within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
     ``progress``: a progress bar (bytes) over what loading reads.
+    ``weights_file``: the transformer's weights from one file (GGUF, single safetensors, BFL layout:
+    :mod:`helpers.transformer_file`), the config from ``folder``; held and streamed as the file
+    stores them (GGUF blocks as bytes, decoded layer by layer as they run).
     """
     from accelerate.utils import set_module_tensor_to_device
 
@@ -1014,7 +1043,13 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
         if t.is_floating_point():
             t.data = t.data.to(dtype)
-    index = read_safetensors_index(folder)
+    forms = None
+    if weights_file is not None:
+        from helpers.transformer_file import stream_index
+
+        index, forms = stream_index(weights_file, model.config)  # checked against the model: no weight read yet
+    else:
+        index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
     # streamed in parts, in the order a forward calls them (traced on the meta device, before fp8:
     # the meta device has no fp8 kernels)
@@ -1025,7 +1060,11 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
     else:
         parts = {n: [n] for n in names}
-    if weights == "fp8":  # on meta: fp8 linear weights and their scales, the rest bf16
+    if forms is not None:  # on meta: the file's own forms (GGUF bytes, fp8 and its scales...)
+        from helpers.transformer_file import to_file_storage
+
+        to_file_storage(model, forms, index)
+    elif weights == "fp8":  # on meta: fp8 linear weights and their scales, the rest bf16
         to_storage(model, "fp8")
     size = {n: stored_bytes(model.get_submodule(n)) for n in names}  # resident, in stored bytes
     # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
@@ -1093,20 +1132,20 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(index[k][2] for k in keys.values()) + (sum(plans[u].stored for u in pieces) if on_gpu else 0)
+        total = sum(entry_bytes(index[k]) for k in keys.values()) + (sum(plans[u].stored for u in pieces) if on_gpu else 0)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{folder.name}: loading (stream)")
     try:
         for name, key in keys.items():
-            value = read_tensor(*index[key])  # read, not mapped: a mapped file would count in RSS twice
+            value = read_entry(index[key])  # read, not mapped: a mapped file would count in RSS twice
             stored = model.get_parameter(name).dtype  # what this tier holds: fp8 stays fp8
             set_module_tensor_to_device(model, name, device, value=value.to(device, stored), clear_cache=False)
             if bar is not None:
-                bar.update(index[key][2])
+                bar.update(entry_bytes(index[key]))
         if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
             model.tie_weights()
         for name, b in model.named_buffers():
             if b.device.type == "meta" and name in index:  # fp8's scales, every block's (a few bytes per row)
-                set_module_tensor_to_device(model, name, device, value=read_tensor(*index[name]), clear_cache=False)
+                set_module_tensor_to_device(model, name, device, value=read_entry(index[name]), clear_cache=False)
                 continue
             if b.device.type == "meta":
                 raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
@@ -1114,18 +1153,27 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
                 b.data = b.data.to(device)
         model.eval()
         if not pieces:
+            if forms is not None:  # GGUF bytes are decoded as their layers run, whatever the dtypes
+                from helpers.precision import upcast_layerwise
+
+                upcast_layerwise(model, compute)
             return model, None
         if on_gpu:
-            return model, HostStreamer(model, folder, list(pieces), device, pool=pool, dtype=compute,
-                                       on_read=bar.update if bar is not None else None, parents=pieces)
+            host = HostStreamer(model, index, list(pieces), device, pool=pool, dtype=compute,
+                                on_read=bar.update if bar is not None else None, parents=pieces)
+            if forms is not None:  # GGUF pieces arrive as bytes, decoded as their layers run, on the GPU
+                from helpers.precision import upcast_layerwise
+
+                upcast_layerwise(model, compute)
+            return model, host
     finally:
         if bar is not None:
             bar.close()
     # in RAM no parts are kept (see above), and pieces stream as stored: each layer is decoded as it
     # runs, by the hooks that decode the resident ones (see BlockStreamer)
-    streamer = BlockStreamer(model, folder, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
+    streamer = BlockStreamer(model, index, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
                              parents=pieces)
-    if compute != dtype or weights == "fp8" or any(plans[u].converts for u in pieces):
+    if compute != dtype or weights == "fp8" or forms is not None or any(plans[u].converts for u in pieces):
         from helpers.precision import upcast_layerwise
 
         upcast_layerwise(model, compute)

@@ -256,6 +256,16 @@ def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> 
     return True
 
 
+#: the buffer beside a weight held as GGUF blocks: ``<name>_gguf``, its type's number (helpers.quants)
+GGUF_SUFFIX = "_gguf"
+
+
+def gguf_shape(stored_shape, qtype) -> tuple[int, ...]:
+    """The values' shape of a weight held as GGUF bytes of ``stored_shape`` (rows x row bytes)."""
+    *rows, row_bytes = stored_shape
+    return (*rows, row_bytes // qtype.nbytes * qtype.block)
+
+
 def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``stored`` (a weight as a tier holds it) written into ``out`` in ``out``'s dtype: the one
     conversion every path uses (the layer hooks, the stream at each piece's turn, the copy stream).
@@ -397,6 +407,18 @@ class _Upcast:
     def pre(self, module, args, kwargs):
         for owner in self.members:
             for name, p in owner._parameters.items():
+                kind = owner._buffers.get(f"{name}{GGUF_SUFFIX}")
+                if kind is not None and p is not None and p.device.type != "meta":
+                    # GGUF blocks held as bytes (rows x row bytes): decoded into the workspace
+                    from helpers.quants import BY_ID, dequantize
+
+                    qtype = BY_ID[int(kind)]
+                    value = self.workspace.take(self.dtype, gguf_shape(p.shape, qtype), p.device)
+                    dequantize(p, qtype, value.shape, out=value)
+                    copy = torch.nn.Parameter(value, requires_grad=False)
+                    self.saved.append((owner, name, p, copy))
+                    owner._parameters[name] = copy
+                    continue
                 if (p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type == "meta"
                         and owner is not module and f"{name}_scale" not in owner._buffers):
                     # a layer of the group that accelerate fetches when it runs: its placeholder in the
@@ -456,7 +478,8 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
         if type(module).__name__ in GROUPS:
             members = list(module.modules())
             grouped.update(id(m) for m in members)
-        elif any(p is not None and p.is_floating_point() for p in module._parameters.values()):
+        elif any(p is not None and (p.is_floating_point() or f"{name}{GGUF_SUFFIX}" in module._buffers)
+                 for name, p in module._parameters.items()):
             members = [module]
         else:
             continue

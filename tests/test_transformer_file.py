@@ -1,0 +1,180 @@
+"""The transformer as one file (GGUF, single safetensors, BFL layout): written from the tiny twin,
+read back equal to the gguf package's own dequantization, held as stored and decoded layer by layer
+to the same output, and refused before any weight is read when it does not fit the model."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.errors import UserError
+from helpers.layouts import PREFIX, from_bfl, to_bfl
+from helpers.transformer_file import (check_transformer_file, load_transformer_file, read_transformer_state,
+                                      write_transformer_file)
+
+gguf = pytest.importorskip("gguf")
+
+FILES = [("q8_0", "gguf"), ("q4_0", "gguf"), ("q6_k", "gguf"), ("bf16", "gguf"), ("bf16", "safetensors"),
+         ("fp8", "safetensors"), ("fp8-cast", "safetensors")]
+
+
+@pytest.fixture(scope="module")
+def twin(tiny_folder):
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_folder / "transformer", dtype=torch.float32).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tiny_folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("transformer-files")
+    return {(fmt, ext): write_transformer_file(tiny_folder, fmt, root / f"tiny-{fmt}.{ext}", progress=False)
+            for fmt, ext in FILES}
+
+
+def _inputs(config):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]), img_ids=torch.zeros(16, 3),
+                txt_ids=torch.zeros(8, 3), return_dict=False)
+
+
+def _reference(path, config) -> dict:
+    """The file read by the libraries themselves: gguf's reader and dequantization, or safetensors,
+    then the BFL layout's inverse."""
+    if path.suffix == ".gguf":
+        reader = gguf.GGUFReader(path)
+        bfl = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+               .reshape(tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+    else:
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path))
+        bfl = {k: (v.float() * raw[k + "_scale"][:, None]) if k + "_scale" in raw else v.float()
+               for k, v in raw.items() if not k.endswith("_scale")}
+    return {k: v.float() for k, v in from_bfl(bfl, config).items()}
+
+
+@pytest.mark.parametrize("fmt,ext", FILES)
+def test_a_file_reads_as_the_libraries_read_it_and_runs_held_as_stored(files, twin, fmt, ext):
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.precision import stored_bytes
+
+    path = files[fmt, ext]
+    state = read_transformer_state(path, twin.config)
+    reference = _reference(path, twin.config)
+    assert set(state) == set(twin.state_dict())
+    assert all(torch.equal(state[k], reference[k]) for k in state)  # bit for bit
+    decoded = FluxTransformer2DModel.from_config(dict(twin.config)).eval()
+    decoded.load_state_dict(state)
+    held = load_transformer_file(path, twin.config, torch.float32)
+    with torch.no_grad():
+        expected, out = decoded(**_inputs(twin.config))[0], held(**_inputs(twin.config))[0]
+        full = twin(**_inputs(twin.config))[0]
+    assert torch.equal(out, expected)  # decoded layer by layer: the same weights, the same output
+    ratio = stored_bytes(held) / (stored_bytes(twin) / 2)  # against the twin in bf16
+    error = ((out - full).norm() / full.norm()).item()
+    # bytes held as the file stores them (the tiny twin's narrow rows keep some tensors in bf16)
+    expected_ratio = {"q8_0": (0.5, 0.6), "q4_0": (0.25, 0.35), "q6_k": (0.9, 1.0), "bf16": (0.99, 1.02),
+                      "fp8": (0.5, 0.6), "fp8-cast": (0.45, 0.55)}[fmt]
+    assert expected_ratio[0] <= ratio <= expected_ratio[1], ratio
+    assert error < {"q8_0": 0.02, "q4_0": 0.2, "q6_k": 0.01, "bf16": 0.01, "fp8": 0.06, "fp8-cast": 0.06}[fmt], error
+
+
+def test_the_prefix_of_full_model_saves_is_read(tmp_path, twin):
+    from safetensors.torch import save_file
+
+    state = {PREFIX + k: v.to(torch.bfloat16).contiguous() for k, v in to_bfl(twin.state_dict(), twin.config).items()}
+    save_file(state, str(tmp_path / "comfy.safetensors"))
+    read = read_transformer_state(tmp_path / "comfy.safetensors", twin.config)
+    assert all(torch.equal(read[k], v.to(torch.bfloat16).float()) for k, v in twin.state_dict().items())
+
+
+def test_files_that_do_not_fit_the_model_are_refused_before_any_weight(files, twin, tmp_path, monkeypatch):
+    import helpers.transformer_file as tf
+
+    read = []
+    monkeypatch.setattr(tf, "read_piece", lambda *a, **k: read.append(a) or (_ for _ in ()).throw(AssertionError))
+    path = files["q8_0", "gguf"]
+    schnell = {**dict(twin.config), "guidance_embeds": False}
+    with pytest.raises(UserError, match="FLUX.1-dev transformer .*has guidance_in.* the model is FLUX.1-schnell"):
+        load_transformer_file(path, schnell)
+    narrower = {**dict(twin.config), "attention_head_dim": twin.config.attention_head_dim // 2,
+                "axes_dims_rope": [d // 2 for d in twin.config.axes_dims_rope]}
+    with pytest.raises(UserError, match="is of a model of another size"):
+        load_transformer_file(path, narrower)
+    from safetensors.torch import save_file  # another model's file: a CLIP text encoder's names
+
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(tmp_path / "clip.safetensors"))
+    with pytest.raises(UserError, match="not a FLUX.1 transformer in the BFL layout: missing"):
+        load_transformer_file(tmp_path / "clip.safetensors", twin.config)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(UserError, match="cut short"):
+        check_transformer_file(cut, twin.config)
+    assert read == []
+
+
+def test_writing_never_replaces_a_file(files, tiny_folder, tmp_path):
+    path = files["q4_0", "gguf"]
+    before = path.stat().st_mtime_ns
+    with pytest.raises(UserError, match="exists; a transformer file is never replaced"):
+        write_transformer_file(tiny_folder, "q4_0", path, progress=False)
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(UserError, match=r"a \.safetensors file is written as bf16, fp8, fp8-cast, not 'q8_0'"):
+        write_transformer_file(tiny_folder, "q8_0", tmp_path / "x.safetensors", progress=False)
+    with pytest.raises(UserError, match=r"ends in \.gguf or \.safetensors"):
+        write_transformer_file(tiny_folder, "q8_0", tmp_path / "x.bin", progress=False)
+    assert sorted(os.listdir(tmp_path)) == []  # nothing left behind
+
+
+@pytest.mark.parametrize("fmt,ext", [("q4_0", "gguf"), ("q8_0", "gguf"), ("fp8", "safetensors")])
+def test_the_stream_reads_a_file_as_stored_and_gives_the_held_output(files, twin, tiny_folder, fmt, ext):
+    """Streamed from the file by offsets (the stored bytes, GGUF blocks included) under a budget of a
+    third of the file: the output of the whole file held in RAM, bit for bit."""
+    from diffusers import FluxTransformer2DModel
+
+    from helpers.offload import load_streaming
+    from helpers.precision import stored_bytes
+
+    path = files[fmt, ext]
+    held = load_transformer_file(path, twin.config, torch.float32)
+    whole = stored_bytes(held)
+    model, streamer = load_streaming(tiny_folder / "transformer", FluxTransformer2DModel, torch.bfloat16, whole // 3,
+                                     ["transformer_blocks", "single_transformer_blocks"], compute=torch.float32,
+                                     weights_file=path)
+    try:
+        assert streamer is not None and len(streamer.blocks) > 10
+        with torch.no_grad():
+            expected = held(**_inputs(twin.config))[0]
+            before = streamer.bytes_streamed
+            assert torch.equal(model(**_inputs(twin.config))[0], expected)
+            moved = streamer.bytes_streamed - before
+        streamed = sum(p.numel() * p.element_size() for b in streamer.blocks for p in held.get_submodule(b.name).parameters())
+        assert moved == streamed  # the file's bytes, not decoded ones
+        kinds = {t.stored for b in streamer.blocks for t in b.tensors}
+        assert (torch.uint8 in kinds) == (ext == "gguf")
+        assert stored_bytes(model) <= whole  # resident part as stored (streamed parts on meta count as stored too)
+    finally:
+        streamer.close()
+
+
+def test_convert_command_writes_a_transformer_file(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny-Q8_0.gguf"
+    args = [sys.executable, "-m", "helpers", "convert", "--model", str(tiny_folder), "--weights", "q8_0", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(out) and "transformer: q8_0" in done.stderr and "Q8_0" in done.stderr
+    wrong = subprocess.run([*args[:-1], str(tmp_path / "copy")], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "give --out a .gguf name" in wrong.stderr
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "never replaced" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-Q8_0.gguf"]
