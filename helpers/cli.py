@@ -173,7 +173,7 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
         args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
         height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
         create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
-        compute=args.compute,
+        compute=args.compute, transformer_file=args.transformer,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -293,7 +293,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length),
                        weights=args.weights)
     diffusion_plan(args.model, args.max_memory, workload=Workload(args.height, args.width, len(prompts), length),
-                   weights=args.weights, compute=args.compute)
+                   weights=args.weights, compute=args.compute, transformer_file=args.transformer)
     from helpers.models import COMPONENTS, model_path
 
     model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)
@@ -316,7 +316,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                    f"--out={embeddings}", *budget, *overwrite, *offload]
     diffuse_argv = [*common, f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}",
                     f"--height={args.height}", f"--width={args.width}", *budget, *overwrite, *offload,
-                    f"--compute={args.compute}"]
+                    f"--compute={args.compute}", *([f"--transformer={args.transformer}"] if args.transformer else [])]
     if args.steps is not None:
         diffuse_argv.append(f"--steps={args.steps}")
     if args.guidance is not None:
@@ -433,6 +433,14 @@ def _precision_args(q: argparse.ArgumentParser, what: str) -> None:
                    "(found by a short timed probe), else fp32; the text encoders compute in fp32 unless asked")
 
 
+def _transformer_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--transformer", default=None, metavar="FILE",
+                   help="the transformer's weights from one file, as the ComfyUI / Forge world holds them: a .gguf "
+                   "(Q8_0, Q6_K, Q5_K, Q4_K, Q4_0...) or a single .safetensors (bf16, fp8) in the BFL key layout; "
+                   "the rest comes from --model. Checked against the model from its header before any weight "
+                   "loads, planned in the bytes it stores, held and streamed as stored, decoded layer by layer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from helpers.training import TrainConfig
 
@@ -538,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
     _offload_arg(p)
     _precision_args(p, "the transformer and the VAE")
+    _transformer_arg(p)
     image_knobs(p)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)
@@ -559,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     _offload_arg(p)
     _precision_args(p, "each stage (--compute: diffusion)")
+    _transformer_arg(p)
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)
 

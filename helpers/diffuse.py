@@ -100,11 +100,15 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
 
 
 def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto",
-                   workload: Workload | None = None, weights: str | None = None, compute: str = "auto"):
+                   workload: Workload | None = None, weights: str | None = None, compute: str = "auto",
+                   transformer_file=None):
     """The transformer split and the VAE whole under the budget; nothing is loaded.
 
     ``weights``: how they are stored (``None``: the method's bf16); ``compute``: their math
     (``auto``: bf16 where the device has it natively, float32 otherwise); see :mod:`helpers.precision`.
+
+    ``transformer_file``: the transformer's weights from one file (``--transformer``: a ``.gguf`` or
+    single ``.safetensors`` in the BFL layout), the rest from ``model``; see :mod:`helpers.transformer_file`.
 
     ``workload`` (:class:`helpers.activations.Workload`: image size, prompts, text tokens; default
     one 1024x1024 image): room for the larger of a denoising step's and the VAE decode's activations
@@ -113,7 +117,8 @@ def diffusion_plan(model: str | None = None, max_memory=None, like: str | None =
     """
     from helpers.footprint import plan_stage
 
-    return plan_stage("diffusion", model, max_memory, like, workload=workload, weights=weights, compute=compute)
+    return plan_stage("diffusion", model, max_memory, like, workload=workload, weights=weights, compute=compute,
+                      transformer_file=transformer_file)
 
 
 def expected_inputs(model: str | None) -> dict:
@@ -309,13 +314,14 @@ def diffuse_file(
     offload: str = "auto",
     weights: str | None = None,
     compute: str = "auto",
+    transformer_file: str | os.PathLike | None = None,
 ) -> DiffuseResult:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
     variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
-    ``weights`` and ``compute``: see :func:`diffusion_plan`.
+    ``weights``, ``compute`` and ``transformer_file``: see :func:`diffusion_plan`.
     """
     from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
@@ -349,7 +355,8 @@ def diffuse_file(
     check_offload(offload)
     # room for the larger of a step's and the decode's activations at this size and batch; too large is refused
     workload = Workload(height, width, header.batch, header.max_sequence_length)
-    plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute)
+    plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute,
+                          transformer_file=transformer_file)
     folder = model_path(model, components=["scheduler", "transformer", "vae"])
     for p in paths:  # only now, when the run can go ahead
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -367,6 +374,7 @@ def diffuse_file(
             "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "height": height,
             "width": width, "model": ref.name, "embeddings": str(header.path), "embeddings_fingerprint": fp,
             "batch_index": i, "batch_size": header.batch,
+            **({"transformer_file": plan.precision.file.path.name} if plan.precision.file is not None else {}),
         })
     return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
                          differences=differences, notes=notes, measurement=m,

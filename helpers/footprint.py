@@ -102,6 +102,8 @@ class Footprint:
 
     def block_bytes(self, component: str, prec: Precision) -> list[tuple[str, int]]:
         """``(name, stored bytes)`` of the component's blocks in ``prec``'s weights format."""
+        if prec.file is not None and component == "transformer":
+            return _blocks(prec.file.skeleton(self.skeletons[component]))
         return _blocks(self.skeletons[component], prec.weights)
 
     def nbytes(self, dtype: str | torch.dtype, components=None) -> int:
@@ -240,7 +242,9 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: s
     left, plans = budget.shifted({t: -b for t, b in reserve.items()}), []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
-        if prec.weights == "fp8":  # not one dtype for all: placed in the skeleton's own stored dtypes
+        if prec.file is not None and comp == "transformer":  # a file's own forms (GGUF blocks...), header-only
+            plan = plan_component(prec.file.skeleton(fp.skeletons[comp]), left, None, component=comp, whole=whole)
+        elif prec.weights == "fp8":  # not one dtype for all: placed in the skeleton's own stored dtypes
             plan = plan_component(fp.stored_skeleton(comp, "fp8"), left, None, component=comp, whole=whole)
         else:
             plan = plan_component(fp.skeletons[comp], left, prec.storage_dtype, component=comp, whole=whole)
@@ -534,8 +538,7 @@ def plan_stages(
         stage = STAGES[name]
         dt = _stage_precision(name, dtypes, precisions)
         if like is None:
-            plans[name] = _plan(fp, name, dt, parse_budget(
-                max_memory, model_bytes=fp.nbytes(dt.storage_dtype, list(stage.components))), workload)
+            plans[name] = _plan(fp, name, dt, parse_budget(max_memory, model_bytes=_stage_bytes(fp, stage, dt)), workload)
             continue
         like_budget = parse_budget(max_memory, model_bytes=like.nbytes(dt.storage_dtype, list(stage.components)))
         ref = _plan(like, name, dt, like_budget, workload)
@@ -552,6 +555,16 @@ def plan_stages(
         plan.advice = f"as {like.model} under {like_budget}: {ref.advice}"
         plans[name] = plan
     return plans
+
+
+def _stage_bytes(fp: Footprint, stage: Stage, prec: Precision) -> int:
+    """The stage's weights in ``prec`` (what a share of the budget is of); a transformer file's as it stores them."""
+    comps = list(stage.components)
+    if prec.file is not None and "transformer" in comps:
+        rest = [c for c in comps if c != "transformer"]
+        return stored_bytes(prec.file.skeleton(fp.skeletons["transformer"])) + (
+            fp.nbytes(prec.storage_dtype, rest) if rest else 0)
+    return fp.nbytes(prec.storage_dtype, comps)
 
 
 def _stage_precision(name: str, dtypes, precisions) -> Precision:
@@ -600,7 +613,7 @@ def _machine_bytes(tier: Tier) -> int | None:
 
 def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto",
                runnable: bool = True, workload: Workload | None = None, weights: str | None = None,
-               compute: str = "auto") -> StagePlan:
+               compute: str = "auto", transformer_file=None) -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
 
     ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
@@ -611,7 +624,9 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     lacks, and activations more than this machine's memory for the tier, since the plan is about
     to be loaded. ``weights`` and ``compute``: the precision (:func:`helpers.precision.resolve`;
     ``auto`` is chosen for the budget's fast tier, the one the stage computes on), planned in stored
-    bytes and carried by the plan to the loaders.
+    bytes and carried by the plan to the loaders. ``transformer_file`` (diffusion): the transformer's
+    weights from one file (GGUF, single safetensors, BFL layout), checked against the model from its
+    header and planned in the bytes it stores (:mod:`helpers.transformer_file`).
     """
     from helpers.budget import default_budget
     from helpers.precision import check_compute, check_weights, resolve
@@ -633,6 +648,15 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
     comps = STAGES[stage].components
     name = ref.name if ref.kind != "local" else str(ref.path)
     fp = footprint(name, components=comps)
+    if transformer_file is not None:
+        if "transformer" not in comps:
+            raise UserError(f"--transformer is a file of the diffusion stage's transformer, not of {stage}.")
+        from helpers.transformer_file import open_transformer_file
+
+        file = transformer_file if hasattr(transformer_file, "forms") else open_transformer_file(
+            transformer_file, fp.skeletons["transformer"].config)
+        precision = precision.with_file(file)
+        like = None  # a file's bytes are its own: the budget is used as given
     like_fp = footprint(like, components=comps) if like else None
     plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,), workload=workload,
                        precisions={stage: precision})[stage]

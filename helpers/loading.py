@@ -148,7 +148,9 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
 
     folder = Path(folder)
     _check_loadable(plan.precision)
-    check_checkpoint(folder)
+    file = plan.precision.file if component == "transformer" else None  # --transformer FILE: weights from it
+    if file is None:
+        check_checkpoint(folder)
     if choose_offload(check_offload(offload), plan.budget) == "stream" and offload != "stream":
         try:  # auto: the stream where it fits the budget (found before any weight loads), else the hooks
             return load_mapped(folder, cls, component, plan, "stream", whole, offload_folder, progress)
@@ -165,7 +167,7 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
                                          device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
                                          progress=progress, compute=precision.compute_dtype,
-                                         weights="fp8" if fp8 else None)
+                                         weights="fp8" if fp8 and file is None else None, weights_file=file)
         streamed = set(streamer.streamed_blocks) if streamer else set()
         fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
         applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}
@@ -186,7 +188,9 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         else:
             offload_folder = None
         try:
-            if precision.weights == "fp8":
+            if file is not None:
+                model = _dispatch_file(file, folder, cls, device_map, offload_folder)
+            elif precision.weights == "fp8":
                 model = _dispatch_fp8(folder, cls, device_map, offload_folder)
             else:
                 model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
@@ -253,6 +257,43 @@ def _dispatch_fp8(folder: Path, cls, device_map: dict, offload_folder) -> torch.
     if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
         model.tie_weights()
     return model
+
+
+def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) -> torch.nn.Module:
+    """A transformer file (:class:`helpers.transformer_file.TransformerFile`) held as it stores its
+    weights and dispatched by accelerate with the plan's map: each tensor read by offset straight to
+    its tier, the disk tier's written to ``offload_folder`` one at a time (RAM never holds the whole
+    file), GGUF types and fp8 scales beside their weights (``offload_buffers``)."""
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
+
+    from helpers.offload import read_entry, skeleton_from_folder
+
+    model = file.skeleton(skeleton_from_folder(folder, cls))
+    # the plan's units (no-split blocks, or "" for the whole model): a tensor goes where its unit does
+    units = sorted(device_map, key=len, reverse=True)
+
+    def tier_of(name: str):
+        return device_map[next(u for u in units if u == "" or name == u or name.startswith(u + "."))]
+
+    offloaded: dict = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        tier = tier_of(name)
+        value = read_entry(file.index[name]) if name in file.index else t
+        if value.device.type == "meta":
+            raise UserError(f"{name} has no value in {file.path.name}; cannot load this transformer.")
+        if tier == "disk":
+            offload_weight(value, name, str(offload_folder), index=offloaded)
+            set_module_tensor_to_device(model, name, "meta")
+        else:
+            set_module_tensor_to_device(model, name, torch_device(tier), value=value)
+    save_offload_index(offloaded, str(offload_folder))
+    main = next((torch_device(t) for t in device_map.values() if t != "disk"), torch.device("cpu"))
+    if set(device_map.values()) == {"cpu"} or device_map == {"": "cpu"}:
+        return model
+    return dispatch_model(model, device_map={u: (t if t == "disk" else torch_device(t)) for u, t in device_map.items()},
+                          main_device=main, offload_dir=str(offload_folder) if offloaded else None,
+                          offload_buffers=True)
 
 
 def whole_bytes(plan, components) -> dict[Tier, int]:

@@ -1044,7 +1044,9 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         if t.is_floating_point():
             t.data = t.data.to(dtype)
     forms = None
-    if weights_file is not None:
+    if weights_file is not None and hasattr(weights_file, "forms"):  # a TransformerFile, checked at the edge
+        index, forms = weights_file.index, weights_file.forms
+    elif weights_file is not None:
         from helpers.transformer_file import stream_index
 
         index, forms = stream_index(weights_file, model.config)  # checked against the model: no weight read yet

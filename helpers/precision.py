@@ -78,6 +78,9 @@ class Precision:
     weights: str = "bf16"
     compute: str = "bf16"
     why: str = ""
+    #: the transformer's weights from one file (``--transformer FILE``: a
+    #: :class:`helpers.transformer_file.TransformerFile`), held as it stores them; ``weights`` is the rest's
+    file: object = None
 
     def __post_init__(self) -> None:
         if self.weights not in PLANNED_ONLY:
@@ -100,14 +103,25 @@ class Precision:
 
     @property
     def upcasts(self) -> bool:
-        """Whether weights change dtype on their way into a layer."""
-        return self.storage_dtype != self.compute_dtype
+        """Whether weights change dtype on their way into a layer (a file's always may: GGUF blocks)."""
+        return self.storage_dtype != self.compute_dtype or self.file is not None
+
+    def with_file(self, file) -> "Precision":
+        """This precision with the transformer read from ``file`` (a TransformerFile, or ``None``)."""
+        from dataclasses import replace
+
+        return replace(self, file=file)
 
     def describe(self) -> str:
+        if self.file is not None:
+            return f"{self.file.label} transformer, {self.weights} rest, {self.compute} math"
         return f"{self.weights} weights, {self.compute} math"
 
     def as_dict(self) -> dict:
-        return {"weights": self.weights, "compute": self.compute, "why": self.why}
+        out = {"weights": self.weights, "compute": self.compute, "why": self.why}
+        if self.file is not None:
+            out["transformer_file"] = self.file.as_dict()
+        return out
 
 
 # --------------------------------------------------------------------------- choosing the compute dtype

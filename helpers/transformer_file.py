@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -366,3 +367,42 @@ def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.n
         if f"{name}_scale" in index:
             owner.register_buffer(f"{leaf}_scale", torch.empty(shape[0], dtype=torch.float32, device="meta"))
     return model
+
+
+@dataclass(frozen=True)
+class TransformerFile:
+    """A transformer file checked against a model, once, at the edge (``--transformer FILE``): what
+    the plans count (its stored bytes, block by block, from the header) and the loaders read."""
+
+    path: Path
+    format: str  # "gguf" or "safetensors"
+    variant: str  # "dev" or "schnell"
+    types: tuple[tuple[str, int], ...]  # (tensor type, how many), most first
+    nbytes: int
+    index: dict = field(compare=False, repr=False, default_factory=dict)
+    forms: dict = field(compare=False, repr=False, default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``Q4_0 GGUF``, ``F8_E4M3 safetensors``: the file's main type and container."""
+        main = next((t for t, _ in self.types if t not in ("F32",)), self.types[0][0])
+        return f"{main} {'GGUF' if self.format == 'gguf' else 'safetensors'}"
+
+    def skeleton(self, skeleton: torch.nn.Module) -> torch.nn.Module:
+        """A copy of a transformer skeleton (meta) holding its tensors in this file's stored forms."""
+        import copy
+
+        return to_file_storage(copy.deepcopy(skeleton), self.forms, self.index)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path.name, "format": self.format, "variant": self.variant, "types": dict(self.types),
+                "bytes": self.nbytes}
+
+
+def open_transformer_file(path: str | os.PathLike, config) -> TransformerFile:
+    """``path`` checked against a transformer ``config`` (:func:`check_transformer_file`) and
+    indexed for reading by offsets; reads its header only."""
+    index, forms = stream_index(path, config)
+    wf = read_weights_file(path)
+    return TransformerFile(wf.path.resolve(), wf.format, file_variant(wf), tuple(wf.types().items()), wf.nbytes,
+                           index, forms)

@@ -178,3 +178,62 @@ def test_convert_command_writes_a_transformer_file(tiny_folder, tmp_path):
     again = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "never replaced" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-Q8_0.gguf"]
+
+
+def test_the_plan_counts_a_file_from_its_header_and_both_offloads_run_it(files, tiny_folder, twin):
+    """--transformer FILE: planned in the file's stored bytes (shares of the budget are of those), then
+    loaded with accelerate's map (disk tier in an offload folder) and streamed: the same image."""
+    from helpers.activations import Workload
+    from helpers.diffuse import diffusion_plan, generate, load_diffusion
+    from helpers.precision import stored_bytes
+
+    path = files["q4_0", "gguf"]
+    plan = diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 8), compute="fp32",
+                          transformer_file=path)
+    file = plan.precision.file
+    assert file is not None and file.label == "Q4_0 GGUF" and file.variant == "dev"
+    assert plan.as_dict()["precision"]["transformer_file"]["types"]["Q4_0"] > 100
+    transformer = next(p for p in plan.components if p.component == "transformer")
+    placed = sum(u.nbytes for u in transformer.units)
+    assert placed == stored_bytes(file.skeleton(twin)) < 0.4 * stored_bytes(twin) / 2  # Q4_0, against bf16
+    assert "disk" in {u.tier for u in transformer.units}
+    g = torch.Generator().manual_seed(2)
+    tensors = {"prompt_embeds": torch.randn(1, 8, twin.config.joint_attention_dim, generator=g).to(torch.bfloat16),
+               "pooled_prompt_embeds": torch.randn(1, twin.config.pooled_projection_dim, generator=g).to(torch.bfloat16)}
+    images = {}
+    for offload in ("accelerate", "stream"):
+        diffusion = load_diffusion(tiny_folder, plan, offload=offload, progress=False)
+        try:
+            if offload == "stream":
+                assert diffusion.streamer is not None
+                assert torch.uint8 in {t.stored for b in diffusion.streamer.blocks for t in b.tensors}
+            else:
+                assert "disk" in set(diffusion.applied.values())
+            out = generate(diffusion, tensors, seed=0, steps=2, guidance=3.5, height=64, width=64, progress=False)
+            images[offload] = np.asarray(out.images[0]).copy()
+        finally:
+            diffusion.close()
+    assert np.array_equal(images["accelerate"], images["stream"])
+    assert images["stream"].std() > 1  # a picture, not a flat field
+
+
+def test_generate_takes_a_transformer_file_and_refuses_a_foreign_one_before_stage_1(files, tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    base = [sys.executable, "-m", "helpers", "generate", "--model", str(tiny_folder), "--prompt",
+            "a red circle on a blue background", "--height", "64", "--width", "64", "--steps", "2",
+            "--max-memory", "cpu=50%,disk=100%"]
+    out = tmp_path / "circle.png"
+    done = subprocess.run([*base, "--out", str(out), "--transformer", str(files["q8_0", "gguf"])],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Image.open(out).info["transformer_file"] == files["q8_0", "gguf"].name
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(tmp_path / "clip.safetensors"))
+    refused = subprocess.run([*base, "--out", str(tmp_path / "no.png"), "--transformer", str(tmp_path / "clip.safetensors")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "not a FLUX.1 transformer" in refused.stderr
+    assert "stage 1" not in refused.stderr and not (tmp_path / "no.safetensors").exists()
