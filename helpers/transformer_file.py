@@ -384,8 +384,9 @@ class TransformerFile:
 
     @property
     def label(self) -> str:
-        """``Q4_0 GGUF``, ``F8_E4M3 safetensors``: the file's main type and container."""
-        main = next((t for t, _ in self.types if t not in ("F32",)), self.types[0][0])
+        """``Q4_0 GGUF``, ``F8_E4M3 safetensors``: the file's quantized type (else its first) and container."""
+        plain = ("F32", "F16", "BF16")
+        main = next((t for t, _ in self.types if t not in plain), self.types[0][0])
         return f"{main} {'GGUF' if self.format == 'gguf' else 'safetensors'}"
 
     def skeleton(self, skeleton: torch.nn.Module) -> torch.nn.Module:
