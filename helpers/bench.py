@@ -100,7 +100,19 @@ def _plan(config: dict):
         return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]),
                                   **knobs)
     return diffusion_plan(config["model"], config["max_memory"],
-                          workload=Workload(config["height"], config["width"], 1, config["tokens"]), **knobs)
+                          workload=Workload(config["height"], config["width"], 1, config["tokens"]),
+                          transformer_file=config.get("transformer_file"), **knobs)
+
+
+#: why diffusers' strategies do not run a transformer file here (see ``run``)
+DIFFUSERS_FILE = ("diffusers reads a FLUX.1 GGUF or single file through from_single_file, whose key conversion "
+                  "hard-codes FLUX.1's width (inner_dim 3072) when it splits a single block's linear1: a file of "
+                  "any other width (every twin) does not load")
+
+
+def _without_file(config: dict) -> dict:
+    """The config of a run on the model's own weights (the method, the float32 reference, the bf16 image)."""
+    return {k: v for k, v in config.items() if k != "transformer_file"}
 
 
 def _precision(config: dict):
@@ -122,8 +134,14 @@ def _source(folder: Path) -> Path:
     return Path(source)
 
 
-def _resident(cls, folder: Path, precision, gpu):
-    """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says."""
+def _resident(cls, folder: Path, precision, gpu, transformer_file=None):
+    """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says (a transformer
+    file: held as it stores its weights, decoded layer by layer)."""
+    if transformer_file is not None:
+        from helpers.transformer_file import load_transformer_file
+
+        return load_transformer_file(transformer_file, cls.load_config(folder), precision.compute_dtype,
+                                     gpu if gpu is not None else "cpu")
     from helpers.loading import _dispatch_fp8
     from helpers.precision import FP8_REST, folder_format, upcast_layerwise
 
@@ -177,7 +195,8 @@ def _load(strategy: str, config: dict, work: Path):
     gpu = _gpu(config)
     precision = _precision(config)
     if strategy == "resident":  # no plan: the whole model (the float32 reference too)
-        return _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu), lambda: 0, None
+        return _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu,
+                         config.get("transformer_file")), lambda: 0, None
     plan = _plan(config)
     everything = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units)
     if strategy in ("accelerate", "stream"):
@@ -242,6 +261,7 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         if config.get("stage", "diffusion") == "diffusion" and folder_format(transformer) == "fp8":
             source = str(_source(transformer).parent)  # an fp8 copy: the method runs the model it was made from
             config.update(model=source, folder=source)
+        config = _without_file(config)  # the method runs the model's own bf16 weights
         config.update(weights="bf16", compute="bf16")
         strategy = "accelerate"
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-", dir=config.get("work_root")))
@@ -263,7 +283,8 @@ def _image(config: dict, out: Path) -> None:
     from helpers.loading import load_whole
 
     folder, gpu, precision = Path(config["folder"]), _gpu(config), _precision(config)
-    transformer = _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu).eval()
+    transformer = _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu,
+                            config.get("transformer_file")).eval()
     vae = load_whole(folder / "vae", AutoencoderKL, config.get("gpu") if gpu is not None else "cpu", precision)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"), vae=vae,
                         transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -370,7 +391,7 @@ def rows(data: dict) -> list[dict]:
         if all(x.get("peak_gpu_bytes") is None for x in data["results"]):
             del row["peak GPU"]
         if len({(x.get("weights"), x.get("compute")) for x in data["results"]}) > 1:  # the method's row beside
-            row["weights, math"] = f"{r.get('weights')}, {r.get('compute')}"
+            row["weights, math"] = f"{r.get('file_format') or r.get('weights')}, {r.get('compute')}"
         out.append(row)
     return out
 
@@ -381,6 +402,9 @@ def title(data: dict) -> str:
             else f"{data['height']}x{data['width']}" + (f", {data['tokens']} tokens" if data.get("tokens") else ""))
     head = f"{data['model']} on {data['device']}, {what}, {data['max_memory']}, {data.get('cache', 'warm')} cache"
     if data.get("precision"):
+        file = data["precision"].get("transformer_file")
+        if file:
+            head += f", transformer {file['path']}"
         head += f", {data['precision']['weights']} weights, {data['precision']['compute']} math"
     if (data.get("image") or {}).get("psnr_vs_bf16_db") is not None:
         head += f" (image {data['image']['psnr_vs_bf16_db']:.1f} dB against bf16)"
@@ -616,7 +640,7 @@ def _combine(runs: list[dict]) -> dict:
 def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, width: int = 64,
         strategies=None, progress=print, cache: str = "auto", stage: str = "diffusion", tokens: int | None = None,
         timeout: float | None = None, on_result=None, weights: str | None = None, compute: str = "auto",
-        rounds: int = 1, image: bool = True) -> dict:
+        rounds: int = 1, image: bool = True, transformer_file=None) -> dict:
     """Every strategy in its own process on the same inputs; the JSON of ``python -m helpers bench``.
 
     ``stage``: ``"diffusion"`` times the transformer on latents of ``height`` x ``width`` and
@@ -643,6 +667,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     ``rounds``: run the strategies one after the other that many times, so that a machine whose speed
     drifts (a shared or throttled one) slows each of them alike; each result's ``s_per_step`` is the
     median of its rounds' (``s_per_step_rounds``).
+    ``transformer_file``: the diffusion transformer's weights from one file (GGUF, single
+    safetensors; :mod:`helpers.transformer_file`) for ``resident``, ``accelerate`` and ``stream``;
+    ``method``, the float32 reference and the bf16 image run the model's own weights, and each result
+    says its ``file_format``. diffusers' strategies are reported as not run, with why (:data:`DIFFUSERS_FILE`).
     """
     import math
 
@@ -680,10 +708,16 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     # no budget: the default, translated for a twin as the stages translate it (so a twin still splits)
     config = {"model": name, "max_memory": max_memory, "steps": steps, "height": height, "width": width,
               "stage": stage, "tokens": tokens, "weights": weights, "compute": compute}
-    plan = _plan(config)  # checks the budget, the size and the precision, before anything runs
+    if transformer_file is not None:
+        if stage != "diffusion":
+            raise UserError("--transformer is the diffusion transformer's file; benchmark it with --stage diffusion.")
+        config["transformer_file"] = str(Path(transformer_file).expanduser().resolve())
+    plan = _plan(config)  # checks the budget, the size, the precision and the file, before anything runs
     precision = plan.precision
+    file_format = precision.file.label if precision.file is not None else None
     config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
-    method = (precision.weights, precision.compute) == ("bf16", "bf16")  # the bench's precision is the method's
+    # the bench's precision is the method's (a transformer file never is)
+    method = (precision.weights, precision.compute) == ("bf16", "bf16") and file_format is None
     budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
     gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
     cache = resolve_cache(cache, plan.budget)
@@ -714,6 +748,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     config.update(folder=str(folder), cache=cache, gpu=gpu)
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     errors: dict[str, str] = {}
+    if file_format is not None:  # not run: said in the results, with why
+        errors.update({s: f"not run: {DIFFUSERS_FILE}" for s in strategies if s.startswith("diffusers")})
     outputs: dict[str, torch.Tensor] = {}
     picture: dict = {}
 
@@ -733,6 +769,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             out = outputs.get(r["strategy"])
             r.setdefault("weights", precision.weights)
             r.setdefault("compute", precision.compute)
+            r["file_format"] = file_format if r["strategy"] in ("resident", "accelerate", "stream") else None
             alike = (r["weights"], r["compute"]) == (precision.weights, precision.compute)  # resident's precision
             r["max_abs_diff_vs_resident"] = (None if reference is None or out is None or not alike
                                              else float((out.float() - reference.float()).abs().max()))
@@ -775,7 +812,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if "resident" in strategies:  # the float32 reference every result's error is measured against
             progress("float32 reference (resident, fp32 weights and math): running in its own process...")
             out = Path(tmp) / _FP32
-            error = _child("resident", {**config, "weights": "fp32", "compute": "fp32"}, out, timeout)
+            error = _child("resident", {**_without_file(config), "weights": "fp32", "compute": "fp32"}, out, timeout)
             if error is None:
                 outputs[_FP32] = torch.load(out.with_suffix(".pt"))
             else:
@@ -785,7 +822,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             pngs = {}
             for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):
                 out = Path(tmp) / f"{_IMAGE}-{key}"
-                error = _child(_IMAGE, {**config, **knobs}, out, timeout)
+                error = _child(_IMAGE, {**(_without_file(config) if knobs else config), **knobs}, out, timeout)
                 if error is not None:
                     progress(f"image: failed, no PSNR: {error}")
                     break

@@ -394,7 +394,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                strategies=args.strategies, progress=lambda line: print(line, file=sys.stderr), cache=args.cache,
                stage=args.stage, tokens=args.tokens, timeout=args.timeout,
                on_result=save_partial if args.json else None, weights=args.weights, compute=args.compute,
-               rounds=args.rounds, image=not args.no_image)
+               rounds=args.rounds, image=not args.no_image, transformer_file=args.transformer)
     floor = data["floor"]
     print(f"floor: {floor['s_per_step']:.3f} s/step = max(compute {floor['compute_s_per_step'] or 0:.3f} s, "
           f"{format_bytes(floor['bytes_to_move_per_step'])} at {format_bytes(floor['bandwidth_bytes_per_s'])}/s)")
@@ -642,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "false until the last, so a run stopped midway keeps what it measured)")
     p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")
     _precision_args(p, "the benchmarked model")
+    _transformer_arg(p)
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser(

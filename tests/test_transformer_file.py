@@ -237,3 +237,21 @@ def test_generate_takes_a_transformer_file_and_refuses_a_foreign_one_before_stag
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "not a FLUX.1 transformer" in refused.stderr
     assert "stage 1" not in refused.stderr and not (tmp_path / "no.safetensors").exists()
+
+
+def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
+    """bench --transformer FILE: our strategies on the file (its format per result, its stored bytes
+    streamed), the method and the float32 reference on the model's own weights, diffusers' strategies
+    reported as not run, with why."""
+    from helpers.bench import run
+
+    path = files["q4_0", "gguf"]
+    data = run(str(tiny_folder), "cpu=50%,disk=100%", steps=1, strategies=["resident", "stream", "method",
+               "diffusers-group"], compute="fp32", transformer_file=path, image=False, progress=lambda _: None)
+    by = {r["strategy"]: r for r in data["results"]}
+    assert data["precision"]["transformer_file"]["path"] == path.name  # a name, no folder
+    assert by["resident"]["file_format"] == by["stream"]["file_format"] == "Q4_0 GGUF"
+    assert by["method"]["file_format"] is None and by["method"]["weights"] == "bf16"
+    assert by["stream"]["max_abs_diff_vs_resident"] == 0.0  # the file streamed = the file held
+    assert 0.02 < by["stream"]["rel_error_vs_fp32"] < 0.3  # Q4_0 against the model's float32
+    assert "inner_dim 3072" in by["diffusers-group"]["error"] and by["diffusers-group"]["s_per_step"] is None
