@@ -110,6 +110,9 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     name = w.Text(value=out_name, description="File name")
     replace = w.Checkbox(value=overwrite, description="replace a file of the same name")
     weights_box, compute_box = _precision_boxes(weights, compute)
+    file_box = w.Text(value=str(transformer_file or ""), description="Transformer",
+                      placeholder="a .gguf or .safetensors file; empty: the model's own",
+                      layout=w.Layout(width="36em"))
 
     def run(panel: Panel) -> None:
         from helpers.errors import UserError
@@ -144,9 +147,10 @@ def embeddings_choices() -> list[str]:
 
 def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, height: int, width: int,
                   overwrite: bool = True, max_memory=None, model: str | None = None, weights: str | None = None,
-                  compute: str = "auto") -> Panel:
+                  compute: str = "auto", transformer_file: str | None = None) -> Panel:
     """Embeddings file (from ``outputs/embeddings/``), seed, steps, guidance, size, the weights format
-    and compute dtype (:mod:`helpers.precision`), and a Generate button.
+    and compute dtype (:mod:`helpers.precision`), a transformer file (a ``.gguf`` or single
+    ``.safetensors`` path, empty for the model's own weights), and a Generate button.
 
     Generate calls :func:`helpers.diffuse.diffuse_file`, saves to ``outputs/images/`` and shows the
     images under the button.
@@ -177,6 +181,9 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
     width_box = w.IntText(value=width, description="Width")
     replace = w.Checkbox(value=overwrite, description="replace an image of the same name")
     weights_box, compute_box = _precision_boxes(weights, compute)
+    file_box = w.Text(value=str(transformer_file or ""), description="Transformer",
+                      placeholder="a .gguf or .safetensors file; empty: the model's own",
+                      layout=w.Layout(width="36em"))
 
     def run(panel: Panel) -> None:
         panel.status.value = "checking, then loading and denoising..."
@@ -185,6 +192,7 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
             embeddings_path(source.value), image_path(name), model=model, steps=steps_box.value,
             seed=seed_box.value, guidance=guidance_box.value, height=height_box.value, width=width_box.value,
             max_memory=max_memory, overwrite=replace.value, weights=weights_box.value, compute=compute_box.value,
+            transformer_file=file_box.value.strip() or None,
         )
         panel.status.value = (f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step; "
                               f"{result.plan.precision.describe()})")
@@ -197,5 +205,5 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         display(enlarge(sheet, max(1, 256 // max(sheet.height, 1))))
 
     inputs = [w.HBox([source, refresh]), w.HBox([seed_box, steps_box, guidance_box]),
-              w.HBox([height_box, width_box]), w.HBox([weights_box, compute_box]), replace]
+              w.HBox([height_box, width_box]), w.HBox([weights_box, compute_box]), file_box, replace]
     return Panel(inputs, "Generate", run)

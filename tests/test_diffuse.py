@@ -197,6 +197,12 @@ def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
     height.value = 72
     panel.click()
     assert "failed" in panel.status.value and not panel.button.disabled and panel.button.description == "Generate"
+    from helpers.transformer_file import write_transformer_file  # the transformer from a file people hold
+
+    height.value = 64
+    panel.children[4].value = str(write_transformer_file("tiny", "q8_0", tmp_path / "tiny-Q8_0.gguf", progress=False))
+    panel.click()
+    assert panel.status.value.startswith("done in") and "Q8_0 GGUF transformer" in panel.status.value
 
 
 def test_seed_and_damaged_headers_are_refused(tmp_path, embeddings, no_load):
