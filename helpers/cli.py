@@ -93,7 +93,8 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     check_max_sequence_length(length, ref.variant)
     check_settings(args.height, args.width, 1, 0.0)
     workload = Workload(args.height, args.width, args.batch, length)
-    like_name = args.like or (TWIN_REFERENCE if ref.kind == "twin" and args.max_memory is None else None)
+    like_name = args.like or (TWIN_REFERENCE if ref.kind == "twin" and args.max_memory is None
+                              and not args.transformer else None)
     if like_name:
         component_configs(like_name)  # a bad --like fails here, before any skeleton is built
     fp = footprint(args.model)
@@ -101,6 +102,13 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     fast = parse_budget(spec, model_bytes=2**40).fast
     precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast),
                   "diffusion": resolve("diffusion", args.weights, args.compute, fast)}
+    if args.transformer:  # its header alone: the bytes it stores, block by block
+        from helpers.transformer_file import open_transformer_file
+
+        if like is not None:
+            raise UserError("--like translates a budget between models; a transformer file is planned in its own bytes.")
+        file = open_transformer_file(args.transformer, fp.skeletons["transformer"].config)
+        precisions["diffusion"] = precisions["diffusion"].with_file(file)
     plans = plan_stages(fp, spec, like=like, workload=workload, precisions=precisions)
     data = report(fp, plans)
     data["max_memory"] = str(spec) if isinstance(spec, str) else str(parse_budget(spec))
@@ -494,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens per prompt (default: 512; FLUX.1-schnell: 256)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _precision_args(p, "each stage (--compute: diffusion)")
+    _transformer_arg(p)
     p.set_defaults(func=_cmd_footprint)
 
     p = sub.add_parser(

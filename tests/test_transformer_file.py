@@ -255,3 +255,21 @@ def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
     assert by["stream"]["max_abs_diff_vs_resident"] == 0.0  # the file streamed = the file held
     assert 0.02 < by["stream"]["rel_error_vs_fp32"] < 0.3  # Q4_0 against the model's float32
     assert "inner_dim 3072" in by["diffusers-group"]["error"] and by["diffusers-group"]["s_per_step"] is None
+
+
+def test_footprint_plans_a_file_from_its_header(files, tiny_folder):
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "helpers", "footprint", "--model", str(tiny_folder), "--max-memory",
+            "cpu=50%,disk=100%", "--height", "64", "--width", "64", "--json"]
+    plain = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stdout)
+    done = subprocess.run([*args, "--transformer", str(files["q4_0", "gguf"])], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    q4 = json.loads(done.stdout)
+    weights = {name: sum(t["bytes"] for t in data["plan"]["diffusion"]["tiers"].values())
+               for name, data in (("bf16", plain), ("q4_0", q4))}
+    assert q4["plan"]["diffusion"]["precision"]["transformer_file"]["types"]["Q4_0"] == 314
+    assert weights["q4_0"] < 0.5 * weights["bf16"]  # the transformer's Q4_0 bytes, the VAE's bf16
