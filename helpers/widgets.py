@@ -110,9 +110,6 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     name = w.Text(value=out_name, description="File name")
     replace = w.Checkbox(value=overwrite, description="replace a file of the same name")
     weights_box, compute_box = _precision_boxes(weights, compute)
-    file_box = w.Text(value=str(transformer_file or ""), description="Transformer",
-                      placeholder="a .gguf or .safetensors file; empty: the model's own",
-                      layout=w.Layout(width="36em"))
 
     def run(panel: Panel) -> None:
         from helpers.errors import UserError
