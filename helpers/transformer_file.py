@@ -191,18 +191,14 @@ def check_transformer_file(path: str | os.PathLike, config) -> tuple[WeightsFile
         if tuple(entries[key].shape) != shape:
             raise UserError(f"{wf.path.name}: {key} is {tuple(entries[key].shape)}, this model's is {shape}: the file "
                             "is of a model of another size; use the file made for this model.")
-    readable = {"F32", "F16", "BF16", "F8_E4M3"} | set(_gguf_names())
+    from helpers.quants import TYPES
+
+    readable = {"F32", "F16", "BF16", "F8_E4M3"} | set(TYPES)
     odd = sorted({e.dtype for e in entries.values()} - readable)
     if odd:
         raise UserError(f"{wf.path.name} holds tensors in {', '.join(odd)}, which are not read here.")
     pieces = {name: [(entries[p.key], p.start, p.stop) for p in ps] for name, ps in layout.items()}
     return wf, pieces
-
-
-def _gguf_names():
-    from helpers.quants import TYPES
-
-    return TYPES
 
 
 def _bfl_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -270,39 +266,23 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
     (:func:`helpers.precision.upcast_layerwise`). Checked first (:func:`check_transformer_file`):
     a file that does not fit the model is refused before any weight is read."""
     from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from diffusers import FluxTransformer2DModel
 
-    from helpers.precision import GGUF_SUFFIX, upcast_layerwise
-    from helpers.quants import TYPES
+    from helpers.offload import read_entry
+    from helpers.precision import upcast_layerwise
 
-    wf, pieces = check_transformer_file(path, config)
-    entries = {_key(k): e for k, e in wf.tensors.items()}
+    index, forms = stream_index(path, config)
     with init_empty_weights():
-        model = FluxTransformer2DModel.from_config(dict(config))
+        model = to_file_storage(FluxTransformer2DModel.from_config(dict(config)), forms, index)
     device = torch.device(device)
-    for name, parts in pieces.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        kinds = {e.dtype for e, _, _ in parts}
-        if len(kinds) != 1:
-            raise UserError(f"{wf.path.name}: {name} is made of tensors of types {sorted(kinds)}; they must be one type.")
-        kind = kinds.pop()
-        raws = [read_piece(e, a, b, wf.path) for e, a, b in parts]
-        rows = sum(shape[0] for _, shape in raws)
-        raw = torch.cat([r for r, _ in raws]) if len(raws) > 1 else raws[0][0]
-        if kind in _TORCH:
-            value = raw.view(_TORCH[kind]).reshape(rows, *raws[0][1][1:])
-            scale_entry = entries.get(_key(parts[0][0].name).removesuffix(".weight") + ".weight_scale")
-            if scale_entry is not None and kind == "F8_E4M3":
-                scales = [read_piece(scale_entry, a, b, wf.path)[0].view(torch.float32) for _, a, b in parts]
-                owner.register_buffer(f"{leaf}_scale", torch.cat(scales).to(device))
-        else:  # GGUF blocks: rows x row bytes, the type beside them
-            value = raw.reshape(rows, -1)
-            owner.register_buffer(f"{leaf}{GGUF_SUFFIX}", torch.tensor(TYPES[kind].id, dtype=torch.int32, device=device))
-        owner._parameters[leaf] = torch.nn.Parameter(value.to(device), requires_grad=False)
-    for name, b in model.named_buffers():  # computed buffers (none in Flux today): made on the device
-        if b.device.type == "meta":
-            raise UserError(f"buffer {name} has no value in {wf.path.name}.")
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name in index:
+            set_module_tensor_to_device(model, name, device, value=read_entry(index[name]))
+        elif t.device.type == "meta":
+            raise UserError(f"{name} has no value in {Path(path).name}; cannot load this transformer.")
+        else:  # a GGUF type, made with the skeleton
+            set_module_tensor_to_device(model, name, device, value=t)
     model.eval()
     upcast_layerwise(model, compute)
     return model
@@ -330,7 +310,7 @@ def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
             count = entry.shape[0] if entry.shape else 1
             rows = len(range(*slice(start, stop).indices(count)))
             if kind in _TORCH:
-                located.append((wf.path, offset, nbytes, _SAFETENSORS_NAME[kind], [rows, *entry.shape[1:]]))
+                located.append((wf.path, offset, nbytes, kind, [rows, *entry.shape[1:]]))  # safetensors' names
             else:
                 located.append((wf.path, offset, nbytes, "U8", [rows, nbytes // max(rows, 1)]))
             scale = entries.get(_key(entry.name).removesuffix(".weight") + ".weight_scale")
@@ -345,9 +325,6 @@ def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
         if len(index[name]) == 1:
             index[name] = index[name][0]
     return index, forms
-
-
-_SAFETENSORS_NAME = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F8_E4M3": "F8_E4M3"}
 
 
 def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.nn.Module:
