@@ -359,7 +359,7 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"training the tiny twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
-        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (about 29 minutes on 2)")
+        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (about 30 minutes on 2)")
     summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
     log(f"final losses: VAE {summary['vae_loss']:.4f}, flow {summary['flow_loss']:.4f}; "
         f"{summary['seconds'] / 60:.1f} minutes; {summary['megabytes']:.1f} MB")
@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
         "T5 encoder) in a fresh process on the same random inputs in the model's shapes, and report seconds per "
         "step, peak RSS and GPU memory, bytes streamed per step and the largest difference from the resident "
         "output, with the floor: max(compute, bytes to move / measured bandwidth: disk to RAM, or pinned RAM to "
-        "GPU). Strategies: resident, accelerate, stream, diffusers-group; with a GPU tier in the budget also "
+        "GPU). Strategies: resident, accelerate, stream, diffusers-group; with --transformer FILE also "
+        "diffusers-resident (diffusers' own reading of the file, held whole); with a GPU tier in the budget also "
         "diffusers-model and diffusers-sequential; and, where --weights/--compute is not the method's bf16, "
         "method (accelerate's hooks in bf16 weights and math, side by side), with one image in each precision "
         "for the PSNR against bf16.",
@@ -673,7 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-steps", type=int, default=TRAIN_DEFAULTS.flow_steps, metavar="N",
                    help=f"transformer + CLIP training steps (default {TRAIN_DEFAULTS.flow_steps})")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON on stdout")
-    p.set_defaults(func=_cmd_train_twin)
+    # no budget to hold, and handing every freed block back to the system doubles a training step's time
+    p.set_defaults(func=_cmd_train_twin, holds_budget=False)
     return parser
 
 
@@ -729,14 +731,15 @@ def main(argv: list[str] | None = None) -> int:
         interrupts = _Interrupts()
         with interrupts.held():  # the first second or two of any command; Ctrl-C is answered right after
             import torch  # noqa: F401
-        from helpers.memory import return_large_blocks
-
-        return_large_blocks()  # the process holds what its tensors hold: the RAM tier means what it says
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "func", None):
             parser.print_help()
             return 2
+        if getattr(args, "holds_budget", True):
+            from helpers.memory import return_large_blocks
+
+            return_large_blocks()  # the process holds what its tensors hold: the RAM tier means what it says
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

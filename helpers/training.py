@@ -3,8 +3,9 @@
 Three phases, each on pictures rendered by :mod:`helpers.world` as it goes (nothing is downloaded,
 no dataset is stored):
 
-1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), then the latent
-   scale and shift of its config are measured on them, as FLUX.1's were;
+1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), its loss weighing
+   the pixels at a shape's edge five times (:func:`_edges`), then the latent scale and shift of its
+   config are measured on them, as FLUX.1's were;
 2. the text encoders: T5 keeps its seeded weights and reads every caption once at the notebooks'
    512 tokens; CLIP learns to name the scene from its pooled embedding (background, shape colour,
    shape, place: a linear head on it, thrown away after training);
@@ -48,6 +49,10 @@ class TrainConfig:
     vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 1e-3
+    #: extra weight of the pixels at a shape's edge in the VAE's loss (1 + this there): with none, its
+    #: decoder blurs a triangle's apex away and rounds a square's corners (90% of shapes read back
+    #: from its reconstructions at 64x64; 97% with 4)
+    vae_edge_weight: float = 4.0
     #: CLIP alone first: its pooled embedding learns to name the scene (:data:`ATTRIBUTES`, :func:`_naming_loss`)
     clip_steps: int = 300
     flow_steps: int = 3000
@@ -77,6 +82,13 @@ def _images(scenes, size: int, rng: random.Random) -> torch.Tensor:
     """Rendered pictures as the VAE sees them: ``[n, 3, size, size]`` in [-1, 1]."""
     batch = np.stack([world.render(s, size, size, rng) for s in scenes])
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _edges(x: torch.Tensor) -> torch.Tensor:
+    """``[n, 1, h, w]``: 1 where a pixel's 3x3 neighbourhood holds more than one colour (a shape's edge), else 0."""
+    high = torch.nn.functional.max_pool2d(x, 3, 1, 1)
+    low = -torch.nn.functional.max_pool2d(-x, 3, 1, 1)
+    return ((high - low).sum(1, keepdim=True) > 0.05).float()
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -241,7 +253,9 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + 0.1 * posterior.std * torch.randn_like(posterior.mean)
         recon = vae.decode(z).sample
-        rec = (recon - x).abs().mean() + ((recon - x) ** 2).mean()
+        weight = 1 + config.vae_edge_weight * _edges(x)
+        err = recon - x
+        rec = (weight * (err.abs() + err ** 2)).mean() / weight.mean()
         kl = posterior.kl().mean() / x[0].numel()
         loss = rec + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
