@@ -22,7 +22,9 @@ import torch
 
 from helpers.errors import UserError
 
-CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group")
+CPU_STRATEGIES = ("resident", "accelerate", "stream", "diffusers-group", "diffusers-resident")
+#: run by default only with a transformer file (without one it is ``resident``): diffusers' own reading, held whole
+FILE_ONLY = ("diffusers-resident",)
 _FP32 = "reference-fp32"  # the output every result's rel_error_vs_fp32 is measured against
 _IMAGE = "image"  # a child that makes one image (every step and the decode), for the PSNR against bf16
 GPU_ONLY = ("diffusers-model", "diffusers-sequential")
@@ -104,10 +106,42 @@ def _plan(config: dict):
                           transformer_file=config.get("transformer_file"), **knobs)
 
 
-#: why diffusers' strategies do not run a transformer file here (see ``run``)
-DIFFUSERS_FILE = ("diffusers reads a FLUX.1 GGUF or single file through from_single_file, whose key conversion "
-                  "hard-codes FLUX.1's width (inner_dim 3072) when it splits a single block's linear1: a file of "
-                  "any other width (every twin) does not load")
+#: why diffusers' strategies do not run an fp8 file with row scales (see ``run``)
+DIFFUSERS_SCALED = ("diffusers' from_single_file knows no per-row fp8 scales (it would read the weights unscaled); "
+                    "it runs GGUF files and plain single files (bf16, fp8 cast)")
+
+
+def _diffusers_file(folder: Path, path: str, compute: torch.dtype):
+    """The transformer as diffusers reads a single file itself: ``from_single_file`` (a GGUF file with
+    its ``GGUFQuantizationConfig``: weights held as stored, each dequantized whole at every call).
+
+    One change: diffusers' own key conversion hard-codes FLUX.1's width (``inner_dim = 3072``) where
+    it splits a single block's ``linear1``, so no file of another width loads (every twin); for the
+    call, diffusers' table names our map, which follows the config's widths (:func:`helpers.layouts.from_bfl`).
+    """
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from helpers.layouts import from_bfl
+
+    config = FluxTransformer2DModel.load_config(folder)
+    entry = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    theirs = entry["checkpoint_mapping_fn"]
+    entry["checkpoint_mapping_fn"] = lambda checkpoint, **_: from_bfl(checkpoint, config)
+    try:
+        extra = ({"quantization_config": GGUFQuantizationConfig(compute_dtype=compute)}
+                 if str(path).endswith(".gguf") else {})
+        return FluxTransformer2DModel.from_single_file(str(path), config=str(folder.parent), subfolder=folder.name,
+                                                       dtype=compute, local_files_only=True, **extra)
+    finally:
+        entry["checkpoint_mapping_fn"] = theirs
+
+
+#: what diffusers' group offloading to disk does with a GGUF model (measured: diffusers 0.42, safetensors 0.7)
+DIFFUSERS_GGUF_DISK = ("diffusers' group offloading to disk saves each group with safetensors, which cannot save "
+                       "a GGUFParameter (it indexes each tensor's last element, and diffusers makes that scalar a "
+                       "GGUFParameter, which has no row of blocks: IndexError in _quant_shape_from_byte_shape); "
+                       "diffusers-resident is its reading of the file held whole")
 
 
 def _without_file(config: dict) -> dict:
@@ -201,13 +235,23 @@ def _load(strategy: str, config: dict, work: Path):
     everything = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units)
     if strategy in ("accelerate", "stream"):
         return _mapped(strategy, FluxTransformer2DModel, "transformer", folder / "transformer", plan, work)
+    if strategy == "diffusers-resident":  # the whole model as diffusers itself reads it
+        if config.get("transformer_file"):
+            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+        else:
+            model = _resident(FluxTransformer2DModel, folder / "transformer", precision, None)
+        return (model.to(gpu) if gpu is not None else model), lambda: 0, None
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
 
         from helpers.precision import stored_bytes
 
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
-        if precision.upcasts:  # diffusers' own layerwise casting; its default skips (norms...) would mismatch
+        if config.get("transformer_file"):  # diffusers' own reading of the file, held as it stores it
+            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+        if precision.upcasts and not config.get("transformer_file"):
+            # diffusers' own layerwise casting; its default skips (norms...) would mismatch
             from diffusers.hooks import apply_layerwise_casting
 
             apply_layerwise_casting(model, storage_dtype=precision.storage_dtype,
@@ -226,9 +270,12 @@ def _load(strategy: str, config: dict, work: Path):
 
         from helpers.precision import upcast_layerwise
 
-        model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
-        if precision.upcasts:
-            upcast_layerwise(model, precision.compute_dtype)
+        if config.get("transformer_file"):
+            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+        else:
+            model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+            if precision.upcasts:
+                upcast_layerwise(model, precision.compute_dtype)
         pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                             tokenizer_2=None, transformer=model)
         if strategy == "diffusers-model":  # the whole transformer moves to the GPU at its first call and stays
@@ -266,8 +313,14 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
         strategy = "accelerate"
     work = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-", dir=config.get("work_root")))
     try:
-        return {**_measure(strategy, config, out, work), "strategy": name,
-                "weights": config["weights"], "compute": config["compute"]}
+        try:
+            measured = _measure(strategy, config, out, work)
+        except IndexError as err:  # its first call fails; say why (the error alone names no cause)
+            if strategy == "diffusers-group" and str(config.get("transformer_file", "")).endswith(".gguf") \
+                    and _gpu(config) is None:
+                raise UserError(f"{DIFFUSERS_GGUF_DISK} ({type(err).__name__}: {err})") from None
+            raise
+        return {**measured, "strategy": name, "weights": config["weights"], "compute": config["compute"]}
     finally:
         import shutil
 
@@ -668,9 +721,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     drifts (a shared or throttled one) slows each of them alike; each result's ``s_per_step`` is the
     median of its rounds' (``s_per_step_rounds``).
     ``transformer_file``: the diffusion transformer's weights from one file (GGUF, single
-    safetensors; :mod:`helpers.transformer_file`) for ``resident``, ``accelerate`` and ``stream``;
-    ``method``, the float32 reference and the bf16 image run the model's own weights, and each result
-    says its ``file_format``. diffusers' strategies are reported as not run, with why (:data:`DIFFUSERS_FILE`).
+    safetensors; :mod:`helpers.transformer_file`) for every strategy, diffusers' reading it with its
+    own ``from_single_file`` (:func:`_diffusers_file`; a row-scaled fp8 file it cannot read is
+    reported as not run, :data:`DIFFUSERS_SCALED`); ``method``, the float32 reference and the bf16
+    image run the model's own weights, and each result says its ``file_format``.
     """
     import math
 
@@ -733,7 +787,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     if strategies:
         strategies = list(strategies)
     else:
-        strategies = [s for s in everything if s in allowed]
+        strategies = [s for s in everything if s in allowed and (s not in FILE_ONLY or file_format is not None)]
         if stage == "diffusion" and not method and "accelerate" in strategies:
             strategies.insert(strategies.index("accelerate") + 1, METHOD)
     needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
@@ -748,8 +802,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     config.update(folder=str(folder), cache=cache, gpu=gpu)
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     errors: dict[str, str] = {}
-    if file_format is not None:  # not run: said in the results, with why
-        errors.update({s: f"not run: {DIFFUSERS_FILE}" for s in strategies if s.startswith("diffusers")})
+    if precision.file is not None and precision.file.scaled:  # not run: said in the results, with why
+        errors.update({s: f"not run: {DIFFUSERS_SCALED}" for s in strategies if s.startswith("diffusers")})
     outputs: dict[str, torch.Tensor] = {}
     picture: dict = {}
 
@@ -769,7 +823,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             out = outputs.get(r["strategy"])
             r.setdefault("weights", precision.weights)
             r.setdefault("compute", precision.compute)
-            r["file_format"] = file_format if r["strategy"] in ("resident", "accelerate", "stream") else None
+            r["file_format"] = file_format if r["strategy"] not in (METHOD, _FP32) else None
             alike = (r["weights"], r["compute"]) == (precision.weights, precision.compute)  # resident's precision
             r["max_abs_diff_vs_resident"] = (None if reference is None or out is None or not alike
                                              else float((out.float() - reference.float()).abs().max()))

@@ -357,7 +357,9 @@ def diffuse_file(
     workload = Workload(height, width, header.batch, header.max_sequence_length)
     plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute,
                           transformer_file=transformer_file)
-    folder = model_path(model, components=["scheduler", "transformer", "vae"])
+    # a transformer file brings the weights: of the model's transformer only its config is needed
+    folder = model_path(model, components=["scheduler", "vae"] + ([] if transformer_file else ["transformer"]),
+                        configs=["transformer"] if transformer_file else [])
     for p in paths:  # only now, when the run can go ahead
         p.parent.mkdir(parents=True, exist_ok=True)
 

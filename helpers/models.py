@@ -707,13 +707,14 @@ def resolve_model(name: str | None = None) -> ModelRef:
     )
 
 
-def hub_patterns(components: tuple[str, ...] | list[str] | None = None) -> list[str]:
-    """The files to fetch for ``components`` only (all by default), never the single-file checkpoints."""
+def hub_patterns(components: tuple[str, ...] | list[str] | None = None, configs=()) -> list[str]:
+    """The files to fetch for ``components`` only (all by default), never the single-file checkpoints;
+    of ``configs``, only their ``config.json`` (a transformer whose weights come from a file of its own)."""
     wanted = COMPONENTS if components is None else tuple(components)
-    unknown = [c for c in wanted if c not in COMPONENTS]
+    unknown = [c for c in (*wanted, *configs) if c not in COMPONENTS]
     if unknown:
         raise UserError(f"unknown component(s) {', '.join(unknown)}; the components are {', '.join(COMPONENTS)}.")
-    return ["model_index.json", *[f"{c}/*" for c in wanted]]
+    return ["model_index.json", *[f"{c}/*" for c in wanted], *[f"{c}/config.json" for c in configs if c not in wanted]]
 
 
 def _hub_help(ref: ModelRef) -> str:
@@ -726,16 +727,16 @@ def _hub_help(ref: ModelRef) -> str:
     return f"see {page}"
 
 
-def hub_snapshot(ref: ModelRef, components=None, download: bool = False) -> Path:
+def hub_snapshot(ref: ModelRef, components=None, download: bool = False, configs=()) -> Path:
     """The local folder of a hub model, from the Hugging Face cache; fetch it only if ``download``.
 
-    Only the files of ``components`` are looked for or fetched. Access to a gated model is checked
-    before any download, with a message that says how to get it.
+    Only the files of ``components`` (and the config of ``configs``) are looked for or fetched. Access
+    to a gated model is checked before any download, with a message that says how to get it.
     """
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = hub_patterns(components)
+    patterns = hub_patterns(components, configs)
     try:
         return Path(snapshot_download(ref.repo_id, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
@@ -802,8 +803,10 @@ def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
     return ref.name, folder_configs(folder)
 
 
-def model_path(name: str | None = None, components=None, download: bool = False, rebuild: bool = False) -> Path:
-    """A local folder in the diffusers layout for model ``name``: built, found in the cache, or given."""
+def model_path(name: str | None = None, components=None, download: bool = False, rebuild: bool = False,
+               configs=()) -> Path:
+    """A local folder in the diffusers layout for model ``name``: built, found in the cache, or given.
+    ``configs``: components of which a hub model needs only the config (see :func:`hub_patterns`)."""
     ref = resolve_model(name)
     if ref.kind == "twin":
         return build_twin(ref.name, rebuild=rebuild)
@@ -811,7 +814,7 @@ def model_path(name: str | None = None, components=None, download: bool = False,
         return build_random(ref.name, components=components or RANDOM_DEFAULT, rebuild=rebuild)
     if ref.kind == "local":
         return ref.path
-    return hub_snapshot(ref, components=components, download=download)
+    return hub_snapshot(ref, components=components, download=download, configs=configs)
 
 
 def describe_pipeline(pipe) -> list[dict]:

@@ -366,6 +366,11 @@ class TransformerFile:
         main = next((t for t, _ in self.types if t not in plain), self.types[0][0])
         return f"{main} {'GGUF' if self.format == 'gguf' else 'safetensors'}"
 
+    @property
+    def scaled(self) -> bool:
+        """Whether its fp8 weights carry a float32 scale per row (this project's fp8 file)."""
+        return any(name.endswith("_scale") for name in self.index)
+
     def skeleton(self, skeleton: torch.nn.Module) -> torch.nn.Module:
         """A copy of a transformer skeleton (meta) holding its tensors in this file's stored forms."""
         import copy

@@ -292,8 +292,13 @@ def test_build_unknown_twin():
 def test_hub_patterns_fetch_only_what_a_stage_needs():
     assert hub_patterns() == ["model_index.json", *[f"{c}/*" for c in COMPONENTS]]
     assert hub_patterns(["text_encoder", "tokenizer"]) == ["model_index.json", "text_encoder/*", "tokenizer/*"]
+    # diffusion with --transformer FILE: the file brings the transformer's weights, the model its config
+    assert hub_patterns(["scheduler", "vae"], configs=["transformer"]) == [
+        "model_index.json", "scheduler/*", "vae/*", "transformer/config.json"]
     with pytest.raises(UserError, match="unknown component"):
         hub_patterns(["unet"])
+    with pytest.raises(UserError, match="unknown component"):
+        hub_patterns(["vae"], configs=["unet"])
 
 
 @pytest.fixture

@@ -36,8 +36,9 @@ def test_every_block_type_decodes_to_the_reference_values(name):
     assert ours.dtype == torch.float32 and np.array_equal(ours.numpy(), expected)
     assert torch.equal(dequantize(torch.from_numpy(raw.copy()), name, (rows, cols), torch.bfloat16),
                        torch.from_numpy(expected).to(torch.bfloat16))
-    out = torch.empty(rows, cols)
+    out = torch.full((rows, cols), float("nan"))  # decoded straight into it (Q8_0, Q4_0) or copied: the same bits
     assert dequantize(torch.from_numpy(raw.copy()), t, (rows, cols), out=out) is out
+    assert np.array_equal(out.numpy(), expected)
 
 
 def test_plain_types_and_wrong_sizes():

@@ -180,13 +180,21 @@ def test_convert_command_writes_a_transformer_file(tiny_folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-Q8_0.gguf"]
 
 
-def test_the_plan_counts_a_file_from_its_header_and_both_offloads_run_it(files, tiny_folder, twin):
+def test_the_plan_counts_a_file_from_its_header_and_both_offloads_run_it(files, tiny_folder, twin, tmp_path):
     """--transformer FILE: planned in the file's stored bytes (shares of the budget are of those), then
-    loaded with accelerate's map (disk tier in an offload folder) and streamed: the same image."""
+    loaded with accelerate's map (disk tier in an offload folder) and streamed: the same image. The
+    model's own transformer weights are never read: a folder with its transformer's config alone (what
+    a hub model fetches for a file) runs it."""
+    import shutil
+
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan, generate, load_diffusion
     from helpers.precision import stored_bytes
 
+    shutil.copytree(tiny_folder, tmp_path / "model", ignore=lambda d, names: [
+        n for n in names if d.endswith("transformer") and n != "config.json"])
+    tiny_folder = tmp_path / "model"
+    assert [p.name for p in (tiny_folder / "transformer").iterdir()] == ["config.json"]
     path = files["q4_0", "gguf"]
     plan = diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 8), compute="fp32",
                           transformer_file=path)
@@ -241,20 +249,31 @@ def test_generate_takes_a_transformer_file_and_refuses_a_foreign_one_before_stag
 
 def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
     """bench --transformer FILE: our strategies on the file (its format per result, its stored bytes
-    streamed), the method and the float32 reference on the model's own weights, diffusers' strategies
+    streamed), the method and the float32 reference on the model's own weights; diffusers' own reading of
+    the file (from_single_file with its GGUF quantizer) held whole, and its group offloading to disk,
+    which fails on a GGUF model, with why; an fp8 file with row scales, which diffusers cannot read,
     reported as not run, with why."""
     from helpers.bench import run
 
     path = files["q4_0", "gguf"]
     data = run(str(tiny_folder), "cpu=50%,disk=100%", steps=1, strategies=["resident", "stream", "method",
-               "diffusers-group"], compute="fp32", transformer_file=path, image=False, progress=lambda _: None)
+               "diffusers-group", "diffusers-resident"], compute="fp32", transformer_file=path, image=False, progress=lambda _: None)
     by = {r["strategy"]: r for r in data["results"]}
     assert data["precision"]["transformer_file"]["path"] == path.name  # a name, no folder
     assert by["resident"]["file_format"] == by["stream"]["file_format"] == "Q4_0 GGUF"
     assert by["method"]["file_format"] is None and by["method"]["weights"] == "bf16"
     assert by["stream"]["max_abs_diff_vs_resident"] == 0.0  # the file streamed = the file held
     assert 0.02 < by["stream"]["rel_error_vs_fp32"] < 0.3  # Q4_0 against the model's float32
-    assert "inner_dim 3072" in by["diffusers-group"]["error"] and by["diffusers-group"]["s_per_step"] is None
+    theirs = by["diffusers-resident"]
+    assert theirs["file_format"] == "Q4_0 GGUF" and theirs["s_per_step"] > 0 and "error" not in theirs
+    # diffusers dequantizes the same blocks: the same output as the file held, to float32 rounding
+    assert theirs["rel_error_vs_fp32"] == pytest.approx(by["stream"]["rel_error_vs_fp32"], rel=1e-3)
+    group = by["diffusers-group"]
+    assert "cannot save a GGUFParameter" in group["error"] and group["s_per_step"] is None
+    scaled = run(str(tiny_folder), "cpu=50%,disk=100%", steps=1, compute="fp32",
+                 strategies=["diffusers-group", "diffusers-resident"],
+                 transformer_file=files["fp8", "safetensors"], image=False, progress=lambda _: None)
+    assert all("per-row fp8 scales" in r["error"] and r["s_per_step"] is None for r in scaled["results"])
 
 
 def test_footprint_plans_a_file_from_its_header(files, tiny_folder):
