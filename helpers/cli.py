@@ -359,7 +359,7 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"training the tiny twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
-        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (about 30 minutes on 2)")
+        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (25-32 minutes on 2)")
     summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
     log(f"final losses: VAE {summary['vae_loss']:.4f}, flow {summary['flow_loss']:.4f}; "
         f"{summary['seconds'] / 60:.1f} minutes; {summary['megabytes']:.1f} MB")
