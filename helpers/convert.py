@@ -3,7 +3,7 @@
 The copy keeps the diffusers layout, file by file: every component folder, its config, its shards
 and their index, with the chosen components' tensors rewritten. With ``fp8`` each linear layer's
 weight becomes float8 e4m3fn and gets a float32 scale per output row under ``<name>.weight_scale``
-(:func:`helpers.precision.quantize_rows`); everything else is stored in bf16. The component folder
+(:func:`helpers.codecs.quantize_rows`); everything else is stored in bf16. The component folder
 records its format in :data:`helpers.precision.FORMAT_FILE`, which the plans and the loaders read
 (``--model FOLDER``). Components left as they are are copied (hard links where the file system
 allows). The copy is written in a temporary folder next to ``out`` and renamed into place at the
@@ -62,7 +62,8 @@ def _convert_component(src: Path, dst: Path, cls, weights: str, progress: bool) 
     from safetensors.torch import save_file
 
     from helpers.offload import skeleton_from_folder
-    from helpers.precision import FORMAT_FILE, WEIGHTS, quantize_rows, quantized
+    from helpers.codecs import quantize_rows
+    from helpers.precision import FORMAT_FILE, WEIGHTS, quantized
 
     skeleton = skeleton_from_folder(src, cls)
     linear = {f"{name}.weight" for name, m in skeleton.named_modules() if quantized(m, "weight")}

@@ -35,7 +35,7 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
     """Refuse, from the headers alone, weights the loaders would read wrong: fp8 tensors stored with
     scales beside them (``*_scale``, ``*.scale_weight``) by another tool, which a plain cast to bf16
     would ignore. A folder ``convert`` made records its format and is read with its scales."""
-    from helpers.offload import read_safetensors_index
+    from helpers.sources import read_safetensors_index
     from helpers.precision import folder_format
 
     folder = Path(folder)
@@ -145,6 +145,7 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     """
     from helpers.offload import StreamBudgetError, check_offload, choose_offload, load_streaming, stream_budget
     from helpers.precision import upcast_layerwise
+    from helpers.sources import CheckpointFolder
 
     folder = Path(folder)
     _check_loadable(plan.precision)
@@ -164,10 +165,10 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         cpu, device, device_bytes = stream_budget(plan.budget, whole or {})
         blocks = BLOCK_LISTS[component]
         fp8 = precision.weights == "fp8"
+        source = file if file is not None else CheckpointFolder(folder, precision.weights)
         model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
                                          device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
-                                         progress=progress, compute=precision.compute_dtype,
-                                         weights="fp8" if fp8 and file is None else None, weights_file=file)
+                                         progress=progress, compute=precision.compute_dtype, source=source)
         streamed = set(streamer.streamed_blocks) if streamer else set()
         fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
         applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}
@@ -267,9 +268,9 @@ def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) ->
     from accelerate import dispatch_model
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
 
-    from helpers.offload import read_entry, skeleton_from_folder
+    from helpers.offload import skeleton_from_folder
 
-    model = file.skeleton(skeleton_from_folder(folder, cls))
+    model = file.dress(skeleton_from_folder(folder, cls))
     # the plan's units (no-split blocks, or "" for the whole model): a tensor goes where its unit does
     units = sorted(device_map, key=len, reverse=True)
 
@@ -279,7 +280,7 @@ def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) ->
     offloaded: dict = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         tier = tier_of(name)
-        value = read_entry(file.index[name]) if name in file.index else t
+        value = file.read(name) if name in file.index else t
         if value.device.type == "meta":
             raise UserError(f"{name} has no value in {file.path.name}; cannot load this transformer.")
         if tier == "disk":

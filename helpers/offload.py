@@ -12,42 +12,35 @@ resident or streamed, is decoded as it runs).
 live once in pinned RAM, as stored, and are copied ahead on a side CUDA stream (and decoded there).
 Streamed blocks go in their parts (attention, feed-forward...), so the pool is a few parts, not two
 whole blocks.
-:func:`load_streaming` builds either from a checkpoint folder and a budget. Explained in ``04_offload-strategies.ipynb``.
+:func:`load_streaming` builds either from a weights source (:mod:`helpers.sources`: a checkpoint folder, a
+transformer file) and a budget, through the stream plan (:mod:`helpers.streamplan`); each stored form
+is decoded by its codec (:mod:`helpers.codecs`). Explained in ``04_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
 
 import collections
 import errno
-import json
-import math
 import os
 import queue
-import struct
 import threading
 import time
-import warnings
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from helpers.codecs import codec_for
 from helpers.errors import UserError
+from helpers.sources import WeightsSource, _itemsize, as_source
+from helpers.streamplan import (_PAGE, StreamBudgetError, StreamPlan, _align, _Block, _target, plan_block, plan_stream,
+                                trace_parts)
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_PAGE = 4096  # O_DIRECT reads whole, aligned pages
 
 
 #: ``auto``: ``stream`` where the budget has no GPU tier and the stream fits it (faster, the same
 #: output: see notebook 04), else the method's ``accelerate`` hooks
 OFFLOADS = ("auto", "accelerate", "stream")
-
-
-class StreamBudgetError(UserError):
-    """The budget cannot hold what streaming keeps in the fast tier (found before any weight loads)."""
 
 
 def check_offload(offload: str) -> str:
@@ -96,193 +89,6 @@ def stream_budget(budget, whole: dict) -> tuple[int, torch.device | None, int | 
     return left.get("cpu", 0), torch.device("cuda", gpu), left[gpu]
 
 
-def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint: file, byte offset, size, dtype, shape.
-
-    Read from the files' own headers, without loading or mapping any data.
-    """
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has no .safetensors files to stream from.")
-    out = {}
-    for path in files:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in _DTYPES:
-                raise UserError(f"{path.name}: tensor {name} is stored as {entry['dtype']}, which this loader does not "
-                                f"read ({', '.join(_DTYPES)}); use offload 'accelerate'.")
-            expected = math.prod(entry["shape"]) * _itemsize(_DTYPES[entry["dtype"]])
-            if end - begin != expected:
-                raise UserError(f"{path.name}: the header gives tensor {name} {end - begin:,} bytes where its shape "
-                                f"{entry['shape']} needs {expected:,}; the file is damaged: build or download it again.")
-            out[name] = (path, 8 + n + begin, end - begin, entry["dtype"], entry["shape"])
-    return out
-
-
-def _index_of(source) -> dict:
-    """A checkpoint folder's index (:func:`read_safetensors_index`), or ``source`` when it is one already
-    (a transformer file's: :func:`helpers.transformer_file.stream_index`)."""
-    return source if isinstance(source, dict) else read_safetensors_index(source)
-
-
-def read_entry(entry) -> torch.Tensor:
-    """The tensor an index entry locates: one range of a file (:func:`read_tensor`), or several
-    concatenated along the rows (a tensor a single file stores in pieces)."""
-    if isinstance(entry, list):
-        return torch.cat([read_tensor(*piece) for piece in entry])
-    return read_tensor(*entry)
-
-
-def _source_path(index: dict) -> Path:
-    """The file an index reads from (its first entry's), for messages."""
-    entry = next(iter(index.values()))
-    return Path((entry[0] if isinstance(entry, list) else entry)[0])
-
-
-def entry_bytes(entry) -> int:
-    return sum(piece[2] for piece in entry) if isinstance(entry, list) else entry[2]
-
-
-def read_tensor(path: Path, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
-    """One tensor of a safetensors file, read into memory this process owns (no memory map)."""
-    out = torch.empty(shape, dtype=_DTYPES[dtype])
-    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise UserError(f"{path} ends before its tensor at byte {offset + done:,}; the file is truncated: "
-                                "build or download the model again.")
-            done += n
-    finally:
-        os.close(fd)
-    return out
-
-
-@dataclass
-class _Tensor:
-    owner: torch.nn.Module  # the module holding the parameter
-    leaf: str  # its name there
-    read_pos: int  # where the stored bytes land in the read buffer (the file's layout)
-    nbytes: int  # stored bytes
-    stored: torch.dtype
-    shape: list[int]
-    pos: int = 0  # where the values the model computes with sit in a pool buffer
-    stored_pos: int = 0  # where the stored bytes sit in a host buffer (RAM -> GPU: aligned, as stored)
-
-
-@dataclass
-class _Block:
-    name: str
-    module: torch.nn.Module
-    tensors: list[_Tensor] = field(default_factory=list)
-    # runs of adjacent bytes in one file, widened to whole pages:
-    # (file, page-aligned offset, bytes to read, bytes that matter, page-aligned position in the read buffer)
-    ranges: list[tuple[Path, int, int, int, int]] = field(default_factory=list)
-    read_nbytes: int = 0  # the read buffer's size for this block
-    stored: int = 0  # the block's bytes in the checkpoint
-    stored_nbytes: int = 0  # its stored bytes laid out aligned (a host buffer: what crosses to a GPU)
-    nbytes: int = 0  # the pool buffer's size for this block (in the dtype it computes in)
-    converts: bool = False  # computes in another dtype than stored: decoded on its way into the pool
-    #: per pool buffer: the parameters (views of that buffer) swapped in while the block computes
-    params: list[list[torch.nn.Parameter]] = field(default_factory=list)
-    meta: list[torch.nn.Parameter] = field(default_factory=list)  # what is swapped back after
-
-
-def _align(n: int, to: int = 64) -> int:
-    return (n + to - 1) // to * to
-
-
-def _lay_out(tensors: list[_Tensor], dtype: torch.dtype | None, align: int) -> list[int]:
-    """Positions of ``tensors`` one after another at ``align`` bytes, in ``dtype`` (``None``: as
-    stored), and the total as the last item."""
-    positions, pos = [], 0
-    for t in tensors:
-        pos = _align(pos, align)
-        positions.append(pos)
-        pos += _align(torch.Size(t.shape).numel() * _itemsize(_target(t.stored, dtype)), align)
-    return positions + [pos]
-
-
-def _plan_block(name: str, module: torch.nn.Module, index: dict, folder: Path, dtype: torch.dtype | None,
-                align: int | None = None) -> _Block:
-    """Where each tensor of a block is in the files and where it goes in the buffers.
-
-    The block's tensors are grouped into runs of adjacent bytes in the same file (safetensors keeps a
-    block's tensors together: names are sorted), so that one read brings a whole run. A run is read
-    from the page before it to the page after it into a page-aligned place, so every tensor sits at
-    the same address modulo 4096 as in the file (aligned as its dtype needs) and the read can bypass
-    the page cache. Three layouts: the read buffer's (the file's, ``read_pos``); ``align`` given, a
-    host buffer's, tensors one by one at that alignment as stored (``stored_pos``: RAM -> GPU, filled
-    once through a staging read); and the pool's, in ``dtype`` (``pos``), which is the read buffer's
-    (disk) or the host buffer's (GPU) where nothing converts, else its own, 64-byte aligned (disk) or
-    ``align``-ed (GPU).
-    """
-    block = _Block(name, module)
-    located = []
-    for pname, param in module.named_parameters():
-        full = f"{name}.{pname}"
-        if full not in index:
-            raise UserError(f"{full} is not in the checkpoint at {folder}; cannot stream {name}.")
-        if isinstance(index[full], list):
-            raise UserError(f"{full} is stored in pieces in {folder}; {name} cannot stream (keep it resident).")
-        path, offset, nbytes, stored, shape = index[full]
-        owner_name, _, leaf = pname.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        located.append((path, offset, nbytes, _DTYPES[stored], shape, owner, leaf, param))
-    located.sort(key=lambda t: (str(t[0]), t[1]))
-    runs: list[list] = []  # [path, start, end, tensors]
-    for path, offset, nbytes, stored, shape, owner, leaf, param in located:
-        if not runs or runs[-1][0] != path or runs[-1][2] != offset:
-            runs.append([path, offset, offset, []])
-        runs[-1][2] = offset + nbytes
-        runs[-1][3].append((offset, _Tensor(owner, leaf, 0, nbytes, stored, shape), param))
-    cursor = 0
-    for path, start, end, members in runs:
-        # read whole pages from a page boundary (what O_DIRECT needs), into a page-aligned place
-        first = start - start % _PAGE
-        pos = _align(cursor, _PAGE)
-        length = _align(end - first, _PAGE)
-        block.ranges.append((path, first, length, end - first, pos))
-        for offset, tensor, param in members:
-            tensor.read_pos = pos + offset - first
-            block.tensors.append(tensor)
-            block.meta.append(param)
-        cursor = pos + length
-    block.read_nbytes = cursor
-    block.stored = sum(t.nbytes for t in block.tensors)
-    block.converts = any(_target(t.stored, dtype) != t.stored for t in block.tensors)
-    if align is not None:
-        *positions, block.stored_nbytes = _lay_out(block.tensors, None, align)
-        for t, p in zip(block.tensors, positions):
-            t.stored_pos = p
-    if not block.converts:  # the pool holds the bytes as they arrive
-        for t in block.tensors:
-            t.pos = t.read_pos if align is None else t.stored_pos
-        block.nbytes = block.read_nbytes if align is None else block.stored_nbytes
-    else:
-        *positions, block.nbytes = _lay_out(block.tensors, dtype, align or 64)
-        for t, p in zip(block.tensors, positions):
-            t.pos = p
-    return block
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and stored.is_floating_point else stored
-
-
 def _view(buf: torch.Tensor, pos: int, dtype: torch.dtype, shape) -> torch.Tensor:
     n = torch.Size(shape).numel() * _itemsize(dtype)
     return buf[pos:pos + n].view(dtype).view(shape)
@@ -292,15 +98,17 @@ def _decode(block: _Block, src: torch.Tensor, src_at: str, dst: torch.Tensor, ds
             dtype: torch.dtype | None) -> None:
     """``block``'s stored tensors in ``src`` (at their ``src_at`` positions: ``"read_pos"`` or
     ``"stored_pos"``) into ``dst`` (at ``dst_at``) in ``dtype`` (``None``: as stored, a new layout
-    only), through :func:`helpers.precision.decode_into` (fp8 with the row scales that stay resident
-    beside the weights)."""
-    from helpers.precision import decode_into
-
+    only), each by its codec (:func:`helpers.codecs.codec_for`: fp8 with the row scales that stay
+    resident beside the weights, bf16 widened; GGUF bytes stay bytes here, decoded as their layer runs)."""
     for t in block.tensors:
-        out = _view(dst, getattr(t, dst_at), _target(t.stored, dtype), t.shape)
+        target = _target(t.stored, dtype)
+        out = _view(dst, getattr(t, dst_at), target, t.shape)
         stored = _view(src, getattr(t, src_at), t.stored, t.shape)
-        scale = t.owner._buffers.get(f"{t.leaf}_scale") if out.dtype != t.stored else None
-        decode_into(stored, out, scale)
+        codec = codec_for(t.owner, t.leaf, t.stored, target) if target != t.stored else None
+        if codec is None:
+            out.copy_(stored)
+        else:
+            codec.decode(stored, out)
 
 
 def _page_aligned(nbytes: int) -> torch.Tensor:
@@ -505,13 +313,12 @@ class BlockStreamer(_Streamer):
     time; where the file system refuses it, reads fall back to the page cache.
     """
 
-    def __init__(self, model: torch.nn.Module, folder: str | Path | dict, blocks: list[str], pool: int = 2,
+    def __init__(self, model: torch.nn.Module, source: WeightsSource | str | Path, blocks: list[str], pool: int = 2,
                  pool_bytes: int | None = None, direct: bool = True,
                  parents: dict[str, str] | None = None) -> None:
-        index = _index_of(folder)  # a folder, or an index already read (a transformer file's)
-        folder = _source_path(index) if isinstance(folder, dict) else Path(folder)
+        source = as_source(source)  # a checkpoint folder, or a transformer file
         self._parents = dict(parents or {})
-        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, None) for name in blocks]
+        self.blocks = [plan_block(name, model.get_submodule(name), source, None) for name in blocks]
         pool = max(1, min(pool, len(self.blocks)))  # more buffers than pieces would only read them twice
         read = max((b.read_nbytes for b in self.blocks), default=0)
         #: bytes of RAM the streamer holds: its read buffers
@@ -660,15 +467,14 @@ class HostStreamer(_Streamer):
 
     _counted = "stored_nbytes"  # what crossed to the device
 
-    def __init__(self, model: torch.nn.Module, folder: str | Path | dict, blocks: list[str], device, pool: int = 2,
-                 dtype: torch.dtype | None = None, direct: bool = False, on_read=None,
+    def __init__(self, model: torch.nn.Module, source: WeightsSource | str | Path, blocks: list[str], device,
+                 pool: int = 2, dtype: torch.dtype | None = None, direct: bool = False, on_read=None,
                  parents: dict[str, str] | None = None) -> None:
-        index = _index_of(folder)  # a folder, or an index already read (a transformer file's)
-        folder = _source_path(index) if isinstance(folder, dict) else Path(folder)
+        source = as_source(source)  # a checkpoint folder, or a transformer file
         self._parents = dict(parents or {})
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.blocks = [_plan_block(name, model.get_submodule(name), index, folder, dtype, align=256) for name in blocks]
+        self.blocks = [plan_block(name, model.get_submodule(name), source, dtype, align=256) for name in blocks]
         self.pool_size = max(2, min(pool, len(self.blocks)))
         self.largest = max(b.nbytes for b in self.blocks)
         self.convert = any(b.converts for b in self.blocks)
@@ -841,342 +647,91 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
     return model
 
 
-#: models whose blocks are streamed in parts: the component whose example forward traces the parts' order
-_TRACED = {"FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_2"}
-#: what a block's own code may read of a part's parameter while the part is not there (its placeholder has them)
-_HARMLESS = {"dtype", "shape", "device", "ndim", "is_cuda", "is_meta", "requires_grad", "layout"}
-
-
-def _parts(block: torch.nn.Module) -> list[str]:
-    """The submodules of ``block`` that hold its parameters: its children, and the members of its
-    module lists (T5's ``layer.0``, ``layer.1``). Empty when the block holds parameters itself."""
-    if next(block.parameters(recurse=False), None) is not None:
-        return []
-    found: list[str] = []
-
-    def walk(prefix: str, module: torch.nn.Module) -> bool:
-        for name, child in module.named_children():
-            if next(child.parameters(), None) is None:
-                continue
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-                if next(child.parameters(recurse=False), None) is not None or not walk(f"{prefix}{name}.", child):
-                    return False
-            else:
-                found.append(f"{prefix}{name}")
-        return True
-
-    return found if walk("", block) else []
-
-
-def split_blocks(model: torch.nn.Module, blocks: list[str], inputs: dict | None) -> dict[str, list[str]]:
-    """Each block's parts (full names) in the order one forward pass calls them: the pieces it is streamed in.
-
-    A whole block needs a pool buffer the size of the block; its parts need one the size of its
-    largest part (Flux: 151 MB instead of 680 MB), and the room saved keeps more blocks resident.
-    The order comes from one forward of ``model`` with ``inputs`` (on the meta device: no weights,
-    about a second for FLUX.1-dev), because it is the forward's, not the order the parts were declared in (a Flux single
-    block declares ``proj_out`` before ``attn`` and calls it after). A block stays whole (``[block]``)
-    when it has no such parts, when a part is not called exactly once, or when the block's own
-    code uses a part's parameter outside that part's call (it would find the parameter not there).
-    Without ``inputs`` every block stays whole.
-    """
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._pytree import tree_leaves
-
-    found = {b: [f"{b}.{p}" for p in _parts(model.get_submodule(b))] for b in blocks}
-    if inputs is None or not any(found.values()):
-        return {b: [b] for b in blocks}
-    owner: dict[int, tuple[str, str]] = {}  # parameter -> (block, part)
-    for b, parts in found.items():
-        for part in parts:
-            for p in model.get_submodule(part).parameters():
-                owner[id(p)] = (b, part)
-    calls: dict[str, list[str]] = {b: [] for b in blocks}
-    active: set[str] = set()
-    misused: set[str] = set()
-
-    class Uses(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            harmless = (getattr(func, "__name__", "") == "__get__"
-                        and getattr(getattr(func, "__self__", None), "__name__", "") in _HARMLESS)
-            if not harmless:  # .T, .data, any op: a use of the values
-                for leaf in tree_leaves((args, kwargs or {})):
-                    b, part = owner.get(id(leaf), (None, None))
-                    if part is not None and part not in active:
-                        misused.add(b)
-            return func(*args, **(kwargs or {}))
-
-    sequence: list[str] = []  # every part's call, in order
-
-    def enter(b, part):
-        def pre(module, args):
-            calls[b].append(part)
-            sequence.append(part)
-            active.add(part)
-        return pre
-
-    def leave(part):
-        def post(module, args, output):
-            active.discard(part)
-        return post
-
-    handles = []
-    try:
-        for b, parts in found.items():
-            for part in parts:
-                module = model.get_submodule(part)
-                handles += [module.register_forward_pre_hook(enter(b, part)), module.register_forward_hook(leave(part))]
-        with torch.no_grad(), Uses():
-            model(**inputs)
-    except Exception as exc:  # noqa: BLE001 - a model the meta device cannot run is streamed by whole blocks
-        warnings.warn(f"streaming whole blocks: a forward on the meta device failed ({exc})", stacklevel=2)
-        return {b: [b] for b in blocks}
-    finally:
-        for h in handles:
-            h.remove()
-    if sequence != [part for b in blocks for part in calls[b]]:  # blocks interleaved: their parts cannot stream
-        return {b: [b] for b in blocks}
-    return {b: calls[b] if found[b] and b not in misused and sorted(calls[b]) == sorted(found[b]) else [b]
-            for b in blocks}
-
-
-def _spread(names: list[str], m: int) -> list[str]:
-    """``m`` of ``names``, evenly spaced (the middle one of each of ``m`` equal stretches)."""
-    return [names[int((k + 0.5) * len(names) / m)] for k in range(m)]
-
-
-def _choose_resident(lists: list[list[str]], size: dict, buffer: dict, stage: dict, room: int, pool: int) -> set[str]:
-    """The blocks that stay in the fast tier: as many as fit ``room`` next to the pool the others need.
-
-    Not the first blocks (the method's map): a stretch of resident blocks computes while the pool,
-    already full, lets no copy start, and the copies fall behind. Spread out, each resident block
-    computes while the next streamed one is being fetched. They are taken among the largest blocks
-    first (Flux: the double blocks, 2.4x the bytes of a single block for about the same compute):
-    there a fetch takes longest against its compute, so that is where the cover is needed; streaming
-    the smaller blocks also keeps the pool small once all the largest are resident. ``lists``: the
-    model's block lists, each in call order. ``size``: a block's bytes when resident; ``buffer``: the
-    pool buffer its largest piece needs when streamed; ``stage``: what a converting stream adds for
-    it (the decoded buffer, or a staging buffer).
-    """
-    lists = sorted((names for names in lists if names), key=lambda names: -max(size[n] for n in names))
-    everything = [n for names in lists for n in names]
-
-    def pick(count: int) -> set[str]:
-        chosen: set[str] = set()
-        for names in lists:
-            take = min(count, len(names))
-            chosen.update(_spread(names, take) if take else [])
-            count -= take
-        return chosen
-
-    best: set[str] = set()
-    for count in range(1, len(everything) + 1):  # all counts: the pool shrinks when the last large block stays
-        chosen = pick(count)
-        streamed = [n for n in everything if n not in chosen]
-        need = pool * max((buffer[n] for n in streamed), default=0) + max((stage[n] for n in streamed), default=0)
-        if sum(size[n] for n in chosen) + need <= room:
-            best = chosen
-    return best
-
-
-def _keep_parts(candidates: list[str], size: dict, room: int) -> set[str]:
-    """Parts of streamed blocks to keep resident in ``room``: as many as fit, spread over ``candidates``."""
-    for count in range(len(candidates), 0, -1):
-        chosen = _spread(candidates, count)
-        if sum(size[u] for u in chosen) <= room:
-            return set(chosen)
-    return set()
-
-
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
-                   weights: str | None = None, weights_file: str | Path | None = None):
-    """Load ``cls`` from ``folder`` keeping what fits the fast tier resident and streaming the rest.
+                   source: WeightsSource | None = None):
+    """Load ``cls`` (its config from ``folder``) keeping what fits the fast tier resident and streaming
+    the rest; returns ``(model, streamer)``, the streamer ``None`` when everything fits.
 
-    ``block_lists``: the model's lists of blocks in call order (``["transformer_blocks",
-    "single_transformer_blocks"]`` for Flux, ``["encoder.block"]`` for T5). Everything outside the
-    blocks is resident; as many blocks as fit next to the buffer pool stay resident, spread over
-    the largest blocks (see :func:`_choose_resident`); the rest stream, each in its parts (see
-    :func:`split_blocks`; ``split=False``: whole), through a pool of ``pool`` buffers the size of
-    the largest part (by default up to 4, within the bytes of two whole blocks); on a GPU the room
-    left by whole blocks keeps some of their parts resident. Resident weights are held in ``dtype``
-    (converted once, at load, from what the checkpoint stores); streamed pieces move in stored bytes
-    and compute in ``compute`` (default ``dtype``): in RAM each layer is decoded as it runs, like the
-    resident ones (:func:`helpers.precision.upcast_layerwise`, hooked here; see :class:`BlockStreamer`
-    for why); on a GPU a piece is decoded ahead of its turn, on the copy stream, and the resident
-    weights as they run (the caller hooks them).
-    ``weights="fp8"``: a checkpoint converted to fp8 (``python -m helpers convert``): the linear
-    layers' weights stay fp8 when resident, their row scales are loaded beside them, and streamed
-    pieces are read and moved in fp8 and dequantized on their way into the pool (``dtype`` is then
-    the dtype of the rest, bf16).
+    Four steps, each in its own room: the skeleton on the meta device, in ``dtype`` and traced into
+    its pieces (:func:`helpers.streamplan.trace_parts`), then dressed in the stored forms of its
+    weights ``source`` (by default ``folder``'s safetensors files, :class:`helpers.sources.CheckpointFolder`;
+    a transformer file, :class:`helpers.transformer_file.TransformerFile`); the plan
+    (:func:`helpers.streamplan.plan_stream`: what stays resident, what streams in which pieces,
+    checked against the budget before any weight is read); the resident weights read as stored;
+    the streamer, and the layers' codecs hooked (:func:`helpers.precision.upcast_layerwise`) where
+    the math runs in ``compute`` (default ``dtype``) or the stored forms need decoding (fp8 and its
+    scales, GGUF blocks).
 
-    Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed blocks
-    come from the disk (:class:`BlockStreamer`, reading ahead in stored bytes). With a GPU ``device``
-    the fast tier is its ``device_bytes`` (the pool in ``compute``, and one staging buffer as stored
-    when converting), and streamed blocks are held in pinned RAM as stored, which must fit
-    ``cpu_bytes`` (:class:`HostStreamer`).
-    ``reserve``: bytes of the fast tier kept free for the forward pass's activations (a stage plan's
-    :attr:`~helpers.footprint.StagePlan.reserve_bytes`), so that weights, pool and activations
-    together stay within it. Returns ``(model, streamer)``; the streamer is ``None`` when everything fits.
+    Without ``device`` (or with the CPU) the fast tier is RAM (``cpu_bytes``) and streamed pieces
+    come from the disk (:class:`BlockStreamer`, reading ahead in stored bytes, each layer decoded
+    as it runs). With a GPU ``device`` the fast tier is its ``device_bytes`` (the pool in
+    ``compute``, and one staging buffer as stored when converting), and streamed pieces are held in
+    pinned RAM as stored, which must fit ``cpu_bytes`` (:class:`HostStreamer`, decoding each ahead
+    of its turn on the copy stream). ``reserve``: bytes of the fast tier kept free for the forward
+    pass's activations (a stage plan's :attr:`~helpers.footprint.StagePlan.reserve_bytes`);
+    ``pool``: buffers in the pool (by default up to 4); ``split=False``: stream whole blocks;
     ``progress``: a progress bar (bytes) over what loading reads.
-    ``weights_file``: the transformer's weights from one file (GGUF, single safetensors, BFL layout:
-    :mod:`helpers.transformer_file`), the config from ``folder``; held and streamed as the file
-    stores them (GGUF blocks as bytes, decoded layer by layer as they run).
     """
-    from accelerate.utils import set_module_tensor_to_device
-
     device = torch.device(device or "cpu")
     on_gpu = device.type != "cpu"
-    if on_gpu and device_bytes is None:
-        raise UserError("streaming to a GPU needs its budget (device_bytes).")
-    fast_bytes, fast_name = (device_bytes, f"GPU {device.index or 0} tier") if on_gpu else (cpu_bytes, "cpu tier")
-    if reserve < 0:
-        raise UserError(f"reserve must be 0 or more bytes, not {reserve!r}.")
-    if pool is not None and pool < 2:
-        raise UserError(f"the pool needs at least 2 buffers (one computing, one being fetched), not {pool!r}.")
-    folder = Path(folder)
     compute = compute or dtype
+    source = as_source(source if source is not None else folder)
     model = skeleton_from_folder(folder, cls)
-    from helpers.precision import stored_bytes, to_storage
-
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
         if t.is_floating_point():
             t.data = t.data.to(dtype)
-    forms = None
-    if weights_file is not None and hasattr(weights_file, "forms"):  # a TransformerFile, checked at the edge
-        index, forms = weights_file.index, weights_file.forms
-    elif weights_file is not None:
-        from helpers.transformer_file import stream_index
-
-        index, forms = stream_index(weights_file, model.config)  # checked against the model: no weight read yet
-    else:
-        index = read_safetensors_index(folder)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
-    # streamed in parts, in the order a forward calls them (traced on the meta device, before fp8:
-    # the meta device has no fp8 kernels)
-    component = _TRACED.get(cls.__name__)
-    if component and split:
-        from helpers.activations import example_inputs
-
-        parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
-    else:
-        parts = {n: [n] for n in names}
-    if forms is not None:  # on meta: the file's own forms (GGUF bytes, fp8 and its scales...)
-        from helpers.transformer_file import to_file_storage
-
-        to_file_storage(model, forms, index)
-    elif weights == "fp8":  # on meta: fp8 linear weights and their scales, the rest bf16
-        to_storage(model, "fp8")
-    size = {n: stored_bytes(model.get_submodule(n)) for n in names}  # resident, in stored bytes
-    # laid out as the streamer will: pages as in the files (disk -> RAM), 256-byte tensors (RAM -> GPU)
-    plans = {u: _plan_block(u, model.get_submodule(u), index, folder, compute, align=256 if on_gpu else None)
-             for n in names for u in parts[n]}
-    converted = any(p.converts for p in plans.values())
-    if on_gpu:  # pool buffers in the compute dtype; one staging buffer (stored) to decode from when converting
-        buffer = {n: max(plans[u].nbytes for u in parts[n]) for n in names}
-        stage = {n: max(plans[u].stored_nbytes for u in parts[n]) if converted else 0 for n in names}
-    else:  # read buffers as stored (whole pages), computed from as they are (decoded layer by layer)
-        buffer = {n: max(plans[u].read_nbytes for u in parts[n]) for n in names}
-        stage = dict.fromkeys(names, 0)
-    other = stored_bytes(model) - sum(size.values())  # outside the blocks (tied tensors once)
-    largest = max(buffer.values())
-    if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
-        biggest = max(sum(plans[u].nbytes if on_gpu else plans[u].read_nbytes for u in parts[n]) for n in names)
-        pool = max(2, min(4, 2 * biggest // largest))
-    least = other + pool * largest + max(stage.values()) + reserve
-    if largest > fast_bytes:
-        raise StreamBudgetError(
-            f"one piece of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
-            f"a block's largest part is the smallest piece that can be streamed: give the {fast_name} at least "
-            f"{least:,} bytes."
-        )
-    if least > fast_bytes:
-        kept = f", the {pool}-buffer pool ({least - other - reserve:,})"
-        raise StreamBudgetError(
-            f"the {fast_name} ({fast_bytes:,} bytes) cannot hold the model's non-block weights ({other:,})"
-            + (f"{kept} and room for its activations ({reserve:,})" if reserve else f" and{kept[1:]}")
-            + f"; give it at least {least:,} bytes."
-        )
-    room = fast_bytes - other - reserve
-    lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
-    resident = _choose_resident(lists, size, buffer, stage, room, pool)
-    streamed = [n for n in names if n not in resident]
-    # on a GPU (whose tier has the activations' room set aside) the room whole blocks leave keeps some
-    # parts of the streamed blocks resident too; in RAM that room is left to the activations
-    candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
-    used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
-    used += max((stage[n] for n in streamed), default=0)
-    kept = _keep_parts(candidates, {u: stored_bytes(model.get_submodule(u)) for u in candidates}, room - used)
-    pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
-    pinned = sum(_align(plans[u].stored_nbytes, _PAGE) for u in pieces)  # as stored, whole pages each
-    if on_gpu and pinned > cpu_bytes:
-        raise StreamBudgetError(
-            f"streaming to the GPU holds the {len(set(pieces.values()))} blocks it cannot keep in pinned RAM: "
-            f"{pinned:,} bytes, more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least {pinned:,} bytes, or use offload "
-            "'accelerate', which can add a disk tier."
-        )
-    streamed_params = {f"{u}.{p}" for u in pieces for p, _ in model.get_submodule(u).named_parameters()}
-    keys = {}  # parameter -> its name in the checkpoint
-    for name, p in model.named_parameters():
-        if name in streamed_params:
-            continue
-        if name not in index:  # a tied parameter stored under another of its names
-            aliases = [a for a, q in model.named_parameters(remove_duplicate=False) if q is p and a in index]
-            if not aliases:
-                raise UserError(f"{name} is not in the checkpoint at {folder}; cannot load this model.")
-            key = aliases[0]
-        else:
-            key = name
-        keys[name] = key
-    # what is read now: the resident weights, and with a GPU the streamed blocks into pinned RAM
+    parts = trace_parts(model, names, dtype, split)  # before the stored forms: meta has no fp8 kernels
+    source.dress(model)
+    plan = plan_stream(model, block_lists, parts, source, cpu_bytes, device, device_bytes, compute, reserve, pool)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(entry_bytes(index[k]) for k in keys.values()) + (sum(plans[u].stored for u in pieces) if on_gpu else 0)
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{folder.name}: loading (stream)")
+        bar = tqdm(total=plan.read_bytes(source, on_gpu), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"{Path(folder).name}: loading (stream)")
     try:
-        for name, key in keys.items():
-            value = read_entry(index[key])  # read, not mapped: a mapped file would count in RSS twice
-            stored = model.get_parameter(name).dtype  # what this tier holds: fp8 stays fp8
-            set_module_tensor_to_device(model, name, device, value=value.to(device, stored), clear_cache=False)
-            if bar is not None:
-                bar.update(entry_bytes(index[key]))
-        if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
-            model.tie_weights()
-        for name, b in model.named_buffers():
-            if b.device.type == "meta" and name in index:  # fp8's scales, every block's (a few bytes per row)
-                set_module_tensor_to_device(model, name, device, value=read_entry(index[name]), clear_cache=False)
-                continue
-            if b.device.type == "meta":
-                raise UserError(f"buffer {name} has no value in the checkpoint; cannot stream this model.")
-            if b.device != device:
-                b.data = b.data.to(device)
-        model.eval()
-        if not pieces:
-            if forms is not None:  # GGUF bytes are decoded as their layers run, whatever the dtypes
-                from helpers.precision import upcast_layerwise
-
-                upcast_layerwise(model, compute)
-            return model, None
-        if on_gpu:
-            host = HostStreamer(model, index, list(pieces), device, pool=pool, dtype=compute,
-                                on_read=bar.update if bar is not None else None, parents=pieces)
-            if forms is not None:  # GGUF pieces arrive as bytes, decoded as their layers run, on the GPU
-                from helpers.precision import upcast_layerwise
-
-                upcast_layerwise(model, compute)
-            return model, host
+        _load_resident(model, cls, source, plan, device, bar)
+        streamer = None
+        if plan.pieces and on_gpu:
+            streamer = HostStreamer(model, source, list(plan.pieces), device, pool=plan.pool, dtype=compute,
+                                    on_read=bar.update if bar is not None else None, parents=plan.pieces)
     finally:
         if bar is not None:
             bar.close()
-    # in RAM no parts are kept (see above), and pieces stream as stored: each layer is decoded as it
-    # runs, by the hooks that decode the resident ones (see BlockStreamer)
-    streamer = BlockStreamer(model, index, list(pieces), pool=pool, pool_bytes=room - sum(size[r] for r in resident),
-                             parents=pieces)
-    if compute != dtype or weights == "fp8" or forms is not None or any(plans[u].converts for u in pieces):
+    if plan.pieces and not on_gpu:
+        # in RAM no parts are kept, and pieces stream as stored: each layer is decoded as it runs, by
+        # the hooks that decode the resident ones (see BlockStreamer)
+        streamer = BlockStreamer(model, source, list(plan.pieces), pool=plan.pool, pool_bytes=plan.pool_bytes,
+                                 parents=plan.pieces)
+    if compute != dtype or source.encoded or any(plan.blocks[u].converts for u in plan.pieces):
         from helpers.precision import upcast_layerwise
 
         upcast_layerwise(model, compute)
     return model, streamer
+
+
+def _load_resident(model: torch.nn.Module, cls, source: WeightsSource, plan: StreamPlan, device: torch.device,
+                   bar=None) -> None:
+    """The weights ``plan`` keeps resident, read from ``source`` as stored onto ``device`` (read, not
+    mapped: a mapped file would count in RSS twice), with the buffers the source holds (fp8's row
+    scales, every block's) and those the skeleton made."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, key in plan.keys.items():
+        stored = model.get_parameter(name).dtype  # what this tier holds: fp8 stays fp8
+        set_module_tensor_to_device(model, name, device, value=source.read(key).to(device, stored), clear_cache=False)
+        if bar is not None:
+            bar.update(source.bytes_of(key))
+    if hasattr(model, "tie_weights") and not hasattr(cls, "load_config"):
+        model.tie_weights()
+    for name, b in model.named_buffers():
+        if b.device.type == "meta" and name in source.index:
+            set_module_tensor_to_device(model, name, device, value=source.read(name), clear_cache=False)
+        elif b.device.type == "meta":
+            raise UserError(f"buffer {name} has no value in {source.where}; cannot stream this model.")
+        elif b.device != device:
+            b.data = b.data.to(device)
+    model.eval()

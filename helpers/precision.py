@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from helpers.codecs import codec_for, quantize_rows
 from helpers.errors import UserError
 
 #: storage formats, by the names the flags take (fp8: the linear layers' weights; see above)
@@ -36,8 +37,6 @@ WEIGHTS: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32
 PLANNED_ONLY: dict[str, torch.dtype] = {}
 #: the file in a component folder that says how its weights are stored (written by ``convert``)
 FORMAT_FILE = "weights_format.json"
-#: e4m3fn's largest finite value: each row's largest weight is scaled to it
-FP8_MAX = 448.0
 #: what fp8 leaves in bf16 (everything but the linear layers' weights)
 FP8_REST = torch.bfloat16
 #: compute dtypes (``auto`` is resolved per device by :func:`auto_compute`)
@@ -225,75 +224,6 @@ def quantized(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, torch.nn.Linear) and name == "weight"
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(fp8 weight, float32 scale per row)``: each row divided by its largest magnitude / 448."""
-    w = weight.detach().to(torch.float32)
-    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
-    return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
-
-
-def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None):
-    """The weight in ``dtype`` from its fp8 values and row scales: each value times its row's scale,
-    both in ``dtype``, rounded once. The definition every path gives bit for bit (see :func:`decode_into`).
-    With ``out``, written there without a temporary the size of the weight (every e4m3 value is
-    exact in bf16, fp16 and float32, so the cast first and the product in place round once, the same)."""
-    if out is None:
-        return torch.mul(q.to(dtype), scale.to(dtype)[:, None])
-    return out.copy_(q).mul_(scale.to(dtype)[:, None])
-
-
-#: 2**120: an e4m3 value's bits moved into a float32's place read as 2**-120 times the value
-_E4M3_SHIFT = 2.0 ** 120
-
-
-def _e4m3_bits_fp32(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
-    """fp8 e4m3fn -> float32 times the row scales, by moving bits: about 4x faster than torch's fp8
-    conversion on a CPU, and the same bits as :func:`dequantize_rows`.
-
-    An e4m3fn byte is sign, 4 exponent bits (bias 7), 3 mantissa bits. Shifted left by 20 into a
-    float32 (the sign kept in bit 31) it reads as the value times 2**-120, exactly, subnormals
-    included (they land on float32 subnormals); times ``scale * 2**120`` it is the value times the
-    scale, rounded once, as :func:`dequantize_rows` rounds it. e4m3fn's NaN (0x7F, 0xFF) would read
-    as 480: a quantized weight never holds it. ``False`` (nothing written, the caller falls back to
-    the formula) where a scale times 2**120 would not be a finite float32 (rows past 2**7 in
-    magnitude: not weights), and where this thread flushes subnormals to zero (a library built with
-    fast-math can set that), which would zero e4m3's subnormals here and not in torch's cast.
-    """
-    if q.dim() != 2 or scale.dtype != torch.float32:
-        return False
-    if not bool((scale.abs() < 2.0 ** 7).all()) or bool(torch.tensor(1e-39) * 1.0 == 0):
-        return False
-    bits = out.view(torch.int32)
-    bits.copy_(q.view(torch.int8))  # sign-extended
-    bits.bitwise_left_shift_(20).bitwise_and_(-0x78100000)  # 0x87F00000: the sign, then 7 bits of value
-    out.mul_((scale.to(torch.float32) * _E4M3_SHIFT)[:, None])
-    return True
-
-
-#: the buffer beside a weight held as GGUF blocks: ``<name>_gguf``, its type's number (helpers.quants)
-GGUF_SUFFIX = "_gguf"
-
-
-def gguf_shape(stored_shape, qtype) -> tuple[int, ...]:
-    """The values' shape of a weight held as GGUF bytes of ``stored_shape`` (rows x row bytes)."""
-    *rows, row_bytes = stored_shape
-    return (*rows, row_bytes // qtype.nbytes * qtype.block)
-
-
-def decode_into(stored: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``stored`` (a weight as a tier holds it) written into ``out`` in ``out``'s dtype: the one
-    conversion every path uses (the layer hooks, the stream at each piece's turn, the copy stream).
-
-    bf16 -> float32 is exact widening; fp8 with its row ``scale`` is :func:`dequantize_rows`, on a CPU
-    into float32 by moving bits (:func:`_e4m3_bits_fp32`). torch's ops, on torch's threads.
-    """
-    if scale is not None and stored.dtype == torch.float8_e4m3fn:
-        if out.device.type == "cpu" and out.dtype == torch.float32 and _e4m3_bits_fp32(stored, scale, out):
-            return out
-        return dequantize_rows(stored, scale, out.dtype, out=out)
-    return out.copy_(stored)
-
-
 def tensor_bytes(owner: torch.nn.Module, name: str, t: torch.Tensor, weights: str | None = None) -> int:
     """The bytes tensor ``name`` of ``owner`` (a parameter or a buffer) takes: as it is, or stored as
     ``weights``: floating tensors at the format's size; with ``fp8``, a linear layer's weight at one
@@ -421,19 +351,9 @@ class _Upcast:
     def pre(self, module, args, kwargs):
         for owner in self.members:
             for name, p in owner._parameters.items():
-                kind = owner._buffers.get(f"{name}{GGUF_SUFFIX}")
-                if kind is not None and p is not None and p.device.type != "meta":
-                    # GGUF blocks held as bytes (rows x row bytes): decoded into the workspace
-                    from helpers.quants import BY_ID, dequantize
-
-                    qtype = BY_ID[int(kind)]
-                    value = self.workspace.take(self.dtype, gguf_shape(p.shape, qtype), p.device)
-                    dequantize(p, qtype, value.shape, out=value)
-                    copy = torch.nn.Parameter(value, requires_grad=False)
-                    self.saved.append((owner, name, p, copy))
-                    owner._parameters[name] = copy
+                if p is None:
                     continue
-                if (p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type == "meta"
+                if (p.is_floating_point() and p.dtype != self.dtype and p.device.type == "meta"
                         and owner is not module and f"{name}_scale" not in owner._buffers):
                     # a layer of the group that accelerate fetches when it runs: its placeholder in the
                     # math's dtype, so the group's code reads that dtype and the fetch is widened into it
@@ -441,9 +361,10 @@ class _Upcast:
                     owner._parameters[name] = torch.nn.Parameter(torch.empty_like(p, dtype=self.dtype),
                                                                  requires_grad=False)
                     continue
-                if p is not None and p.is_floating_point() and p.dtype != self.dtype and p.device.type != "meta":
-                    value = self.workspace.take(self.dtype, p.shape, p.device)
-                    decode_into(p, value, owner._buffers.get(f"{name}_scale"))
+                codec = codec_for(owner, name, p.dtype, self.dtype) if p.device.type != "meta" else None
+                if codec is not None:  # stored otherwise (bf16, fp8 and its scales, GGUF blocks): decoded
+                    value = self.workspace.take(self.dtype, codec.shape(p.shape), p.device)
+                    codec.decode(p, value)
                     copy = torch.nn.Parameter(value, requires_grad=False)
                     self.saved.append((owner, name, p, copy))
                     owner._parameters[name] = copy
@@ -492,8 +413,8 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
         if type(module).__name__ in GROUPS:
             members = list(module.modules())
             grouped.update(id(m) for m in members)
-        elif any(p is not None and (p.is_floating_point() or f"{name}{GGUF_SUFFIX}" in module._buffers)
-                 for name, p in module._parameters.items()):
+        elif any(p is not None and (p.is_floating_point() or codec_for(module, name, p.dtype, dtype) is not None)
+                 for name, p in module._parameters.items()):  # a float, or a stored form with a codec (GGUF)
             members = [module]
         else:
             continue

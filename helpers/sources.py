@@ -1,26 +1,43 @@
 """Where a model's weights are, byte by byte: the headers of the files people hold, read without
 reading any weight.
 
-A weights *source* answers, for every tensor of a file, its type, its shape and the range of bytes
-that holds it, so that a footprint counts stored bytes and a loader or a stream reads each tensor
-(or a range of its rows) by offset. This module reads GGUF files (:func:`read_gguf`) and single
-safetensors files (:func:`read_safetensors`); every check a file can fail (not that format, cut
-short, a tensor past its end or overlapping another, a type not read here) is made on its header,
-with a :class:`~helpers.errors.UserError` that names the file and what is wrong.
+A file's header answers, for every tensor, its type, its shape and the range of bytes that holds
+it, so that a footprint counts stored bytes and a loader or a stream reads each tensor (or a range
+of its rows) by offset. This module reads GGUF files (:func:`read_gguf`), single safetensors files
+(:func:`read_safetensors`) and a checkpoint folder's safetensors files (:func:`read_safetensors_index`);
+every check a file can fail (not that format, cut short, a tensor past its end or overlapping
+another, a type not read here) is made on its header, with a :class:`~helpers.errors.UserError`
+that names the file and what is wrong.
+
+A :class:`WeightsSource` is what a loader reads a model from: an *index* (each parameter's name ->
+where its stored bytes are), the stored forms it dresses a skeleton in (:meth:`WeightsSource.dress`),
+and reads by offset. Two kinds: :class:`CheckpointFolder` (a component folder's safetensors files,
+bf16 or this project's fp8) and a transformer file checked against its model
+(:class:`helpers.transformer_file.TransformerFile`: GGUF, or one safetensors file in the BFL
+layout). A new container is a new source; the stream plan (:mod:`helpers.streamplan`) and the
+loaders (:mod:`helpers.offload`) take any of them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from helpers.errors import UserError
+from helpers.precision import folder_format, to_storage
 from helpers.quants import QuantType, quant_type, tensor_bytes
 
 GGUF_MAGIC = b"GGUF"
+#: safetensors' dtype names -> torch's
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 #: GGUF's default alignment of the tensor data (``general.alignment`` overrides it)
 GGUF_ALIGNMENT = 32
 
@@ -215,3 +232,122 @@ def _check_extents(path: Path, size: int, tensors: dict[str, Entry]) -> None:
         end, name = spans[-1][1], spans[-1][2]
         raise UserError(f"{path} ends at byte {size:,} but tensor {name} runs to byte {end:,}: the file was cut "
                         "short; download or write it again.")
+
+
+# --------------------------------------------------------------------------- a checkpoint folder, and sources
+
+
+def read_safetensors_index(folder: str | Path) -> dict[str, tuple[Path, int, int, str, list[int]]]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint: file, byte offset, size, dtype, shape.
+
+    Read from the files' own headers, without loading or mapping any data.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no .safetensors files to stream from.")
+    out = {}
+    for path in files:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            if entry["dtype"] not in TORCH_DTYPES:
+                raise UserError(f"{path.name}: tensor {name} is stored as {entry['dtype']}, which this loader does not "
+                                f"read ({', '.join(TORCH_DTYPES)}); use offload 'accelerate'.")
+            expected = math.prod(entry["shape"]) * _itemsize(TORCH_DTYPES[entry["dtype"]])
+            if end - begin != expected:
+                raise UserError(f"{path.name}: the header gives tensor {name} {end - begin:,} bytes where its shape "
+                                f"{entry['shape']} needs {expected:,}; the file is damaged: build or download it again.")
+            out[name] = (path, 8 + n + begin, end - begin, entry["dtype"], entry["shape"])
+    return out
+
+
+def read_entry(entry) -> torch.Tensor:
+    """The tensor an index entry locates: one range of a file (:func:`read_tensor`), or several
+    concatenated along the rows (a tensor a single file stores in pieces)."""
+    if isinstance(entry, list):
+        return torch.cat([read_tensor(*piece) for piece in entry])
+    return read_tensor(*entry)
+
+
+def entry_bytes(entry) -> int:
+    return sum(piece[2] for piece in entry) if isinstance(entry, list) else entry[2]
+
+
+def read_tensor(path: Path, offset: int, nbytes: int, dtype: str, shape: list[int]) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory this process owns (no memory map)."""
+    out = torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+    view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise UserError(f"{path} ends before its tensor at byte {offset + done:,}; the file is truncated: "
+                                "build or download the model again.")
+            done += n
+    finally:
+        os.close(fd)
+    return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class WeightsSource:
+    """Where a loader reads a model's weights from, by offsets: :attr:`index` (parameter or buffer
+    name -> ``(file, offset, bytes, dtype, stored shape)``, or a list of such pieces concatenated
+    along the rows), :meth:`dress` (a skeleton on the meta device in the stored forms), and
+    :meth:`read`. ``encoded``: its stored forms need decoding whatever the compute dtype (fp8 with
+    scales, GGUF blocks)."""
+
+    index: dict
+    encoded: bool = False
+
+    @property
+    def where(self) -> str:
+        """The folder or file, for messages."""
+        raise NotImplementedError
+
+    def dress(self, skeleton: torch.nn.Module) -> torch.nn.Module:
+        """``skeleton`` (in place, on the meta device) holding its tensors as this source stores them."""
+        return skeleton
+
+    def read(self, key: str) -> torch.Tensor:
+        """Tensor ``key`` as stored, read into memory this process owns (not mapped)."""
+        return read_entry(self.index[key])
+
+    def bytes_of(self, key: str) -> int:
+        return entry_bytes(self.index[key])
+
+
+class CheckpointFolder(WeightsSource):
+    """A component folder's safetensors files (sharded or not), as ``from_pretrained`` reads them;
+    ``weights``: how they store the weights (by default what the folder records,
+    :func:`helpers.precision.folder_format`; ``fp8``: linear weights in fp8 with their row scales)."""
+
+    def __init__(self, folder: str | os.PathLike, weights: str | None = None) -> None:
+        self.folder = Path(folder)
+        self.index = read_safetensors_index(self.folder)
+        self.weights = weights if weights is not None else folder_format(self.folder)
+        self.encoded = self.weights == "fp8"
+
+    @property
+    def where(self) -> str:
+        return str(self.folder)
+
+    def dress(self, skeleton):
+        if self.weights == "fp8":
+            to_storage(skeleton, "fp8")
+        return skeleton
+
+
+def as_source(source) -> WeightsSource:
+    """``source`` if it is a :class:`WeightsSource`, else the checkpoint folder at that path."""
+    return source if isinstance(source, WeightsSource) else CheckpointFolder(source)

@@ -32,7 +32,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.layouts import PREFIX, bfl_layout, to_bfl
-from helpers.sources import Entry, WeightsFile, read_weights_file
+from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_weights_file
 
 #: formats a transformer file can be written in, by container
 GGUF_FORMATS = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0",
@@ -113,7 +113,7 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
         else:
             from safetensors.torch import save_file
 
-            from helpers.precision import quantize_rows
+            from helpers.codecs import quantize_rows
 
             tensors = {}
             for name in names:
@@ -231,7 +231,7 @@ def decode_piece(raw: torch.Tensor, dtype_name: str, shape, scale: torch.Tensor 
     if dtype_name in _TORCH:
         values = raw.view(_TORCH[dtype_name]).reshape(shape)
         if scale is not None:
-            from helpers.precision import dequantize_rows
+            from helpers.codecs import dequantize_rows
 
             return dequantize_rows(values, scale, dtype)
         return values.to(dtype)
@@ -269,7 +269,6 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
     from accelerate.utils import set_module_tensor_to_device
     from diffusers import FluxTransformer2DModel
 
-    from helpers.offload import read_entry
     from helpers.precision import upcast_layerwise
 
     index, forms = stream_index(path, config)
@@ -291,7 +290,7 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
 def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
     """For a loader reading by offsets: ``(index, forms)`` of transformer file ``path`` checked
     against ``config``. ``index``: every diffusers tensor (and fp8 row scale, ``<name>_scale``) ->
-    ``(file, offset, bytes, dtype, stored shape)`` as :func:`helpers.offload.read_safetensors_index`
+    ``(file, offset, bytes, dtype, stored shape)`` as :func:`helpers.sources.read_safetensors_index`
     gives for a folder, GGUF blocks as ``U8`` rows x row bytes; a tensor made of several pieces of
     the file (FLUX's final modulation, whose halves BFL stores swapped) -> a list of those.
     ``forms``: parameter -> ``(stored dtype, stored shape, GGUF type number or None)``, what
@@ -332,7 +331,7 @@ def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.n
     (``forms`` from :func:`stream_index`): GGUF weights as uint8 rows x row bytes with their type in
     ``<name>_gguf`` (a real tensor: it says how to decode), fp8 weights with a meta ``<name>_scale``
     where the file has scales (read with the resident weights)."""
-    from helpers.precision import GGUF_SUFFIX
+    from helpers.codecs import GGUF_SUFFIX
 
     for name, (dtype, shape, gguf_id) in forms.items():
         owner_name, _, leaf = name.rpartition(".")
@@ -347,9 +346,10 @@ def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.n
 
 
 @dataclass(frozen=True)
-class TransformerFile:
+class TransformerFile(WeightsSource):
     """A transformer file checked against a model, once, at the edge (``--transformer FILE``): what
-    the plans count (its stored bytes, block by block, from the header) and the loaders read."""
+    the plans count (its stored bytes, block by block, from the header) and the loaders read, a
+    :class:`~helpers.sources.WeightsSource` (its stored forms need decoding: ``encoded``)."""
 
     path: Path
     format: str  # "gguf" or "safetensors"
@@ -371,11 +371,21 @@ class TransformerFile:
         """Whether its fp8 weights carry a float32 scale per row (this project's fp8 file)."""
         return any(name.endswith("_scale") for name in self.index)
 
+    encoded = True
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def dress(self, skeleton: torch.nn.Module) -> torch.nn.Module:
+        """``skeleton`` (in place, on the meta device) holding its tensors in this file's stored forms."""
+        return to_file_storage(skeleton, self.forms, self.index)
+
     def skeleton(self, skeleton: torch.nn.Module) -> torch.nn.Module:
-        """A copy of a transformer skeleton (meta) holding its tensors in this file's stored forms."""
+        """A copy of a transformer skeleton (meta) in this file's stored forms (the original kept)."""
         import copy
 
-        return to_file_storage(copy.deepcopy(skeleton), self.forms, self.index)
+        return self.dress(copy.deepcopy(skeleton))
 
     def as_dict(self) -> dict:
         return {"path": self.path.name, "format": self.format, "variant": self.variant, "types": dict(self.types),

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from helpers.errors import UserError
-from helpers.offload import load_streaming, read_safetensors_index
+from helpers.offload import load_streaming
+from helpers.sources import read_safetensors_index
 
 BLOCKS = ["transformer_blocks", "single_transformer_blocks"]
 
@@ -95,7 +96,7 @@ def test_room_kept_for_activations_comes_off_the_resident_blocks(tiny_folder, re
 def test_resident_blocks_are_spread_over_the_largest_blocks():
     """Not the first blocks: resident ones sit between streamed ones, where their compute covers the
     next fetch, and among the largest blocks first (their fetches take longest)."""
-    from helpers.offload import _choose_resident
+    from helpers.streamplan import _choose_resident
 
     big, small = [f"d{i}" for i in range(10)], [f"s{i}" for i in range(20)]
     size = {**{n: 10 for n in big}, **{n: 4 for n in small}}
@@ -116,7 +117,7 @@ def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
     from helpers.activations import example_inputs
     from helpers.architecture import skeleton
     from helpers.models import component_configs
-    from helpers.offload import split_blocks
+    from helpers.streamplan import split_blocks
 
     _, configs = component_configs("tiny")
     flux = skeleton("transformer", configs["transformer"])
@@ -156,7 +157,7 @@ class _Toy(torch.nn.Module):
 
 
 def test_a_block_whose_parts_cannot_stream_alone_stays_whole():
-    from helpers.offload import split_blocks
+    from helpers.streamplan import split_blocks
 
     with torch.device("meta"):
         toy, interleaved = _Toy(), _Toy(interleave=True)

@@ -10,8 +10,8 @@ import torch
 
 from helpers.errors import UserError
 from helpers.layouts import PREFIX, from_bfl, to_bfl
-from helpers.transformer_file import (check_transformer_file, load_transformer_file, read_transformer_state,
-                                      write_transformer_file)
+from helpers.transformer_file import (check_transformer_file, load_transformer_file, open_transformer_file,
+                                      read_transformer_state, write_transformer_file)
 
 gguf = pytest.importorskip("gguf")
 
@@ -147,7 +147,7 @@ def test_the_stream_reads_a_file_as_stored_and_gives_the_held_output(files, twin
     whole = stored_bytes(held)
     model, streamer = load_streaming(tiny_folder / "transformer", FluxTransformer2DModel, torch.bfloat16, whole // 3,
                                      ["transformer_blocks", "single_transformer_blocks"], compute=torch.float32,
-                                     weights_file=path)
+                                     source=open_transformer_file(path, twin.config))
     try:
         assert streamer is not None and len(streamer.blocks) > 10
         with torch.no_grad():
