@@ -172,31 +172,123 @@ def _write_report(path: str | None, measurement, **extra) -> None:
         Path(path).write_text(json.dumps({**measurement.as_dict(), **extra}))
 
 
+def _diffuse_argv(args: argparse.Namespace, embeddings, out) -> list[str]:
+    """``diffuse``'s arguments for the images of ``args`` (a ``diffuse`` or ``generate`` command),
+    as ``--opt=value`` throughout (a prompt or path may start with "-"); ``--workers`` left out."""
+    argv = [*([f"--model={args.model}"] if args.model else []), f"--embeddings={embeddings}", f"--out={out}",
+            f"--seed={args.seed}", f"--height={args.height}", f"--width={args.width}",
+            f"--batch-size={args.batch_size}", f"--offload={args.offload}", f"--compute={args.compute}"]
+    argv += [f"--max-memory={args.max_memory}"] if args.max_memory else []
+    argv += ["--overwrite"] if args.overwrite else []
+    argv += ["--resume"] if getattr(args, "resume", False) else []
+    argv += [f"--weights={args.weights}"] if args.weights else []
+    argv += [f"--transformer={args.transformer}"] if args.transformer else []
+    argv += [f"--threads={args.threads}"] if args.threads else []
+    argv += [f"--steps={args.steps}"] if args.steps is not None else []
+    argv += [f"--guidance={args.guidance!r}"] if args.guidance is not None else []
+    return argv
+
+
+def _diffuse_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance, height=args.height,
+                width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
+                create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
+                compute=args.compute, transformer_file=args.transformer, batch_size=args.batch_size,
+                resume=args.resume)
+
+
 def _cmd_diffuse(args: argparse.Namespace) -> int:
     from helpers.budget import format_bytes
     from helpers.diffuse import diffuse_file
     from helpers.report import Table
+    from helpers.workers import check_threads, check_workers, own_gpu_budget, this_worker
 
-    result = diffuse_file(
-        args.embeddings, args.out, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance,
-        height=args.height, width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
-        create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
-        compute=args.compute, transformer_file=args.transformer,
-    )
+    if check_workers(args.workers) > 1:
+        return _diffuse_on_workers(args)
+    worker = this_worker()  # under torchrun: this process's share of the prompts
+    kwargs = _diffuse_kwargs(args)
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(check_threads(args.threads))
+    if worker.world > 1:
+        kwargs["max_memory"] = own_gpu_budget(args.max_memory, worker, torch.cuda.device_count())
+    result = diffuse_file(args.embeddings, args.out, worker=worker, **kwargs)
+    who = f"{worker.describe()}: " if worker.world > 1 else ""
+    report = f"{args.report}.{worker.rank}" if args.report and worker.world > 1 else args.report
+    if result.measurement is None:
+        print(f"{who}nothing to make: " + ("every image of this file is there already" if args.resume
+                                             else "more workers than pipeline calls"), file=sys.stderr)
+        if report:
+            Path(report).write_text('{"wall_s": 0, "peak_rss_bytes": 0, "peak_gpu_bytes": null, "paths": []}')
+        return 0
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(f"{who}note: {note}", file=sys.stderr)
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"{who}warning: {warning}", file=sys.stderr)
     for difference in result.differences:
-        print(f"note: the applied device map differs from the plan: {difference}", file=sys.stderr)
+        print(f"{who}note: the applied device map differs from the plan: {difference}", file=sys.stderr)
     for path in result.paths:
         print(path)
     m = result.measurement
-    print(f"wall time {m.wall_s:.2f} s ({result.s_per_step:.2f} s per step), peak RSS {format_bytes(m.peak_rss)} "
+    print(f"{who}wall time {m.wall_s:.2f} s ({result.s_per_step:.2f} s per step), peak RSS {format_bytes(m.peak_rss)} "
           f"(+{format_bytes(m.peak_rss_delta)})" + "".join(f", peak GPU {i} {format_bytes(b)}" for i, b in m.peak_gpu.items())
           + f"; offload {result.offload}", file=sys.stderr)
-    print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
-    _write_report(args.report, m, s_per_step=result.s_per_step, paths=[str(p) for p in result.paths])
+    if worker.world == 1:
+        print(Table(result.per_tier(), title=f"per tier, budget {result.plan.budget.describe()}"), file=sys.stderr)
+    _write_report(report, m, s_per_step=result.s_per_step, paths=[str(p) for p in result.paths])
+    return 0
+
+
+def _diffuse_on_workers(args: argparse.Namespace) -> int:
+    """``diffuse --workers N``: every check here, then torchrun runs N workers on this host, each
+    making its share; the prompts whose images are missing after (a worker that died) are named."""
+    import json
+
+    from helpers.diffuse import diffuse_file, output_paths
+    from helpers.embeddings import read_header
+    from helpers.workers import check_threads, run_workers
+
+    start = time.perf_counter()
+    todo = diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args))
+    header = read_header(args.embeddings)
+    paths = output_paths(args.out, header.batch)
+    if not todo:
+        print("nothing to make: every image of this file is there already", file=sys.stderr)
+        return 0
+    threads = check_threads(args.threads) if args.threads else max(1, (os.cpu_count() or 1) // args.workers)
+    argv = ["diffuse", *_diffuse_argv(args, args.embeddings, args.out)] + ([] if args.threads else [f"--threads={threads}"])
+    argv += [f"--report={args.report}"] if args.report else []
+    print(f"{len(todo)} images on {args.workers} workers of {threads} CPU threads each (torchrun)", file=sys.stderr)
+    code = run_workers(args.workers, argv, threads)
+    wanted = {Path(p).resolve() for p in todo}
+    left = [i for i, p in enumerate(paths) if p.resolve() in wanted and not p.is_file()]
+    if code in (130, -signal.SIGINT):
+        raise KeyboardInterrupt
+    if left:
+        named = "; ".join(f"{i + 1} ({header.prompts[i][:40]!r})" for i in left[:8]) + ("; ..." if len(left) > 8 else "")
+        raise UserError(f"{len(left)} of the {len(todo)} images were not made (the workers ended with status {code}): "
+                        f"prompts {named}. Run the same command with --resume to make only those.")
+    if code != 0:
+        return code
+    for p in paths:
+        if p.resolve() in wanted:
+            print(p)
+    wall = time.perf_counter() - start
+    print(f"wall time {wall:.2f} s on {args.workers} workers", file=sys.stderr)
+    if args.report:  # for generate: the workers' reports in one
+        parts = [Path(f"{args.report}.{r}") for r in range(args.workers)]
+        reports = [json.loads(p.read_text()) for p in parts if p.is_file()]
+        for p in parts:
+            p.unlink(missing_ok=True)
+        gpus: dict = {}
+        for r in reports:
+            for k, v in (r.get("peak_gpu_bytes") or {}).items():
+                gpus[k] = max(gpus.get(k, 0), v)
+        Path(args.report).write_text(json.dumps({
+            "wall_s": wall, "peak_rss_bytes": max((r["peak_rss_bytes"] for r in reports), default=0),
+            "peak_gpu_bytes": gpus or None, "workers": args.workers, "paths": [str(p) for p in todo],
+            "made_by": [r.get("paths", []) for r in reports]}))
     return 0
 
 
@@ -300,8 +392,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # both plans with their activations: a batch or an image size too large is refused before stage 1
     text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length),
                        weights=args.weights)
-    diffusion_plan(args.model, args.max_memory, workload=Workload(args.height, args.width, len(prompts), length),
+    diffusion_plan(args.model, args.max_memory,
+                   workload=Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
                    weights=args.weights, compute=args.compute, transformer_file=args.transformer)
+    from helpers.workers import check_batch_size, check_workers
+
+    check_batch_size(args.batch_size)
+    check_workers(args.workers)
     from helpers.models import COMPONENTS, model_path
 
     model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)
@@ -322,16 +419,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     offload = [f"--offload={args.offload}", *([f"--weights={args.weights}"] if args.weights else [])]
     encode_argv = [*common, *[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
                    f"--out={embeddings}", *budget, *overwrite, *offload]
-    diffuse_argv = [*common, f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}",
-                    f"--height={args.height}", f"--width={args.width}", *budget, *overwrite, *offload,
-                    f"--compute={args.compute}", *([f"--transformer={args.transformer}"] if args.transformer else [])]
-    if args.steps is not None:
-        diffuse_argv.append(f"--steps={args.steps}")
-    if args.guidance is not None:
-        diffuse_argv.append(f"--guidance={args.guidance!r}")
+    diffuse_argv = [*_diffuse_argv(args, embeddings, out), f"--workers={args.workers}"]
     print("stage 1: text encoding (its own process)", file=sys.stderr)
     first = stage("encode", encode_argv, [embeddings])
-    print("stage 2: diffusion (its own process)", file=sys.stderr)
+    print("stage 2: diffusion (its own process" + (f", {args.workers} workers)" if args.workers > 1 else ")"),
+          file=sys.stderr)
     second = stage("diffuse", diffuse_argv, images)
     print("\nstage          wall time  peak RSS", file=sys.stderr)
     for name, r in (("text encoding", first), ("diffusion", second)):
@@ -540,6 +632,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--max-memory", metavar="SPEC",
                        help='budget per tier (default: "0=8.5GiB,cpu=30GiB", or "cpu=8.5GiB,disk=30GiB" without a GPU)')
         q.add_argument("--overwrite", action="store_true", help="replace existing files")
+        q.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="share the prompts out among N processes on this host, started with torchrun (default 1; "
+                       "each has the whole budget: on a host with several GPUs each takes its own)")
+        q.add_argument("--batch-size", type=int, default=1, metavar="B",
+                       help="prompts per pipeline call (default 1); an image is the same for any --workers at one B")
+        q.add_argument("--threads", type=int, default=None, metavar="T",
+                       help="CPU threads of each worker (default: all cores, shared among --workers); on a CPU an "
+                       "image is bit for bit the same for any --workers at one T")
 
     p = sub.add_parser(
         "diffuse",
@@ -557,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     _precision_args(p, "the transformer and the VAE")
     _transformer_arg(p)
     image_knobs(p)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the images of this file already made and make only the missing ones")
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)
 

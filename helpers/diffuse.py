@@ -217,16 +217,21 @@ class Generation:
 
 @torch.no_grad()
 def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, steps: int, guidance: float,
-             height: int, width: int, progress: bool = True) -> Generation:
+             height: int, width: int, progress: bool = True, batch_size: int = 1, first: int = 0) -> Generation:
     """The method's diffusion call: embeddings in, images out; one image per prompt in the file.
 
     The embeddings are moved to the plan's compute dtype and the execution device (the pipeline does not
-    do it), and the seed seeds a CPU generator, so the same seed gives the same image on any device.
+    do it). Prompt ``i`` is seeded with ``seed + i`` (:func:`helpers.workers.prompt_seed`; ``first``:
+    the index of the first of ``tensors``' prompts in its file), each on a CPU generator of its own, so
+    a prompt's image is the same on any device and whichever worker makes it; the pipeline makes
+    ``batch_size`` prompts per call (default one: the image does not depend on what else is made).
     """
+    from helpers.workers import check_batch_size, chunks, prompt_seed
+
     check_seed(seed)
     check_settings(height, width, steps, guidance)
+    check_batch_size(batch_size)
     pipe = diffusion.pipe
-    pipe.set_progress_bar_config(disable=not progress, desc="denoising")
     dtype = diffusion.plan.precision.compute_dtype  # the weights may be stored in another
     prompt_embeds = tensors["prompt_embeds"].to(diffusion.device, dtype)
     pooled = tensors["pooled_prompt_embeds"].to(diffusion.device, dtype)
@@ -239,12 +244,21 @@ def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, 
         last[0] = now
         return kwargs
 
-    out = pipe(
-        prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=steps,
-        guidance_scale=guidance, height=height, width=width,
-        generator=torch.Generator("cpu").manual_seed(int(seed)), callback_on_step_end=on_step_end,
-    )
-    return Generation(images=list(out.images), step_times=times)
+    images = []
+    calls = chunks(prompt_embeds.shape[0], batch_size)
+    for chunk in calls:
+        a, b = first + chunk[0] + 1, first + chunk[-1] + 1  # as the files number them
+        what = "" if len(calls) == 1 and first == 0 else f" image {a}" if a == b else f" images {a}-{b}"
+        pipe.set_progress_bar_config(disable=not progress, desc=f"denoising{what}")
+        last[0] = time.perf_counter()
+        out = pipe(
+            prompt_embeds=prompt_embeds[chunk[0]:chunk[-1] + 1], pooled_prompt_embeds=pooled[chunk[0]:chunk[-1] + 1],
+            num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+            generator=[torch.Generator("cpu").manual_seed(prompt_seed(int(seed), first + i)) for i in chunk],
+            callback_on_step_end=on_step_end,
+        )
+        images += list(out.images)
+    return Generation(images=images, step_times=times)
 
 
 def grid(images: list, columns: int | None = None):
@@ -315,22 +329,36 @@ def diffuse_file(
     weights: str | None = None,
     compute: str = "auto",
     transformer_file: str | os.PathLike | None = None,
-) -> DiffuseResult:
+    batch_size: int = 1,
+    resume: bool = False,
+    worker=None,
+    check_only: bool = False,
+) -> DiffuseResult | list[Path]:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
     variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
     :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
     ``weights``, ``compute`` and ``transformer_file``: see :func:`diffusion_plan`.
+    Prompt ``i`` is seeded with ``seed + i`` and made ``batch_size`` prompts per pipeline call (see
+    :func:`generate`); each image is saved as soon as it is made. ``worker``
+    (:class:`helpers.workers.Worker`, default the only one): this process makes its share of the
+    prompts alone. ``resume``: images already there are kept and only the missing ones are made.
+    ``check_only``: every check, then the images this call would write, without loading anything.
     """
     from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
     from helpers.memory import measure
     from helpers.models import model_path, resolve_model
     from helpers.offload import check_offload
+    from helpers.workers import Worker, check_batch_size, prompt_seed, share
 
+    worker = worker or Worker()
     header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
     check_seed(seed)
+    check_batch_size(batch_size)
+    if resume and overwrite:
+        raise UserError("--resume keeps the images already made and --overwrite makes them again: choose one.")
     if model is None:
         model = header.metadata.get("model") or None
         try:
@@ -346,38 +374,63 @@ def diffuse_file(
     tensors, header = load_embeddings(embeddings, **expected_inputs(model))
     notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length)
     paths = output_paths(out, header.batch)
-    for p in paths:
+    mine = share(header.batch, worker, batch_size)  # this worker's pipeline calls (prompt indices)
+    if resume:  # a call whose images are all there is not made again
+        mine = [c for c in mine if any(not paths[i].is_file() for i in c)]
+    todo = [i for c in mine for i in c if not (resume and paths[i].is_file())]
+    for i in todo:
+        p = paths[i]
         if not p.parent.exists() and not create_folder:
             raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
         if p.parent.exists() and (not p.parent.is_dir() or not os.access(p.parent, os.W_OK)):
             raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
+        if p.is_file() and not overwrite and header.batch > 1:
+            raise UserError(f"{p} already exists; --resume makes only the images of this file that are missing, "
+                            "--overwrite makes them all again.")
         check_can_write(p, overwrite)
     check_offload(offload)
-    # room for the larger of a step's and the decode's activations at this size and batch; too large is refused
-    workload = Workload(height, width, header.batch, header.max_sequence_length)
+    # room for the larger of a step's and the decode's activations at this size, per pipeline call
+    workload = Workload(height, width, min(batch_size, header.batch), header.max_sequence_length)
     plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute,
                           transformer_file=transformer_file)
+    if check_only:
+        return [paths[i] for i in todo]
+    if not todo:  # all made already, or more workers than prompts: nothing is loaded
+        return DiffuseResult(paths=[], images=[], plan=plan, applied={}, differences=[], notes=notes,
+                             measurement=None, step_times=[], header=header, offload="none", warnings=plan.warnings)
     # a transformer file brings the weights: of the model's transformer only its config is needed
     folder = model_path(model, components=["scheduler", "vae"] + ([] if transformer_file else ["transformer"]),
                         configs=["transformer"] if transformer_file else [])
-    for p in paths:  # only now, when the run can go ahead
-        p.parent.mkdir(parents=True, exist_ok=True)
+    for i in todo:  # only now, when the run can go ahead
+        paths[i].parent.mkdir(parents=True, exist_ok=True)
 
+    fp = header.metadata.get("fingerprint", "")
+    made, images, times = [], [], []
+    wanted = set(todo)
     with measure("diffusion") as m:
         diffusion = load_diffusion(folder, plan, offload=offload, progress=progress)
         try:
-            result = generate(diffusion, tensors, seed, steps, guidance, height, width, progress=progress)
+            for chunk in mine:
+                part = {k: tensors[k][chunk[0]:chunk[-1] + 1] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+                result = generate(diffusion, part, seed, steps, guidance, height, width, progress=progress,
+                                  batch_size=len(chunk), first=chunk[0])
+                times += result.step_times
+                for i, image in zip(chunk, result.images):
+                    if i not in wanted:
+                        continue
+                    save_image(image, paths[i], overwrite=overwrite, metadata={
+                        "prompt": header.prompts[i], "seed": prompt_seed(seed, i), "steps": steps,
+                        "guidance": guidance, "height": height, "width": width, "model": ref.name,
+                        "embeddings": str(header.path), "embeddings_fingerprint": fp, "batch_index": i,
+                        "batch_size": header.batch,
+                        **({"transformer_file": plan.precision.file.path.name} if plan.precision.file is not None
+                           else {}),
+                    })
+                    made.append(paths[i])
+                    images.append(image)
         finally:
             applied, differences, used = diffusion.applied, diffusion.differences, diffusion.offload
             diffusion.close()
-    fp = header.metadata.get("fingerprint", "")
-    for i, (path, image, prompt) in enumerate(zip(paths, result.images, header.prompts)):
-        save_image(image, path, overwrite=overwrite, metadata={
-            "prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "height": height,
-            "width": width, "model": ref.name, "embeddings": str(header.path), "embeddings_fingerprint": fp,
-            "batch_index": i, "batch_size": header.batch,
-            **({"transformer_file": plan.precision.file.path.name} if plan.precision.file is not None else {}),
-        })
-    return DiffuseResult(paths=paths, images=result.images, plan=plan, applied=applied,
+    return DiffuseResult(paths=made, images=images, plan=plan, applied=applied,
                          differences=differences, notes=notes, measurement=m,
-                         step_times=result.step_times, header=header, offload=used, warnings=plan.warnings)
+                         step_times=times, header=header, offload=used, warnings=plan.warnings)

@@ -32,6 +32,16 @@ class _Attention(torch.nn.Module):
     def forward(self, x):
         return torch.nn.functional.scaled_dot_product_attention(x, x, x)
 
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Plan as for a CPU with bf16 kernels (what these figures were written for), on any CPU: without
+    them a bf16 convolution unfolds its input per kernel tap, and the VAE's decode needs more (see
+    ``_conv_scratch`` and its own test)."""
+    from helpers import activations
+
+    monkeypatch.setattr(activations, "cpu_bf16", lambda: (True, "assumed by the test"))
+    monkeypatch.setattr(activations, "_COUNTED", {})
+
 
 def test_on_a_cpu_a_convolution_counts_the_scratch_its_kernel_holds():
     """oneDNN reorders a conv's input and writes its output twice, in a blocked layout of 16 channels,
@@ -195,7 +205,7 @@ def _tiny(components=("transformer", "vae")):
     return footprint("tiny", components=components)
 
 
-def test_a_plan_keeps_the_larger_of_step_and_decode_on_the_fast_tier_and_places_weights_in_the_rest():
+def test_a_plan_keeps_the_larger_of_step_and_decode_on_the_fast_tier_and_places_weights_in_the_rest(native_bf16):
     from helpers.activations import Workload, forward_peak
     from helpers.footprint import plan_stages
 
@@ -233,7 +243,7 @@ def test_a_share_sizes_the_weights_and_the_activations_come_on_top():
     assert not plan.warnings  # the share says how much room the weights get
 
 
-def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_its_bytes():
+def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_its_bytes(native_bf16):
     from helpers.activations import Workload
     from helpers.footprint import footprint, plan_stages
 
@@ -251,7 +261,7 @@ def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_it
     assert not too_big.fits and "as flux-dev under" in too_big.advice and "need 46 GiB" in too_big.advice
 
 
-def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_largest_that_runs(tiny_folder):
+def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_largest_that_runs(tiny_folder, native_bf16):
     """The stage's check, at its edge: the named size is accepted, the next one up refused."""
     import re
 
@@ -278,7 +288,7 @@ def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_la
         diffusion_plan(str(tiny_folder), budget, workload=Workload(side, side, batch=2), compute="bf16")
 
 
-def test_a_size_that_leaves_the_weights_little_room_is_warned():
+def test_a_size_that_leaves_the_weights_little_room_is_warned(native_bf16):
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan
 

@@ -27,10 +27,12 @@ def test_diffuse_writes_one_png_per_prompt_with_metadata(embeddings, tmp_path):
     result = diffuse_file(embeddings, tmp_path / "img.png", steps=2, seed=1, progress=False, **SIZE)
     assert [p.name for p in result.paths] == ["img-1.png", "img-2.png"]
     meta = read_image_metadata(result.paths[1])
-    assert meta["prompt"] == "a lighthouse at night" and meta["seed"] == "1" and meta["steps"] == "2"
+    # prompt i is seeded with seed + i (the same image whichever worker makes it)
+    assert meta["prompt"] == "a lighthouse at night" and meta["seed"] == "2" and meta["steps"] == "2"
+    assert read_image_metadata(result.paths[0])["seed"] == "1"
     assert meta["model"] == "tiny" and meta["embeddings_fingerprint"] == fingerprint(component_configs("tiny")[1])
     assert meta["guidance"] == "3.5"  # FLUX.1-dev's usual guidance: the twin mirrors dev
-    assert len(result.step_times) == 2 and result.s_per_step > 0
+    assert len(result.step_times) == 2 * 2 and result.s_per_step > 0  # one pipeline call per prompt
     assert result.differences == [] and {"cpu", "disk"} <= set(map(str, result.applied.values()))
     assert Image.open(result.paths[0]).size == (64, 64)
 
