@@ -52,6 +52,8 @@ TYPES: dict[str, QuantType] = {t.name: t for t in (
     QuantType("Q5_0", 6, 32, 22),
     QuantType("Q5_1", 7, 32, 24),
     QuantType("Q8_0", 8, 32, 34),
+    QuantType("Q2_K", 10, 256, 84),
+    QuantType("Q3_K", 11, 256, 110),
     QuantType("Q4_K", 12, 256, 144),
     QuantType("Q5_K", 13, 256, 176),
     QuantType("Q6_K", 14, 256, 210),
@@ -59,7 +61,7 @@ TYPES: dict[str, QuantType] = {t.name: t for t in (
 )}
 BY_ID: dict[int, QuantType] = {t.id: t for t in TYPES.values()}
 #: ggml's other types, by number: named in the message that refuses them
-OTHER = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
+OTHER = {9: "Q8_1", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS",
          19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32",
          27: "I64", 28: "F64", 29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
 
@@ -121,6 +123,34 @@ def _blocks_q5_1(b):
     return _f16(b, 0) * q.float() + _f16(b, 2)
 
 
+def _blocks_q2_k(b):
+    n = b.shape[0]
+    scales = b[:, 0:16]  # per 16 values: a 4-bit scale, then a 4-bit min
+    dl = (_f16(b, 80) * (scales & 0x0F).float()).reshape(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4).float()).reshape(n, 16, 1)
+    shifts = torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8).reshape(1, 1, 4, 1)
+    q = ((b[:, 16:80].reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 16, 16).float()  # 2 bits a value
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _blocks_q3_k(b):
+    n = b.shape[0]
+    hmask, qs, packed = b[:, 0:32], b[:, 32:96], b[:, 96:108]
+    # sixteen 6-bit scales: low 4 bits in bytes 0-7 (low nibble first), high 2 bits in bytes 8-11
+    low = (packed[:, 0:8].reshape(n, 1, 8) >> torch.tensor([0, 4], device=b.device, dtype=torch.uint8)
+           .reshape(1, 2, 1)).reshape(n, 16)
+    high = (packed[:, 8:12].reshape(n, 1, 4) >> torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+            .reshape(1, 4, 1)).reshape(n, 16)
+    scales = (((low & 0x0F) | ((high & 0x03) << 4)).to(torch.int16) - 32).float()
+    dl = (_f16(b, 108) * scales).reshape(n, 16, 1)
+    ql = (qs.reshape(n, 2, 1, 32) >> torch.tensor([0, 2, 4, 6], device=b.device, dtype=torch.uint8)
+          .reshape(1, 1, 4, 1)).reshape(n, 16, 16) & 3
+    qh = ((hmask.reshape(n, 1, 1, 32) >> torch.arange(8, device=b.device, dtype=torch.uint8).reshape(1, 1, 8, 1))
+          .reshape(n, 16, 16) & 1) ^ 1  # a high bit of 0 subtracts 4
+    q = (ql.to(torch.int16) - (qh.to(torch.int16) << 2)).float()
+    return (dl * q).reshape(n, 256)
+
+
 def _blocks_q4_k(b):
     n = b.shape[0]
     sc, mn = _scale_min_k4(b[:, 4:16])
@@ -151,7 +181,7 @@ def _blocks_q6_k(b):
     return (_f16(b, 208)[:, :, None] * scales * q).reshape(n, 256)
 
 
-_BLOCKS = {"Q8_0": _blocks_q8_0, "Q4_0": _blocks_q4_0, "Q4_1": _blocks_q4_1, "Q5_0": _blocks_q5_0,
+_BLOCKS = {"Q8_0": _blocks_q8_0, "Q2_K": _blocks_q2_k, "Q3_K": _blocks_q3_k, "Q4_0": _blocks_q4_0, "Q4_1": _blocks_q4_1, "Q5_0": _blocks_q5_0,
            "Q5_1": _blocks_q5_1, "Q4_K": _blocks_q4_k, "Q5_K": _blocks_q5_k, "Q6_K": _blocks_q6_k}
 
 

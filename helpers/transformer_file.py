@@ -32,7 +32,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.layouts import PREFIX, bfl_layout, to_bfl
-from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_weights_file
+from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
 #: formats a transformer file can be written in, by container
 GGUF_FORMATS = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0",
@@ -86,7 +86,11 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
     folder = model_path(model) / "transformer"
     if not folder.is_dir():
         raise UserError(f"{folder.parent} has no transformer folder to write.")
-    transformer = FluxTransformer2DModel.from_pretrained(folder)
+    # held in the dtype the checkpoint stores (bf16 for every model here: half of float32's RAM),
+    # each tensor widened to float32 only while it is quantized
+    stored = {e[3] for e in read_safetensors_index(folder).values()}
+    dtype = torch.bfloat16 if stored == {"BF16"} else torch.float32
+    transformer = FluxTransformer2DModel.from_pretrained(folder, dtype=dtype)
     state = to_bfl(transformer.state_dict(), transformer.config)
     del transformer
     variant = "dev" if any(k.startswith("guidance_in.") for k in state) else "schnell"

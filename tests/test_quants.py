@@ -17,7 +17,7 @@ from gguf.quants import dequantize as reference  # noqa: E402
 from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 #: where each block type keeps its float16 factors (random bytes there could be inf or NaN)
-FACTORS = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+FACTORS = {"Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
            "Q6_K": [208]}
 
 
@@ -68,8 +68,9 @@ def test_gguf_written_quants_keep_their_measured_error():
 
 
 def test_types_not_read_are_named():
-    with pytest.raises(UserError, match="type Q2_K cannot be read here.*Q8_0"):
-        quant_type(10)
+    with pytest.raises(UserError, match="type IQ2_XXS cannot be read here.*Q8_0"):
+        quant_type(16)
+    assert quant_type(10).name == "Q2_K" and quant_type(11).name == "Q3_K"  # FLUX.1's 2- and 3-bit files
     with pytest.raises(UserError, match="not whole Q4_K blocks of 256"):
         TYPES["Q4_K"].row_bytes(320)
     assert TYPES["Q8_0"].bits == 8.5 and TYPES["Q4_0"].bits == 4.5
@@ -122,12 +123,12 @@ def test_damaged_files_are_refused_from_their_header(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(UserError, match=message):
             read_weights_file(tmp_path / name)
-    # a type this project does not read, named: Q2_K (10) in place of F32 (0)
+    # a type this project does not read, named: IQ2_XXS (16) in place of F32 (0)
     at = raw.index(b"w", 24) + 1 + 4 + 2 * 8  # name, n_dims, two dims
     assert struct.unpack("<I", raw[at:at + 4])[0] == 0
-    (tmp_path / "q2k.gguf").write_bytes(raw[:at] + struct.pack("<I", 10) + raw[at + 4:])
-    with pytest.raises(UserError, match="Q2_K cannot be read here"):
-        read_weights_file(tmp_path / "q2k.gguf")
+    (tmp_path / "iq2.gguf").write_bytes(raw[:at] + struct.pack("<I", 16) + raw[at + 4:])
+    with pytest.raises(UserError, match="IQ2_XXS cannot be read here"):
+        read_weights_file(tmp_path / "iq2.gguf")
     with pytest.raises(UserError, match="is not a file"):
         read_weights_file(tmp_path / "missing.gguf")
 

@@ -172,3 +172,19 @@ def test_two_nodes_on_loopback(eight, tmp_path):
     _same_images(paths, reference)
     said = "".join(err for _, err in results)
     assert "worker 1 of 2" in said and "worker 2 of 2" in said
+
+
+def test_one_transformer_over_two_gpus_in_one_budget():
+    """Two cards in one budget: accelerate's map puts FLUX.1-dev's blocks on both (planned on the meta
+    device here; loaded where two GPUs exist), each card within its share, the activations' room on
+    the card that computes first."""
+    from helpers.activations import Workload
+    from helpers.footprint import plan_stage
+
+    plan = plan_stage("diffusion", "flux-dev", "0=11GiB,1=11GiB,cpu=30GiB", workload=Workload(1024, 1024, 1, 512),
+                      runnable=False)
+    transformer = next(c for c in plan.components if c.component == "transformer")
+    assert {0, 1} <= set(transformer.device_map.values())
+    used = plan.tier_bytes()
+    assert used[0] + plan.reserve_bytes <= 11 * 2**30 and used[1] <= 11 * 2**30
+    assert used[1] > 10 * 2**30  # the second card is filled: it keeps no activations' room
