@@ -130,8 +130,8 @@ class ScaledFp8(Codec):
 class GgufBlocks(Codec):
     """GGUF blocks held as rows of bytes (:func:`helpers.quants.dequantize`)."""
 
-    def __init__(self, qtype: QuantType) -> None:
-        self.qtype = qtype
+    def __init__(self, qtype: QuantType | None) -> None:
+        self.qtype = qtype  # None: not known yet (see :meth:`of`); a layer's hook asks again when it runs
 
     def shape(self, stored_shape):
         return gguf_shape(stored_shape, self.qtype)
@@ -142,7 +142,11 @@ class GgufBlocks(Codec):
     @classmethod
     def of(cls, owner, name, stored, dtype):
         kind = owner._buffers.get(f"{name}{GGUF_SUFFIX}")
-        return cls(BY_ID[int(kind)]) if kind is not None else None
+        if kind is None:
+            return None
+        if kind.device.type == "meta":  # offloaded with its weight (accelerate): its type arrives with it
+            return cls(None)
+        return cls(BY_ID[int(kind)])
 
 
 #: asked in this order: the forms with their own record beside the weight first
