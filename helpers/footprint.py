@@ -134,7 +134,7 @@ class Footprint:
         }
 
 
-def footprint(model: str | None = None, tie: bool = True, components=COMPONENT_ORDER) -> Footprint:
+def footprint(model=None, tie: bool = True, components=COMPONENT_ORDER) -> Footprint:
     """Footprint of the components of ``model`` (all by default), built on meta.
 
     Configs come from :func:`component_configs`: no weights, no download.
@@ -611,7 +611,7 @@ def _machine_bytes(tier: Tier) -> int | None:
     return None
 
 
-def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str | None = "auto",
+def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto",
                runnable: bool = True, workload: Workload | None = None, weights: str | None = None,
                compute: str = "auto", transformer_file=None) -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
@@ -646,8 +646,7 @@ def plan_stage(stage: str, model: str | None = None, max_memory=None, like: str 
         check_tiers_exist(checked)
     precision = resolve(stage, weights, compute, checked.fast)
     comps = STAGES[stage].components
-    name = ref.name if ref.kind != "local" else str(ref.path)
-    fp = footprint(name, components=comps)
+    fp = footprint(ref, components=comps)
     if transformer_file is not None:
         if "transformer" not in comps:
             raise UserError(f"--transformer is a file of the diffusion stage's transformer, not of {stage}.")

@@ -23,6 +23,7 @@ One name picks the model everywhere (:func:`resolve_model`):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import shutil
 import string
 import sys
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -636,7 +638,13 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
 
 @dataclass(frozen=True)
 class ModelRef:
-    """What a model name means: a twin, a hub repository, or a local folder."""
+    """A model name resolved once: a twin, a hub repository, or a local folder.
+
+    Made at the edge (:func:`resolve_model`: the command line, a widget, a stage's entry point) and
+    handed down, so the plans, the loaders and the embeddings file all ask one object: what it is
+    (:attr:`kind`, :attr:`label`), its :attr:`configs` (read once, no weights, no download), the
+    :attr:`fingerprint` an embeddings file must carry, its :attr:`variant`, and :meth:`folder`.
+    """
 
     name: str
     kind: Literal["twin", "hub", "local", "random"]
@@ -646,6 +654,11 @@ class ModelRef:
     @property
     def gated(self) -> bool:
         return self.repo_id in GATED
+
+    @property
+    def label(self) -> str:
+        """The name that finds this model again from another process: a local folder's full path."""
+        return str(self.path) if self.kind == "local" else self.name
 
     @property
     def variant(self) -> Literal["dev", "schnell"] | None:
@@ -667,14 +680,56 @@ class ModelRef:
                 return None
         return None
 
+    @cached_property
+    def _configs(self) -> dict[str, dict]:
+        return _read_configs(self)
+
+    @property
+    def configs(self) -> dict[str, dict]:
+        """Each component's config (a fresh copy: a caller may change its own); read once per object.
+
+        Twins from their builder, FLUX.1-dev/schnell from the shipped configs, a local folder from
+        its ``config.json`` files, another hub id from the Hugging Face cache if its configs are there.
+        """
+        return copy.deepcopy(self._configs)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The text encoders' shapes, hashed: what an embeddings file made by this model carries
+        (:func:`helpers.embeddings.fingerprint`)."""
+        from helpers.embeddings import fingerprint
+
+        return fingerprint(self._configs)
+
+    def folder(self, components=None, download: bool = False, rebuild: bool = False, configs=()) -> Path:
+        """A local folder in the diffusers layout: built (a twin), found in the cache, or given.
+        ``components``: only those (a hub model, the random model); ``configs``: components of which
+        a hub model needs only the config (see :func:`hub_patterns`)."""
+        if self.kind == "twin":
+            return build_twin(self.name, rebuild=rebuild)
+        if self.kind == "random":
+            return build_random(self.name, components=components or RANDOM_DEFAULT, rebuild=rebuild)
+        if self.kind == "local":
+            return self.path
+        return hub_snapshot(self, components=components, download=download, configs=configs)
+
+    def as_dict(self) -> dict:
+        """JSON for another process: :func:`resolve_model` of ``label`` makes it again."""
+        return {"name": self.name, "kind": self.kind, "repo_id": self.repo_id, "label": self.label,
+                "fingerprint": self.fingerprint}
+
 
 def default_model() -> str:
     """The notebooks' model: ``$FLUX_MODEL`` when set, else ``tiny``."""
     return os.environ.get(MODEL_ENV, "").strip() or DEFAULT_MODEL
 
 
-def resolve_model(name: str | None = None) -> ModelRef:
-    """Say what a model name means (no building, no download): see the module docstring."""
+def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
+    """Say what a model name means (no building, no download): see the module docstring.
+
+    A :class:`ModelRef` is returned as it is: a function handed one resolves nothing again."""
+    if isinstance(name, ModelRef):
+        return name
     if name is None:
         name = default_model()
     text = str(name).strip()
@@ -774,23 +829,17 @@ def local_folder(ref: ModelRef) -> Path | None:
         return None
 
 
-def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
-    """``(name, configs)`` for a model name; no weights, no download.
-
-    Twins come from their builder, FLUX.1-dev/schnell from the shipped configs, a local folder from
-    its ``config.json`` files, another hub id from the Hugging Face cache if its configs are there.
-    """
+def _read_configs(ref: ModelRef) -> dict[str, dict]:
     from helpers.architecture import SHIPPED, folder_configs, shipped_configs
 
-    ref = resolve_model(model)
     if ref.kind == "twin":
-        return ref.name, twin_configs(TWINS[ref.name])
+        return twin_configs(TWINS[ref.name])
     if ref.kind == "random":
-        return ref.name, shipped_configs(SHIPPED[RANDOM[ref.name]])
+        return shipped_configs(SHIPPED[RANDOM[ref.name]])
     if ref.kind == "local":
-        return ref.name, folder_configs(ref.path)
+        return folder_configs(ref.path)
     if ref.repo_id in SHIPPED:
-        return ref.name, shipped_configs(SHIPPED[ref.repo_id])
+        return shipped_configs(SHIPPED[ref.repo_id])
     from huggingface_hub import snapshot_download
 
     try:
@@ -800,21 +849,19 @@ def component_configs(model: str | None = None) -> tuple[str, dict[str, dict]]:
             f"no config shipped for {ref.repo_id} and none in your Hugging Face cache; fetch its configs with "
             f"`hf download {ref.repo_id} --include '*/config.json'` or pass a local folder."
         ) from None
-    return ref.name, folder_configs(folder)
+    return folder_configs(folder)
 
 
-def model_path(name: str | None = None, components=None, download: bool = False, rebuild: bool = False,
+def component_configs(model: str | ModelRef | None = None) -> tuple[str, dict[str, dict]]:
+    """``(name, configs)`` for a model (see :attr:`ModelRef.configs`); no weights, no download."""
+    ref = resolve_model(model)
+    return ref.name, ref.configs
+
+
+def model_path(name: str | ModelRef | None = None, components=None, download: bool = False, rebuild: bool = False,
                configs=()) -> Path:
-    """A local folder in the diffusers layout for model ``name``: built, found in the cache, or given.
-    ``configs``: components of which a hub model needs only the config (see :func:`hub_patterns`)."""
-    ref = resolve_model(name)
-    if ref.kind == "twin":
-        return build_twin(ref.name, rebuild=rebuild)
-    if ref.kind == "random":
-        return build_random(ref.name, components=components or RANDOM_DEFAULT, rebuild=rebuild)
-    if ref.kind == "local":
-        return ref.path
-    return hub_snapshot(ref, components=components, download=download, configs=configs)
+    """A local folder in the diffusers layout for model ``name`` (see :meth:`ModelRef.folder`)."""
+    return resolve_model(name).folder(components, download=download, rebuild=rebuild, configs=configs)
 
 
 def describe_pipeline(pipe) -> list[dict]:

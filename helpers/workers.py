@@ -126,19 +126,27 @@ def missing(paths: list[Path]) -> list[int]:
     return [i for i, p in enumerate(paths) if not Path(p).is_file()]
 
 
+def own_gpu(worker: Worker, gpus: int) -> int | None:
+    """The GPU ``worker`` takes on a host with ``gpus`` of them: its local rank; ``None`` alone or
+    on a host with one GPU or none (then every worker has the budget as it is)."""
+    if worker.world == 1 or gpus < 2:
+        return None
+    if worker.local_rank >= gpus:
+        raise UserError(f"worker {worker.rank} is local rank {worker.local_rank} but this host has {gpus} GPUs; start "
+                        f"at most {gpus} workers per host.")
+    return worker.local_rank
+
+
 def own_gpu_budget(spec: str | None, worker: Worker, gpus: int) -> str | None:
     """The budget of ``worker`` when its host has several GPUs: the budget names GPU 0 (the one each
     worker sees as its own) and the worker takes GPU ``local_rank``; otherwise ``spec`` as it is."""
-    if spec is None or worker.world == 1 or gpus < 2 or worker.local_rank == 0:
+    if spec is None or not own_gpu(worker, gpus):
         return spec
     parts = [p.strip() for p in spec.split(",")]
     keys = [p.partition("=")[0].strip() for p in parts]
     gpu_keys = [k for k in keys if re.fullmatch(r"\d+", k)]
     if gpu_keys != ["0"]:
         return spec  # a budget that names its GPUs itself is taken as it is
-    if worker.local_rank >= gpus:
-        raise UserError(f"worker {worker.rank} is local rank {worker.local_rank} but this host has {gpus} GPUs; start "
-                        f"at most {gpus} workers per host.")
     return ",".join(f"{worker.local_rank}={p.partition('=')[2]}" if k == "0" else p for k, p in zip(keys, parts))
 
 
