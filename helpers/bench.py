@@ -90,18 +90,23 @@ def _load_t5(strategy: str, config: dict, work: Path):
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
 
 
-def _plan(config: dict):
+def _plan(config: dict, model=None):
     """The stage's plan for the benchmarked call, as ``encode`` / ``diffuse`` would make it: the same
-    budget (``None``: the default, translated for a twin) and room for the call's activations."""
+    budget (``None``: the default, translated for a twin) and room for the call's activations. A
+    config carrying the parent's job (:mod:`helpers.job`) runs the plan the parent made, unplanned."""
+    if config.get("job"):
+        from helpers.job import job_from_dict
+
+        return job_from_dict(config["job"]).plan
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan
     from helpers.encode import text_encoding_plan
 
     knobs = dict(weights=config.get("weights"), compute=config.get("compute") or "auto")
+    model = model or config["model"]
     if config.get("stage") == "text_encoding":
-        return text_encoding_plan(config["model"], config["max_memory"], workload=Workload(tokens=config["tokens"]),
-                                  **knobs)
-    return diffusion_plan(config["model"], config["max_memory"],
+        return text_encoding_plan(model, config["max_memory"], workload=Workload(tokens=config["tokens"]), **knobs)
+    return diffusion_plan(model, config["max_memory"],
                           workload=Workload(config["height"], config["width"], 1, config["tokens"]),
                           transformer_file=config.get("transformer_file"), **knobs)
 
@@ -145,8 +150,9 @@ DIFFUSERS_GGUF_DISK = ("diffusers' group offloading to disk saves each group wit
 
 
 def _without_file(config: dict) -> dict:
-    """The config of a run on the model's own weights (the method, the float32 reference, the bf16 image)."""
-    return {k: v for k, v in config.items() if k != "transformer_file"}
+    """The config of a run on the model's own weights (the method, the float32 reference, the bf16 image):
+    not the parent's job either, whose plan is of the file and the parent's precision."""
+    return {k: v for k, v in config.items() if k not in ("transformer_file", "job")}
 
 
 def _precision(config: dict):
@@ -730,9 +736,9 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
 
     from helpers.budget import default_budget, parse_budget
     from helpers.diffuse import check_settings
-    from helpers.footprint import TWIN_REFERENCE, activation_bytes, component_configs
+    from helpers.footprint import TWIN_REFERENCE, activation_bytes
     from helpers.images import psnr
-    from helpers.models import model_path, resolve_model
+    from helpers.models import resolve_model
 
     ref = resolve_model(model)
     if stage not in STAGES:
@@ -766,7 +772,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if stage != "diffusion":
             raise UserError("--transformer is the diffusion transformer's file; benchmark it with --stage diffusion.")
         config["transformer_file"] = str(Path(transformer_file).expanduser().resolve())
-    plan = _plan(config)  # checks the budget, the size, the precision and the file, before anything runs
+    plan = _plan(config, ref)  # checks the budget, the size, the precision and the file, before anything runs
+    from helpers.job import Job
+
+    job = Job(stage, ref, plan)  # every strategy's child runs this plan, as made here
     precision = plan.precision
     file_format = precision.file.label if precision.file is not None else None
     config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
@@ -791,15 +800,15 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if stage == "diffusion" and not method and "accelerate" in strategies:
             strategies.insert(strategies.index("accelerate") + 1, METHOD)
     needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
-    folder = model_path(model, components=needs)
+    folder = ref.folder(components=needs)
     # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
     # the report: a model whose forward the meta device cannot run still benchmarks
     try:
-        activations = activation_bytes(component, component_configs(name)[1][component], precision.compute_dtype,
+        activations = activation_bytes(component, ref.configs[component], precision.compute_dtype,
                                        height=height, width=width, tokens=tokens)
     except Exception:  # noqa: BLE001
         activations = None
-    config.update(folder=str(folder), cache=cache, gpu=gpu)
+    config.update(folder=str(folder), cache=cache, gpu=gpu, job=job.as_dict())
     runs: dict[str, list[dict]] = {s: [] for s in strategies}
     errors: dict[str, str] = {}
     if precision.file is not None and precision.file.scaled:  # not run: said in the results, with why

@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_model(args: argparse.Namespace) -> int:
     from helpers.budget import format_bytes
     from helpers.files import folder_size
-    from helpers.models import TWINS, model_path, resolve_model, twin_folder, twin_is_built
+    from helpers.models import TWINS, resolve_model, twin_folder, twin_is_built
 
     ref = resolve_model(args.name)
     if args.components and ref.kind != "hub":
@@ -63,7 +63,7 @@ def _cmd_model(args: argparse.Namespace) -> int:
     if fresh:
         weights = "trained on the shapes world" if TWINS[ref.name].trained else "random weights"
         print(f"building the {ref.name} twin ({weights}, FLUX.1 layout)...", file=sys.stderr)
-    path = model_path(args.name, components=args.components or None, download=args.download, rebuild=args.rebuild)
+    path = ref.folder(components=args.components or None, download=args.download, rebuild=args.rebuild)
     if fresh:
         took = time.perf_counter() - start
         print(f"built in {took:.1f} s, {format_bytes(folder_size(path))} on disk", file=sys.stderr)
@@ -81,7 +81,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
-    from helpers.footprint import TWIN_REFERENCE, component_configs, footprint, plan_stages, report
+    from helpers.footprint import TWIN_REFERENCE, footprint, plan_stages, report
     from helpers.models import resolve_model
     from helpers.precision import resolve
     from helpers.report import Table
@@ -95,10 +95,11 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     workload = Workload(args.height, args.width, args.batch, length)
     like_name = args.like or (TWIN_REFERENCE if ref.kind == "twin" and args.max_memory is None
                               and not args.transformer else None)
-    if like_name:
-        component_configs(like_name)  # a bad --like fails here, before any skeleton is built
-    fp = footprint(args.model)
-    like = footprint(like_name) if like_name else None
+    like_ref = resolve_model(like_name) if like_name else None
+    if like_ref is not None:
+        like_ref.configs  # a bad --like fails here, before any skeleton is built
+    fp = footprint(ref)
+    like = footprint(like_ref) if like_ref is not None else None
     fast = parse_budget(spec, model_bytes=2**40).fast
     precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast),
                   "diffusion": resolve("diffusion", args.weights, args.compute, fast)}
@@ -144,12 +145,15 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     from helpers.encode import encode_prompts
     from helpers.report import Table
 
+    job = _read_job(args, "text_encoding")
     result = encode_prompts(
         args.model, args.prompt, args.out, max_memory=args.max_memory,
         max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
         create_folder=in_outputs(Path(args.out).parent),
-        offload=args.offload, weights=args.weights, compute=args.compute,
+        offload=args.offload, weights=args.weights, compute=args.compute, job=job, check_only=bool(args.save_job),
     )
+    if args.save_job:
+        return _save_job(result, args)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for difference in result.differences:
@@ -164,6 +168,27 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_job(args: argparse.Namespace, stage: str):
+    """The job of ``--job FILE`` (refused beside --save-job), or None."""
+    from helpers.job import load_job
+
+    if getattr(args, "job", None) and getattr(args, "save_job", None):
+        raise UserError("--job runs a saved plan and --save-job saves a new one: give one of them.")
+    return load_job(args.job, stage) if getattr(args, "job", None) else None
+
+
+def _save_job(job, args: argparse.Namespace) -> int:
+    """``--save-job FILE``: the stage checked and planned, its job written; nothing loaded."""
+    from helpers.budget import format_bytes
+
+    path = job.save(args.save_job, overwrite=args.overwrite)
+    tiers = ", ".join(f"{t} {format_bytes(b)}" for t, b in job.plan.tier_bytes().items())
+    print(f"{job.stage.replace('_', ' ')} of {job.model.label}: {job.precision.describe()}, weights {tiers}; "
+          f"run it with --job {path}", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def _write_report(path: str | None, measurement, **extra) -> None:
     """For `generate`: the child stage's measurement, as JSON."""
     if path:
@@ -172,25 +197,30 @@ def _write_report(path: str | None, measurement, **extra) -> None:
         Path(path).write_text(json.dumps({**measurement.as_dict(), **extra}))
 
 
-def _diffuse_argv(args: argparse.Namespace, embeddings, out) -> list[str]:
+def _diffuse_argv(args: argparse.Namespace, embeddings, out, job: Path | None = None) -> list[str]:
     """``diffuse``'s arguments for the images of ``args`` (a ``diffuse`` or ``generate`` command),
-    as ``--opt=value`` throughout (a prompt or path may start with "-"); ``--workers`` left out."""
-    argv = [*([f"--model={args.model}"] if args.model else []), f"--embeddings={embeddings}", f"--out={out}",
-            f"--seed={args.seed}", f"--height={args.height}", f"--width={args.width}",
-            f"--batch-size={args.batch_size}", f"--offload={args.offload}", f"--compute={args.compute}"]
-    argv += [f"--max-memory={args.max_memory}"] if args.max_memory else []
+    as ``--opt=value`` throughout (a prompt or path may start with "-"); ``--workers`` left out.
+    ``job``: the saved job the child runs, in place of the model, budget, precision and offload."""
+    argv = [f"--embeddings={embeddings}", f"--out={out}", f"--seed={args.seed}", f"--height={args.height}",
+            f"--width={args.width}", f"--batch-size={args.batch_size}"]
+    if job is not None:
+        argv += [f"--job={job}"]
+    else:
+        argv += [*([f"--model={args.model}"] if args.model else []), f"--offload={args.offload}",
+                 f"--compute={args.compute}"]
+        argv += [f"--max-memory={args.max_memory}"] if args.max_memory else []
+        argv += [f"--weights={args.weights}"] if args.weights else []
+        argv += [f"--transformer={args.transformer}"] if args.transformer else []
     argv += ["--overwrite"] if args.overwrite else []
     argv += ["--resume"] if getattr(args, "resume", False) else []
-    argv += [f"--weights={args.weights}"] if args.weights else []
-    argv += [f"--transformer={args.transformer}"] if args.transformer else []
     argv += [f"--threads={args.threads}"] if args.threads else []
     argv += [f"--steps={args.steps}"] if args.steps is not None else []
     argv += [f"--guidance={args.guidance!r}"] if args.guidance is not None else []
     return argv
 
 
-def _diffuse_kwargs(args: argparse.Namespace) -> dict:
-    return dict(model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance, height=args.height,
+def _diffuse_kwargs(args: argparse.Namespace, job=None) -> dict:
+    return dict(job=job, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance, height=args.height,
                 width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
                 create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
                 compute=args.compute, transformer_file=args.transformer, batch_size=args.batch_size,
@@ -201,17 +231,23 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     from helpers.budget import format_bytes
     from helpers.diffuse import diffuse_file
     from helpers.report import Table
-    from helpers.workers import check_threads, check_workers, own_gpu_budget, this_worker
+    from helpers.workers import check_threads, check_workers, own_gpu, own_gpu_budget, this_worker
 
+    job = _read_job(args, "diffusion")
+    if args.save_job:
+        return _save_job(diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args, job))[1], args)
     if check_workers(args.workers) > 1:
-        return _diffuse_on_workers(args)
+        return _diffuse_on_workers(args, job)
     worker = this_worker()  # under torchrun: this process's share of the prompts
-    kwargs = _diffuse_kwargs(args)
+    kwargs = _diffuse_kwargs(args, job)
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(check_threads(args.threads))
-    if worker.world > 1:
+    gpu = own_gpu(worker, torch.cuda.device_count())
+    if job is not None:  # the planner's job: on this worker's own card where the host has several
+        kwargs["job"] = job.on_gpu(gpu) if gpu else job
+    elif worker.world > 1:
         kwargs["max_memory"] = own_gpu_budget(args.max_memory, worker, torch.cuda.device_count())
     result = diffuse_file(args.embeddings, args.out, worker=worker, **kwargs)
     who = f"{worker.describe()}: " if worker.world > 1 else ""
@@ -240,27 +276,32 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diffuse_on_workers(args: argparse.Namespace) -> int:
-    """``diffuse --workers N``: every check here, then torchrun runs N workers on this host, each
-    making its share; the prompts whose images are missing after (a worker that died) are named."""
+def _diffuse_on_workers(args: argparse.Namespace, job=None) -> int:
+    """``diffuse --workers N``: every check and the plan here, then torchrun runs N workers on this
+    host, each making its share with that plan (a job file: none of them plans again); the prompts
+    whose images are missing after (a worker that died) are named."""
     import json
+    import tempfile
 
     from helpers.diffuse import diffuse_file, output_paths
     from helpers.embeddings import read_header
     from helpers.workers import check_threads, run_workers
 
     start = time.perf_counter()
-    todo = diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args))
+    todo, job = diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args, job))
     header = read_header(args.embeddings)
     paths = output_paths(args.out, header.batch)
     if not todo:
         print("nothing to make: every image of this file is there already", file=sys.stderr)
         return 0
     threads = check_threads(args.threads) if args.threads else max(1, (os.cpu_count() or 1) // args.workers)
-    argv = ["diffuse", *_diffuse_argv(args, args.embeddings, args.out)] + ([] if args.threads else [f"--threads={threads}"])
-    argv += [f"--report={args.report}"] if args.report else []
     print(f"{len(todo)} images on {args.workers} workers of {threads} CPU threads each (torchrun)", file=sys.stderr)
-    code = run_workers(args.workers, argv, threads)
+    with tempfile.TemporaryDirectory(prefix="diffuse-job-") as tmp:
+        plan = job.save(Path(tmp) / "job.json")
+        argv = ["diffuse", *_diffuse_argv(args, args.embeddings, args.out, job=plan)]
+        argv += [] if args.threads else [f"--threads={threads}"]
+        argv += [f"--report={args.report}"] if args.report else []
+        code = run_workers(args.workers, argv, threads)
     wanted = {Path(p).resolve() for p in todo}
     left = [i for i, p in enumerate(paths) if p.resolve() in wanted and not p.is_file()]
     if code in (130, -signal.SIGINT):
@@ -389,19 +430,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
             f"{embeddings} --out {out}; or pass --overwrite to encode again."
         )
-    # both plans with their activations: a batch or an image size too large is refused before stage 1
-    text_encoding_plan(args.model, args.max_memory, workload=Workload(batch=len(prompts), tokens=length),
-                       weights=args.weights)
-    diffusion_plan(args.model, args.max_memory,
-                   workload=Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
-                   weights=args.weights, compute=args.compute, transformer_file=args.transformer)
+    from helpers.job import Job
+    from helpers.offload import check_offload
     from helpers.workers import check_batch_size, check_workers
 
     check_batch_size(args.batch_size)
     check_workers(args.workers)
-    from helpers.models import COMPONENTS, model_path
+    check_offload(args.offload)
+    # both plans with their activations: a batch or an image size too large is refused before stage 1;
+    # each child runs its plan as made here (a job file), planning nothing again
+    jobs = {
+        "encode": Job("text_encoding", ref, text_encoding_plan(
+            ref, args.max_memory, workload=Workload(batch=len(prompts), tokens=length), weights=args.weights),
+            args.offload),
+        "diffuse": Job("diffusion", ref, diffusion_plan(
+            ref, args.max_memory, workload=Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
+            weights=args.weights, compute=args.compute, transformer_file=args.transformer), args.offload),
+    }
+    from helpers.models import COMPONENTS
 
-    model_path(args.model, components=list(COMPONENTS))  # the weights are there (or the twin is built)
+    ref.folder(components=list(COMPONENTS))  # the weights are there (or the twin is built)
 
     def stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -412,19 +460,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         finally:
             Path(report).unlink(missing_ok=True)
 
-    common = [f"--model={args.model}"] if args.model else []
-    budget = [f"--max-memory={args.max_memory}"] if args.max_memory else []
-    overwrite = ["--overwrite"] if args.overwrite else []
-    # --opt=value throughout: a prompt or path may start with "-"
-    offload = [f"--offload={args.offload}", *([f"--weights={args.weights}"] if args.weights else [])]
-    encode_argv = [*common, *[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
-                   f"--out={embeddings}", *budget, *overwrite, *offload]
-    diffuse_argv = [*_diffuse_argv(args, embeddings, out), f"--workers={args.workers}"]
-    print("stage 1: text encoding (its own process)", file=sys.stderr)
-    first = stage("encode", encode_argv, [embeddings])
-    print("stage 2: diffusion (its own process" + (f", {args.workers} workers)" if args.workers > 1 else ")"),
-          file=sys.stderr)
-    second = stage("diffuse", diffuse_argv, images)
+    with tempfile.TemporaryDirectory(prefix="generate-jobs-") as tmp:
+        saved = {name: job.save(Path(tmp) / f"{name}.json") for name, job in jobs.items()}
+        overwrite = ["--overwrite"] if args.overwrite else []
+        # --opt=value throughout: a prompt or path may start with "-"
+        encode_argv = [*[f"--prompt={p}" for p in prompts], f"--max-sequence-length={length}",
+                       f"--out={embeddings}", *overwrite, f"--job={saved['encode']}"]
+        diffuse_argv = [*_diffuse_argv(args, embeddings, out, job=saved["diffuse"]), f"--workers={args.workers}"]
+        print("stage 1: text encoding (its own process)", file=sys.stderr)
+        first = stage("encode", encode_argv, [embeddings])
+        print("stage 2: diffusion (its own process" + (f", {args.workers} workers)" if args.workers > 1 else ")"),
+              file=sys.stderr)
+        second = stage("diffuse", diffuse_argv, images)
     print("\nstage          wall time  peak RSS", file=sys.stderr)
     for name, r in (("text encoding", first), ("diffusion", second)):
         gpu = "".join(f", peak GPU {k} {format_bytes(v)}" for k, v in (r.get("peak_gpu_bytes") or {}).items())
@@ -533,6 +580,16 @@ def _precision_args(q: argparse.ArgumentParser, what: str) -> None:
                    "(found by a short timed probe), else fp32; the text encoders compute in fp32 unless asked")
 
 
+def _job_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--save-job", metavar="FILE",
+                   help="check everything and plan the stage, write the plan (model, budget, precision, offload: JSON) "
+                   "to FILE and stop, loading nothing; then --job FILE runs it, here or on other hosts")
+    q.add_argument("--job", metavar="FILE",
+                   help="run the stage exactly as planned in FILE (--save-job; generate and --workers hand their "
+                   "children one): no planning, and --model, --max-memory, --weights, --compute, --offload and "
+                   "--transformer come from it")
+
+
 def _transformer_arg(q: argparse.ArgumentParser) -> None:
     q.add_argument("--transformer", default=None, metavar="FILE",
                    help="the transformer's weights from one file, as the ComfyUI / Forge world holds them: a .gguf "
@@ -619,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help=argparse.SUPPRESS)
     _offload_arg(p)
     _precision_args(p, "CLIP and T5")
+    _job_args(p)
     p.set_defaults(func=_cmd_encode)
 
     def image_knobs(q: argparse.ArgumentParser) -> None:
@@ -659,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_knobs(p)
     p.add_argument("--resume", action="store_true",
                    help="keep the images of this file already made and make only the missing ones")
+    _job_args(p)
     p.add_argument("--report", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_diffuse)
 

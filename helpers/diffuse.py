@@ -99,7 +99,7 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
     return notes
 
 
-def diffusion_plan(model: str | None = None, max_memory=None, like: str | None = "auto",
+def diffusion_plan(model=None, max_memory=None, like: str | None = "auto",
                    workload: Workload | None = None, weights: str | None = None, compute: str = "auto",
                    transformer_file=None):
     """The transformer split and the VAE whole under the budget; nothing is loaded.
@@ -121,17 +121,17 @@ def diffusion_plan(model: str | None = None, max_memory=None, like: str | None =
                       transformer_file=transformer_file)
 
 
-def expected_inputs(model: str | None) -> dict:
-    """What an embeddings file must match for ``model``: text-encoder fingerprint, their weights'
-    identity where the model's folder is here (nothing is built or fetched for it), input widths."""
-    from helpers.embeddings import fingerprint, weights_identity
-    from helpers.footprint import component_configs
+def expected_inputs(model) -> dict:
+    """What an embeddings file must match for ``model`` (a name or a resolved
+    :class:`helpers.models.ModelRef`): text-encoder fingerprint, their weights' identity where the
+    model's folder is here (nothing is built or fetched for it), input widths."""
+    from helpers.embeddings import weights_identity
     from helpers.models import local_folder, resolve_model
 
     ref = resolve_model(model)
-    _, configs = component_configs(ref.name if ref.kind != "local" else str(ref.path))
+    configs = ref.configs
     return {
-        "expected_fingerprint": fingerprint(configs),
+        "expected_fingerprint": ref.fingerprint,
         "expected_weights": weights_identity(local_folder(ref)),
         "joint_attention_dim": configs["transformer"].get("joint_attention_dim"),
         "pooled_projection_dim": configs["transformer"].get("pooled_projection_dim"),
@@ -333,7 +333,8 @@ def diffuse_file(
     resume: bool = False,
     worker=None,
     check_only: bool = False,
-) -> DiffuseResult | list[Path]:
+    job=None,
+) -> DiffuseResult | tuple[list[Path], object]:
     """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
@@ -344,16 +345,24 @@ def diffuse_file(
     :func:`generate`); each image is saved as soon as it is made. ``worker``
     (:class:`helpers.workers.Worker`, default the only one): this process makes its share of the
     prompts alone. ``resume``: images already there are kept and only the missing ones are made.
-    ``check_only``: every check, then the images this call would write, without loading anything.
+    ``check_only``: every check and the plan, then ``(the images this call would write, its job)``
+    without loading anything; the job (:class:`helpers.job.Job`: model, plan, precision, offload) is
+    what a worker runs. ``job``: run that job as its planner decided, planning nothing here (the
+    budget, precision, file and offload are the job's; the image size and batch must be its).
     """
     from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
     from helpers.memory import measure
-    from helpers.models import model_path, resolve_model
+    from helpers.job import Job, check_job_alone
+    from helpers.models import resolve_model
     from helpers.offload import check_offload
     from helpers.workers import Worker, check_batch_size, prompt_seed, share
 
     worker = worker or Worker()
+    if job is not None:
+        check_job_alone(job, "diffusion", model, max_memory=max_memory, weights=weights, compute=compute,
+                        offload=offload, transformer_file=transformer_file)
+        model = job.model
     header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
     check_seed(seed)
     check_batch_size(batch_size)
@@ -365,13 +374,13 @@ def diffuse_file(
             ref = resolve_model(model)
         except UserError as err:
             raise UserError(f"{header.path} names model {model!r}, which is not usable here ({err}); pass --model.") from None
-    ref = resolve_model(model)
+    ref = resolve_model(model)  # once: the plan, the folder and the file's checks all ask this object
     usual = USUAL.get(ref.variant or "dev")
     steps = usual["steps"] if steps is None else steps
     guidance = usual["guidance"] if guidance is None else guidance
     check_settings(height, width, steps, guidance)  # sizes and guidance, before the file is read
     # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
-    tensors, header = load_embeddings(embeddings, **expected_inputs(model))
+    tensors, header = load_embeddings(embeddings, **expected_inputs(ref))
     notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length)
     paths = output_paths(out, header.batch)
     mine = share(header.batch, worker, batch_size)  # this worker's pipeline calls (prompt indices)
@@ -391,15 +400,20 @@ def diffuse_file(
     check_offload(offload)
     # room for the larger of a step's and the decode's activations at this size, per pipeline call
     workload = Workload(height, width, min(batch_size, header.batch), header.max_sequence_length)
-    plan = diffusion_plan(model, max_memory, workload=workload, weights=weights, compute=compute,
-                          transformer_file=transformer_file)
+    if job is None:
+        job = Job("diffusion", ref, diffusion_plan(ref, max_memory, workload=workload, weights=weights,
+                                                    compute=compute, transformer_file=transformer_file), offload)
+    else:
+        job.check_workload(workload)
+    plan, offload = job.plan, job.offload
+    transformer_file = job.transformer_file
     if check_only:
-        return [paths[i] for i in todo]
+        return [paths[i] for i in todo], job
     if not todo:  # all made already, or more workers than prompts: nothing is loaded
         return DiffuseResult(paths=[], images=[], plan=plan, applied={}, differences=[], notes=notes,
                              measurement=None, step_times=[], header=header, offload="none", warnings=plan.warnings)
     # a transformer file brings the weights: of the model's transformer only its config is needed
-    folder = model_path(model, components=["scheduler", "vae"] + ([] if transformer_file else ["transformer"]),
+    folder = ref.folder(components=["scheduler", "vae"] + ([] if transformer_file else ["transformer"]),
                         configs=["transformer"] if transformer_file else [])
     for i in todo:  # only now, when the run can go ahead
         paths[i].parent.mkdir(parents=True, exist_ok=True)

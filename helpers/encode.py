@@ -37,7 +37,7 @@ def embeddings_path(name: str) -> Path:
 # --------------------------------------------------------------------------- 1. plan
 
 
-def text_encoding_plan(model: str | None = None, max_memory=None, like: str | None = "auto", workload=None,
+def text_encoding_plan(model=None, max_memory=None, like: str | None = "auto", workload=None,
                        weights: str | None = None, compute: str = "auto"):
     """Place CLIP (whole) and T5 (split) under the budget; refuse a budget that is too small.
 
@@ -229,20 +229,29 @@ def encode_prompts(
     offload: str = "auto",
     weights: str | None = None,
     compute: str = "auto",
+    job=None,
+    check_only: bool = False,
 ) -> EncodeResult:
     """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load.
 
     ``offload``: see :func:`load_text_encoders` (``auto``: ``stream`` without a GPU tier, else
-    ``accelerate``). ``weights`` and ``compute``: see :func:`text_encoding_plan`.
+    ``accelerate``). ``weights`` and ``compute``: see :func:`text_encoding_plan`. ``job``
+    (:class:`helpers.job.Job`): run the plan its planner made, planning nothing here (the budget,
+    precision and offload are the job's; the prompts' count and length must be what it planned for).
+    ``check_only``: every check and the plan, then the job, without loading anything.
     """
     from helpers.activations import Workload
-    from helpers.embeddings import fingerprint, save_embeddings, weights_identity
-    from helpers.footprint import component_configs
+    from helpers.embeddings import save_embeddings, weights_identity
     from helpers.offload import check_offload
     from helpers.memory import measure
-    from helpers.models import model_path, resolve_model
+    from helpers.job import Job, check_job_alone
+    from helpers.models import resolve_model
 
-    ref = resolve_model(model)
+    if job is not None:
+        check_job_alone(job, "text_encoding", model, max_memory=max_memory, weights=weights, compute=compute,
+                        offload=offload)
+        model = job.model
+    ref = resolve_model(model)  # once: the plan, the folder and the file's fingerprint all ask this object
     prompts = check_prompts(prompts)
     if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
         max_sequence_length = 256 if ref.variant == "schnell" else 512
@@ -253,19 +262,24 @@ def encode_prompts(
     if not out.parent.exists():
         if not create_folder:
             raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
-        out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.parent.is_dir():
+    elif not out.parent.is_dir():
         raise UserError(f"{out.parent} is not a folder; choose another output path.")
-    if not os.access(out.parent, os.W_OK):
+    elif not os.access(out.parent, os.W_OK):
         raise UserError(f"cannot write to {out.parent}; choose a folder you can write to.")
     check_can_write(out, overwrite)
     check_offload(offload)
     # T5's activations for these prompts keep room on the fast tier; too many at once are refused here
-    plan = text_encoding_plan(model, max_memory, workload=Workload(batch=len(prompts), tokens=max_sequence_length),
-                              weights=weights, compute=compute)
-    folder = model_path(model, components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
-    name = model if ref.kind != "local" else str(ref.path)
-    _, configs = component_configs(name)
+    workload = Workload(batch=len(prompts), tokens=max_sequence_length)
+    if job is None:
+        job = Job("text_encoding", ref, text_encoding_plan(ref, max_memory, workload=workload, weights=weights,
+                                                           compute=compute), offload)
+    else:
+        job.check_workload(workload)
+    if check_only:
+        return job
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plan, offload = job.plan, job.offload
+    folder = ref.folder(components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
 
     with measure("text encoding") as m:
         encoders = load_text_encoders(folder, plan, offload=offload)
@@ -273,8 +287,8 @@ def encode_prompts(
             tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
             prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
             path = save_embeddings(
-                out, prompt_embeds, pooled, text_ids, model=str(ref.path) if ref.kind == "local" else ref.name,
-                fingerprint=fingerprint(configs), weights=weights_identity(folder),
+                out, prompt_embeds, pooled, text_ids, model=ref.label,
+                fingerprint=ref.fingerprint, weights=weights_identity(folder),
                 prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
             )
         finally:

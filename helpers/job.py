@@ -1,0 +1,247 @@
+"""A stage's work, described once: the model, the budget, the plan, the precision, the offload.
+
+The process that plans a stage (``generate``, ``diffuse --workers``, ``bench``, or ``--save-job``)
+writes its :class:`Job` as JSON; each process that runs it (``generate``'s children, every worker,
+every benchmarked strategy; ``--job FILE`` on the command line) reads it and loads exactly that plan,
+planning nothing again. What could differ between the two processes is checked when the job is read:
+the model's configs (its fingerprint), a transformer file's header, and the workload the plan kept
+room for, each refused with a message that says to plan again.
+
+The JSON (``"job": 1``)::
+
+    {"job": 1, "stage": "diffusion", "offload": "auto",
+     "model": {"name", "kind", "repo_id", "label", "fingerprint"},
+     "budget": "cpu=12GiB,disk=100GiB",          # the command-line form, exact
+     "precision": {"weights", "compute", "why", "transformer_file": PATH or null},
+     "workload": {"height", "width", "batch", "tokens"},
+     "plan": {... every placement: see plan_as_dict}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from helpers.activations import Workload
+from helpers.budget import Budget, Tier, _parse_tier
+from helpers.devicemap import ComponentPlan, Unit
+from helpers.errors import UserError
+from helpers.files import atomic_path
+from helpers.footprint import StagePlan
+from helpers.models import ModelRef, resolve_model
+from helpers.precision import Precision
+
+JOB_VERSION = 1
+STAGE_NAMES = ("text_encoding", "diffusion")
+
+
+# --------------------------------------------------------------------------- the plan as JSON
+
+
+def _tier(value) -> Tier:
+    return _parse_tier(value)
+
+
+def _budget_dict(budget: Budget) -> dict:
+    return {"tiers": [[t, b] for t, b in budget.tiers], "source": budget.source,
+            "shares": sorted(str(t) for t in budget.shares)}
+
+
+def _budget_from(d: dict) -> Budget:
+    return Budget(tuple((_tier(t), int(b)) for t, b in d["tiers"]), source=d.get("source", ""),
+                  shares=frozenset(_tier(t) for t in d.get("shares", ())))
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:  # a component held as a file stores it (GGUF blocks: no one dtype)
+        return None
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise UserError(f"a job names dtype {name!r}, which this torch does not have; plan the stage again.")
+    return value
+
+
+def _precision_dict(p: Precision) -> dict:
+    return {"weights": p.weights, "compute": p.compute, "why": p.why,
+            "transformer_file": str(p.file.path) if p.file is not None else None}
+
+
+def plan_as_dict(plan: StagePlan) -> dict:
+    """Every field of ``plan`` as JSON, so that :func:`plan_from_dict` makes an equal plan. (The
+    report's :meth:`StagePlan.as_dict` is a summary for people and tools; this is the plan itself.)"""
+    return {
+        "stage": plan.stage,
+        "precision": _precision_dict(plan.precision),
+        "budget": _budget_dict(plan.budget),
+        "components": [{"component": c.component,
+                        "dtype": None if c.dtype is None else str(c.dtype).replace("torch.", ""),
+                        "units": [[u.name, u.nbytes, u.tier] for u in c.units],
+                        "device_map": [[k, t] for k, t in c.device_map.items()]} for c in plan.components],
+        "fits": plan.fits, "overflow": plan.overflow, "advice": plan.advice,
+        "reserve": [[t, b] for t, b in plan.reserve.items()],
+        "activations": dict(plan.activations),
+        "workload": plan.workload.as_dict() if plan.workload is not None else None,
+        "warnings": list(plan.warnings),
+        "reference": plan_as_dict(plan.reference) if plan.reference is not None else None,
+    }
+
+
+def plan_from_dict(d: dict, precision: Precision) -> StagePlan:
+    """The plan :func:`plan_as_dict` wrote, in ``precision`` (whose transformer file is already open)."""
+    components = [ComponentPlan(c["component"], _dtype(c["dtype"]),
+                                [Unit(n, int(b), _tier(t)) for n, b, t in c["units"]],
+                                {k: _tier(t) for k, t in c["device_map"]}) for c in d["components"]]
+    ref = d.get("reference")
+    return StagePlan(
+        stage=d["stage"], precision=precision, budget=_budget_from(d["budget"]), components=components,
+        fits=bool(d["fits"]), overflow=int(d["overflow"]), advice=d["advice"],
+        reserve={_tier(t): int(b) for t, b in d["reserve"]}, activations={k: int(v) for k, v in d["activations"].items()},
+        workload=Workload(**d["workload"]) if d.get("workload") else None, warnings=list(d["warnings"]),
+        reference=plan_from_dict(ref, _precision_from(ref["precision"], None)) if ref else None,
+    )
+
+
+def _precision_from(d: dict, file) -> Precision:
+    return Precision(d["weights"], d["compute"], d.get("why", ""), file=file)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage's work as its planner decided it: run it with the loaders, or save it for a process
+    that will (:meth:`save`, :func:`load_job`)."""
+
+    stage: str
+    model: ModelRef
+    plan: StagePlan
+    offload: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_NAMES:
+            raise UserError(f"a job's stage is one of {', '.join(STAGE_NAMES)}, not {self.stage!r}.")
+        if self.plan.stage != self.stage:
+            raise UserError(f"a job for {self.stage} holds a plan for {self.plan.stage}.")
+
+    @property
+    def budget(self) -> Budget:
+        return self.plan.budget
+
+    @property
+    def precision(self) -> Precision:
+        return self.plan.precision
+
+    @property
+    def workload(self) -> Workload | None:
+        return self.plan.workload
+
+    @property
+    def transformer_file(self) -> Path | None:
+        return self.precision.file.path if self.precision.file is not None else None
+
+    def as_dict(self) -> dict:
+        return {"job": JOB_VERSION, "stage": self.stage, "offload": self.offload, "model": self.model.as_dict(),
+                "budget": str(self.budget), "precision": _precision_dict(self.precision),
+                "workload": self.workload.as_dict() if self.workload is not None else None,
+                "plan": plan_as_dict(self.plan)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=1)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the job to ``path`` (JSON, atomically: a reader never sees half of it); an existing
+        file is replaced only with ``overwrite``."""
+        path = Path(path)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            Path(tmp).write_text(self.to_json())
+        return path
+
+    def check_workload(self, workload: Workload) -> None:
+        """Refuse to run a job planned for other activations (another size, batch or prompt length)."""
+        if self.workload is not None and self.workload != workload:
+            raise UserError(
+                f"the job was planned for {self.workload.describe(self.stage)} ({self.workload.as_dict()}), and this "
+                f"run computes {workload.describe(self.stage)} ({workload.as_dict()}): plan the stage again for it.")
+
+    def on_gpu(self, gpu: int) -> "Job":
+        """The job with its one GPU tier, GPU 0, moved to GPU ``gpu`` (a worker's own card on a host
+        with several: the same plan, on another card of the same size). A plan naming several GPUs,
+        or none, is kept as it is."""
+        gpus = [t for t in self.budget.names if isinstance(t, int)]
+        if gpus != [0] or gpu == 0:
+            return self
+        return replace(self, plan=_moved(self.plan, gpu))
+
+
+def _moved(plan: StagePlan, gpu: int) -> StagePlan:
+    def m(t):
+        return gpu if t == 0 and isinstance(t, int) else t
+
+    budget = Budget(tuple((m(t), b) for t, b in plan.budget.tiers), source=plan.budget.source,
+                    shares=frozenset(m(t) for t in plan.budget.shares))
+    components = [ComponentPlan(c.component, c.dtype, [Unit(u.name, u.nbytes, m(u.tier)) for u in c.units],
+                                {k: m(t) for k, t in c.device_map.items()}) for c in plan.components]
+    return replace(plan, budget=budget, components=components, reserve={m(t): b for t, b in plan.reserve.items()},
+                   reference=None)
+
+
+def job_from_dict(d: dict) -> Job:
+    """The job :meth:`Job.as_dict` wrote, checked against what is here now: the model (its configs'
+    fingerprint) and a transformer file (its header, against the model)."""
+    if not isinstance(d, dict) or d.get("job") != JOB_VERSION:
+        raise UserError(f"not a job this version reads (want \"job\": {JOB_VERSION}); plan the stage again.")
+    try:
+        saved = d["model"]
+        model = resolve_model(saved["label"])
+        if model.kind != saved["kind"] or model.fingerprint != saved["fingerprint"]:
+            raise UserError(f"the model {saved['label']} is not the one the job was planned for (fingerprint "
+                            f"{model.fingerprint}, planned {saved['fingerprint']}); plan the stage again.")
+        p = d["precision"]
+        file = None
+        if p.get("transformer_file"):
+            from helpers.transformer_file import open_transformer_file
+
+            file = open_transformer_file(p["transformer_file"], model.configs["transformer"])
+        plan = plan_from_dict(d["plan"], _precision_from(p, file))
+        return Job(d["stage"], model, plan, d.get("offload", "auto"))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"a job file is incomplete or malformed ({type(err).__name__}: {err}); plan the stage "
+                        "again.") from None
+
+
+def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
+    """Read a job file (see :meth:`Job.save`); ``stage``: the stage that is about to run it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no job file {path}; write one with --save-job (or let generate / --workers do it).") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path} is not a job file ({type(err).__name__}); write one with --save-job.") from None
+    job = job_from_dict(data)
+    if stage is not None and job.stage != stage:
+        raise UserError(f"{path} is a job for {job.stage.replace('_', ' ')}, not {stage.replace('_', ' ')}.")
+    return job
+
+
+def check_job_alone(job: Job, stage: str, model=None, *, max_memory=None, weights=None, compute: str = "auto",
+                    offload: str = "auto", transformer_file=None) -> None:
+    """Refuse knobs given beside a job (it fixes them: a run would otherwise not be the one planned)
+    and a job for another stage or model."""
+    if not isinstance(job, Job):
+        raise UserError(f"job must be a helpers.job.Job (load one with load_job), not {type(job).__name__}.")
+    if job.stage != stage:
+        raise UserError(f"the job is for {job.stage.replace('_', ' ')}, not {stage.replace('_', ' ')}.")
+    given = [flag for flag, value, default in (("--max-memory", max_memory, None), ("--weights", weights, None),
+                                               ("--compute", compute, "auto"), ("--offload", offload, "auto"),
+                                               ("--transformer", transformer_file, None)) if value != default]
+    if given:
+        raise UserError(f"a job fixes the budget, the precision, the transformer file and the offload; leave out "
+                        f"{', '.join(given)}, or plan again without --job.")
+    if model is not None and resolve_model(model).label != job.model.label:
+        raise UserError(f"the job is for model {job.model.label}, not {resolve_model(model).label}.")

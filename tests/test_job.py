@@ -1,0 +1,185 @@
+"""A model resolved once, and a stage's work described once: the job's JSON round trip and its checks."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import helpers.models as models
+from helpers.activations import Workload
+from helpers.diffuse import diffuse_file, diffusion_plan
+from helpers.encode import encode_prompts, text_encoding_plan
+from helpers.errors import UserError
+from helpers.footprint import plan_stage
+from helpers.job import Job, job_from_dict, load_job
+from helpers.models import resolve_model
+
+SMALL = Workload(64, 64, 2, 32)
+
+
+def _again(job: Job) -> Job:
+    return job_from_dict(json.loads(job.to_json()))
+
+
+def test_a_model_is_resolved_once_and_handed_down(tiny_folder):
+    ref = resolve_model(str(tiny_folder))
+    assert resolve_model(ref) is ref
+    assert ref.label == str(tiny_folder.resolve()) and ref.variant == "dev"
+    first = ref.configs
+    first["transformer"]["num_layers"] = -1  # a caller's copy: the object's configs are not changed
+    assert ref.configs["transformer"]["num_layers"] != -1
+    assert resolve_model(ref.label).fingerprint == ref.fingerprint
+
+
+def test_stage_plans_round_trip_through_json(tiny_folder):
+    ref = resolve_model("tiny")
+    text = Job("text_encoding", ref, text_encoding_plan(ref, workload=Workload(batch=2, tokens=32)), "stream")
+    diffusion = Job("diffusion", ref, diffusion_plan(ref, "cpu=50%,disk=100%", workload=SMALL))
+    translated = Job("diffusion", ref, diffusion_plan(ref, workload=SMALL))  # the default budget, scaled like flux-dev
+    assert translated.plan.reference is not None
+    for job in (text, diffusion, translated):
+        back = _again(job)
+        assert back.plan == job.plan and back.offload == job.offload and back.model == job.model
+        assert back.plan.budget.shares == job.plan.budget.shares
+        assert back.as_dict() == job.as_dict()
+    data = diffusion.as_dict()
+    assert data["job"] == 1 and data["stage"] == "diffusion" and data["budget"] == str(diffusion.plan.budget)
+    assert data["model"]["label"] == "tiny" and data["workload"] == SMALL.as_dict()
+    assert set(data["precision"]) == {"weights", "compute", "why", "transformer_file"}
+
+
+def test_a_gpu_plan_round_trips_and_moves_to_a_workers_own_card():
+    ref = resolve_model("flux-dev")
+    one = Job("diffusion", ref, plan_stage("diffusion", ref, "0=11GiB,cpu=30GiB", runnable=False,
+                                           workload=Workload(1024, 1024, 1, 512)))
+    assert _again(one).plan == one.plan
+    moved = one.on_gpu(1)
+    assert moved.budget.names == [1, "cpu"] and moved.plan.reserve.keys() == {1}
+    assert {u.tier for c in moved.plan.components for u in c.units} <= {1, "cpu"}
+    assert [u.nbytes for c in moved.plan.components for u in c.units] == \
+        [u.nbytes for c in one.plan.components for u in c.units]
+    assert _again(moved).plan == moved.plan
+    two = Job("diffusion", ref, plan_stage("diffusion", ref, "0=11GiB,1=11GiB,cpu=30GiB", runnable=False,
+                                           workload=Workload(1024, 1024, 1, 512)))
+    assert two.on_gpu(1) is two  # a plan over two cards is every worker's as it is
+    assert _again(two).plan == two.plan
+
+
+def test_a_transformer_file_travels_by_path_and_is_checked_again(tiny_folder, tmp_path):
+    from helpers.transformer_file import write_transformer_file
+
+    path = write_transformer_file(tiny_folder, "q8_0", tmp_path / "t.gguf", progress=False)
+    ref = resolve_model(str(tiny_folder))
+    job = Job("diffusion", ref, diffusion_plan(ref, "cpu=50%,disk=100%", workload=SMALL, transformer_file=path))
+    back = _again(job)
+    assert back.plan == job.plan and back.transformer_file == path.resolve()
+    assert back.precision.file.index.keys() == job.precision.file.index.keys()
+    path.write_bytes(b"GGUF but not one")  # the file changed after planning
+    with pytest.raises(UserError):
+        _again(job)
+
+
+def test_a_job_is_refused_for_another_model_or_a_broken_file(tiny_folder, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    ref = resolve_model(str(folder))
+    job = Job("text_encoding", ref, plan_stage("text_encoding", ref, "cpu=50%,disk=100%", runnable=False,
+                                               workload=Workload(batch=1, tokens=32)))
+    config = folder / "text_encoder_2" / "config.json"
+    changed = json.loads(config.read_text())
+    changed["d_model"] += 8
+    config.write_text(json.dumps(changed))
+    with pytest.raises(UserError, match="not the one the job was planned for"):
+        _again(job)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"job": 1, "stage": "diffusion"}')
+    with pytest.raises(UserError, match="malformed"):
+        load_job(bad)
+    bad.write_text("{")
+    with pytest.raises(UserError, match="not a job file"):
+        load_job(bad)
+    with pytest.raises(UserError, match="no job file"):
+        load_job(tmp_path / "none.json")
+
+
+def test_a_stage_resolves_its_model_and_reads_its_configs_once(tiny_folder, tmp_path, monkeypatch):
+    label = str(tiny_folder.resolve())
+    reads = []
+    real = models._read_configs
+
+    def counted(ref):
+        if ref.label == label:
+            reads.append(ref.name)
+        return real(ref)
+
+    monkeypatch.setattr(models, "_read_configs", counted)
+    emb = tmp_path / "two.safetensors"
+    encode_prompts(str(tiny_folder), ["a red circle", "a blue square"], emb, max_memory="cpu=50%,disk=100%",
+                   max_sequence_length=32)
+    assert len(reads) == 1
+    reads.clear()
+    result = diffuse_file(emb, tmp_path / "img.png", height=64, width=64, steps=2, max_memory="cpu=50%,disk=100%",
+                          progress=False)
+    assert len(result.paths) == 2 and len(reads) == 1
+
+
+def test_a_bench_child_runs_the_parents_plan_without_planning(monkeypatch):
+    import helpers.footprint
+    from helpers.bench import _plan
+
+    ref = resolve_model("tiny")
+    job = Job("diffusion", ref, diffusion_plan(ref, "cpu=50%,disk=100%", workload=Workload(64, 64, 1, 64)))
+    config = {"model": "tiny", "max_memory": None, "stage": "diffusion", "height": 64, "width": 64, "tokens": 64,
+              "job": json.loads(job.to_json())}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a child planned again")
+
+    monkeypatch.setattr(helpers.footprint, "plan_stage", refuse)
+    assert _plan(config) == job.plan
+    with pytest.raises(AssertionError, match="planned again"):
+        _plan({k: v for k, v in config.items() if k != "job"})
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_folder, tmp_path):
+    emb = tmp_path / "e.safetensors"
+    done = _cli("encode", f"--model={tiny_folder}", "--prompt=a green circle", "--max-sequence-length=32",
+                f"--out={emb}", "--max-memory=cpu=50%,disk=100%")
+    assert done.returncode == 0, done.stderr
+    size = ["--height=64", "--width=64", "--steps=2"]
+    plain = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'plain.png'}", *size,
+                 "--max-memory=cpu=50%,disk=100%", "--offload=accelerate")
+    assert plain.returncode == 0, plain.stderr
+    job = tmp_path / "job.json"
+    saved = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'job.png'}", *size,
+                 "--max-memory=cpu=50%,disk=100%", "--offload=accelerate", f"--save-job={job}")
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout.strip() == str(job) and not (tmp_path / "job.png").exists()
+    data = json.loads(job.read_text())
+    assert data["offload"] == "accelerate" and data["model"]["label"] == str(tiny_folder.resolve())
+    again = _cli("diffuse", f"--embeddings={emb}", f"--save-job={job}", f"--out={tmp_path / 'job.png'}", *size)
+    assert again.returncode == 2 and "already exists" in again.stderr  # a saved job is not replaced silently
+    ran = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'job.png'}", *size, f"--job={job}")
+    assert ran.returncode == 0, ran.stderr
+    # the job's budget as planned (without --job and without --max-memory, the default would be planned)
+    from helpers.budget import Budget
+
+    planned = Budget(tuple((t, b) for t, b in data["plan"]["budget"]["tiers"]))
+    assert "offload accelerate" in ran.stderr and f"budget {planned.describe()}" in ran.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "job.png")), np.asarray(Image.open(tmp_path / "plain.png")))
+    for extra, said in ((["--height=128", "--width=128"], "planned for"), (["--max-memory=cpu=1GiB"], "leave out"),
+                        (["--offload=stream"], "leave out"), ([f"--save-job={tmp_path / 'x.json'}"], "give one")):
+        refused = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'no.png'}", *size, *extra,
+                       f"--job={job}")
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    wrong = _cli("encode", "--prompt=x", f"--out={tmp_path / 'x.safetensors'}", f"--job={job}")
+    assert wrong.returncode == 2 and "a job for diffusion, not text encoding" in wrong.stderr
