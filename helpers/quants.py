@@ -265,3 +265,50 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6))
     return np.concatenate([ql.reshape(n, 128), qh.reshape(n, 64), sc.view(np.uint8),
                            d.reshape(n, 1).view(np.uint8)], axis=1).reshape(*x.shape[:-1], -1)
+
+
+# --------------------------------------------------------------------------- writing Q8_0 and Q4_0 fast
+
+
+def _half_away(v: torch.Tensor) -> torch.Tensor:
+    """Round half away from zero, as ggml's ``roundf`` (torch.round goes half to even)."""
+    a = v.abs()
+    whole = a.floor()
+    return (whole + (2 * (a - whole)).floor()) * v.sign()
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    qs = _half_away(blocks * inv).to(torch.int8).view(torch.uint8)
+    return torch.cat([d.to(torch.float16).view(torch.uint8), qs], dim=1)
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    biggest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # signed: the first largest magnitude
+    d = biggest / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = (blocks * inv + 8.5).trunc().clamp(0, 15).to(torch.uint8).view(-1, 2, 16)
+    return torch.cat([d.to(torch.float16).view(torch.uint8), q[:, 0] | (q[:, 1] << 4)], dim=1)
+
+
+_QUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0}
+#: rows of blocks quantized at a time: bounds the float32 temporaries (~40 MiB each)
+_CHUNK_BLOCKS = 2**18
+
+
+def quantize(values: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``values`` (rows of whole 32-value blocks, any float dtype, any device) as ``qtype`` bytes
+    (``Q8_0`` or ``Q4_0``): uint8 rows on the same device, the bytes ``gguf.quants.quantize`` writes
+    (the same float32 steps, ggml's rounding), with torch's threads (or the GPU) instead of numpy's one."""
+    if qtype not in _QUANTIZE:
+        raise UserError(f"{qtype} is written by gguf's own quantizer here; this one writes {', '.join(_QUANTIZE)}.")
+    t = TYPES[qtype]
+    shape = values.shape
+    t.row_bytes(shape[-1])  # whole blocks, or a UserError
+    blocks = values.reshape(-1, t.block)
+    out = torch.empty(blocks.shape[0], t.nbytes, dtype=torch.uint8, device=values.device)
+    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        part = blocks[start:start + _CHUNK_BLOCKS].to(torch.float32)
+        out[start:start + _CHUNK_BLOCKS] = _QUANTIZE[qtype](part)
+    return out.reshape(*shape[:-1], shape[-1] // t.block * t.nbytes)

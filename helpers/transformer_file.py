@@ -59,15 +59,20 @@ def _gguf_tensor(name: str, t: torch.Tensor, qtype: str):
     """(array, gguf type) of one tensor: quantized where its rows are whole blocks of ``qtype``."""
     import gguf
 
-    from helpers.quants import TYPES, quantize_q6_k
+    from helpers.quants import TYPES, quantize, quantize_q6_k
 
-    x = t.float().numpy()
     block = TYPES[qtype].block
     if t.dim() == 2 and qtype != "BF16" and t.shape[1] % block == 0:
+        kind = gguf.GGMLQuantizationType[qtype]
+        # the same bytes as gguf's quantizer, on a GPU or on many cores (gguf's numpy runs on one:
+        # 55 M values/s for Q8_0, 4 minutes for FLUX.1's transformer; on 2 cores it is as fast as torch)
+        if qtype in ("Q8_0", "Q4_0") and (torch.cuda.is_available() or torch.get_num_threads() >= 4):
+            return quantize(t.cuda() if torch.cuda.is_available() else t, qtype).cpu().numpy(), kind
+        x = t.float().numpy()
         if qtype == "Q6_K":
             return quantize_q6_k(x), gguf.GGMLQuantizationType.Q6_K
-        kind = gguf.GGMLQuantizationType[qtype]
         return gguf.quants.quantize(x, kind), kind
+    x = t.float().numpy()
     if t.dim() >= 2:
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8), gguf.GGMLQuantizationType.BF16
     return x, None  # F32

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers.errors import UserError
-from helpers.quants import TYPES, dequantize, quant_type, quantize_q6_k
+from helpers.quants import TYPES, dequantize, quant_type, quantize, quantize_q6_k
 from helpers.sources import read_weights_file
 
 gguf = pytest.importorskip("gguf")
@@ -39,6 +39,29 @@ def test_every_block_type_decodes_to_the_reference_values(name):
     out = torch.full((rows, cols), float("nan"))  # decoded straight into it (Q8_0, Q4_0) or copied: the same bits
     assert dequantize(torch.from_numpy(raw.copy()), t, (rows, cols), out=out) is out
     assert np.array_equal(out.numpy(), expected)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+def test_torch_writes_the_bytes_gguf_writes(name, monkeypatch):
+    """Q8_0 and Q4_0 written with torch's ops: gguf's quantizer's bytes exactly, ties, zero blocks,
+    a negative largest value, halves and bf16 input included; chunked the same as whole."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 256, generator=g) * torch.rand(64, 1, generator=g) * 4
+    x[0, :32] = 0  # a zero block
+    x[1, :32] = 1.0  # every value the largest: the first one is the block's
+    x[2, 7] = -x[2, :32].abs().max() - 1  # the largest magnitude negative
+    x[3, :32] = torch.arange(32) / 2 - 8  # values on the halves: ggml rounds them away from zero
+    x[4, :32] = torch.arange(32) * 127 / 31  # whole steps of a Q8_0 factor
+    for values in (x, x.to(torch.bfloat16)):
+        want = gguf_quantize(values.float().numpy(), gguf.GGMLQuantizationType[name])
+        got = quantize(values, name)
+        assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), want)
+    monkeypatch.setattr("helpers.quants._CHUNK_BLOCKS", 7)  # chunks that end mid-row
+    assert np.array_equal(quantize(x, name).numpy(), gguf_quantize(x.numpy(), gguf.GGMLQuantizationType[name]))
+    with pytest.raises(UserError, match="whole"):
+        quantize(torch.zeros(2, 40), name)
+    with pytest.raises(UserError, match="gguf's own quantizer"):
+        quantize(x, "Q5_0")
 
 
 def test_plain_types_and_wrong_sizes():

@@ -120,6 +120,18 @@ def test_files_that_do_not_fit_the_model_are_refused_before_any_weight(files, tw
     assert read == []
 
 
+def test_a_file_written_on_many_cores_is_the_same_file(files, tiny_folder, tmp_path):
+    """Q8_0 and Q4_0 quantized with torch (a GPU, or 4 threads or more) write the bytes gguf's writer does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for fmt in ("q8_0", "q4_0"):
+            path = write_transformer_file(tiny_folder, fmt, tmp_path / f"many-{fmt}.gguf", progress=False)
+            assert path.read_bytes() == files[(fmt, "gguf")].read_bytes()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_writing_never_replaces_a_file(files, tiny_folder, tmp_path):
     path = files["q4_0", "gguf"]
     before = path.stat().st_mtime_ns
