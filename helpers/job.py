@@ -127,6 +127,9 @@ class Job:
             raise UserError(f"a job's stage is one of {', '.join(STAGE_NAMES)}, not {self.stage!r}.")
         if self.plan.stage != self.stage:
             raise UserError(f"a job for {self.stage} holds a plan for {self.plan.stage}.")
+        from helpers.offload import check_offload
+
+        check_offload(self.offload)
 
     @property
     def budget(self) -> Budget:

@@ -89,6 +89,8 @@ def test_a_job_is_refused_for_another_model_or_a_broken_file(tiny_folder, tmp_pa
     ref = resolve_model(str(folder))
     job = Job("text_encoding", ref, plan_stage("text_encoding", ref, "cpu=50%,disk=100%", runnable=False,
                                                workload=Workload(batch=1, tokens=32)))
+    with pytest.raises(UserError, match="unknown offload"):
+        job_from_dict({**json.loads(job.to_json()), "offload": "sometimes"})
     config = folder / "text_encoder_2" / "config.json"
     changed = json.loads(config.read_text())
     changed["d_model"] += 8
