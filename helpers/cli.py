@@ -169,11 +169,22 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _read_job(args: argparse.Namespace, stage: str):
-    """The job of ``--job FILE`` (refused beside --save-job), or None."""
+    """The job of ``--job FILE`` (refused beside --save-job), or None; a ``--save-job FILE`` that
+    cannot be written is refused here, before any planning."""
+    from helpers.files import check_can_write
     from helpers.job import load_job
 
     if getattr(args, "job", None) and getattr(args, "save_job", None):
         raise UserError("--job runs a saved plan and --save-job saves a new one: give one of them.")
+    if getattr(args, "save_job", None):
+        path = Path(args.save_job)
+        if path.suffix != ".json":
+            raise UserError(f"{path.name}: a job is saved as JSON; give --save-job a name ending in .json.")
+        if not path.parent.is_dir():
+            raise UserError(f"the folder {path.parent} does not exist; create it or choose another --save-job.")
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(f"cannot write to {path.parent}; choose a folder you can write to for --save-job.")
+        check_can_write(path, args.overwrite)
     return load_job(args.job, stage) if getattr(args, "job", None) else None
 
 

@@ -183,5 +183,8 @@ def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_
         refused = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'no.png'}", *size, *extra,
                        f"--job={job}")
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    for where, said in ((tmp_path / "none" / "job.json", "does not exist"), (tmp_path / "job.txt", "ending in .json")):
+        refused = _cli("encode", "--prompt=x", f"--out={tmp_path / 'x.safetensors'}", f"--save-job={where}")
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
     wrong = _cli("encode", "--prompt=x", f"--out={tmp_path / 'x.safetensors'}", f"--job={job}")
     assert wrong.returncode == 2 and "a job for diffusion, not text encoding" in wrong.stderr
