@@ -506,7 +506,12 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     if shipped is not None and out.resolve() == shipped.resolve() and not args.overwrite:
         raise UserError(f"{out} is the file the package ships; add --overwrite to replace it.")
     check_can_write(out, args.overwrite)  # before any work, and before saying it starts
-    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps)
+    for flag, value, least in (("--vae-steps", args.vae_steps, 1), ("--flow-steps", args.flow_steps, 1),
+                               ("--clip-steps", args.clip_steps, 0), ("--scenes", args.scenes, 1)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be a whole number, {least} or more, not {value}.")
+    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps,
+                         clip_steps=args.clip_steps, max_scenes=args.scenes)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"training the tiny twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
         f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (25-32 minutes on 2)")
@@ -845,6 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"VAE training steps (default {TRAIN_DEFAULTS.vae_steps})")
     p.add_argument("--flow-steps", type=int, default=TRAIN_DEFAULTS.flow_steps, metavar="N",
                    help=f"transformer + CLIP training steps (default {TRAIN_DEFAULTS.flow_steps})")
+    p.add_argument("--clip-steps", type=int, default=TRAIN_DEFAULTS.clip_steps, metavar="N",
+                   help=f"CLIP's steps alone, learning to name the scene, before the transformer's "
+                   f"(default {TRAIN_DEFAULTS.clip_steps})")
+    p.add_argument("--scenes", type=int, default=None, metavar="N",
+                   help="train on the first N scenes of the world only: a quick run that shows the whole "
+                   "recipe in seconds (default: every scene but the held-out pairs)")
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON on stdout")
     # no budget to hold, and handing every freed block back to the system doubles a training step's time
     p.set_defaults(func=_cmd_train_twin, holds_budget=False)
