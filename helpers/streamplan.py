@@ -322,16 +322,41 @@ class StreamPlan:
             sum(self.blocks[u].stored for u in self.pieces) if on_gpu else 0)
 
 
+#: traced pieces by the model's structure (its class and config), the block names and the dtype: a trace
+#: reads no weight and depends on nothing else, so a process that loads one model several times (a
+#: notebook's kernel, a benchmark's rounds) traces it once (about a second each time otherwise)
+_TRACES: dict[tuple, dict[str, list[str]]] = {}
+
+
+def _structure(model: torch.nn.Module) -> str | None:
+    """The model's class and config as one string (None: a model without a config, never cached)."""
+    import json
+
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return f"{type(model).__module__}.{type(model).__qualname__}:" + json.dumps(as_dict, sort_keys=True, default=str)
+
+
 def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, split: bool = True) -> dict[str, list[str]]:
     """Each block's pieces in call order (:func:`split_blocks`), traced with the example inputs of the
     model's component (on the meta device, before any stored form: it has no fp8 kernels); whole
-    blocks for a model without them, or with ``split=False``."""
+    blocks for a model without them, or with ``split=False``. A model of the same structure is traced
+    once per process (:data:`_TRACES`)."""
     component = _TRACED.get(type(model).__name__)
-    if component and split:
+    if not (component and split):
+        return {n: [n] for n in names}
+    structure = _structure(model)
+    key = (structure, tuple(names), str(dtype))
+    if structure is None or key not in _TRACES:
         from helpers.activations import example_inputs
 
-        return split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
-    return {n: [n] for n in names}
+        parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
+        if structure is None:
+            return parts
+        _TRACES[key] = parts
+    return {b: list(p) for b, p in _TRACES[key].items()}
 
 
 def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str, list[str]], source: WeightsSource,
