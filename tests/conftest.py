@@ -1,6 +1,12 @@
 """Test settings: no network, and outputs in a temporary folder so a test run never touches yours.
 
 Set here, at import time, so the notebook kernels that nbval starts inherit them too.
+
+Two suites from one tree. ``pytest`` (``make test``) is the quick suite: every module of ``helpers``,
+every notebook once, and one representative of each end-to-end path. ``RUN_SLOW=1 pytest``
+(``make test-all``, what CI runs) adds the tests marked ``slow``: sweeps over more sizes, formats and
+strategies on a path the quick suite already walks, benchmarks, real-process runs of signals, workers
+and children, and the shipped twin's drawing check. ``RUN_BIG=1`` adds what builds the medium twin.
 """
 
 from __future__ import annotations
@@ -19,6 +25,24 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("FLUX_OUTPUTS", tempfile.mkdtemp(prefix="flux-test-outputs-"))
 os.environ.setdefault("FLUX_MODEL", "tiny")
+
+
+#: the full suite: the tests marked ``slow`` run too
+FULL = bool(os.environ.get("RUN_SLOW"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if FULL:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    return ("full suite (RUN_SLOW=1): the tests marked slow run too" if FULL else
+            "quick suite: the tests marked slow are deselected (RUN_SLOW=1, or make test-all, runs them)")
 
 
 # The browser test needs Chromium and a JupyterLab server: `make test-browser` runs it on purpose.

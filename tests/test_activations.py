@@ -261,6 +261,7 @@ def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_it
     assert not too_big.fits and "as flux-dev under" in too_big.advice and "need 46 GiB" in too_big.advice
 
 
+@pytest.mark.slow
 def test_a_size_whose_activations_alone_exceed_the_tier_is_refused_naming_the_largest_that_runs(tiny_folder, native_bf16):
     """The stage's check, at its edge: the named size is accepted, the next one up refused."""
     import re
@@ -341,8 +342,9 @@ def test_footprint_json_reports_the_activations_of_the_chosen_size():
         data["activations"]["bytes"]["transformer"], data["activations"]["bytes"]["vae"])}
 
 
-@pytest.mark.parametrize("budget", [{0: "8.5GiB", "cpu": "30GiB"}, {0: "5.5GiB", "cpu": "30GiB"},
-                                    {"cpu": "8.5GiB", "disk": "30GiB"}], ids=["method", "8 GB GPU", "one tier down"])
+@pytest.mark.parametrize("budget", [pytest.param({0: "8.5GiB", "cpu": "30GiB"}, id="method", marks=pytest.mark.slow),
+                                    pytest.param({0: "5.5GiB", "cpu": "30GiB"}, id="8 GB GPU", marks=pytest.mark.slow),
+                                    pytest.param({"cpu": "8.5GiB", "disk": "30GiB"}, id="one tier down")])
 def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budget):
     """Up to the edge: at the largest size the CPU budget runs, the reference keeps little more than
     its VAE and the transformer's modules outside the blocks; the twin must keep the same."""
@@ -358,7 +360,7 @@ def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budge
                 assert [u.tier for u in a.units] == [u.tier for u in b.units], (stage, work, a.component)
 
 
-@pytest.mark.parametrize("model", ["tiny", "flux-dev"])
+@pytest.mark.parametrize("model", ["tiny", pytest.param("flux-dev", marks=pytest.mark.slow)])
 def test_two_blocks_of_each_list_have_the_peak_of_all_of_them(model):
     """What makes a count quick: from the second block of a list on the blocks are alike."""
     from helpers.activations import activation_peak, example_inputs, forward_peak

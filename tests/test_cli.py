@@ -4,8 +4,16 @@ import sys
 
 import pytest
 
+import commands
+
 
 def run(*args, env_extra=None):
+    """The command, in this process (tests/commands.py): what it says, writes and exits with."""
+    return commands.run(*args, env=env_extra)
+
+
+def run_process(*args, env_extra=None):
+    """The command as a user types it: ``python -m helpers``, a process of its own."""
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "helpers", *args], capture_output=True, text=True, env=env, timeout=300)
 
@@ -27,6 +35,12 @@ def test_help_lists_model():
 def test_no_subcommand_is_a_user_error():
     result = run()
     assert result.returncode == 2
+
+
+def test_the_module_answers_as_a_process():
+    """``python -m helpers`` itself: its exit status and its one line, from a process of its own."""
+    assert run_process("--help").returncode == 0
+    assert_user_error(run_process("model", "no-such-model"), "unknown model")
 
 
 def test_model_tiny_builds_then_reuses(tmp_path):
@@ -142,13 +156,17 @@ def test_generate_refuses_to_replace_and_keeps_files(tmp_path):
     assert (tmp_path / "x.png").read_bytes() == b"mine"
 
 
-def test_generate_checks_the_whole_run_first_and_passes_odd_prompts(tmp_path):
+def test_generate_checks_the_whole_run_first(tmp_path):
     # a diffusion budget too small is refused before stage 1 runs: no embeddings file appears
     assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--max-memory", "cpu=2MiB",
                           "--max-sequence-length", "16", "--height", "64", "--width", "64"), "too small for diffusion")
     assert not (tmp_path / "x.safetensors").exists()
     assert_user_error(run("generate", "--prompt", "a", "--out", str(tmp_path / "x.png"), "--embeddings",
                           str(tmp_path / "x.png")), "apart from the images")
+
+
+@pytest.mark.slow
+def test_generate_passes_odd_prompts_and_names_the_command_that_finishes_a_run(tmp_path):
     done = run("generate", "--prompt=-a red cat", "--out", str(tmp_path / "y.png"), "--steps", "1",
                "--height", "32", "--width", "32")
     assert done.returncode == 0, done.stderr
@@ -182,11 +200,16 @@ def test_train_twin_prints_time_losses_and_its_file_and_keeps_an_existing_one(tm
     import json
 
     out = tmp_path / "tiny.safetensors"
-    done = run("train-twin", "--vae-steps", "2", "--flow-steps", "2", "--out", str(out), "--json")
+    quick = ["--vae-steps", "2", "--flow-steps", "2", "--clip-steps", "2", "--scenes", "16"]  # the recipe in seconds
+    done = run("train-twin", *quick, "--out", str(out), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["file"] == str(out) and out.is_file() and summary["config"]["flow_steps"] == 2
+    assert summary["config"]["clip_steps"] == 2 and summary["scenes"] == 16
     assert "final losses: VAE" in done.stderr and "minutes" in done.stderr
     before = out.read_bytes()
-    assert_user_error(run("train-twin", "--vae-steps", "2", "--flow-steps", "2", "--out", str(out)), "already exists")
+    assert_user_error(run("train-twin", *quick, "--out", str(out)), "already exists")
     assert out.read_bytes() == before
+    assert_user_error(run("train-twin", "--scenes", "0", "--out", str(tmp_path / "none.safetensors")),
+                      "--scenes must be a whole number, 1 or more")
+    assert not (tmp_path / "none.safetensors").exists()

@@ -1,11 +1,9 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import commands
 from helpers.diffuse import check_settings, diffuse_file, grid, nearest_sizes, output_paths
 from helpers.embeddings import fingerprint, save_embeddings
 from helpers.encode import encode_prompts
@@ -37,6 +35,7 @@ def test_diffuse_writes_one_png_per_prompt_with_metadata(embeddings, tmp_path):
     assert Image.open(result.paths[0]).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_same_seed_same_pixels(embeddings, tmp_path):
     a = diffuse_file(embeddings, tmp_path / "a.png", steps=2, seed=7, progress=False, **SIZE)
     b = diffuse_file(embeddings, tmp_path / "b.png", steps=2, seed=7, progress=False, **SIZE)
@@ -46,8 +45,8 @@ def test_same_seed_same_pixels(embeddings, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(a.paths[0])), np.asarray(Image.open(c.paths[0])))
 
 
-@pytest.mark.parametrize("offload, compute", [("accelerate", "bf16"), ("stream", "bf16"), ("accelerate", "fp32"),
-                                              ("stream", "fp32")])
+@pytest.mark.parametrize("offload, compute", [("accelerate", "bf16"), *(
+    pytest.param(*p, marks=pytest.mark.slow) for p in (("stream", "bf16"), ("accelerate", "fp32"), ("stream", "fp32")))])
 def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_path, offload, compute):
     """The decoupled run (two processes, offloaded, file hand-off) against FluxPipeline in one process.
 
@@ -58,11 +57,10 @@ def test_generate_in_two_processes_equals_one_piece_pipeline(tiny_folder, tmp_pa
 
     prompt, seed, steps = "a photo of a red cat sitting on a window", 3, 2
     out = tmp_path / "two.png"
-    done = subprocess.run([sys.executable, "-m", "helpers", "generate", "--model", str(tiny_folder), "--prompt", prompt,
-                           "--out", str(out), "--steps", str(steps), "--seed", str(seed), "--height", "64",
-                           "--width", "64", "--max-sequence-length", "64", "--max-memory", "cpu=50%,disk=100%",
-                           "--offload", offload, "--compute", compute],
-                          capture_output=True, text=True, timeout=600)
+    # generate in this process (tests/commands.py); its two stages are processes of their own
+    done = commands.run("generate", "--model", tiny_folder, "--prompt", prompt, "--out", out, "--steps", steps,
+                        "--seed", seed, "--height", "64", "--width", "64", "--max-sequence-length", "64",
+                        "--max-memory", "cpu=50%,disk=100%", "--offload", offload, "--compute", compute)
     assert done.returncode == 0, done.stderr
     assert "text encoding" in done.stderr and "diffusion" in done.stderr and "total" in done.stderr
     assert done.stderr.count(f"offload {offload}") == 2  # both stages, as asked
@@ -226,6 +224,7 @@ def test_a_budget_that_leaves_the_transformer_on_disk_is_refused(tmp_path, embed
         diffuse_file(embeddings, tmp_path / "x.png", steps=1, max_memory="cpu=1%,disk=100%", **SIZE)
 
 
+@pytest.mark.slow
 def test_no_offload_copies_are_left_behind(tmp_path, embeddings, monkeypatch):
     monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
     diffuse_file(embeddings, tmp_path / "x.png", steps=1, progress=False, offload="accelerate", **SIZE)

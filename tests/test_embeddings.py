@@ -139,6 +139,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_killed_writer_leaves_no_half_file(tmp_path):
     target = tmp_path / "big.safetensors"
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)

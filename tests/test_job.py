@@ -2,13 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import commands
 import helpers.models as models
 from helpers.activations import Workload
 from helpers.diffuse import diffuse_file, diffusion_plan
@@ -148,8 +147,7 @@ def test_a_bench_child_runs_the_parents_plan_without_planning(monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
+    return commands.run(*args)  # in this process (tests/commands.py)
 
 
 def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_folder, tmp_path):

@@ -337,8 +337,8 @@ def test_hub_model_found_in_cache_loads(empty_hub_cache, tiny_folder):
     assert CLIPTextModel.from_pretrained(path / "text_encoder").config.num_hidden_layers == 12
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get("RUN_SLOW"), reason="builds 1.2 GB; set RUN_SLOW=1")
+@pytest.mark.big
+@pytest.mark.skipif(not __import__("os").environ.get("RUN_BIG"), reason="builds 1.2 GB; set RUN_BIG=1")
 def test_medium_builds_and_loads(tmp_path):
     from diffusers import FluxTransformer2DModel
 

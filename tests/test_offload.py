@@ -5,6 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+import commands
+
 from helpers.errors import UserError
 from helpers.offload import load_streaming
 from helpers.sources import read_safetensors_index
@@ -211,6 +213,7 @@ def test_diffuse_with_stream_gives_the_same_image(tmp_path):
         diffuse_file(emb, tmp_path / "x.png", offload="magic", **args)
 
 
+@pytest.mark.slow
 def test_bench_json_shape_and_equal_outputs(tmp_path):
     from helpers.bench import rows, run, title
 
@@ -239,6 +242,7 @@ def test_bench_json_shape_and_equal_outputs(tmp_path):
     assert data["machine"]["cores"] >= 1 and data["machine"]["capability"]
 
 
+@pytest.mark.slow
 def test_bench_puts_the_method_beside_another_precision_and_measures_its_image():
     """bf16 weights with fp32 math: the method's row (accelerate, bf16 math) runs beside the others in
     the same report, each strategy in every round, and one image per precision gives the PSNR."""
@@ -571,6 +575,7 @@ def test_stream_budget_takes_the_whole_components_off_their_tier():
     assert (cpu, device, fast) == (9000, torch.device("cuda", 0), 1500)
 
 
+@pytest.mark.slow
 def test_bench_text_encoding_stage_streams_t5_exactly():
     from helpers.bench import run
 
@@ -585,11 +590,10 @@ def test_bench_text_encoding_stage_streams_t5_exactly():
         run("tiny", stage="vae", progress=lambda _: None)
 
 
+@pytest.mark.slow
 def test_bench_reports_a_failed_strategy_and_runs_the_others(tmp_path):
     """Here the budget fits accelerate's map but not stream's resident part and pool."""
     import json
-    import subprocess
-    import sys
 
     from helpers.bench import rows, run
 
@@ -602,8 +606,7 @@ def test_bench_reports_a_failed_strategy_and_runs_the_others(tmp_path):
     assert lines[-1].startswith("stream: failed: ") and rows(data)[1]["s/step"] == "failed"
     # every strategy failing: the JSON is still written, and the command exits 1 with one line
     out = tmp_path / "b.json"
-    done = subprocess.run([sys.executable, "-m", "helpers", "bench", "--model", "tiny", "--strategies", "resident",
-                           "--timeout", "0.01", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    done = commands.run("bench", "--model", "tiny", "--strategies", "resident", "--timeout", "0.01", "--json", out)
     assert done.returncode == 1 and "every strategy failed" in done.stderr and "Traceback" not in done.stderr
     assert json.loads(out.read_text())["results"][0]["error"] == "ran past the 0.01 s timeout"
 

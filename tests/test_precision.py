@@ -3,14 +3,13 @@
 import copy
 import json
 import struct
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import commands
 from helpers.errors import UserError
 from helpers.precision import (Precision, auto_compute, check_compute, check_weights, cpu_bf16, resolve,
                                stored_bytes, upcast_layerwise)
@@ -174,8 +173,7 @@ def test_fp8_checkpoint_with_scales_is_refused_before_loading(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--weights", "int4"), ("--compute", "fp64")])
 def test_cli_refuses_unknown_precision(flag, value, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "helpers", "diffuse", "--embeddings", str(tmp_path / "e.safetensors"),
-                           "--out", str(tmp_path / "x.png"), flag, value], capture_output=True, text=True, timeout=120)
+    done = commands.run("diffuse", "--embeddings", tmp_path / "e.safetensors", "--out", tmp_path / "x.png", flag, value)
     assert done.returncode == 2 and f"invalid choice: '{value}'" in done.stderr and "Traceback" not in done.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -281,27 +279,27 @@ def test_fp8_refused_where_the_folder_does_not_store_it(tiny_folder, tiny_fp8):
     assert planned.precision.weights == "fp8"  # a plan alone may count any format
 
 
+@pytest.mark.slow
 def test_generate_from_an_fp8_folder(tiny_fp8, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "helpers", "generate", "--model", str(tiny_fp8), "--prompt", "a red circle",
-                           "--out", str(tmp_path / "x.png"), "--steps", "2", "--height", "64", "--width", "64",
-                           "--max-sequence-length", "16", "--max-memory", "cpu=50%,disk=100%"],
-                          capture_output=True, text=True, timeout=600)
+    done = commands.run("generate", "--model", tiny_fp8, "--prompt", "a red circle", "--out", tmp_path / "x.png",
+                        "--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16",
+                        "--max-memory", "cpu=50%,disk=100%")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "x.png").is_file()
 
 
 def test_convert_command_and_its_refusals(tiny_folder, tmp_path):
     out = tmp_path / "copy"
-    args = [sys.executable, "-m", "helpers", "convert", "--model", str(tiny_folder), "--weights", "fp8", "--out", str(out)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    args = ["convert", "--model", str(tiny_folder), "--weights", "fp8", "--out", str(out)]
+    done = commands.run(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(out) and "transformer: fp8" in done.stderr
     listing = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    again = commands.run(*args)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "never replaces" in again.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == listing  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left behind
-    wrong = subprocess.run([*args[:-1], str(tmp_path / "nowhere" / "x")], capture_output=True, text=True, timeout=120)
+    wrong = commands.run(*args[:-1], tmp_path / "nowhere" / "x")
     assert wrong.returncode == 2 and "does not exist" in wrong.stderr
 
 

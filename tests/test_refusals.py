@@ -20,13 +20,20 @@ from pathlib import Path
 import pytest
 import torch
 
+import commands
 from helpers.embeddings import FORMAT, FORMAT_VERSION, fingerprint
 from helpers.footprint import component_configs
 
 MINE = b"the user's own file"
 
 
-def run(*args, env_extra=None, timeout=300):
+def run(*args, env_extra=None):
+    """The command, in this process (tests/commands.py): what it says, writes and exits with."""
+    return commands.run(*args, env=env_extra)
+
+
+def run_process(*args, env_extra=None, timeout=300):
+    """The command in a process of its own: for what only a fresh process shows (its peak RSS)."""
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "helpers", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -169,6 +176,7 @@ def test_an_mps_tier_is_refused_before_loading(tmp_path, mine, command):
     assert run("footprint", "--model", "flux-dev", "--max-memory", "mps=8GiB,cpu=30GiB").returncode == 0
 
 
+@pytest.mark.slow
 def test_footprint_shows_the_activations_of_the_chosen_size_next_to_the_weights():
     import json
 
@@ -275,7 +283,8 @@ def _said_once(err: str) -> None:
 SMALL = ["--height", "64", "--width", "64", "--max-sequence-length", "16"]
 
 
-@pytest.mark.parametrize("after_s", [0.2, 0.5, 0.8, 1.1, 1.4])
+@pytest.mark.parametrize("after_s", [pytest.param(0.2, marks=pytest.mark.slow), 0.5, *(
+    pytest.param(s, marks=pytest.mark.slow) for s in (0.8, 1.1, 1.4))])
 def test_ctrl_c_while_importing(tmp_path, after_s):
     """The first seconds of any command import torch, whose C++ calls Python back: a KeyboardInterrupt
     raised there would abort the process (SIGABRT, a pybind11 message), so the press waits for it."""
@@ -286,6 +295,7 @@ def test_ctrl_c_while_importing(tmp_path, after_s):
     assert run_.nothing_left() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", [True, False], ids=["terminal", "parent-only"])
 def test_ctrl_c_while_a_stage_starts(tmp_path, group):
     run_ = _Run(tmp_path, *SMALL)
@@ -295,6 +305,7 @@ def test_ctrl_c_while_a_stage_starts(tmp_path, group):
     assert run_.nothing_left() == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, where, left", [
     ("encode", "helpers.sources:read_tensor", []),  # T5's resident weights, while the stream loads
     ("diffuse", "helpers.sources:read_tensor", ["x.safetensors"]),  # the transformer's
@@ -312,6 +323,7 @@ def test_ctrl_c_while_loading(tmp_path, stage, where, left):
     assert not offload.is_dir() or not list(offload.iterdir())  # no run's offloaded copies either
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_steps(tmp_path):
     run_ = _Run(tmp_path, "--height", "128", "--width", "128", "--max-sequence-length", "16", "--steps", "2000")
     run_.wait_for("stage 2: diffusion")
@@ -360,6 +372,7 @@ def test_the_widgets_show_the_same_one_line_messages(tmp_path, monkeypatch, caps
 # --------------------------------------------------------------------------- three defects
 
 
+@pytest.mark.slow
 def test_bench_without_a_budget_translates_the_default_for_a_twin():
     """As the stages do: the tiny twin then splits where FLUX.1-dev would, so something moves."""
     from helpers.bench import run as bench
@@ -408,6 +421,7 @@ def test_the_fastest_tier_is_the_budgets_first_not_the_first_in_string_order(tin
 # --------------------------------------------------------------------------- the sweep
 
 
+@pytest.mark.slow
 def test_the_largest_size_the_check_accepts_runs_within_the_fast_tier(tmp_path):
     """The tiny twin at the default budget (translated: the verdict is FLUX.1-dev's): the largest square
     the check names really runs a step and the decode within the twin's fast tier, peak RSS measured in
@@ -430,8 +444,8 @@ def test_the_largest_size_the_check_accepts_runs_within_the_fast_tier(tmp_path):
                   "--width", side + 16, "--steps", 1)
     assert_refused(refused, f"the largest square image that fits is {side}x{side}")
     report = tmp_path / "report.json"
-    done = run("diffuse", "--embeddings", emb, "--out", tmp_path / "x.png", "--height", side, "--width", side,
-               "--steps", 1, "--report", report, timeout=900)
+    done = run_process("diffuse", "--embeddings", emb, "--out", tmp_path / "x.png", "--height", side, "--width", side,
+                       "--steps", 1, "--report", report, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     m = json.loads(report.read_text())
     rise = m["peak_rss_bytes"] - m["rss_before_bytes"]

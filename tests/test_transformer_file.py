@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import commands
 from helpers.errors import UserError
 from helpers.layouts import PREFIX, from_bfl, to_bfl
 from helpers.transformer_file import (check_transformer_file, load_transformer_file, open_transformer_file,
@@ -177,21 +178,19 @@ def test_the_stream_reads_a_file_as_stored_and_gives_the_held_output(files, twin
 
 
 def test_convert_command_writes_a_transformer_file(tiny_folder, tmp_path):
-    import subprocess
-    import sys
-
     out = tmp_path / "tiny-Q8_0.gguf"
-    args = [sys.executable, "-m", "helpers", "convert", "--model", str(tiny_folder), "--weights", "q8_0", "--out", str(out)]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    args = ["convert", "--model", str(tiny_folder), "--weights", "q8_0", "--out", str(out)]
+    done = commands.run(*args)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == str(out) and "transformer: q8_0" in done.stderr and "Q8_0" in done.stderr
-    wrong = subprocess.run([*args[:-1], str(tmp_path / "copy")], capture_output=True, text=True, timeout=120)
+    wrong = commands.run(*args[:-1], tmp_path / "copy")
     assert wrong.returncode == 2 and "give --out a .gguf name" in wrong.stderr
-    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    again = commands.run(*args)
     assert again.returncode == 2 and "never replaced" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-Q8_0.gguf"]
 
 
+@pytest.mark.slow
 def test_the_plan_counts_a_file_from_its_header_and_both_offloads_run_it(files, tiny_folder, twin, tmp_path):
     """--transformer FILE: planned in the file's stored bytes (shares of the budget are of those), then
     loaded with accelerate's map (disk tier in an offload folder) and streamed: the same image. The
@@ -237,28 +236,24 @@ def test_the_plan_counts_a_file_from_its_header_and_both_offloads_run_it(files, 
     assert images["stream"].std() > 1  # a picture, not a flat field
 
 
+@pytest.mark.slow
 def test_generate_takes_a_transformer_file_and_refuses_a_foreign_one_before_stage_1(files, tiny_folder, tmp_path):
-    import subprocess
-    import sys
-
     from PIL import Image
     from safetensors.torch import save_file
 
-    base = [sys.executable, "-m", "helpers", "generate", "--model", str(tiny_folder), "--prompt",
-            "a red circle on a blue background", "--height", "64", "--width", "64", "--steps", "2",
-            "--max-memory", "cpu=50%,disk=100%"]
+    base = ["generate", "--model", str(tiny_folder), "--prompt", "a red circle on a blue background", "--height", "64",
+            "--width", "64", "--steps", "2", "--max-memory", "cpu=50%,disk=100%"]
     out = tmp_path / "circle.png"
-    done = subprocess.run([*base, "--out", str(out), "--transformer", str(files["q8_0", "gguf"])],
-                          capture_output=True, text=True, timeout=600)
+    done = commands.run(*base, "--out", out, "--transformer", files["q8_0", "gguf"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert Image.open(out).info["transformer_file"] == files["q8_0", "gguf"].name
     save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(4, 4)}, str(tmp_path / "clip.safetensors"))
-    refused = subprocess.run([*base, "--out", str(tmp_path / "no.png"), "--transformer", str(tmp_path / "clip.safetensors")],
-                             capture_output=True, text=True, timeout=300)
+    refused = commands.run(*base, "--out", tmp_path / "no.png", "--transformer", tmp_path / "clip.safetensors")
     assert refused.returncode == 2 and "not a FLUX.1 transformer" in refused.stderr
     assert "stage 1" not in refused.stderr and not (tmp_path / "no.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
     """bench --transformer FILE: our strategies on the file (its format per result, its stored bytes
     streamed), the method and the float32 reference on the model's own weights; diffusers' own reading of
@@ -290,14 +285,13 @@ def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
 
 def test_footprint_plans_a_file_from_its_header(files, tiny_folder):
     import json
-    import subprocess
-    import sys
 
-    args = [sys.executable, "-m", "helpers", "footprint", "--model", str(tiny_folder), "--max-memory",
-            "cpu=50%,disk=100%", "--height", "64", "--width", "64", "--json"]
-    plain = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stdout)
-    done = subprocess.run([*args, "--transformer", str(files["q4_0", "gguf"])], capture_output=True, text=True,
-                          timeout=300)
+    args = ["footprint", "--model", str(tiny_folder), "--max-memory", "cpu=50%,disk=100%", "--height", "64",
+            "--width", "64", "--json"]
+    plain = commands.run(*args)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    plain = json.loads(plain.stdout)
+    done = commands.run(*args, "--transformer", files["q4_0", "gguf"])
     assert done.returncode == 0, done.stderr[-2000:]
     q4 = json.loads(done.stdout)
     weights = {name: sum(t["bytes"] for t in data["plan"]["diffusion"]["tiers"].values())

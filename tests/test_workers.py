@@ -94,6 +94,7 @@ def _same_images(paths, reference):
         assert np.array_equal(_pixels(got), _pixels(want)), got
 
 
+@pytest.mark.slow
 def test_two_workers_make_the_same_images_each_prompt_once(eight, tmp_path):
     emb, reference = eight
     (tmp_path / "two").mkdir()
@@ -122,6 +123,7 @@ def _children(pid):
     return psutil.Process(pid).children(recursive=True)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_named_and_resume_makes_only_what_is_missing(eight, tmp_path):
     emb, reference = eight
     (tmp_path / "k").mkdir()
@@ -152,6 +154,7 @@ def test_a_killed_worker_is_named_and_resume_makes_only_what_is_missing(eight, t
     _same_images(paths, reference)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_loopback(eight, tmp_path):
     """Two torchrun launches of one node each, meeting at a rendezvous on 127.0.0.1: the same images."""
     emb, reference = eight

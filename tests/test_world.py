@@ -79,6 +79,7 @@ def quick_weights(tmp_path_factory):
     return out, summary
 
 
+@pytest.mark.slow
 def test_training_repeats_byte_for_byte(tmp_path, quick_weights):
     from helpers.training import TrainConfig, same_weights, train_twin
 
@@ -135,6 +136,7 @@ BARS = {"background": 0.95, "shape_colour": 0.90, "shape": 0.80, "place": 0.90}
 #: its own reconstructions read back 97% of shapes at 64x64, 90% without)
 
 
+@pytest.mark.slow
 def test_the_shipped_twin_draws_what_it_is_told(tiny_folder):
     """The shipped weights at the notebooks' defaults (64x64, 4 steps, guidance 3.5, bfloat16, T5 padded
     to 512 tokens): 24 prompts of the grammar, any colour pair (held-out ones included, as a user
