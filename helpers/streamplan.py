@@ -12,6 +12,7 @@ and its pool buffer in the compute dtype. The streamers of :mod:`helpers.offload
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,11 +353,51 @@ def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, sp
     if structure is None or key not in _TRACES:
         from helpers.activations import example_inputs
 
-        parts = split_blocks(model, names, example_inputs(component, model, dtype, 32, 32, 8)[1])
+        with _first_two_of_each_list(model, names) as (traced, alike):
+            parts = split_blocks(model, traced, example_inputs(component, model, dtype, 32, 32, 8)[1])
+        for blocks in alike:  # the rest of a list of alike blocks is split as its second block is
+            second = blocks[1]
+            parts.update({b: [b + p[len(second):] for p in parts[second]] for b in blocks[2:]})
+        parts = {b: parts[b] for b in names}
         if structure is None:
             return parts
         _TRACES[key] = parts
     return {b: list(p) for b, p in _TRACES[key].items()}
+
+
+@contextlib.contextmanager
+def _first_two_of_each_list(model: torch.nn.Module, names: list[str]):
+    """The model with only the first two blocks of each list of alike blocks among ``names``, for the
+    time of a trace; yields the names still there and those lists (each a list of block names).
+
+    A list qualifies when ``names`` hold all of its blocks, in order, and each is of one class with
+    the same parts: its blocks then run the same code on hidden states of the same shapes, so from the
+    second on each calls its parts in the second's order (the first may differ: T5's makes the
+    position bias). Tracing two blocks of each takes about 14 times fewer ops for the Flux
+    transformer (a test checks it gives what a trace of every block gives)."""
+    lists: dict[str, list[str]] = {}
+    for name in names:
+        parent, _, index = name.rpartition(".")
+        lists.setdefault(parent, []).append(name)
+    alike, kept = [], []
+    for path, blocks in lists.items():
+        owner_name, _, attr = path.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        modules = getattr(owner, attr, None)
+        if (not isinstance(modules, torch.nn.ModuleList) or len(blocks) <= 2
+                or blocks != [f"{path}.{i}" for i in range(len(modules))]):
+            continue
+        shapes = {(type(m), tuple(_parts(m))) for m in modules}
+        if len(shapes) == 1:
+            alike.append(blocks)
+            kept.append((owner, attr, modules))
+            setattr(owner, attr, torch.nn.ModuleList(modules[:2]))
+    try:
+        dropped = {b for blocks in alike for b in blocks[2:]}
+        yield [n for n in names if n not in dropped], alike
+    finally:
+        for owner, attr, modules in kept:
+            setattr(owner, attr, modules)
 
 
 def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str, list[str]], source: WeightsSource,

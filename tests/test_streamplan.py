@@ -147,3 +147,25 @@ def test_a_new_stored_form_is_a_new_codec(monkeypatch):
     x = torch.randn(3, 32)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, reference, layer.bias))
     assert layer.weight.dtype == torch.int8  # stored as it was, between calls
+
+
+@pytest.mark.parametrize("model", ["tiny", pytest.param("flux-dev", marks=pytest.mark.slow)])
+def test_a_trace_of_two_blocks_of_each_list_is_the_trace_of_all_of_them(model):
+    """What makes a trace quick (about 10x): from the second block of a list on, each calls its parts
+    in the second's order; traced once per process after that, and handed out as copies."""
+    from helpers.activations import example_inputs
+    from helpers.footprint import footprint
+    from helpers.streamplan import _TRACES, split_blocks
+
+    fp = footprint(model, components=("text_encoder_2", "transformer"))
+    for component, lists in (("transformer", BLOCKS), ("text_encoder_2", ["encoder.block"])):
+        module = fp.skeletons[component]
+        names = [f"{lst}.{i}" for lst in lists for i in range(len(module.get_submodule(lst)))]
+        every = split_blocks(module, names, example_inputs(component, module, torch.float32, 32, 32, 8)[1])
+        _TRACES.clear()
+        quick = trace_parts(module, names, torch.float32)
+        assert quick == every and list(quick) == names
+        assert len(module.get_submodule(lists[0])) > 2  # every block is back
+        assert len({tuple(p) for p in every.values()}) > 2  # the parts differ per block and per list
+        quick[names[0]].append("changed")
+        assert trace_parts(module, names, torch.float32) == every  # a copy, not the cached lists
