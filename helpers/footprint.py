@@ -88,22 +88,25 @@ class Footprint:
     skeletons: dict[str, torch.nn.Module] = field(repr=False, default_factory=dict)
     _stored: dict = field(repr=False, default_factory=dict)
 
-    def stored_skeleton(self, component: str, weights: str) -> torch.nn.Module:
+    def stored_skeleton(self, component: str, weights: str, file=None) -> torch.nn.Module:
         """The component's skeleton with its tensors in the dtypes ``weights`` stores (fp8: weights
-        and scales), on meta; what a plan places when the format is not one dtype for all."""
+        and scales), or in the stored forms of a transformer ``file`` (GGUF blocks...), on meta; what a
+        plan places when the format is not one dtype for all. Made once per footprint (a plan asks
+        for it several times: its bytes, its blocks, its placement)."""
         import copy
 
         from helpers.precision import to_storage
 
-        key = (component, weights)
+        key = (component, weights, None if file is None else (str(file.path), file.nbytes))
         if key not in self._stored:
-            self._stored[key] = to_storage(copy.deepcopy(self.skeletons[component]), weights)
+            self._stored[key] = (file.skeleton(self.skeletons[component]) if file is not None else
+                                 to_storage(copy.deepcopy(self.skeletons[component]), weights))
         return self._stored[key]
 
     def block_bytes(self, component: str, prec: Precision) -> list[tuple[str, int]]:
         """``(name, stored bytes)`` of the component's blocks in ``prec``'s weights format."""
         if prec.file is not None and component == "transformer":
-            return _blocks(prec.file.skeleton(self.skeletons[component]))
+            return _blocks(self.stored_skeleton(component, prec.weights, prec.file))
         return _blocks(self.skeletons[component], prec.weights)
 
     def nbytes(self, dtype: str | torch.dtype, components=None) -> int:
@@ -243,7 +246,8 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: s
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
         if prec.file is not None and comp == "transformer":  # a file's own forms (GGUF blocks...), header-only
-            plan = plan_component(prec.file.skeleton(fp.skeletons[comp]), left, None, component=comp, whole=whole)
+            plan = plan_component(fp.stored_skeleton(comp, prec.weights, prec.file), left, None, component=comp,
+                                  whole=whole)
         elif prec.weights == "fp8":  # not one dtype for all: placed in the skeleton's own stored dtypes
             plan = plan_component(fp.stored_skeleton(comp, "fp8"), left, None, component=comp, whole=whole)
         else:
@@ -562,7 +566,7 @@ def _stage_bytes(fp: Footprint, stage: Stage, prec: Precision) -> int:
     comps = list(stage.components)
     if prec.file is not None and "transformer" in comps:
         rest = [c for c in comps if c != "transformer"]
-        return stored_bytes(prec.file.skeleton(fp.skeletons["transformer"])) + (
+        return stored_bytes(fp.stored_skeleton("transformer", prec.weights, prec.file)) + (
             fp.nbytes(prec.storage_dtype, rest) if rest else 0)
     return fp.nbytes(prec.storage_dtype, comps)
 
