@@ -1,5 +1,6 @@
-# Two commands from a fresh clone: `make run` (every notebook on the tiny model) and `make test`.
-# Both install first, into .venv, with the standard venv module.
+# Two commands from a fresh clone: `make run` (every notebook on the tiny model) and `make test` (the
+# quick suite). Both install first, into .venv, with the standard venv module. `make test-all` is the
+# full suite (what CI runs).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,12 +23,13 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || echo /usr/bin/chromium)
 
-.PHONY: help install run test test-browser bench-gpu lab kernel clean distclean
+.PHONY: help install run test test-all test-browser bench-gpu lab kernel clean distclean
 
 help:
 	@echo "make install   create .venv and install the project (TORCH=$(TORCH))"
 	@echo "make run       execute every notebook on FLUX_MODEL=$(FLUX_MODEL); executed copies in outputs/executed/"
-	@echo "make test      unit tests + every notebook through nbval"
+	@echo "make test      the quick suite: every module of helpers, every notebook once through nbval"
+	@echo "make test-all  the full suite (RUN_SLOW=1): adds sweeps, benchmarks and real-process runs; what CI runs"
 	@echo "make test-browser  the workshop in JupyterLab, driven in Chromium (needs the chromium package)"
 	@echo "make bench-gpu the full-size benchmarks on a GPU machine (writes flux-dev-random: 34 GB of disk)"
 	@echo "make lab       JupyterLab on the project's kernel"
@@ -50,22 +52,16 @@ install:
 	  echo "install: done; torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	fi
 
+# each notebook on a fresh kernel, in order, from one process (scripts/run-notebooks.py), with its time
 run: install
-	@mkdir -p outputs/executed
-	@total_start=$$(date +%s.%N); \
-	for nb in $(NOTEBOOKS); do \
-	  name=$$(basename $$nb); start=$$(date +%s.%N); \
-	  echo "== $$name (FLUX_MODEL=$(FLUX_MODEL))"; \
-	  if ! FLUX_MODEL="$(FLUX_MODEL)" $(BIN)/papermill --kernel $(KERNEL) --cwd notebooks \
-	        "$$nb" "outputs/executed/$$name"; then \
-	    echo "FAILED: $$name; the executed copy with the error is outputs/executed/$$name" >&2; exit 1; \
-	  fi; \
-	  awk -v a="$$start" -v b="$$(date +%s.%N)" -v n="$$name" 'BEGIN { printf "%s: %.1f s\n", n, b - a }'; \
-	done; \
-	awk -v a="$$total_start" -v b="$$(date +%s.%N)" 'BEGIN { printf "all notebooks: %.1f s\n", b - a }'
+	@FLUX_MODEL="$(FLUX_MODEL)" $(BIN)/python scripts/run-notebooks.py --kernel $(KERNEL) --out outputs/executed \
+	  --label "FLUX_MODEL=$(FLUX_MODEL)" $(NOTEBOOKS)
 
 test: install
 	FLUX_MODEL=tiny $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: install
+	RUN_SLOW=1 FLUX_MODEL=tiny $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-browser: install
 	@test -x "$(CHROMIUM)" || { echo "test-browser needs Chromium: sudo apt-get install chromium (or CHROMIUM=/path/to/chromium)" >&2; exit 1; }

@@ -664,6 +664,39 @@ def machine() -> dict:
             "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ}}
 
 
+def stored_result(model: str, max_memory=None, steps: int = 3, height: int = 64, width: int = 64, strategies=None,
+                  cache: str = "auto", stage: str = "diffusion", tokens: int | None = None, weights: str | None = None,
+                  compute: str = "auto", folder: str | Path | None = None) -> tuple[Path, dict] | None:
+    """A saved result of :func:`run` with these settings, ``(path, data)``, from ``folder`` (default the
+    checkout's ``docs/benchmarks``), or None. ``None`` and ``"auto"`` settings match what the run chose
+    (its strategies, its cache, its precision). ``04_offload-strategies`` reads one instead of running
+    every strategy again (``FULL = False``); the file's ``machine`` says what measured it."""
+    from helpers.files import project_root
+
+    if folder is None:
+        root = project_root()
+        if root is None:
+            return None
+        folder = root / "docs" / "benchmarks"
+    want = {"model": model, "max_memory": max_memory, "steps": steps, "height": height, "width": width, "stage": stage,
+            "tokens": TOKENS.get(stage) if tokens is None else tokens}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict) or not data.get("complete") or any(data.get(k) != v for k, v in want.items()):
+            continue
+        precision = data.get("precision") or {}
+        if ((strategies is not None and data.get("strategies") != list(strategies))
+                or (cache != "auto" and data.get("cache") != cache)
+                or precision.get("weights") != (weights or "bf16")
+                or (compute != "auto" and precision.get("compute") != compute)):
+            continue
+        return path, data
+    return None
+
+
 def resolve_cache(cache: str, budget) -> str:
     """``cold`` or ``warm`` for ``cache="auto"`` under ``budget`` (see :func:`run`); others as given."""
     if cache != "auto":

@@ -23,7 +23,7 @@ def test_dependencies_have_lower_bounds_and_a_test_extra():
 def test_makefile_pins_cpu_torch_by_default_and_has_the_targets():
     text = (ROOT / "Makefile").read_text()
     assert re.search(r"^TORCH \?= torch==2\.13\.0$", text, re.M)
-    for target in ("install", "run", "test", "lab"):
+    for target in ("install", "run", "test", "test-all", "lab"):
         assert re.search(rf"^{target}:", text, re.M), target
 
 
@@ -40,4 +40,6 @@ def test_readme_puts_the_two_commands_first_and_ci_calls_the_test_command():
     readme = (ROOT / "README.md").read_text()
     first_block = readme.split("```")[1]
     assert "make run" in first_block and "make test" in first_block
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test-all$", ci, re.M) and re.search(r"^make test-browser$", ci, re.M)  # the full suite
+    assert "make test-all" in readme
