@@ -8,6 +8,7 @@ package (``helpers/configs/``), so none of it needs a download. Explained in ``0
 
 from __future__ import annotations
 
+import contextlib
 import json
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,35 @@ def folder_configs(folder: Path) -> dict[str, dict]:
     return configs
 
 
+#: torch.nn.init's functions that draw or set a tensor's first values (what a module's constructor calls)
+_INITS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
+          "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """accelerate's ``init_empty_weights`` (parameters on the meta device, no storage), with
+    ``torch.nn.init``'s functions doing nothing meanwhile: on meta tensors they compute nothing, yet
+    running them through PyTorch's decompositions cost 0.3 s for each FLUX.1 transformer skeleton,
+    which every plan and every load builds (transformers' ``no_init_weights`` skips them the same way)."""
+    import torch
+    from accelerate import init_empty_weights
+
+    saved = {name: getattr(torch.nn.init, name) for name in _INITS if hasattr(torch.nn.init, name)}
+    for name in saved:
+        setattr(torch.nn.init, name, _unchanged)
+    try:
+        with init_empty_weights():
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _unchanged(tensor, *args, **kwargs):
+    return tensor
+
+
 def skeleton(component: str, config: dict, tie: bool = True) -> "torch.nn.Module":
     """Build ``component`` from ``config`` on the meta device: shapes, no storage.
 
@@ -59,10 +89,8 @@ def skeleton(component: str, config: dict, tie: bool = True) -> "torch.nn.Module
     T5's ``shared`` and ``encoder.embed_tokens`` as two tensors, one tensor in the real checkpoint,
     and the footprint would count ~0.5 GiB twice (the trap notebook 01 shows).
     """
-    from accelerate import init_empty_weights
-
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    with init_empty_weights():
+    with empty_weights():
         if component == "text_encoder":
             from transformers import CLIPTextConfig, CLIPTextModel
 

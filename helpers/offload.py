@@ -634,14 +634,14 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
     transformers models are re-tied after ``init_empty_weights`` (T5's ``shared`` and
     ``encoder.embed_tokens`` are one tensor in the checkpoint; see ``01_meta-footprint``).
     """
-    from accelerate import init_empty_weights
+    from helpers.architecture import empty_weights
 
     if hasattr(cls, "load_config"):  # diffusers
         config = cls.load_config(folder)
-        with init_empty_weights():
+        with empty_weights():
             return cls.from_config(config)
     config = cls.config_class.from_pretrained(folder)
-    with init_empty_weights():
+    with empty_weights():
         model = cls(config)
     model.tie_weights()
     return model

@@ -212,11 +212,12 @@ def check_transformer_file(path: str | os.PathLike, config) -> tuple[WeightsFile
 
 def _bfl_shapes(config) -> dict[str, tuple[int, ...]]:
     """The shape of every BFL tensor of a transformer with ``config``, from its skeleton (no weights)."""
-    from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
 
+    from helpers.architecture import empty_weights
+
     cfg = dict(config) if not isinstance(config, dict) else config
-    with init_empty_weights():
+    with empty_weights():
         skeleton = FluxTransformer2DModel.from_config(cfg)
     meta = {k: v for k, v in skeleton.state_dict().items()}
     return {k: tuple(v.shape) for k, v in to_bfl(meta, skeleton.config).items()}
