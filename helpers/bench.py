@@ -10,6 +10,7 @@ another's memory. Explained in ``04_offload-strategies.ipynb``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -294,17 +295,10 @@ def _load(strategy: str, config: dict, work: Path):
 
 def run_one(strategy: str, config: dict, out: Path) -> dict:
     """Measure one strategy in this process (the child side of :func:`run`)."""
-    import importlib
-
     from helpers.memory import return_large_blocks, rss_bytes
 
     return_large_blocks()  # as the stages' commands do: RSS is what the tensors hold, not glibc's arenas
-    # the baseline is a process after its imports, before any weight
-    for module, name in (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
-                         ("transformers", "T5EncoderModel"), ("helpers.offload", None)):
-        loaded = importlib.import_module(module)
-        if name:
-            getattr(loaded, name)
+    _preload()  # the baseline is a process after its imports (the server's, forked: made already), before any weight
     config = {**config, "baseline": rss_bytes()}
     name = strategy
     if strategy == METHOD:  # accelerate's hooks in the method's precision
@@ -704,14 +698,159 @@ def resolve_cache(cache: str, budget) -> str:
     return "warm" if budget.gpu is not None and "disk" not in budget.names else "cold"
 
 
-def _child(name: str, config: dict, out: Path, timeout: float | None) -> str | None:
-    """Run ``python -m helpers.bench NAME CONFIG OUT``; ``None``, or why it failed."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "helpers.bench", name, json.dumps(config), str(out)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"ran past the {timeout:g} s timeout"
-    return None if done.returncode == 0 else _failure(done)
+#: what every strategy's process imports before it measures: made once, in the server it is forked from
+_PRELOAD = (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
+            ("diffusers", "AutoencoderKL"), ("diffusers", "FlowMatchEulerDiscreteScheduler"),
+            ("transformers", "T5EncoderModel"), ("helpers.offload", None), ("helpers.loading", None),
+            ("helpers.memory", None), ("helpers.precision", None))
+
+
+def _preload() -> None:
+    import importlib
+
+    for module, name in _PRELOAD:
+        loaded = importlib.import_module(module)
+        if name:
+            getattr(loaded, name)
+
+
+class _Processes:
+    """Each strategy in a process of its own, forked from one server process that made every import
+    they need once (``python -m helpers.bench --serve``): a fresh interpreter spent 4-5 s of a 2-core
+    machine importing torch, diffusers and transformers before it measured anything, for every
+    strategy, round and reference. A forked process still has its own memory, peak RSS (reset when
+    it starts measuring), exit status and GPU context (the server never touches CUDA); its baseline is
+    the server's, a process after its imports, as a fresh one's was. Where ``fork`` does not exist,
+    each runs as ``python -m helpers.bench STRATEGY CONFIG OUT``.
+
+    The server and its processes form their own process group: whatever ends the benchmark (Ctrl-C
+    included) ends them all (:meth:`close`)."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.server: subprocess.Popen | None = None
+        self._pending = b""  # what the server said past the last full line
+
+    def run(self, name: str, config: dict, out: Path) -> str | None:
+        """Run strategy ``name`` (or the image, :data:`_IMAGE`) writing next to ``out``; ``None``, or why it failed."""
+        import os
+
+        if not hasattr(os, "fork"):
+            return self._fresh(name, config, out)
+        if self.server is None or self.server.poll() is not None:
+            self.server = subprocess.Popen([sys.executable, "-m", "helpers.bench", "--serve"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+            self._pending = b""
+        log = out.with_suffix(".log")
+        request = {"name": name, "config": config, "out": str(out), "log": str(log)}
+        self.server.stdin.write((json.dumps(request) + "\n").encode())
+        started = self._answer(None)
+        if started is None:  # the server died before forking (its imports failed: they are on its stderr)
+            return f"its process could not start (exit status {self.server.wait()})"
+        pid = started["pid"]
+        ended = self._answer(self.timeout)
+        if ended is None:  # past the timeout: the process is stopped (not reaped yet: its pid is its own)
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+            self._answer(None)  # the server's word that it ended
+            return f"ran past the {self.timeout:g} s timeout"
+        text = log.read_text(errors="replace") if log.is_file() else ""
+        code = ended["status"]
+        return None if code == 0 else _failure(subprocess.CompletedProcess([name], code, "", text))
+
+    def _answer(self, timeout: float | None) -> dict | None:
+        """The server's next line (None: none within ``timeout`` seconds, or the server is gone)."""
+        import os
+        import select
+
+        fd = self.server.stdout.fileno()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return json.loads(line)
+
+    def _fresh(self, name: str, config: dict, out: Path) -> str | None:
+        try:
+            done = subprocess.run([sys.executable, "-m", "helpers.bench", name, json.dumps(config), str(out)],
+                                  capture_output=True, text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            return f"ran past the {self.timeout:g} s timeout"
+        return None if done.returncode == 0 else _failure(done)
+
+    def close(self) -> None:
+        """End the server and any process it forked."""
+        import os
+        import signal
+
+        if self.server is None:
+            return
+        try:
+            os.killpg(self.server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.server.wait()
+        for stream in (self.server.stdin, self.server.stdout):
+            try:
+                stream.close()
+            except OSError:  # a broken pipe to a killed server
+                pass
+        self.server = None
+
+
+def _serve() -> None:
+    """The server of :class:`_Processes`: imports what every strategy needs, then for each request
+    (a JSON line on stdin) forks a process that runs it with its output in the request's log, says its
+    pid, waits for it and says its exit status (negative: the signal that ended it)."""
+    import os
+    import traceback
+
+    _preload()
+    answers = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        answers.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the strategy's process
+            code = 1
+            try:
+                log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.close(log)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                _child_main(request["name"], request["config"], Path(request["out"]))
+                code = 0
+            except BaseException:  # noqa: BLE001 - as an interpreter would: the traceback, status 1
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        answers.write(json.dumps({"pid": pid}) + "\n")
+        answers.flush()
+        _, status = os.waitpid(pid, 0)
+        answers.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
+        answers.flush()
+
+
+def _child_main(strategy: str, config: dict, out: Path) -> None:
+    """What one strategy's process does: measure it (or make the image) and write the result next to ``out``."""
+    if strategy == _IMAGE:
+        _image(config, out.with_suffix(".png"))
+    else:
+        out.with_suffix(".json").write_text(json.dumps(run_one(strategy, config, out)))
 
 
 def _combine(runs: list[dict]) -> dict:
@@ -903,12 +1042,13 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             "results": rows_,
         }
 
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+    processes = _Processes(timeout)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.closing(processes):
         config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
         if "resident" in strategies:  # the float32 reference every result's error is measured against
             progress("float32 reference (resident, fp32 weights and math): running in its own process...")
             out = Path(tmp) / _FP32
-            error = _child("resident", {**_without_file(config), "weights": "fp32", "compute": "fp32"}, out, timeout)
+            error = processes.run("resident", {**_without_file(config), "weights": "fp32", "compute": "fp32"}, out)
             if error is None:
                 outputs[_FP32] = torch.load(out.with_suffix(".pt"))
             else:
@@ -918,7 +1058,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             pngs = {}
             for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):
                 out = Path(tmp) / f"{_IMAGE}-{key}"
-                error = _child(_IMAGE, {**(_without_file(config) if knobs else config), **knobs}, out, timeout)
+                error = processes.run(_IMAGE, {**(_without_file(config) if knobs else config), **knobs}, out)
                 if error is not None:
                     progress(f"image: failed, no PSNR: {error}")
                     break
@@ -939,7 +1079,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                 when = f" (round {round_ + 1} of {rounds})" if rounds > 1 else ""
                 progress(f"{s}: running in its own process{when}...")
                 out = Path(tmp) / s
-                error = _child(s, config, out, timeout)
+                error = processes.run(s, config, out)
                 if error is not None:
                     progress(f"{s}: failed: {error}")
                     errors[s] = error
@@ -952,12 +1092,10 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     return report(complete=True)
 
 
-if __name__ == "__main__":  # the child: python -m helpers.bench STRATEGY CONFIG OUT
+if __name__ == "__main__":  # python -m helpers.bench --serve, or one strategy: STRATEGY CONFIG OUT
     __import__("helpers")  # its logging filters, as in the parent
 
-    _strategy, _config, _out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
-    if _strategy == _IMAGE:
-        _image(_config, _out.with_suffix(".png"))
+    if sys.argv[1:] == ["--serve"]:
+        _serve()
     else:
-        _result = run_one(_strategy, _config, _out)
-        _out.with_suffix(".json").write_text(json.dumps(_result))
+        _child_main(sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]))

@@ -44,7 +44,7 @@ def test_index_reads_headers_only(tiny_folder):
     assert path.suffix == ".safetensors" and dtype == "BF16" and nbytes == 2 * shape[0] * shape[1] and offset > 8
 
 
-@pytest.mark.parametrize("share", [0.3, 0.6])
+@pytest.mark.parametrize("share", [0.3, pytest.param(0.6, marks=pytest.mark.slow)])
 def test_streamed_output_equals_resident(tiny_folder, resident, share):
     budget = int(_bytes(resident) * share)
     model, streamer = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, budget, BLOCKS)
@@ -200,6 +200,7 @@ def test_a_block_bigger_than_the_fast_tier_is_a_clear_error(tiny_folder, residen
         load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16, 10**9, BLOCKS, pool=1)
 
 
+@pytest.mark.slow
 def test_diffuse_with_stream_gives_the_same_image(tmp_path):
     from helpers.diffuse import diffuse_file
     from helpers.encode import encode_prompts
@@ -213,13 +214,19 @@ def test_diffuse_with_stream_gives_the_same_image(tmp_path):
         diffuse_file(emb, tmp_path / "x.png", offload="magic", **args)
 
 
-@pytest.mark.slow
+def _descendants() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
 def test_bench_json_shape_and_equal_outputs(tmp_path):
     from helpers.bench import rows, run, title
 
-    partial = []
+    partial, before = [], _descendants()
     data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "accelerate", "stream"],
                progress=lambda _: None, on_result=partial.append, image=False)
+    assert _descendants() <= before  # the strategies' processes and their server are gone
     # a report after each strategy but the last, so a run stopped midway keeps what it measured
     assert [len(p["results"]) for p in partial] == [1, 2, 3] and not any(p["complete"] for p in partial)
     assert partial[1]["floor"] is None and partial[1]["results"][1]["max_abs_diff_vs_resident"] == 0.0
@@ -367,7 +374,7 @@ def test_t5_streams_in_float32_from_a_bfloat16_checkpoint(tiny_folder):
         streamer.close()
 
 
-@pytest.mark.parametrize("where", [1, -1])  # a middle block, and the last (the next pass starts at block 0 anyway)
+@pytest.mark.parametrize("where", [pytest.param(1, marks=pytest.mark.slow), -1])  # a middle block (full suite), and the last (the next pass starts at block 0 anyway)
 @pytest.mark.parametrize("kind", ["disk -> RAM", "RAM -> device", "disk -> RAM, decoded to float32"])
 def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folder, resident, where, kind):
     budget = int(_bytes(resident) * 0.3)
@@ -393,7 +400,7 @@ def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folde
         streamer.close()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: decoded layer by layer
+@pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.slow), torch.float32])  # float32: decoded layer by layer
 def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident, dtype):
     import shutil
 
@@ -611,6 +618,22 @@ def test_bench_reports_a_failed_strategy_and_runs_the_others(tmp_path):
     assert json.loads(out.read_text())["results"][0]["error"] == "ran past the 0.01 s timeout"
 
 
+@pytest.mark.slow
+def test_bench_without_fork_runs_each_strategy_in_a_fresh_interpreter(monkeypatch):
+    """Where os.fork does not exist, each strategy's process is `python -m helpers.bench STRATEGY
+    CONFIG OUT`: the same result."""
+    import os
+
+    from helpers.bench import run
+
+    monkeypatch.delattr(os, "fork")
+    data = run("tiny", "cpu=50%,disk=100%", steps=1, strategies=["resident", "stream"], progress=lambda _: None,
+               image=False)
+    assert [r["strategy"] for r in data["results"]] == ["resident", "stream"]
+    assert all(r.get("error") is None and r["s_per_step"] > 0 for r in data["results"])
+    assert data["results"][1]["max_abs_diff_vs_resident"] == 0.0
+
+
 def test_bench_refuses_bad_settings_before_running():
     from helpers.bench import run
 
@@ -634,6 +657,7 @@ def test_bench_refuses_bad_settings_before_running():
         run("tiny", stage="text_encoding", strategies=["method"], **quiet)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_accelerate_when_the_stream_does_not_fit(tmp_path):
     from helpers.diffuse import diffuse_file
     from helpers.encode import encode_prompts
