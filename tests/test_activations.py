@@ -344,7 +344,8 @@ def test_footprint_json_reports_the_activations_of_the_chosen_size():
 
 @pytest.mark.parametrize("budget", [pytest.param({0: "8.5GiB", "cpu": "30GiB"}, id="method", marks=pytest.mark.slow),
                                     pytest.param({0: "5.5GiB", "cpu": "30GiB"}, id="8 GB GPU", marks=pytest.mark.slow),
-                                    pytest.param({"cpu": "8.5GiB", "disk": "30GiB"}, id="one tier down")])
+                                    pytest.param({"cpu": "8.5GiB", "disk": "30GiB"}, id="one tier down",
+                                                 marks=pytest.mark.slow)])
 def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budget):
     """Up to the edge: at the largest size the CPU budget runs, the reference keeps little more than
     its VAE and the transformer's modules outside the blocks; the twin must keep the same."""

@@ -235,6 +235,7 @@ def test_fp8_planned_in_stored_bytes():
     assert "across tiers" in bf16.advice
 
 
+@pytest.mark.slow
 def test_fp8_folder_runs_the_same_with_both_offloads_and_streams_fewer_bytes(tiny_folder, tiny_fp8):
     from diffusers import FluxTransformer2DModel
 
@@ -313,7 +314,7 @@ def test_advice_names_fp8_where_it_would_make_the_stage_fit():
     assert not hopeless.fits and "fp8" not in hopeless.advice
 
 
-@pytest.mark.parametrize("offload", ["stream", "accelerate"])
+@pytest.mark.parametrize("offload", ["stream", pytest.param("accelerate", marks=pytest.mark.slow)])
 def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
     """Half T5's bytes, the same embeddings: its feed-forward reads ``wo.weight.dtype`` outside ``wo``,
     so its layers are upcast as a group (a layer-by-layer upcast let it round to bf16 there)."""

@@ -386,6 +386,7 @@ def test_bench_without_a_budget_translates_the_default_for_a_twin():
     assert data["results"][1]["max_abs_diff_vs_resident"] is None  # no resident run asked for
 
 
+@pytest.mark.slow
 def test_each_encode_has_its_own_offload_folder_and_removes_it(tiny_folder, tmp_path, monkeypatch):
     from helpers.activations import Workload
     from helpers.encode import encode_prompts, load_text_encoders, text_encoding_plan

@@ -94,6 +94,7 @@ def test_training_repeats_byte_for_byte(tmp_path, quick_weights):
         train_twin(first, TrainConfig(**QUICK), log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_a_twin_builds_from_trained_weights_and_says_so(tmp_path, quick_weights, monkeypatch):
     """The builder's real path for a trained twin: modules from the seeds, then the file's weights
     loaded strictly into all four models (CLIP learns with the transformer, T5 keeps its seeded weights), the VAE's
