@@ -4,7 +4,8 @@
 
 One process for all of them: papermill is imported once (1.6 s on a 2-core machine, which a
 ``papermill`` command per notebook paid each time), and each notebook still runs on a kernel of its
-own, started for it and shut down after it. The executed copies go to ``--out`` (the stored notebooks
+own, started for it and shut down after it. Each executed copy is written when its notebook ends
+(papermill's default rewrote it at every cell, 2-3 s a notebook with images). The executed copies go to ``--out`` (the stored notebooks
 stay untouched); the first notebook that fails stops the run with status 1 and names its copy.
 Parameters come from the environment the kernels inherit (``FLUX_MODEL``, ``FLUX_OUTPUTS``).
 """
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {notebook.name}{f' ({args.label})' if args.label else ''}", flush=True)
         start = time.perf_counter()
         try:
-            papermill.execute_notebook(str(notebook), str(copy), kernel_name=args.kernel, cwd=str(notebook.parent))
+            # the copy is written once, when the notebook ends or fails (not after every cell: 2-3 s a notebook)
+            papermill.execute_notebook(str(notebook), str(copy), kernel_name=args.kernel, cwd=str(notebook.parent),
+                                       request_save_on_cell_execute=False)
         except Exception as err:  # noqa: BLE001 - a cell's error, or a kernel that died: the copy says which
             print(f"FAILED: {notebook.name}; the executed copy with the error is {copy}\n{type(err).__name__}: "
                   f"{str(err).strip().splitlines()[-1] if str(err).strip() else ''}", file=sys.stderr)
