@@ -267,7 +267,13 @@ class _Run:
         return err
 
     def nothing_left(self) -> None:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 0.2  # the command's processes are gone within 0.2 s of its exit
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)
         with pytest.raises(ProcessLookupError):  # no process of the command is left, a stage's neither
             os.killpg(self.proc.pid, 0)
         left = sorted(p.name for p in self.out.iterdir())
