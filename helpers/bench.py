@@ -449,6 +449,24 @@ def rows(data: dict) -> list[dict]:
     return out
 
 
+def summary_rows(results: list[tuple[str, dict]]) -> list[dict]:
+    """One row per saved result ``(name, data)``: what it measured, and each strategy's seconds per step
+    with its ratio to the floor; the overview of ``04_offload-strategies``'s last section."""
+    out = []
+    for name, data in results:
+        what = (f"T5, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
+                else f"{data['height']}x{data['width']}" + (f", {data['tokens']} tok" if data.get("tokens") else ""))
+        precision = data.get("precision") or {}
+        row = {"file": name, "model": data["model"], "device": data["device"].split(" (")[0], "size": what,
+               "weights, math": f"{precision.get('weights', 'bf16')}, {precision.get('compute', '')}".rstrip(", ")}
+        for r in data["results"]:
+            seconds, ratio = r.get("s_per_step"), r.get("ratio_to_floor")
+            row[r["strategy"]] = ("failed" if seconds is None else
+                                  f"{seconds:.3f}" + (f" ({ratio:.2f}x)" if ratio else ""))
+        out.append(row)
+    return out
+
+
 def title(data: dict) -> str:
     """What a result is: model, device, stage and size, budget, page cache, floor."""
     what = (f"text encoding, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"

@@ -780,6 +780,12 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
     gpu["results"] = [r for r in gpu["results"] if r["strategy"] != "stream"]
     assert plot_timeline(gpu) is None
     plt.close("all")
+    from helpers.bench import summary_rows
+
+    cpu_row, gpu_row = summary_rows([("cpu.json", cpu), ("gpu.json", gpu)])  # the overview: a line per file
+    assert cpu_row["file"] == "cpu.json" and cpu_row["device"] == "cpu" and cpu_row["size"].startswith("64x64")
+    assert cpu_row["stream"].startswith(f"{cpu['results'][2]['s_per_step']:.3f} (") and cpu_row["stream"].endswith("x)")
+    assert gpu_row["device"] == "cuda:0" and gpu_row["accelerate"] == "failed" and "stream" not in gpu_row
 
 
 def test_the_gpu_tier_plan_keeps_weights_pool_and_reserve_within_it(tiny_folder, resident, capsys):
