@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
-from helpers.files import atomic_path
+from helpers.files import atomic_path, check_file, not_a_file
 
 FORMAT = "flux-embeddings"
 FORMAT_VERSION = "1"
@@ -210,10 +210,13 @@ def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.exists():
+    kind = not_a_file(path)  # before anything opens it: a FIFO would wait for a writer forever
+    if kind == "missing":
         raise UserError(f"no embeddings file at {path}; make one with {MAKER}.")
-    if path.is_dir():
+    if kind == "a folder":
         raise UserError(f"{path} is a folder; give the embeddings file (.safetensors) made by {MAKER}.")
+    if kind:
+        check_file(path, "an embeddings file", f"give the embeddings file (.safetensors) made by {MAKER}")
     try:
         with safe_open(str(path), "pt") as f:
             metadata = dict(f.metadata() or {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,44 @@ def in_outputs(folder: str | os.PathLike) -> bool:
     except ValueError:
         return False
     return True
+
+
+#: what a path is when it is not a regular file, by the test of its mode
+_NOT_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file ("a folder", "a FIFO (named pipe)", "a socket", "a
+    character device", "a block device"; "missing" when nothing is there, "unreadable" when ``stat``
+    fails), or None for a regular file or a link to one. Asked with ``stat`` before anything opens the
+    path: opening a FIFO waits for a writer forever, and a device's bytes never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "unreadable"
+    if stat.S_ISREG(mode):
+        return None
+    return next((kind for test, kind in _NOT_FILES if test(mode)), "not a regular file")
+
+
+def check_file(path: str | os.PathLike, what: str, remedy: str) -> Path:
+    """``path`` when it is a regular file; otherwise a :class:`UserError` that says what it is instead,
+    what was expected (``what``, "an embeddings file") and what to do (``remedy``)."""
+    path = Path(path).expanduser()
+    kind = not_a_file(path)
+    if kind == "missing":
+        raise UserError(f"no {what.removeprefix('an ').removeprefix('a ')} at {path}; {remedy}.")
+    if kind == "unreadable":
+        try:
+            os.stat(path)
+        except OSError as err:
+            raise UserError(f"{path} cannot be read ({err.strerror}); {remedy}.") from None
+    if kind:
+        raise UserError(f"{path} is {kind}, not {what}; {remedy}.")
+    return path
 
 
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:

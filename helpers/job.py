@@ -30,7 +30,7 @@ from helpers.activations import Workload
 from helpers.budget import Budget, Tier, _parse_tier
 from helpers.devicemap import ComponentPlan, Unit
 from helpers.errors import UserError
-from helpers.files import atomic_path
+from helpers.files import atomic_path, check_file
 from helpers.footprint import StagePlan
 from helpers.models import ModelRef, resolve_model
 from helpers.precision import Precision
@@ -219,11 +219,9 @@ def job_from_dict(d: dict) -> Job:
 
 def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
     """Read a job file (see :meth:`Job.save`); ``stage``: the stage that is about to run it."""
-    path = Path(path)
+    path = check_file(path, "a job file", "write one with --save-job (or let generate / --workers do it)")
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"no job file {path}; write one with --save-job (or let generate / --workers do it).") from None
     except (OSError, ValueError) as err:
         raise UserError(f"{path} is not a job file ({type(err).__name__}); write one with --save-job.") from None
     job = job_from_dict(data)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from helpers.errors import UserError
-from helpers.files import outputs_dir
+from helpers.files import not_a_file, outputs_dir
 
 #: Environment variable that picks the model for a whole run of the notebooks.
 MODEL_ENV = "FLUX_MODEL"
@@ -53,6 +53,8 @@ RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev"}
 
 #: The pipeline's parts, each a subfolder of a diffusers FLUX checkpoint.
 COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae")
+#: the pipelines whose folders the project runs (``_class_name`` of a folder's ``model_index.json``)
+PIPELINES = ("FluxPipeline",)
 
 #: Bump when the builder changes what it writes; older twin folders are then rebuilt.
 BUILDER_VERSION = 2
@@ -724,6 +726,32 @@ def default_model() -> str:
     return os.environ.get(MODEL_ENV, "").strip() or DEFAULT_MODEL
 
 
+def _check_model_folder(path: Path, text: str) -> None:
+    """A folder is the pipeline its ``model_index.json`` names, and every file in its components'
+    folders is a file (``stat`` only: a FIFO or a device there would hang or never end a read)."""
+    index = path / "model_index.json"
+    kind = not_a_file(index)
+    if kind == "missing":
+        raise UserError(f"{text} has no model_index.json: it is not a model folder in the diffusers layout.")
+    if kind:
+        raise UserError(f"{index} is {kind}, not a file; a model folder's model_index.json is a JSON file.")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{index} is not readable JSON; download or copy the model folder again.") from None
+    if cls not in PIPELINES:
+        said = f"a {cls}" if isinstance(cls, str) and cls else "no pipeline (no _class_name)"
+        raise UserError(f"{text} holds {said}, by its model_index.json; this project runs {', '.join(PIPELINES)} "
+                        f"folders: give one of those, or one of {', '.join([*TWINS, *ALIASES])}.")
+    for component in sorted(p for p in path.iterdir() if p.is_dir()):
+        for file in sorted(component.iterdir()):
+            kind = not_a_file(file)
+            if kind == "missing":
+                raise UserError(f"{file} is a link to nothing; download or copy the model folder again.")
+            if kind and kind != "a folder":
+                raise UserError(f"{file} is {kind}, not a file; a model folder holds files: copy it again.")
+
+
 def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
     """Say what a model name means (no building, no download): see the module docstring.
 
@@ -745,8 +773,7 @@ def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{text} is a file; a model is a folder in the diffusers layout (with model_index.json).")
-        if not (path / "model_index.json").is_file():
-            raise UserError(f"{text} has no model_index.json: it is not a model folder in the diffusers layout.")
+        _check_model_folder(path, text)
         return ModelRef(text, "local", path=path.resolve())
     if _HUB_ID.match(text) and not text.startswith((".", "~")):
         from huggingface_hub.utils import HFValidationError, validate_repo_id

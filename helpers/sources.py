@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
+from helpers.files import check_file
 from helpers.precision import folder_format, to_storage
 from helpers.quants import QuantType, quant_type, tensor_bytes
 
@@ -211,9 +212,8 @@ def read_safetensors(path: str | os.PathLike) -> WeightsFile:
 
 def read_weights_file(path: str | os.PathLike) -> WeightsFile:
     """A ``.gguf`` or single ``.safetensors`` file's header (:func:`read_gguf`, :func:`read_safetensors`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} is not a file; give a transformer's .gguf or .safetensors file.")
+    path = check_file(path, "a transformer's .gguf or .safetensors file",
+                      "give the transformer's .gguf or single .safetensors file")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic == GGUF_MAGIC:

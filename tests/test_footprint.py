@@ -102,7 +102,7 @@ def test_unknown_hub_model_without_config(tmp_path, monkeypatch):
         component_configs("someone/unknown-flux")
     with pytest.raises(UserError, match="not a FLUX.1 folder"):
         (tmp_path / "m").mkdir()
-        (tmp_path / "m" / "model_index.json").write_text("{}")
+        (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
         component_configs(str(tmp_path / "m"))
     for comp in COMPONENT_ORDER:
         (tmp_path / "m" / comp).mkdir()

@@ -1,0 +1,109 @@
+"""What the user hands us is input from elsewhere: paths that are not files, jobs made on another
+machine or by hand, folders of other pipelines. Each is refused through the command line a user
+types, at once, with status 2 and one line naming the problem, and nothing the user had is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import commands
+from test_refusals import MINE, _embeddings, assert_refused
+
+SIZE = ["--height", "32", "--width", "32", "--steps", "1"]
+
+
+@contextlib.contextmanager
+def unblocked_after(fifo: Path, seconds: float = 20):
+    """A command that opened ``fifo`` to read would wait for a writer forever: after ``seconds`` a
+    writer opens it and writes junk, so that such a command fails its test instead of hanging the suite."""
+    done = threading.Event()
+
+    def writer():
+        if done.wait(seconds):
+            return
+        with contextlib.suppress(OSError):  # ENXIO: nobody reads it, which is what the test wants
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.write(fd, b"junk")
+            os.close(fd)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def _not_a_file(tmp_path: Path, kind: str) -> Path:
+    if kind == "fifo":
+        path = tmp_path / "pipe"
+        os.mkfifo(path)
+        return path
+    return Path("/dev/zero")
+
+
+@pytest.fixture
+def good(tmp_path) -> Path:
+    return _embeddings(tmp_path / "good.safetensors")
+
+
+@pytest.fixture
+def mine(tmp_path) -> Path:
+    path = tmp_path / "x.png"
+    path.write_bytes(MINE)
+    return path
+
+
+@pytest.mark.parametrize("kind, said", [("fifo", "a FIFO (named pipe)"), ("device", "a character device")])
+@pytest.mark.parametrize("argument, expected", [("--embeddings", "an embeddings file"),
+                                                ("--transformer", "a transformer's .gguf or .safetensors file"),
+                                                ("--job", "a job file")])
+def test_a_path_that_is_not_a_file_is_refused_at_once(tmp_path, good, mine, kind, said, argument, expected):
+    odd = _not_a_file(tmp_path, kind)
+    args = ["--embeddings", odd] if argument == "--embeddings" else ["--embeddings", good, argument, odd]
+    start = time.perf_counter()
+    with unblocked_after(odd):
+        done = commands.run("diffuse", *args, "--out", mine, "--overwrite", *([] if argument == "--job" else SIZE))
+    assert time.perf_counter() - start < 15
+    assert_refused(done, f"{odd} is {said}, not {expected}")
+    assert mine.read_bytes() == MINE
+
+
+def test_a_model_folder_holds_files_only(tmp_path, tiny_folder, good, mine):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    weights = sorted((model / "transformer").glob("*.safetensors"))[0]
+    weights.unlink()
+    os.mkfifo(weights)
+    with unblocked_after(weights):
+        done = commands.run("diffuse", "--embeddings", good, "--model", model, "--out", mine, "--overwrite", *SIZE)
+    assert_refused(done, f"{weights} is a FIFO (named pipe), not a file")
+    weights.unlink()
+    weights.symlink_to(tmp_path / "gone.safetensors")
+    assert_refused(commands.run("footprint", "--model", model), f"{weights} is a link to nothing")
+    assert mine.read_bytes() == MINE
+
+
+@pytest.mark.parametrize("index, said", [({"_class_name": "StableDiffusionPipeline"}, "holds a StableDiffusionPipeline"),
+                                         ({}, "holds no pipeline (no _class_name)"),
+                                         ("[1, 2]", "is not readable JSON")])
+def test_a_folder_is_the_pipeline_its_model_index_names(tmp_path, tiny_folder, good, mine, index, said):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folder, model)
+    (model / "model_index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+    for command in (["footprint", "--model", model],
+                    ["diffuse", "--embeddings", good, "--model", model, "--out", mine, "--overwrite", *SIZE]):
+        done = commands.run(*command)
+        assert_refused(done, said)
+        assert "FluxPipeline" in done.stderr or "JSON" in said
+    assert mine.read_bytes() == MINE
