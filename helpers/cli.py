@@ -188,6 +188,16 @@ def _read_job(args: argparse.Namespace, stage: str):
     return load_job(args.job, stage) if getattr(args, "job", None) else None
 
 
+def _settle_workload(args: argparse.Namespace, job=None) -> None:
+    """``--height``, ``--width`` and ``--batch-size`` as given; where left out, what ``job`` was planned
+    for (a job runs by itself), else 1024, 1024 and 1. A flag that disagrees with the job is refused
+    where the job is checked against the run."""
+    planned = job.workload if job is not None else None
+    for name, field, default in (("height", "height", 1024), ("width", "width", 1024), ("batch_size", "batch", 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(planned, field) if planned is not None else default)
+
+
 def _save_job(job, args: argparse.Namespace) -> int:
     """``--save-job FILE``: the stage checked and planned, its job written; nothing loaded."""
     from helpers.budget import format_bytes
@@ -245,6 +255,7 @@ def _cmd_diffuse(args: argparse.Namespace) -> int:
     from helpers.workers import check_threads, check_workers, own_gpu, own_gpu_budget, this_worker
 
     job = _read_job(args, "diffusion")
+    _settle_workload(args, job)
     if args.save_job:
         return _save_job(diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args, job))[1], args)
     if check_workers(args.workers) > 1:
@@ -420,6 +431,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from helpers.models import resolve_model
 
     # everything is checked before the first stage starts: inputs, outputs, and both stages' plans
+    _settle_workload(args)
     ref = resolve_model(args.model)
     prompts = check_prompts(args.prompt)
     length = args.max_sequence_length or (256 if ref.variant == "schnell" else 512)
@@ -701,16 +713,19 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0, metavar="S", help="seeds a CPU generator: same image on any device")
         q.add_argument("--guidance", type=_finite, default=None, metavar="G",
                        help="guidance scale, 0 to 1000 (default: 3.5 for dev-like models, 0 for schnell)")
-        q.add_argument("--height", type=int, default=1024, metavar="H", help="pixels, a multiple of 16 (default 1024)")
-        q.add_argument("--width", type=int, default=1024, metavar="W", help="pixels, a multiple of 16 (default 1024)")
+        q.add_argument("--height", type=int, default=None, metavar="H",
+                       help="pixels, a multiple of 16 (default 1024, or the size --job was planned for)")
+        q.add_argument("--width", type=int, default=None, metavar="W",
+                       help="pixels, a multiple of 16 (default 1024, or the size --job was planned for)")
         q.add_argument("--max-memory", metavar="SPEC",
                        help='budget per tier (default: "0=8.5GiB,cpu=30GiB", or "cpu=8.5GiB,disk=30GiB" without a GPU)')
         q.add_argument("--overwrite", action="store_true", help="replace existing files")
         q.add_argument("--workers", type=int, default=1, metavar="N",
                        help="share the prompts out among N processes on this host, started with torchrun (default 1; "
                        "each has the whole budget: on a host with several GPUs each takes its own)")
-        q.add_argument("--batch-size", type=int, default=1, metavar="B",
-                       help="prompts per pipeline call (default 1); an image is the same for any --workers at one B")
+        q.add_argument("--batch-size", type=int, default=None, metavar="B",
+                       help="prompts per pipeline call (default 1, or the batch --job was planned for); an image is "
+                       "the same for any --workers at one B")
         q.add_argument("--threads", type=int, default=None, metavar="T",
                        help="CPU threads of each worker (default: all cores, shared among --workers); on a CPU an "
                        "image is bit for bit the same for any --workers at one T")

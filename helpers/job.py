@@ -32,7 +32,7 @@ from helpers.devicemap import ComponentPlan, Unit
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_file
 from helpers.footprint import StagePlan
-from helpers.models import ModelRef, resolve_model
+from helpers.models import COMPONENTS, ModelRef, resolve_model
 from helpers.precision import Precision
 
 JOB_VERSION = 1
@@ -42,8 +42,26 @@ STAGE_NAMES = ("text_encoding", "diffusion")
 # --------------------------------------------------------------------------- the plan as JSON
 
 
+_EDITED = "plan the stage again (--save-job) rather than edit a job by hand"
+
+
 def _tier(value) -> Tier:
-    return _parse_tier(value)
+    try:
+        return _parse_tier(value)
+    except UserError as err:
+        raise UserError(f"a job names a tier that is not one: {str(err).split(';')[0]}; {_EDITED}.") from None
+
+
+def _named(tier: Tier) -> str:
+    return f"GPU {tier}" if isinstance(tier, int) else tier
+
+
+def _size(value, what: str, least: int = 0) -> int:
+    """A size a job records, as the flags are checked: a whole number of bytes (``least`` or more)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"a job's {what} is {value!r}, not a whole number of bytes "
+                        f"{'above 0' if least else '0 or more'}; {_EDITED}.")
+    return value
 
 
 def _budget_dict(budget: Budget) -> dict:
@@ -52,7 +70,8 @@ def _budget_dict(budget: Budget) -> dict:
 
 
 def _budget_from(d: dict) -> Budget:
-    return Budget(tuple((_tier(t), int(b)) for t, b in d["tiers"]), source=d.get("source", ""),
+    tiers = [(_tier(t), b) for t, b in d["tiers"]]
+    return Budget(tuple((t, _size(b, f"budget for {_named(t)}", least=1)) for t, b in tiers), source=d.get("source", ""),
                   shares=frozenset(_tier(t) for t in d.get("shares", ())))
 
 
@@ -92,14 +111,19 @@ def plan_as_dict(plan: StagePlan) -> dict:
 
 def plan_from_dict(d: dict, precision: Precision) -> StagePlan:
     """The plan :func:`plan_as_dict` wrote, in ``precision`` (whose transformer file is already open)."""
+    unknown = [c["component"] for c in d["components"] if c["component"] not in COMPONENTS]
+    if unknown:
+        raise UserError(f"a job names component(s) {', '.join(map(repr, unknown))}, which a model does not have "
+                        f"(it has {', '.join(COMPONENTS)}); {_EDITED}.")
     components = [ComponentPlan(c["component"], _dtype(c["dtype"]),
-                                [Unit(n, int(b), _tier(t)) for n, b, t in c["units"]],
-                                {k: _tier(t) for k, t in c["device_map"]}) for c in d["components"]]
+                                [Unit(str(n), _size(b, f"unit {n!r}"), _tier(t)) for n, b, t in c["units"]],
+                                {str(k): _tier(t) for k, t in c["device_map"]}) for c in d["components"]]
     ref = d.get("reference")
     return StagePlan(
         stage=d["stage"], precision=precision, budget=_budget_from(d["budget"]), components=components,
-        fits=bool(d["fits"]), overflow=int(d["overflow"]), advice=d["advice"],
-        reserve={_tier(t): int(b) for t, b in d["reserve"]}, activations={k: int(v) for k, v in d["activations"].items()},
+        fits=bool(d["fits"]), overflow=_size(d["overflow"], "overflow"), advice=d["advice"],
+        reserve={_tier(t): _size(b, f"reserve on {_named(t)}") for t, b in d["reserve"]},
+        activations={k: _size(v, f"activations {k!r}") for k, v in d["activations"].items()},
         workload=Workload(**d["workload"]) if d.get("workload") else None, warnings=list(d["warnings"]),
         reference=plan_from_dict(ref, _precision_from(ref["precision"], None)) if ref else None,
     )
@@ -211,14 +235,42 @@ def job_from_dict(d: dict) -> Job:
 
             file = open_transformer_file(p["transformer_file"], model.configs["transformer"])
         plan = plan_from_dict(d["plan"], _precision_from(p, file))
-        return Job(d["stage"], model, plan, d.get("offload", "auto"))
-    except (KeyError, TypeError, ValueError) as err:
+        job = Job(d["stage"], model, plan, d.get("offload", "auto"))
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise UserError(f"a job file is incomplete or malformed ({type(err).__name__}: {err}); plan the stage "
                         "again.") from None
+    return job
+
+
+def _tiers_here() -> set:
+    """The tiers this machine has: its GPUs' indices, MPS where it runs, CPU RAM and disk."""
+    here = {"cpu", "disk", *range(torch.cuda.device_count())}
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        here.add("mps")
+    return here
+
+
+def check_tiers_here(job: Job) -> None:
+    """Refuse a job that places weights on a tier this machine lacks (planned on a host with a GPU,
+    read on one without), before any weight loads."""
+    placed = {u.tier for c in job.plan.components for u in c.units} | {
+        t for c in job.plan.components for t in c.device_map.values()}
+    missing = sorted(placed - _tiers_here(), key=str)
+    if missing:
+        names = ", ".join(map(_named, missing))
+        gpus = torch.cuda.device_count()
+        raise UserError(
+            f"the job places weights on {names}, which this machine does not have ("
+            f"{f'{gpus} GPU(s)' if gpus else 'no GPU'}); it was planned for the budget {job.budget.describe()}: "
+            "plan the stage again here (--save-job), or run the job on a machine with those tiers.")
 
 
 def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
-    """Read a job file (see :meth:`Job.save`); ``stage``: the stage that is about to run it."""
+    """Read a job file to run it here (see :meth:`Job.save`), checked as input from elsewhere: every
+    field as the flags are checked, and its tiers against this machine's; ``stage``: the stage that is
+    about to run it."""
     path = check_file(path, "a job file", "write one with --save-job (or let generate / --workers do it)")
     try:
         data = json.loads(path.read_text())
@@ -227,6 +279,7 @@ def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
     job = job_from_dict(data)
     if stage is not None and job.stage != stage:
         raise UserError(f"{path} is a job for {job.stage.replace('_', ' ')}, not {stage.replace('_', ' ')}.")
+    check_tiers_here(job)  # read to run here: its tiers must be this machine's
     return job
 
 

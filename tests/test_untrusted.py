@@ -107,3 +107,76 @@ def test_a_folder_is_the_pipeline_its_model_index_names(tmp_path, tiny_folder, g
         assert_refused(done, said)
         assert "FluxPipeline" in done.stderr or "JSON" in said
     assert mine.read_bytes() == MINE
+
+
+# --------------------------------------------------------------------------- jobs from elsewhere
+
+
+@pytest.fixture(scope="module")
+def saved_job(tmp_path_factory):
+    """Embeddings and the job `diffuse --save-job` planned for them at 32x32, as JSON."""
+    folder = tmp_path_factory.mktemp("job")
+    good = _embeddings(folder / "good.safetensors")
+    done = commands.run("diffuse", "--embeddings", good, "--out", folder / "x.png", "--height", "32", "--width", "32",
+                        "--save-job", folder / "job.json")
+    assert done.returncode == 0, done.stderr
+    return good, json.loads((folder / "job.json").read_text())
+
+
+def test_a_job_runs_by_itself_at_the_size_it_was_planned_for(saved_job, tmp_path):
+    from PIL import Image
+
+    good, job = saved_job
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = commands.run("diffuse", "--embeddings", good, "--job", tmp_path / "job.json", "--out", tmp_path / "y.png",
+                        "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    assert Image.open(tmp_path / "y.png").size == (32, 32)
+    wrong = commands.run("diffuse", "--embeddings", good, "--job", tmp_path / "job.json", "--out", tmp_path / "z.png",
+                         "--steps", "1", "--width", "64")
+    assert_refused(wrong, "the job was planned for a 32x32 image")
+    assert not (tmp_path / "z.png").exists()
+
+
+def _on_a_gpu(job: dict) -> None:
+    """What a host with one more GPU than this one planned: the RAM tier's weights on that GPU."""
+    import torch
+
+    gpu = torch.cuda.device_count()
+    plan = job["plan"]
+    plan["budget"]["tiers"] = [[gpu, 8 << 30], *plan["budget"]["tiers"]]
+    for component in plan["components"]:
+        component["units"] = [[n, b, gpu if t == "cpu" else t] for n, b, t in component["units"]]
+        component["device_map"] = [[k, gpu if t == "cpu" else t] for k, t in component["device_map"]]
+
+
+def _set(path: str, value):
+    def edit(job: dict) -> None:
+        *where, last = path.split("/")
+        node = job
+        for key in where:
+            node = node[int(key) if key.isdigit() else key]
+        node[int(last) if last.isdigit() else last] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (_on_a_gpu, "places weights on GPU"),
+    (_set("plan/budget/tiers/0/1", -5), "a job's budget for cpu is -5, not a whole number of bytes above 0"),
+    (_set("plan/budget/tiers/0/1", 0), "a job's budget for cpu is 0"),
+    (_set("plan/budget/tiers/0/1", "5GiB"), "a job's budget for cpu is '5GiB'"),
+    (_set("plan/budget/tiers/0/0", "gpu"), "a job names a tier that is not one: unknown tier 'gpu'"),
+    (_set("plan/components/0/units/0/1", -1), "not a whole number of bytes 0 or more"),
+    (_set("plan/components/0/component", "unet"), "a job names component(s) 'unet'"),
+    (_set("plan/reserve", [["cpu", -1]]), "a job's reserve on cpu is -1"),
+    (_set("offload", "magic"), "magic"),
+    (_set("plan/workload/height", -32), "height must be a whole number"),
+], ids=["gpu", "negative", "zero", "text", "tier", "unit", "component", "reserve", "offload", "workload"])
+def test_a_job_is_read_as_untrusted_input(saved_job, tmp_path, mine, edit, fragment):
+    good, job = saved_job
+    job = json.loads(json.dumps(job))
+    edit(job)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    done = commands.run("diffuse", "--embeddings", good, "--job", tmp_path / "job.json", "--out", mine, "--overwrite")
+    assert_refused(done, fragment)
+    assert mine.read_bytes() == MINE
