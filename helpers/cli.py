@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from helpers.errors import UserError
-from helpers.files import in_outputs
+from helpers.files import in_outputs, write_error
 
 _EPILOG = ("Exit status: 0 success, 2 user error (one line, no traceback), 130 interrupted (Ctrl-C), "
            "1 unexpected error.")
@@ -171,7 +171,7 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 def _read_job(args: argparse.Namespace, stage: str):
     """The job of ``--job FILE`` (refused beside --save-job), or None; a ``--save-job FILE`` that
     cannot be written is refused here, before any planning."""
-    from helpers.files import check_can_write
+    from helpers.files import check_can_write, check_writable
     from helpers.job import load_job
 
     if getattr(args, "job", None) and getattr(args, "save_job", None):
@@ -182,8 +182,7 @@ def _read_job(args: argparse.Namespace, stage: str):
             raise UserError(f"{path.name}: a job is saved as JSON; give --save-job a name ending in .json.")
         if not path.parent.is_dir():
             raise UserError(f"the folder {path.parent} does not exist; create it or choose another --save-job.")
-        if not os.access(path.parent, os.W_OK):
-            raise UserError(f"cannot write to {path.parent}; choose a folder you can write to for --save-job.")
+        check_writable(path.parent, "--save-job")
         check_can_write(path, args.overwrite)
     return load_job(args.job, stage) if getattr(args, "job", None) else None
 
@@ -546,7 +545,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from helpers.bench import rows, run, title
     from helpers.budget import format_bytes
-    from helpers.files import atomic_path, check_can_write
+    from helpers.files import atomic_path, check_can_write, check_writable
     from helpers.report import Table
 
     def save(data: dict) -> None:
@@ -556,13 +555,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     def save_partial(data: dict) -> None:
         try:
             save(data)
-        except OSError as err:  # the benchmark goes on; the final write says so again if it still fails
+        except (OSError, UserError) as err:  # the benchmark goes on; the final write says so again if it still fails
             print(f"warning: could not write {args.json} ({err})", file=sys.stderr)
 
     if args.json:  # before any work: a result already there stays unless --overwrite, a mistyped folder is not made
         check_can_write(args.json, overwrite=args.overwrite)
         if not Path(args.json).expanduser().parent.is_dir() and not in_outputs(Path(args.json).parent):
             raise UserError(f"the folder {Path(args.json).parent} does not exist; create it or choose another --json.")
+        if Path(args.json).expanduser().parent.is_dir():
+            check_writable(Path(args.json).expanduser().parent, "--json")
     # with --json the file holds each strategy's result as soon as it is measured ("complete": false
     # until the last): a run stopped midway keeps what it measured
     data = run(args.model, args.max_memory, steps=args.steps, height=args.height, width=args.width,
@@ -944,9 +945,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return interrupted()
-    except Exception:
+    except Exception as err:
         # Ctrl-C in the middle of a library's import can surface as another error (a half-imported
         # module): once interrupted, the run ends as interrupted, whatever the library made of it
         if interrupts is not None and interrupts.times:
             return interrupted()
+        said = write_error(err)  # a full or read-only disk met by a write no stage named: still one line
+        if said is not None:
+            print(f"error: {said}", file=sys.stderr)
+            return 2
         raise

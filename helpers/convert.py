@@ -13,6 +13,7 @@ end: an interrupted conversion leaves nothing behind, and an existing ``out`` is
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
+from helpers.files import check_free_space, check_writable, write_error, writing
 
 #: what ``convert`` rewrites by default: the transformer, where the bytes are
 DEFAULT_COMPONENTS = ("transformer",)
@@ -41,6 +43,7 @@ def check_out(out: str | os.PathLike) -> Path:
         raise UserError(f"{out} exists; convert writes a new folder and never replaces one: choose another --out.")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent} does not exist; make it first, or choose another --out.")
+    check_writable(out.parent)
     return out
 
 
@@ -138,8 +141,10 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
         already = folder_format(src / comp)
         if already is not None and already != "bf16" and already != weights:
             raise UserError(f"{src / comp} is stored in {already}; convert from the original model, not from a copy.")
+    check_free_space(out.parent, converted_bytes(src, components, weights), f"the {weights} copy of {src.name}")
     classes = _classes()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for child in sorted(src.iterdir()):
             if child.name in components:
@@ -153,7 +158,21 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp's and save_file's private modes: as any new folder
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         os.rename(tmp, out)  # refused if out appeared meanwhile: then nothing is replaced
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        said = write_error(err, out)
+        if said is not None:
+            raise said from None
         raise
     return out
+
+
+def converted_bytes(src: Path, components, weights: str) -> int:
+    """About what a copy of ``src`` with ``components`` in ``weights`` adds to a disk: the converted
+    components' tensors at their new size (the other files are hard links where the disk allows)."""
+    from helpers.precision import WEIGHTS
+    from helpers.sources import read_safetensors_index
+
+    itemsize = torch.empty(0, dtype=WEIGHTS[weights]).element_size()
+    return sum(math.prod(shape) * itemsize for comp in components
+               for *_, shape in read_safetensors_index(src / comp).values())

@@ -30,7 +30,7 @@ import torch
 
 from helpers.activations import MULTIPLE, Workload
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir, remove_folder
+from helpers.files import check_can_write, check_writable, outputs_dir, remove_folder
 
 DIFFUSION_COMPONENTS = ("transformer", "vae")
 #: the usual settings of each FLUX.1 variant
@@ -391,8 +391,10 @@ def diffuse_file(
         p = paths[i]
         if not p.parent.exists() and not create_folder:
             raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
-        if p.parent.exists() and (not p.parent.is_dir() or not os.access(p.parent, os.W_OK)):
-            raise UserError(f"cannot write to {p.parent}; choose a folder you can write to.")
+        if p.parent.exists() and not p.parent.is_dir():
+            raise UserError(f"{p.parent} is not a folder; choose another --out.")
+        if p.parent.exists():
+            check_writable(p.parent)
         if p.is_file() and not overwrite and header.batch > 1:
             raise UserError(f"{p} already exists; --resume makes only the images of this file that are missing, "
                             "--overwrite makes them all again.")

@@ -205,6 +205,13 @@ def check_values(header: EmbeddingsHeader, tensors: dict[str, torch.Tensor]) -> 
                 )
 
 
+def file_bytes(joint_attention_dim: int, pooled_projection_dim: int, batch: int, tokens: int) -> int:
+    """About the bytes of an embeddings file for ``batch`` prompts of ``tokens`` tokens: the bf16 prompt
+    and pooled embeddings, the float32 text ids and room for the header (known before any encoder
+    loads, so that a disk too full for it is refused first)."""
+    return 2 * batch * (tokens * joint_attention_dim + pooled_projection_dim) + 4 * tokens * 3 + (64 << 10)
+
+
 def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
     """The file's metadata, tensor names, shapes and dtypes, from the header alone."""
     from safetensors import SafetensorError, safe_open

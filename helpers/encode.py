@@ -23,7 +23,7 @@ import torch
 
 from helpers.budget import Tier
 from helpers.errors import UserError
-from helpers.files import check_can_write, outputs_dir, remove_folder
+from helpers.files import check_can_write, check_free_space, check_writable, outputs_dir, remove_folder
 from helpers.loading import compare_maps, torch_device  # noqa: F401 - the notebooks' names
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
@@ -241,7 +241,7 @@ def encode_prompts(
     ``check_only``: every check and the plan, then the job, without loading anything.
     """
     from helpers.activations import Workload
-    from helpers.embeddings import save_embeddings, weights_identity
+    from helpers.embeddings import file_bytes, save_embeddings, weights_identity
     from helpers.offload import check_offload
     from helpers.memory import measure
     from helpers.job import Job, check_job_alone
@@ -264,8 +264,8 @@ def encode_prompts(
             raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
     elif not out.parent.is_dir():
         raise UserError(f"{out.parent} is not a folder; choose another output path.")
-    elif not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to {out.parent}; choose a folder you can write to.")
+    else:
+        check_writable(out.parent)
     check_can_write(out, overwrite)
     check_offload(offload)
     # T5's activations for these prompts keep room on the fast tier; too many at once are refused here
@@ -277,6 +277,9 @@ def encode_prompts(
         job.check_workload(workload)
     if check_only:
         return job
+    cfg = ref.configs["transformer"]
+    check_free_space(out.parent, file_bytes(cfg["joint_attention_dim"], cfg["pooled_projection_dim"],
+                                            workload.batch, workload.tokens), "the embeddings file")
     out.parent.mkdir(parents=True, exist_ok=True)
     plan, offload = job.plan, job.offload
     folder = ref.folder(components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])

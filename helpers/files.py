@@ -9,7 +9,10 @@ Explained in ``00_environment-check.ipynb``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -89,6 +92,68 @@ def check_file(path: str | os.PathLike, what: str, remedy: str) -> Path:
     return path
 
 
+#: the errors a write meets on a machine's disks, and what each means
+_WRITE_CAUSES = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+
+
+def write_error(err: BaseException, path: str | os.PathLike | None = None) -> UserError | None:
+    """One line for a write of ``path`` that met a full disk, a used-up quota, a read-only file system
+    or a permission it lacks (an ``OSError``, or a library's error that carries the OS's code, as
+    safetensors' does), saying what to do; None for any other error."""
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if code is None:
+        # a Rust library's I/O error (safetensors): "... (os error 28)", or "Os { code: 28, ... }"
+        found = re.search(r"\(os error (\d+)\)|\bOs \{ code: (\d+)", str(err))
+        code = int(found.group(1) or found.group(2)) if found else None
+    if code not in _WRITE_CAUSES:
+        return None
+    where = path if path is not None else getattr(err, "filename", None)
+    fix = ("free space there, or write elsewhere (another --out)" if code in (errno.ENOSPC, errno.EDQUOT) else
+           "write to a folder you may write to (another --out)")
+    return UserError(f"cannot write {where if where is not None else 'a file'}: {_WRITE_CAUSES[code]}; {fix}.")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a disk's refusal while writing ``path`` (:func:`write_error`) into its one line."""
+    try:
+        yield
+    except Exception as err:
+        said = write_error(err, path)
+        if said is None:
+            raise
+        raise said from None
+
+
+def check_writable(folder: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, before any work, a folder this process cannot write into, saying why: a read-only file
+    system, or a permission it lacks."""
+    if os.access(folder, os.W_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    cause = _WRITE_CAUSES[errno.EROFS if read_only else errno.EACCES]
+    raise UserError(f"cannot write to {folder}: {cause}; choose a folder you can write to (another {flag}).")
+
+
+def check_free_space(folder: str | os.PathLike, need: int, what: str) -> None:
+    """Refuse, before the work that would fill it, to write ``need`` bytes of ``what`` into ``folder``
+    (or the nearest folder above it that exists) when its disk has less free."""
+    from helpers.budget import format_bytes
+
+    here = Path(folder).expanduser().absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    free = shutil.disk_usage(here).free
+    if need > free:
+        raise UserError(f"{what} needs about {format_bytes(need)} and the disk of {here} has {format_bytes(free)} free; "
+                        "free space there, or write elsewhere (another --out).")
+
+
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse, before any work, to replace an existing file unless ``overwrite`` is set."""
     path = Path(path).expanduser()
@@ -111,18 +176,20 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     temporary file is removed and the target is left untouched.
     """
     path = check_can_write(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        if not overwrite and path.exists():
-            raise UserError(f"{path} appeared while writing; kept it, nothing replaced.")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing, as any new file
-        os.replace(tmp, path)
+        with writing(path):  # a full or read-only disk: one line naming the file, the temporary removed
+            yield tmp
+            if not overwrite and path.exists():
+                raise UserError(f"{path} appeared while writing; kept it, nothing replaced.")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for sharing, as any new file
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,7 @@ import torch
 
 from helpers.budget import Tier
 from helpers.errors import UserError
-from helpers.files import remove_folder, run_folder
+from helpers.files import check_free_space, remove_folder, run_folder
 from helpers.precision import FP8_REST
 
 #: the lists of blocks a split component streams, in call order
@@ -186,6 +186,13 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
                 offload_folder, temporary = run_folder(component), True
             offload_folder = Path(offload_folder)
             offload_folder.mkdir(parents=True, exist_ok=True)
+            on_disk = sum(u.nbytes for u in comp_plan.units if u.tier == "disk")
+            try:  # accelerate writes the disk tier's copies there before the first step: room for them first
+                check_free_space(offload_folder, on_disk, f"the disk tier's copies of {component}")
+            except UserError:
+                if temporary:
+                    remove_folder(offload_folder)
+                raise
         else:
             offload_folder = None
         try:

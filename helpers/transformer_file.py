@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from helpers.errors import UserError
+from helpers.files import check_writable, write_error, writing
 from helpers.layouts import PREFIX, bfl_layout, to_bfl
 from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
@@ -47,6 +48,7 @@ def _check_out(out: Path, fmt: str) -> str:
         raise UserError(f"{out} exists; a transformer file is never replaced: choose another --out.")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent} does not exist; make it first, or choose another --out.")
+    check_writable(out.parent)
     kinds = {".gguf": GGUF_FORMATS, ".safetensors": SAFETENSORS_FORMATS}
     if out.suffix not in kinds:
         raise UserError(f"{out.name}: a transformer file ends in .gguf or .safetensors.")
@@ -99,7 +101,8 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
     state = to_bfl(transformer.state_dict(), transformer.config)
     del transformer
     variant = "dev" if any(k.startswith("guidance_in.") for k in state) else "schnell"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with writing(out):
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(fd)
     try:
         names = sorted(state)
@@ -136,6 +139,11 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
             save_file(tensors, tmp, metadata={"format": "pt", "variant": variant, "weights": fmt})
         os.chmod(tmp, 0o666 & ~_umask())
         os.link(tmp, out)  # refused if out appeared meanwhile: nothing is replaced
+    except Exception as err:
+        said = write_error(err, out)  # a full or read-only disk: one line, the temporary removed below
+        if said is not None:
+            raise said from None
+        raise
     finally:
         os.unlink(tmp)
     return out

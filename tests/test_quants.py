@@ -152,8 +152,10 @@ def test_damaged_files_are_refused_from_their_header(tmp_path):
     (tmp_path / "iq2.gguf").write_bytes(raw[:at] + struct.pack("<I", 16) + raw[at + 4:])
     with pytest.raises(UserError, match="IQ2_XXS cannot be read here"):
         read_weights_file(tmp_path / "iq2.gguf")
-    with pytest.raises(UserError, match="is not a file"):
+    with pytest.raises(UserError, match="no transformer's .gguf or .safetensors file at .*missing.gguf"):
         read_weights_file(tmp_path / "missing.gguf")
+    with pytest.raises(UserError, match="is a folder, not a transformer's .gguf or .safetensors file"):
+        read_weights_file(tmp_path)
 
 
 def test_a_single_safetensors_header_and_its_refusals(tmp_path):

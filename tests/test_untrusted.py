@@ -180,3 +180,108 @@ def test_a_job_is_read_as_untrusted_input(saved_job, tmp_path, mine, edit, fragm
     done = commands.run("diffuse", "--embeddings", good, "--job", tmp_path / "job.json", "--out", mine, "--overwrite")
     assert_refused(done, fragment)
     assert mine.read_bytes() == MINE
+
+
+# --------------------------------------------------------------------------- full and read-only disks
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """A small disk of its own (a 256 KiB tmpfs, which mounting needs root for), holding the file the
+    user already has; unmounted after."""
+    import subprocess
+
+    where = tmp_path / "disk"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def _fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+
+
+def _read_only(disk: Path) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+
+def _commands(good: Path, tiny_folder: Path, disk: Path, other: Path) -> dict:
+    """Each command that writes, its output on ``disk`` (where the user's own file has that name)."""
+    return {
+        "diffuse": (["diffuse", "--embeddings", good, "--out", disk / "x.png", "--overwrite", *SIZE], "x.png"),
+        "encode": (["encode", "--prompt", "a red circle", "--max-sequence-length", "16", "--overwrite",
+                    "--out", disk / "e.safetensors"], "e.safetensors"),
+        "convert": (["convert", "--model", tiny_folder, "--weights", "fp8", "--out", disk / "fp8"], None),
+        "convert-file": (["convert", "--model", tiny_folder, "--weights", "q8_0", "--out", disk / "t.gguf"], None),
+        "save-job": (["diffuse", "--embeddings", good, "--out", other / "y.png", *SIZE, "--overwrite",
+                      "--save-job", disk / "job.json"], "job.json"),
+    }
+
+
+@pytest.mark.parametrize("state, said", [
+    ("full", ("no space left on the disk", "free space there, or write elsewhere", " free; free space there")),
+    ("read-only", ("the file system is read-only",)),
+])
+@pytest.mark.parametrize("command", ["diffuse", "encode", "convert", "convert-file", "save-job"])
+def test_a_full_or_read_only_disk_is_one_line_and_the_users_file_stays(disk, tmp_path, tiny_folder, good, state, said,
+                                                                       command):
+    args, name = _commands(good, tiny_folder, disk, tmp_path)[command]
+    if name:
+        (disk / name).write_bytes(MINE)
+    _fill(disk) if state == "full" else _read_only(disk)
+    before = sorted(p.name for p in disk.iterdir())
+    done = commands.run(*args)
+    assert done.returncode == 2, done.stderr[-3000:]
+    # one line (after the progress bars of work whose output size could not be known before it ran)
+    lines = done.stderr.replace("\r", "\n").strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == lines[-1:] and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert any(s in errors[0] for s in said) and str(disk) in errors[0], errors[0]
+    assert sorted(p.name for p in disk.iterdir()) == before  # no temporary left
+    if name:
+        assert (disk / name).read_bytes() == MINE
+
+
+def test_a_librarys_write_that_meets_a_full_disk_is_one_line_and_leaves_no_temporary(disk):
+    import torch
+    from safetensors.torch import save_file
+
+    from helpers.embeddings import save_embeddings
+    from helpers.errors import UserError
+    from helpers.files import write_error
+
+    (disk / "e.safetensors").write_bytes(MINE)
+    _fill(disk)
+    with pytest.raises(Exception) as raw:  # safetensors (Rust) says ENOSPC in its own error type
+        save_file({"x": torch.zeros(1 << 16)}, str(disk / "t.safetensors"))
+    assert not isinstance(raw.value, OSError)
+    assert "no space left on the disk" in str(write_error(raw.value, disk / "t.safetensors"))
+    (disk / "t.safetensors").unlink(missing_ok=True)
+    with pytest.raises(UserError, match=f"cannot write {disk / 'e.safetensors'}: no space left on the disk"):
+        save_embeddings(disk / "e.safetensors", torch.zeros(1, 512, 32), torch.zeros(1, 32), model="tiny",
+                        fingerprint="x", prompts=["a"], max_sequence_length=512, overwrite=True)
+    assert sorted(p.name for p in disk.iterdir()) == ["e.safetensors", "filler"]
+    assert (disk / "e.safetensors").read_bytes() == MINE
+    assert write_error(ValueError("not a disk's")) is None and write_error(FileNotFoundError(2, "gone")) is None
+
+
+def test_the_disk_tiers_copies_need_room_before_they_are_written(disk, tmp_path, tiny_folder, good):
+    _fill(disk)
+    done = commands.run("diffuse", "--embeddings", good, "--model", tiny_folder, "--offload", "accelerate",
+                        "--max-memory", "cpu=50%,disk=100%", "--out", tmp_path / "x.png", *SIZE,
+                        env={"FLUX_OUTPUTS": disk})
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.replace("\r", "\n").strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:] and "Traceback" not in done.stderr
+    assert "the disk tier's copies of transformer needs about" in lines[-1] and "0 B free" in lines[-1], lines[-1]
+    assert not (tmp_path / "x.png").exists() and sorted(p.name for p in disk.iterdir()) == ["filler", "offload"]
+    assert not list((disk / "offload").iterdir())  # this run's folder removed
