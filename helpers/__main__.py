@@ -4,16 +4,20 @@ import os
 import sys
 
 
-def _exit_interrupted() -> None:
-    """End with status 130. Not through ``sys.exit``: when the interrupt went through an ``exec``
-    (dataclasses and other libraries run generated code while they import), CPython keeps it marked
-    as unhandled although it was handled, and would end the process by SIGINT instead."""
+def _exit_interrupted(code: int = 130) -> None:
+    """End with status ``code`` (130, or 143 / 129 when stopped by SIGTERM / SIGHUP). Not through
+    ``sys.exit``: when the interrupt went through an ``exec`` (dataclasses and other libraries run
+    generated code while they import), CPython keeps it marked as unhandled although it was handled,
+    and would end the process by SIGINT instead."""
     import atexit
 
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
+    os._exit(code)
 
 
 try:
@@ -24,6 +28,6 @@ except KeyboardInterrupt:  # Ctrl-C in the first instants, before the command li
     _exit_interrupted()
 
 code = main()
-if code == 130:
-    _exit_interrupted()
+if code in (129, 130, 143):  # stopped by SIGHUP, Ctrl-C or SIGTERM
+    _exit_interrupted(code)
 sys.exit(code)

@@ -2,8 +2,8 @@
 
 Each subcommand calls the same helper functions the notebooks use, so a stage can run as its own
 process: in a script, a test, or on a GPU machine. Exit status: 0 on success, 2 on a user error
-(one line on stderr, no traceback), 130 when interrupted (Ctrl-C: one line, no partial file, no
-child process left), 1 on anything unexpected.
+(one line on stderr, no traceback), 130 when interrupted (Ctrl-C), 143 when stopped by SIGTERM and
+129 by SIGHUP (each: one line, no partial file, no child process left), 1 on anything unexpected.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from pathlib import Path
 
 from helpers.errors import UserError
 from helpers.files import in_outputs, write_error
+from helpers.signals import StopSignals, Stopped, exit_status, said, signum_of, stopped_by
 
 _EPILOG = ("Exit status: 0 success, 2 user error (one line, no traceback), 130 interrupted (Ctrl-C), "
-           "1 unexpected error.")
+           "143 stopped by SIGTERM, 129 by SIGHUP, 1 unexpected error.")
 #: set in the environment of `generate`'s stages: the parent says "interrupted" for the whole run
 _STAGE_CHILD = "FLUX_HELPERS_STAGE_CHILD"
-#: a second Ctrl-C this soon after the first is the same one (a terminal signals every process of the
-#: command, and `generate` passes it on to its stage); later, it interrupts again (cleanup that hangs)
-_SAME_INTERRUPT_S = 2.0
-#: how long a stage may take to clean up after Ctrl-C before `generate` kills it
+#: how long a stage may take to clean up after a stop (Ctrl-C, SIGTERM, SIGHUP) before `generate` kills it
 _STAGE_GRACE_S = 60.0
 
 
@@ -322,11 +320,11 @@ def _diffuse_on_workers(args: argparse.Namespace, job=None) -> int:
         argv = ["diffuse", *_diffuse_argv(args, args.embeddings, args.out, job=plan)]
         argv += [] if args.threads else [f"--threads={threads}"]
         argv += [f"--report={args.report}"] if args.report else []
-        code = run_workers(args.workers, argv, threads)
+        code = run_workers(args.workers, argv, threads, env_extra={_STAGE_CHILD: "1"})  # this process says it
     wanted = {Path(p).resolve() for p in todo}
     left = [i for i, p in enumerate(paths) if p.resolve() in wanted and not p.is_file()]
-    if code in (130, -signal.SIGINT):
-        raise KeyboardInterrupt
+    if stopped_by(code) is not None:  # the workers were stopped (and this process was not)
+        raise Stopped(stopped_by(code))
     if left:
         named = "; ".join(f"{i + 1} ({header.prompts[i][:40]!r})" for i in left[:8]) + ("; ..." if len(left) > 8 else "")
         raise UserError(f"{len(left)} of the {len(todo)} images were not made (the workers ended with status {code}): "
@@ -399,9 +397,9 @@ def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> 
                              env={**os.environ, _STAGE_CHILD: "1"})
     try:
         code = child.wait()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP: the same one to the stage (once more is ignored)
         if child.poll() is None:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signum_of(err))
             try:
                 child.wait(_STAGE_GRACE_S)
             except subprocess.TimeoutExpired:
@@ -410,8 +408,8 @@ def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> 
                 for path in outputs:
                     remove_partial(path)
         raise
-    if code in (130, -signal.SIGINT):  # the stage was interrupted (by the terminal, or on its own)
-        raise KeyboardInterrupt
+    if stopped_by(code) is not None:  # the stage was stopped (by the terminal, a scheduler, or on its own)
+        raise Stopped(stopped_by(code))
     if code < 0:
         raise UserError(f"stage {name} ended by signal {signal.Signals(-code).name}; nothing more was made.")
     if code != 0:
@@ -878,56 +876,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Interrupts:
-    """Ctrl-C raises KeyboardInterrupt where the command is, so that its cleanup runs (partial files
-    removed, children stopped); another within :data:`_SAME_INTERRUPT_S` is the same press and is
-    ignored, so it cannot cut that cleanup short. :meth:`held` keeps a press for later where raising
-    would abort the process instead: torch's import runs Python callbacks from C++ (pybind11), and an
-    exception raised in one of them ends the process by SIGABRT with a C++ message."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []  # when each press arrived
-        self._holding = False
-        self._pending = False
-        try:
-            signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread (main() called from a thread): leave Python's default
-            pass
-
-    def _handler(self, signum, frame) -> None:
-        now = time.monotonic()
-        if self.times and now - self.times[-1] < _SAME_INTERRUPT_S:
-            return
-        self.times.append(now)
-        if self._holding:
-            self._pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def held(self):
-        """A press during the block is raised when the block ends (or right away if it fails)."""
-        self._holding = True
-        try:
-            yield
-        finally:
-            self._holding = False
-            if self._pending:
-                self._pending = False
-                raise KeyboardInterrupt
-
-
-def interrupted() -> int:
-    """Say so once (a stage of `generate` leaves it to its parent) and give the exit status 130."""
+def interrupted(signum: int = signal.SIGINT) -> int:
+    """Say so once (a stage of `generate` leaves it to its parent) and give the status of ``signum``
+    (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
     if not os.environ.get(_STAGE_CHILD):
-        print("interrupted", file=sys.stderr)
-    return 130
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            print(said(signum), file=sys.stderr)
+    return exit_status(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    interrupts: _Interrupts | None = None
+    interrupts: StopSignals | None = None
     try:
-        interrupts = _Interrupts()
+        interrupts = StopSignals()
         with interrupts.held():  # the first second or two of any command; Ctrl-C is answered right after
             import torch  # noqa: F401
         parser = build_parser()
@@ -943,13 +904,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return interrupted()
+    except KeyboardInterrupt as err:
+        return interrupted(signum_of(err))
     except Exception as err:
         # Ctrl-C in the middle of a library's import can surface as another error (a half-imported
         # module): once interrupted, the run ends as interrupted, whatever the library made of it
         if interrupts is not None and interrupts.times:
-            return interrupted()
+            return interrupted(interrupts.signum)
         said = write_error(err)  # a full or read-only disk met by a write no stage named: still one line
         if said is not None:
             print(f"error: {said}", file=sys.stderr)

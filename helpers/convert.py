@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
-from helpers.files import check_free_space, check_writable, write_error, writing
+from helpers.files import check_free_space, check_writable, remove_stale, temporary_prefix, write_error, writing
 
 #: what ``convert`` rewrites by default: the transformer, where the bytes are
 DEFAULT_COMPONENTS = ("transformer",)
@@ -144,7 +144,8 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
     check_free_space(out.parent, converted_bytes(src, components, weights), f"the {weights} copy of {src.name}")
     classes = _classes()
     with writing(out):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        remove_stale(out.parent, out.name)  # what a convert that was killed (SIGKILL) left here
+        tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
     try:
         for child in sorted(src.iterdir()):
             if child.name in components:

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -167,6 +168,42 @@ def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def temporary_prefix(name: str) -> str:
+    """The start of the name of a temporary made beside ``name`` before it is renamed into place:
+    hidden, and saying which host and process made it (``.NAME.HOST-PID.``), so that a later run can
+    tell one left by a process that was killed (:func:`remove_stale`) from one still being written."""
+    return f".{name}.{socket.gethostname()}-{os.getpid()}."
+
+
+def remove_stale(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the temporaries of ``name`` in ``folder`` (:func:`temporary_prefix`) that a process of
+    this host left when it was killed (SIGKILL cannot be caught: a killed ``convert`` leaves a folder
+    the model's size). Those of a process still running, or of another host, are kept."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.{re.escape(socket.gethostname())}-(\d+)\.")
+    gone = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path(folder).iterdir()):
+            found = pattern.match(entry.name)
+            if found is None or _alive(int(found.group(1))):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            gone.append(entry)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
@@ -178,7 +215,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     path = check_can_write(path, overwrite)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        remove_stale(path.parent, path.stem)
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(path.stem), suffix=f".tmp{path.suffix}",
+                                        dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

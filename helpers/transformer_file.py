@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from helpers.errors import UserError
-from helpers.files import check_writable, write_error, writing
+from helpers.files import check_writable, remove_stale, temporary_prefix, write_error, writing
 from helpers.layouts import PREFIX, bfl_layout, to_bfl
 from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
@@ -102,7 +102,8 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
     del transformer
     variant = "dev" if any(k.startswith("guidance_in.") for k in state) else "schnell"
     with writing(out):
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        remove_stale(out.parent, out.name)  # what a writer that was killed (SIGKILL) left here
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(out.name), dir=out.parent)
     os.close(fd)
     try:
         names = sorted(state)

@@ -27,10 +27,13 @@ diffuse ...`` (several hosts: ``--nnodes`` and a rendezvous endpoint), ``acceler
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,7 +175,48 @@ def launch_command(workers: int, argv: list[str], threads: int) -> tuple[list[st
     return command, {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
 
-def run_workers(workers: int, argv: list[str], threads: int) -> int:
-    """Run ``python -m helpers ARGV`` on ``workers`` processes through torchrun and wait; its status."""
+#: how long torchrun may take to stop its workers after a stop signal before they are killed
+STOP_GRACE_S = 60.0
+
+
+def run_workers(workers: int, argv: list[str], threads: int, env_extra: dict | None = None) -> int:
+    """Run ``python -m helpers ARGV`` on ``workers`` processes through torchrun and wait; its status.
+
+    torchrun and its workers are a process group of their own, so that a stop reaches them once,
+    from here: Ctrl-C, SIGTERM or SIGHUP to this process is passed on to torchrun, which stops its
+    workers with it (each removes its partial image); a group that has not ended within
+    :data:`STOP_GRACE_S` is killed. The stop is raised again here once they are gone."""
     command, env = launch_command(workers, argv, threads)
-    return subprocess.call(command, env=env)
+    child = subprocess.Popen(command, env={**env, **(env_extra or {})}, process_group=0, stderr=subprocess.PIPE)
+    stopping = threading.Event()
+    relay = threading.Thread(target=_relay, args=(child.stderr, stopping), daemon=True)
+    relay.start()
+    try:
+        return child.wait()
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP (helpers.signals.Stopped)
+        stopping.set()  # torchrun's account of the stop (a traceback of its own) is not the user's business
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(getattr(err, "signum", signal.SIGINT))
+        try:
+            child.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # whatever of the group is left: its workers too
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    finally:
+        relay.join(timeout=10)
+        child.stderr.close()
+
+
+def _relay(pipe, stopping: threading.Event) -> None:
+    """Pass what torchrun and the workers say on to this process's stderr as it comes; once a stop
+    has begun, drop it."""
+    fd = pipe.fileno()
+    while chunk := os.read(fd, 65536):
+        if not stopping.is_set():
+            with contextlib.suppress(OSError, ValueError):  # SIGHUP: the terminal may be gone
+                sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
+                    chunk.decode(errors="replace"))
+                sys.stderr.flush()

@@ -231,14 +231,15 @@ if _where:
 
 
 class _Run:
-    """`generate` in its own process group, as a terminal runs it, with its stderr read as it comes."""
+    """`generate` (or ``command`` with its own arguments) in its own process group, as a terminal runs
+    it, with its stderr read as it comes; its outputs go to ``tmp_path / "out"``."""
 
-    def __init__(self, tmp_path: Path, *args, env_extra=None):
+    def __init__(self, tmp_path: Path, *args, env_extra=None, command=None):
         self.out = tmp_path / "out"
         self.out.mkdir()
         env = dict(os.environ, **(env_extra or {}))
-        self.proc = subprocess.Popen([sys.executable, "-m", "helpers", "generate", "--prompt", "a red circle",
-                                      "--out", str(self.out / "x.png"), *map(str, args)],
+        argv = (command or ["generate", "--prompt", "a red circle", "--out", self.out / "x.png"])
+        self.proc = subprocess.Popen([sys.executable, "-m", "helpers", *map(str, argv), *map(str, args)],
                                      stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.err = b""
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -254,16 +255,18 @@ class _Run:
             assert self.proc.poll() is None and time.monotonic() < end, (text, self.err.decode()[-3000:])
             time.sleep(0.02)
 
-    def interrupt(self, group: bool = True) -> str:
-        """Ctrl-C: to every process of the command (a terminal), or to `generate` alone (kill -INT)."""
+    def interrupt(self, group: bool = True, signum: int = signal.SIGINT) -> str:
+        """Ctrl-C (or ``signum``): to every process of the command (a terminal, a scheduler's stop of a
+        whole job), or to the command alone (kill -INT, `timeout`); what it said, once it ended with
+        the shell's status for that signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)."""
         if group:
-            os.killpg(self.proc.pid, signal.SIGINT)
+            os.killpg(self.proc.pid, signum)
         else:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(signum)
         code = self.proc.wait(timeout=120)
         self.reader.join(timeout=10)
         err = self.err.decode()
-        assert code == 130, (code, err if len(err) < 4000 else err[:2000] + "\n...\n" + err[-2000:])
+        assert code == 128 + signum, (code, err if len(err) < 4000 else err[:2000] + "\n...\n" + err[-2000:])
         return err
 
     def nothing_left(self) -> None:
@@ -281,8 +284,8 @@ class _Run:
         return left
 
 
-def _said_once(err: str) -> None:
-    assert err.count("interrupted") == 1 and err.rstrip().endswith("interrupted"), err[-3000:]
+def _said_once(err: str, said: str = "interrupted") -> None:
+    assert err.count(said) == 1 and err.rstrip().endswith(said), err[-3000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
 
 

@@ -9,6 +9,8 @@ import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import commands
-from test_refusals import MINE, _embeddings, assert_refused
+from test_refusals import MINE, _embeddings, _pause_hook, _Run, _said_once, assert_refused
 
 SIZE = ["--height", "32", "--width", "32", "--steps", "1"]
 
@@ -285,3 +287,89 @@ def test_the_disk_tiers_copies_need_room_before_they_are_written(disk, tmp_path,
     assert "the disk tier's copies of transformer needs about" in lines[-1] and "0 B free" in lines[-1], lines[-1]
     assert not (tmp_path / "x.png").exists() and sorted(p.name for p in disk.iterdir()) == ["filler", "offload"]
     assert not list((disk / "offload").iterdir())  # this run's folder removed
+
+
+# --------------------------------------------------------------------------- a scheduler's stop
+
+
+STOPS = {"SIGTERM": (signal.SIGTERM, "stopped (SIGTERM)"),
+         "SIGHUP": (signal.SIGHUP, "stopped (SIGHUP: the terminal or session closed)")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, group", [
+    ("SIGTERM", False),  # `timeout`, `kill PID`: the parent alone, whose stage used to be left running
+    ("SIGTERM", True),  # systemd, Slurm, Kubernetes: every process
+    ("SIGHUP", True),  # the terminal closed
+    ("SIGHUP", False),
+], ids=["SIGTERM-parent", "SIGTERM-group", "SIGHUP-group", "SIGHUP-parent"])
+def test_a_stop_signal_ends_generate_as_ctrl_c_does(tmp_path, stop, group):
+    signum, said = STOPS[stop]
+    run_ = _Run(tmp_path, "--height", "128", "--width", "128", "--max-sequence-length", "16", "--steps", "2000")
+    run_.wait_for("stage 2: diffusion")
+    run_.wait_for("/2000")  # the stage's progress bar counts steps
+    _said_once(run_.interrupt(group, signum), said)
+    assert run_.nothing_left() == ["x.safetensors"]  # stage 1's file kept, no partial image, no stage left
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
+def test_a_stop_signal_ends_encode_while_it_loads(tmp_path, stop):
+    signum, said = STOPS[stop]
+    where = "helpers.sources:read_tensor"
+    run_ = _Run(tmp_path, command=["encode", "--prompt", "a red circle", "--max-sequence-length", "16",
+                                   "--out", tmp_path / "out" / "e.safetensors"],
+                env_extra={"PYTHONPATH": str(_pause_hook(tmp_path)), "TEST_PAUSE_IN": where, "TEST_PAUSE_STAGE": "encode"})
+    run_.wait_for(f"TEST: paused in {where}")
+    _said_once(run_.interrupt(False, signum), said)
+    assert run_.nothing_left() == []
+    offload = Path(os.environ["FLUX_OUTPUTS"]) / "offload"
+    assert not offload.is_dir() or not list(offload.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, group", [("SIGTERM", False), ("SIGHUP", True)], ids=["SIGTERM-parent", "SIGHUP-group"])
+def test_a_stop_signal_ends_every_worker(tmp_path, good, stop, group):
+    import psutil
+
+    signum, said = STOPS[stop]
+    two = tmp_path / "two.safetensors"
+    done = commands.run("encode", "--prompt", "a red circle", "--prompt", "a blue square", "--max-sequence-length",
+                        "16", "--out", two)
+    assert done.returncode == 0, done.stderr
+    run_ = _Run(tmp_path, command=["diffuse", "--embeddings", two, "--out", tmp_path / "out" / "img.png",
+                                   "--height", "128", "--width", "128", "--steps", "2000", "--workers", "2"])
+    run_.wait_for("/2000")
+    family = psutil.Process(run_.proc.pid).children(recursive=True)  # torchrun and its workers
+    assert len(family) >= 3
+    err = run_.interrupt(group, signum)
+    _said_once(err, said)
+    assert "SignalException" not in err and "death signal" not in err  # torchrun's own account is not shown
+    assert run_.nothing_left() == []
+    psutil.wait_procs(family, timeout=5)
+    assert not [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_a_killed_convert_leaves_a_temporary_that_the_next_run_removes(tmp_path, tiny_folder):
+    import subprocess
+    import sys
+
+    where = "helpers.convert:_convert_component"
+    env = {**os.environ, "PYTHONPATH": str(_pause_hook(tmp_path)), "TEST_PAUSE_IN": where, "TEST_PAUSE_STAGE": "convert"}
+    out = tmp_path / "copies"
+    out.mkdir()
+    killed = subprocess.Popen([sys.executable, "-m", "helpers", "convert", "--model", str(tiny_folder), "--weights",
+                               "fp8", "--out", str(out / "fp8")], stderr=subprocess.PIPE, env=env)
+    said = b""
+    while b"TEST: paused" not in said:
+        chunk = os.read(killed.stderr.fileno(), 4096)
+        assert chunk, said.decode()
+        said += chunk
+    killed.kill()  # SIGKILL: nothing of its own cleanup runs
+    killed.wait()
+    left = [p.name for p in out.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".fp8.") and str(killed.pid) in left[0], left
+    live = out / f".fp8.{socket.gethostname()}-{os.getpid()}.x"  # a run still writing: kept
+    live.mkdir()
+    done = commands.run("convert", "--model", tiny_folder, "--weights", "fp8", "--out", out / "fp8")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(["fp8", live.name])
