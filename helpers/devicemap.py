@@ -195,6 +195,23 @@ def plan_component(
     return plan
 
 
+def misplaced(model: torch.nn.Module, device_map: dict[str, Tier]) -> tuple[list[str], list[str]]:
+    """What is wrong with ``device_map`` for ``model``: the names it places that are not modules of
+    the model, and the model's parameters that no name places (a map read from a file is checked
+    with this before accelerate is handed it)."""
+    modules = {name for name, _ in model.named_modules()}
+    unknown = [k for k in device_map if k not in modules]
+    keys = set(device_map) - set(unknown)
+    if "" in keys:
+        return unknown, []
+    unplaced = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1)):
+            unplaced.append(name)
+    return unknown, unplaced
+
+
 def remaining(budget: Budget, used: dict[Tier, int]) -> Budget:
     """What is left of ``budget`` after ``used``; tiers with nothing left are dropped."""
     left = tuple((t, b - used.get(t, 0)) for t, b in budget.tiers if b - used.get(t, 0) > 0)

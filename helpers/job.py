@@ -267,6 +267,24 @@ def check_tiers_here(job: Job) -> None:
             "plan the stage again here (--save-job), or run the job on a machine with those tiers.")
 
 
+def check_device_maps(job: Job) -> None:
+    """Refuse a job whose device maps name modules its model does not have, or leave some of its
+    weights unplaced (an edited or damaged job), before accelerate is handed one."""
+    from helpers.architecture import skeleton
+    from helpers.devicemap import misplaced
+
+    configs = job.model.configs
+    for comp in job.plan.components:
+        if comp.component not in configs:
+            raise UserError(f"a job places {comp.component}, which model {job.model.label} does not have; {_EDITED}.")
+        unknown, unplaced = misplaced(skeleton(comp.component, configs[comp.component]), comp.device_map)
+        if unknown or unplaced:
+            what = (f"names {', '.join(map(repr, unknown[:3]))}{' ...' if len(unknown) > 3 else ''}, which "
+                    f"{comp.component} of {job.model.label} does not have" if unknown else
+                    f"leaves {len(unplaced)} of its weights unplaced ({', '.join(unplaced[:2])} ...)")
+            raise UserError(f"a job's device map for {comp.component} {what}; {_EDITED}.")
+
+
 def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
     """Read a job file to run it here (see :meth:`Job.save`), checked as input from elsewhere: every
     field as the flags are checked, and its tiers against this machine's; ``stage``: the stage that is
@@ -280,6 +298,7 @@ def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
     if stage is not None and job.stage != stage:
         raise UserError(f"{path} is a job for {job.stage.replace('_', ' ')}, not {stage.replace('_', ' ')}.")
     check_tiers_here(job)  # read to run here: its tiers must be this machine's
+    check_device_maps(job)
     return job
 
 

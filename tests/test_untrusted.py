@@ -172,8 +172,11 @@ def _set(path: str, value):
     (_set("plan/components/0/component", "unet"), "a job names component(s) 'unet'"),
     (_set("plan/reserve", [["cpu", -1]]), "a job's reserve on cpu is -1"),
     (_set("offload", "magic"), "magic"),
+    (_set("plan/components/0/device_map/1/0", "transformer_blocks.99"), "names 'transformer_blocks.99', which"),
+    (_set("plan/components/1/device_map", []), "a job's device map for vae leaves"),
     (_set("plan/workload/height", -32), "height must be a whole number"),
-], ids=["gpu", "negative", "zero", "text", "tier", "unit", "component", "reserve", "offload", "workload"])
+], ids=["gpu", "negative", "zero", "text", "tier", "unit", "component", "reserve", "offload", "unknown module",
+        "unplaced", "workload"])
 def test_a_job_is_read_as_untrusted_input(saved_job, tmp_path, mine, edit, fragment):
     good, job = saved_job
     job = json.loads(json.dumps(job))
