@@ -502,7 +502,7 @@ RANDOM_DEFAULT = ("scheduler", "transformer", "vae")
 _SHARD_BYTES = 10 * 10**9  # as the real transformer: 3 files of up to 10 GB
 
 
-def _random_value(name: str, shape: list[int], dtype, seed: int):
+def random_weight(name: str, shape: list[int], dtype, seed: int):
     """A deterministic random tensor for parameter ``name``, scaled as PyTorch's default init would.
 
     Matrices and convolutions: uniform in +-1/sqrt(fan_in) (``nn.Linear``'s default); norm weights:
@@ -559,7 +559,7 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
     for i in steps:
         file = f"{stem}.safetensors" if len(shards) == 1 else f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # each tensor seeds its own generator
-            values = pool.map(lambda n: _random_value(n, shapes[n], torch.bfloat16, seed), shards[i])
+            values = pool.map(lambda n: random_weight(n, shapes[n], torch.bfloat16, seed), shards[i])
             tensors = dict(zip(shards[i], values))
         total += sum(t.numel() * 2 for t in tensors.values())
         save_file(tensors, str(folder / file), metadata={"format": "pt"})

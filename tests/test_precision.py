@@ -192,11 +192,11 @@ def test_row_scales_beat_plain_casting():
     """Per-row scales against casting straight to e4m3, on FLUX.1-dev-sized linear weights as
     flux-dev-random draws them (uniform in +-1/sqrt(3072), where plain e4m3 is coarse: its normal
     range starts at 2**-6), and on weights four times smaller (a layer of a wider model)."""
-    from helpers.models import _random_value
+    from helpers.models import random_weight
     from helpers.codecs import dequantize_rows, quantize_rows
 
     for shrink, better in ((1, 1.8), (4, 3.0)):
-        w = _random_value("block.weight", [3072, 3072], torch.bfloat16, 0).float() / shrink
+        w = random_weight("block.weight", [3072, 3072], torch.bfloat16, 0).float() / shrink
         q, s = quantize_rows(w)
         scaled = ((dequantize_rows(q, s, torch.float32) - w).norm() / w.norm()).item()
         plain = ((w.to(torch.float8_e4m3fn).float() - w).norm() / w.norm()).item()
