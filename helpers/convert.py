@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
-from helpers.files import check_free_space, check_writable, remove_stale, temporary_prefix, write_error, writing
+from helpers.files import check_free_space, check_writable, remove_stale, temporary_prefix, writing
 
 #: what ``convert`` rewrites by default: the transformer, where the bytes are
 DEFAULT_COMPONENTS = ("transformer",)
@@ -143,28 +143,25 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
             raise UserError(f"{src / comp} is stored in {already}; convert from the original model, not from a copy.")
     check_free_space(out.parent, converted_bytes(src, components, weights), f"the {weights} copy of {src.name}")
     classes = _classes()
-    with writing(out):
+    with writing(out):  # a full or read-only disk: one line naming the copy, the temporary removed
         remove_stale(out.parent, out.name)  # what a convert that was killed (SIGKILL) left here
         tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))
-    try:
-        for child in sorted(src.iterdir()):
-            if child.name in components:
-                _convert_component(child, tmp / child.name, classes[child.name], weights, progress)
-            elif child.name == "twin.json":  # the copy is a folder of its own, not a twin to rebuild
-                continue
-            else:
-                _copy(child, tmp / child.name)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp's and save_file's private modes: as any new folder
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        os.rename(tmp, out)  # refused if out appeared meanwhile: then nothing is replaced
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        said = write_error(err, out)
-        if said is not None:
-            raise said from None
-        raise
+        try:
+            for child in sorted(src.iterdir()):
+                if child.name in components:
+                    _convert_component(child, tmp / child.name, classes[child.name], weights, progress)
+                elif child.name == "twin.json":  # the copy is a folder of its own, not a twin to rebuild
+                    continue
+                else:
+                    _copy(child, tmp / child.name)
+            umask = os.umask(0)
+            os.umask(umask)
+            for path in [tmp, *tmp.rglob("*")]:  # mkdtemp's and save_file's private modes: as any new folder
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+            os.rename(tmp, out)  # refused if out appeared meanwhile: then nothing is replaced
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 

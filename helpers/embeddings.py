@@ -220,8 +220,6 @@ def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
     kind = not_a_file(path)  # before anything opens it: a FIFO would wait for a writer forever
     if kind == "missing":
         raise UserError(f"no embeddings file at {path}; make one with {MAKER}.")
-    if kind == "a folder":
-        raise UserError(f"{path} is a folder; give the embeddings file (.safetensors) made by {MAKER}.")
     if kind:
         check_file(path, "an embeddings file", f"give the embeddings file (.safetensors) made by {MAKER}")
     try:

@@ -97,6 +97,8 @@ def check_file(path: str | os.PathLike, what: str, remedy: str) -> Path:
 _WRITE_CAUSES = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
                  errno.EPERM: "operation not permitted"}
+#: what to do about a disk that is full or over its quota
+_FREE_SPACE = "free space there, or write elsewhere (another --out)"
 
 
 def write_error(err: BaseException, path: str | os.PathLike | None = None) -> UserError | None:
@@ -111,8 +113,7 @@ def write_error(err: BaseException, path: str | os.PathLike | None = None) -> Us
     if code not in _WRITE_CAUSES:
         return None
     where = path if path is not None else getattr(err, "filename", None)
-    fix = ("free space there, or write elsewhere (another --out)" if code in (errno.ENOSPC, errno.EDQUOT) else
-           "write to a folder you may write to (another --out)")
+    fix = _FREE_SPACE if code in (errno.ENOSPC, errno.EDQUOT) else "write to a folder you may write to (another --out)"
     return UserError(f"cannot write {where if where is not None else 'a file'}: {_WRITE_CAUSES[code]}; {fix}.")
 
 
@@ -151,8 +152,8 @@ def check_free_space(folder: str | os.PathLike, need: int, what: str) -> None:
         here = here.parent
     free = shutil.disk_usage(here).free
     if need > free:
-        raise UserError(f"{what} needs about {format_bytes(need)} and the disk of {here} has {format_bytes(free)} free; "
-                        "free space there, or write elsewhere (another --out).")
+        raise UserError(f"{what} needs about {format_bytes(need)} and the disk of {here} has {format_bytes(free)} "
+                        f"free; {_FREE_SPACE}.")
 
 
 def check_can_write(path: str | os.PathLike, overwrite: bool = False) -> Path:

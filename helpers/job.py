@@ -70,9 +70,9 @@ def _budget_dict(budget: Budget) -> dict:
 
 
 def _budget_from(d: dict) -> Budget:
-    tiers = [(_tier(t), b) for t, b in d["tiers"]]
-    return Budget(tuple((t, _size(b, f"budget for {_named(t)}", least=1)) for t, b in tiers), source=d.get("source", ""),
-                  shares=frozenset(_tier(t) for t in d.get("shares", ())))
+    tiers = tuple((tier, _size(b, f"budget for {_named(tier)}", least=1)) for tier, b in
+                  ((_tier(t), b) for t, b in d["tiers"]))
+    return Budget(tiers, source=d.get("source", ""), shares=frozenset(_tier(t) for t in d.get("shares", ())))
 
 
 def _dtype(name: str | None) -> torch.dtype | None:

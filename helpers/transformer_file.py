@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from helpers.errors import UserError
-from helpers.files import check_writable, remove_stale, temporary_prefix, write_error, writing
+from helpers.files import check_writable, remove_stale, temporary_prefix, writing
 from helpers.layouts import PREFIX, bfl_layout, to_bfl
 from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
@@ -101,52 +101,47 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
     state = to_bfl(transformer.state_dict(), transformer.config)
     del transformer
     variant = "dev" if any(k.startswith("guidance_in.") for k in state) else "schnell"
-    with writing(out):
+    with writing(out):  # a full or read-only disk: one line naming the file, the temporary removed
         remove_stale(out.parent, out.name)  # what a writer that was killed (SIGKILL) left here
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(out.name), dir=out.parent)
-    os.close(fd)
-    try:
-        names = sorted(state)
-        if container == "gguf":
-            import gguf
+        os.close(fd)
+        try:
+            names = sorted(state)
+            if container == "gguf":
+                import gguf
 
-            writer = gguf.GGUFWriter(tmp, "flux")
-            writer.add_string("general.name", f"FLUX.1-{variant} transformer")
-            writer.add_string("flux.variant", variant)
-            bar = _bar(progress, len(names), f"{out.name}: {fmt}")
-            for name in names:
-                array, kind = _gguf_tensor(name, state.pop(name), GGUF_FORMATS[fmt])
-                writer.add_tensor(name, array, raw_dtype=kind)
-                bar.update()
-            bar.close()
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-        else:
-            from safetensors.torch import save_file
+                writer = gguf.GGUFWriter(tmp, "flux")
+                writer.add_string("general.name", f"FLUX.1-{variant} transformer")
+                writer.add_string("flux.variant", variant)
+                bar = _bar(progress, len(names), f"{out.name}: {fmt}")
+                for name in names:
+                    array, kind = _gguf_tensor(name, state.pop(name), GGUF_FORMATS[fmt])
+                    writer.add_tensor(name, array, raw_dtype=kind)
+                    bar.update()
+                bar.close()
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+                writer.close()
+            else:
+                from safetensors.torch import save_file
 
-            from helpers.codecs import quantize_rows
+                from helpers.codecs import quantize_rows
 
-            tensors = {}
-            for name in names:
-                t = state.pop(name)
-                if fmt == "fp8" and t.dim() == 2:
-                    tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale"] = quantize_rows(t)
-                elif fmt == "fp8-cast" and t.dim() == 2:
-                    tensors[name] = t.float().clamp(-448, 448).to(torch.float8_e4m3fn)
-                else:
-                    tensors[name] = t.to(torch.bfloat16).contiguous()
-            save_file(tensors, tmp, metadata={"format": "pt", "variant": variant, "weights": fmt})
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.link(tmp, out)  # refused if out appeared meanwhile: nothing is replaced
-    except Exception as err:
-        said = write_error(err, out)  # a full or read-only disk: one line, the temporary removed below
-        if said is not None:
-            raise said from None
-        raise
-    finally:
-        os.unlink(tmp)
+                tensors = {}
+                for name in names:
+                    t = state.pop(name)
+                    if fmt == "fp8" and t.dim() == 2:
+                        tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale"] = quantize_rows(t)
+                    elif fmt == "fp8-cast" and t.dim() == 2:
+                        tensors[name] = t.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+                    else:
+                        tensors[name] = t.to(torch.bfloat16).contiguous()
+                save_file(tensors, tmp, metadata={"format": "pt", "variant": variant, "weights": fmt})
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.link(tmp, out)  # refused if out appeared meanwhile: nothing is replaced
+        finally:
+            os.unlink(tmp)
     return out
 
 

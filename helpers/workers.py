@@ -27,6 +27,7 @@ diffuse ...`` (several hosts: ``--nnodes`` and a rendezvous endpoint), ``acceler
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import re
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.errors import UserError
+from helpers.signals import signum_of
 
 #: environment variables that say a launcher started several processes, and which one this is
 _LAUNCHERS = {"OMPI_COMM_WORLD_SIZE": "mpirun (Open MPI)", "PMI_SIZE": "an MPI launcher",
@@ -196,7 +198,7 @@ def run_workers(workers: int, argv: list[str], threads: int, env_extra: dict | N
     except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM or SIGHUP (helpers.signals.Stopped)
         stopping.set()  # torchrun's account of the stop (a traceback of its own) is not the user's business
         with contextlib.suppress(ProcessLookupError):
-            child.send_signal(getattr(err, "signum", signal.SIGINT))
+            child.send_signal(signum_of(err))
         try:
             child.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -214,9 +216,10 @@ def _relay(pipe, stopping: threading.Event) -> None:
     """Pass what torchrun and the workers say on to this process's stderr as it comes; once a stop
     has begun, drop it."""
     fd = pipe.fileno()
+    text = codecs.getincrementaldecoder("utf-8")("replace")  # a character may be cut between two reads
     while chunk := os.read(fd, 65536):
-        if not stopping.is_set():
-            with contextlib.suppress(OSError, ValueError):  # SIGHUP: the terminal may be gone
-                sys.stderr.buffer.write(chunk) if hasattr(sys.stderr, "buffer") else sys.stderr.write(
-                    chunk.decode(errors="replace"))
-                sys.stderr.flush()
+        if stopping.is_set():
+            continue
+        with contextlib.suppress(OSError, ValueError):  # SIGHUP: the terminal may be gone
+            sys.stderr.write(text.decode(chunk))
+            sys.stderr.flush()
