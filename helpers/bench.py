@@ -5,7 +5,7 @@ from a fixed seed, the model's real shapes) and reports seconds per step, peak m
 streamed per step and the largest difference from the resident output, next to the floor: the
 time one step cannot beat, max(compute, bytes that must move / measured bandwidth).
 Each strategy runs as ``python -m helpers.bench STRATEGY CONFIG OUT`` so that no strategy inherits
-another's memory. Explained in ``04_offload-strategies.ipynb``.
+another's memory. Explained in ``05_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def _failure(done: subprocess.CompletedProcess) -> str:
 
 
 def rows(data: dict) -> list[dict]:
-    """The benchmark's table, one row per strategy (a failed one says so); for the CLI and notebook 04."""
+    """The benchmark's table, one row per strategy (a failed one says so); for the CLI and notebook 05."""
     from helpers.budget import format_bytes
 
     def size(n):
@@ -451,7 +451,7 @@ def rows(data: dict) -> list[dict]:
 
 def summary_rows(results: list[tuple[str, dict]]) -> list[dict]:
     """One row per saved result ``(name, data)``: what it measured, and each strategy's seconds per step
-    with its ratio to the floor; the overview of ``04_offload-strategies``'s last section."""
+    with its ratio to the floor; the overview of ``05_offload-strategies``'s last section."""
     out = []
     for name, data in results:
         what = (f"T5, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
@@ -490,7 +490,7 @@ def plot_time_memory(data: dict, ax=None):
 
     Peak GPU memory where the result has it (against the GPU tier), else the process's peak RSS
     (against the process after its imports plus the cpu tier, plus 10% for activations). For
-    notebook 04; returns the axes.
+    notebook 05; returns the axes.
     """
     import matplotlib.pyplot as plt
 
@@ -533,7 +533,7 @@ def by_workload(results: list[dict]) -> list[dict]:
 
 def plot_step_times(results: list[dict], ax=None):
     """Seconds per step of every strategy, grouped by result (size, tokens, precision), with how many
-    times faster ``stream`` is than the method's row where a result has one. For notebook 05; returns
+    times faster ``stream`` is than the method's row where a result has one. For notebook 06; returns
     the axes."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -681,7 +681,7 @@ def stored_result(model: str, max_memory=None, steps: int = 3, height: int = 64,
                   compute: str = "auto", folder: str | Path | None = None) -> tuple[Path, dict] | None:
     """A saved result of :func:`run` with these settings, ``(path, data)``, from ``folder`` (default the
     checkout's ``docs/benchmarks``), or None. ``None`` and ``"auto"`` settings match what the run chose
-    (its strategies, its cache, its precision). ``04_offload-strategies`` reads one instead of running
+    (its strategies, its cache, its precision). ``05_offload-strategies`` reads one instead of running
     every strategy again (``FULL = False``); the file's ``machine`` says what measured it."""
     from helpers.files import project_root
 

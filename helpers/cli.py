@@ -591,7 +591,7 @@ def _offload_arg(q: argparse.ArgumentParser) -> None:
     q.add_argument("--offload", choices=OFFLOADS, default="auto",
                    help="how blocks outside the fast tier are fetched. accelerate: the method's device map and "
                    "hooks, one block at a time; stream: a few parts of blocks ahead while one computes, from the "
-                   "checkpoint (no GPU tier) or from pinned RAM (GPU tier); the same output (see notebook 04). "
+                   "checkpoint (no GPU tier) or from pinned RAM (GPU tier); the same output (see notebook 05). "
                    "auto (default): stream where the budget has no GPU tier and the stream fits it, else accelerate")
 
 

@@ -52,7 +52,7 @@ def enlarge(image, factor: int = 4):
 
 def psnr(image, reference) -> float:
     """Peak signal-to-noise ratio of ``image`` against ``reference`` (8-bit images), in dB: 20 log10(255 / RMS
-    difference); infinite for identical pixels. Used in ``05_weights-and-compute.ipynb``."""
+    difference); infinite for identical pixels. Used in ``06_weights-and-compute.ipynb``."""
     import math
 
     import numpy as np

@@ -14,7 +14,7 @@ Streamed blocks go in their parts (attention, feed-forward...), so the pool is a
 whole blocks.
 :func:`load_streaming` builds either from a weights source (:mod:`helpers.sources`: a checkpoint folder, a
 transformer file) and a budget, through the stream plan (:mod:`helpers.streamplan`); each stored form
-is decoded by its codec (:mod:`helpers.codecs`). Explained in ``04_offload-strategies.ipynb``.
+is decoded by its codec (:mod:`helpers.codecs`). Explained in ``05_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from helpers.streamplan import (_PAGE, StreamBudgetError, StreamPlan, _align, _B
 
 
 #: ``auto``: ``stream`` where the budget has no GPU tier and the stream fits it (faster, the same
-#: output: see notebook 04), else the method's ``accelerate`` hooks
+#: output: see notebook 05), else the method's ``accelerate`` hooks
 OFFLOADS = ("auto", "accelerate", "stream")
 
 

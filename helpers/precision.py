@@ -7,13 +7,13 @@ bytes each tier holds, the bytes that move and the math. They are different leve
   weight), ``fp32`` (4), or ``fp8``: every linear layer's weight in float8 e4m3fn (1 byte) with a
   float32 scale per output row beside it (``<name>.weight_scale``), the rest in bf16 (norms,
   biases, embeddings: under 1% of FLUX's bytes). A row is scaled so that its largest value is
-  e4m3's largest (448), which keeps small weights out of e4m3's coarse subnormal range: notebook 05
+  e4m3's largest (448), which keeps small weights out of e4m3's coarse subnormal range: notebook 06
   measures the error against plain casting. An fp8 checkpoint is made once (``python -m helpers
   convert``), its folder records the format (:data:`FORMAT_FILE`), and it is read as stored.
 - ``compute``: the dtype the layers run in. A weight stored in bf16 is upcast to float32 just
   before its layer runs (:func:`upcast_layerwise`), never the whole model at once, so RAM holds
   stored bytes and the math is float32. On a CPU without native bf16 matrix instructions that is
-  several times faster than computing in bf16 (notebook 05 measures it), and the result is the one
+  several times faster than computing in bf16 (notebook 06 measures it), and the result is the one
   float32 weights give: widening a bf16 value to float32 is exact.
 
 ``auto`` picks the compute dtype for the device a stage computes on (:func:`auto_compute`).

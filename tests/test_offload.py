@@ -742,7 +742,7 @@ def test_loading_a_stream_shows_its_progress_in_bytes(tiny_folder, resident, cap
 
 
 def test_bench_plots_read_a_saved_result_cpu_or_gpu():
-    """Notebook 04 draws every saved result: RSS against the cpu tier, or GPU memory against the GPU tier."""
+    """Notebook 05 draws every saved result: RSS against the cpu tier, or GPU memory against the GPU tier."""
     import copy as copy_
     import json
     from pathlib import Path
