@@ -280,18 +280,35 @@ def tier_usage(plan, measurement) -> list[dict]:
     """Per tier of a stage's budget: what was planned, and what a measured run used.
 
     GPU tiers: peak memory allocated by PyTorch; ``cpu``: the rise of the process's resident memory
-    over the start of the run (the weights plus the run's own bookkeeping); ``disk``: the weights the
-    plan keeps there.
+    over the start of the run; ``disk``: the weights the plan keeps there. ``beyond the weights`` is
+    the measured use less the weights planned on the tier: activations, buffers and, in RAM, the
+    process's own bookkeeping (tokenizers, hooks, allocator pages), a few MiB whatever the model.
+    For a twin, whose budget is itself a few MiB, that alone can exceed the budget; ``reading`` says
+    so next to the figure rather than leaving it to look like a broken budget.
     """
     tiers = plan.tier_bytes()
     rows = []
     for tier, allowed in plan.budget.tiers:
+        weights = tiers.get(tier, 0)
         if isinstance(tier, int):
             used, what = measurement.peak_gpu.get(tier, 0), "peak allocated"
         elif tier == "cpu":
             used, what = measurement.peak_rss_delta, "peak RSS rise"
         else:
-            used, what = tiers.get(tier, 0), "weights kept on disk"
-        rows.append({"tier": str(tier), "budget": format_bytes(allowed), "planned weights": format_bytes(tiers.get(tier, 0)),
-                     "measured": format_bytes(used), "what": what})
+            used, what = weights, "weights kept on disk"
+        rows.append({"tier": str(tier), "budget": format_bytes(allowed), "planned weights": format_bytes(weights),
+                     "measured": format_bytes(used), "beyond the weights": format_bytes(max(used - weights, 0)),
+                     "what": what, "reading": _reading(used, weights, allowed, tier)})
     return rows
+
+
+def _reading(used: int, weights: int, allowed: int, tier) -> str:
+    """One line that says whether a tier's measured use is within its budget, and if not, why."""
+    if used <= allowed:
+        return "within the budget"
+    if weights > allowed:
+        return "over the budget: the weights do not fit"
+    if tier == "cpu":
+        return ("over by the process's own memory (libraries, tokenizers, buffers), not the weights: "
+                "a few MiB, which only a budget of a few MiB notices")
+    return "over the budget by activations and buffers: keep more room for them (a smaller size or batch)"

@@ -62,6 +62,12 @@ def test_encode_prompts_writes_a_valid_file(tmp_path):
     assert header.prompts == PROMPTS and tensors["prompt_embeds"].shape == (2, 64, 32)
     assert {row["tier"] for row in result.per_tier()} == {"cpu", "disk"}
     assert result.measurement.wall_s > 0
+    # the twin's RAM budget is a few hundred KiB: the reading says whether the process's own memory
+    # (not the weights) took the measured use past it, next to the figure
+    cpu = next(row for row in result.per_tier() if row["tier"] == "cpu")
+    rss, budget = result.measurement.peak_rss_delta, result.plan.budget["cpu"]
+    assert cpu["reading"].startswith("within") == (rss <= budget)
+    assert rss <= budget or "not the weights" in cpu["reading"]
 
 
 def test_long_prompt_is_warned_with_token_counts(tmp_path):
@@ -192,6 +198,34 @@ def test_output_must_be_safetensors_and_files_are_shareable(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def controls(widget):
+    """Every control inside a panel (its button too), depth first."""
+    for child in getattr(widget, "children", ()):
+        if getattr(child, "description", None) is not None and not getattr(child, "children", None):
+            yield child
+        yield from controls(child)
+
+
+def test_widget_shows_every_default_with_its_whole_label():
+    from helpers.widgets import EXAMPLE_PROMPT, LABELS, chosen_weights, encode_panel
+    from helpers.world import parse
+
+    panel = encode_panel("tiny", ["a red circle on a blue background"], 512, "shapes")
+    boxes = {c.description: c for c in controls(panel) if c.description and c is not panel.button}
+    assert {"Prompts", "Max tokens", "File name", "Weights", "Math", "replace a file of the same name"} <= set(boxes)
+    # weights=None is a named choice, shown, not an empty box; it still asks for the default
+    assert boxes["Weights"].label == "method's default (fp32)" and chosen_weights(boxes["Weights"]) is None
+    assert boxes["Math"].value == "auto" and boxes["Max tokens"].value == 512 and boxes["File name"].value == "shapes"
+    for box in boxes.values():  # one label column, wider than the 80 px that cut "Embeddin..."
+        assert box.style.description_width == LABELS["description_width"] == "7.5em", box.description
+    assert boxes["replace a file of the same name"].layout.width == "auto"  # the checkbox's label whole
+    parse(EXAMPLE_PROMPT)  # the example in the prompt box is one the twin can draw
+    assert EXAMPLE_PROMPT in boxes["Prompts"].placeholder
+    panel = encode_panel("tiny", ["a red circle on a blue background"], 512, "shapes", weights="bf16")
+    weights = next(c for c in controls(panel) if c.description == "Weights")
+    assert weights.label == "bf16" and chosen_weights(weights) == "bf16"
 
 
 def test_widget_refuses_names_with_folders(tmp_path, monkeypatch):
