@@ -27,6 +27,16 @@ def shown(path) -> str:
         return str(path)
 
 
+#: every control's label in one column wide enough for the longest ("Embeddings", "Transformer")
+LABELS = {"description_width": "7.5em"}
+#: a prompt the tiny twin can draw (its shapes world, :mod:`helpers.world`), shown where a prompt is asked for
+EXAMPLE_PROMPT = "a red circle on a blue background, on the left"
+#: what the Weights box holds for ``weights=None`` (a dropdown cannot show ``None`` as a choice)
+DEFAULT = "default"
+#: the component whose folder says how a stage's weights are stored
+_STORED_BY = {"text_encoding": "text_encoder_2", "diffusion": "transformer"}
+
+
 def _message(text: str, colour: str = "#333") -> w.HTML:
     return w.HTML(f'<div style="color:{colour};white-space:pre-wrap">{html.escape(text)}</div>')
 
@@ -78,16 +88,47 @@ class Panel(w.VBox):
         self._clicked()
 
 
-def _precision_boxes(weights: str | None, compute: str) -> tuple[w.Dropdown, w.Dropdown]:
-    """The two knobs (:mod:`helpers.precision`): how the weights are stored, the dtype of the math."""
-    from helpers.precision import COMPUTES, WEIGHTS, check_compute, check_weights
+def _default_weights(stage: str, model: str | None = None) -> str:
+    """What ``weights=None`` means for ``stage`` of ``model``: the format a converted model's folder
+    records (fp8), else the method's for the stage (:data:`helpers.precision.STAGE_WEIGHTS`)."""
+    from helpers.errors import UserError
+    from helpers.models import resolve_model
+    from helpers.precision import STAGE_WEIGHTS, folder_format
+
+    try:
+        ref = resolve_model(model)
+        stored = folder_format(ref.path / _STORED_BY[stage]) if ref.kind == "local" else None
+    except UserError:  # a model that cannot be read: the run says why, when the button is pressed
+        stored = None
+    return stored or STAGE_WEIGHTS[stage]
+
+
+def _precision_boxes(stage: str, model: str | None, weights: str | None,
+                     compute: str) -> tuple[w.Dropdown, w.Dropdown]:
+    """The two knobs (:mod:`helpers.precision`): how the weights are stored, the dtype of the math.
+    ``weights=None`` shows as a named choice, the default it stands for (see :func:`chosen_weights`)."""
+    from helpers.precision import COMPUTES, STAGE_WEIGHTS, WEIGHTS, check_compute, check_weights
 
     if weights is not None:
         check_weights(weights)
-    weights_box = w.Dropdown(options=[("as stored", None), *[(k, k) for k in WEIGHTS]], value=weights,
-                             description="Weights")
-    compute_box = w.Dropdown(options=["auto", *COMPUTES], value=check_compute(compute), description="Math")
+    meant = _default_weights(stage, model)
+    label = f"method's default ({meant})" if meant == STAGE_WEIGHTS[stage] else f"as stored ({meant})"
+    weights_box = w.Dropdown(options=[(label, DEFAULT), *[(k, k) for k in WEIGHTS]],
+                             value=DEFAULT if weights is None else weights, description="Weights", style=LABELS,
+                             layout=w.Layout(width="22em"))
+    compute_box = w.Dropdown(options=["auto", *COMPUTES], value=check_compute(compute), description="Math",
+                             style=LABELS, layout=w.Layout(width="22em"))
     return weights_box, compute_box
+
+
+def chosen_weights(box: w.Dropdown) -> str | None:
+    """The weights format a Weights box asks for: ``None`` (the default) or a format's name."""
+    return None if box.value == DEFAULT else box.value
+
+
+def _replace_box(value: bool, what: str) -> w.Checkbox:
+    return w.Checkbox(value=value, description=f"replace {what} of the same name", style=LABELS,
+                      layout=w.Layout(width="auto"))
 
 
 def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_name: str,
@@ -104,12 +145,13 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     from helpers.encode import embeddings_path, encode_prompts
     from helpers.report import Table
 
-    prompt_box = w.Textarea(value="\n".join(prompts), description="Prompts", placeholder="one prompt per line",
+    prompt_box = w.Textarea(value="\n".join(prompts), description="Prompts", style=LABELS,
+                            placeholder=f"one prompt per line, e.g. {EXAMPLE_PROMPT}",
                             layout=w.Layout(width="95%", height="6em"))
-    length = w.BoundedIntText(value=max_sequence_length, min=1, max=512, description="Max tokens")
-    name = w.Text(value=out_name, description="File name")
-    replace = w.Checkbox(value=overwrite, description="replace a file of the same name")
-    weights_box, compute_box = _precision_boxes(weights, compute)
+    length = w.BoundedIntText(value=max_sequence_length, min=1, max=512, description="Max tokens", style=LABELS)
+    name = w.Text(value=out_name, description="File name", style=LABELS, layout=w.Layout(width="26em"))
+    replace = _replace_box(overwrite, "a file")
+    weights_box, compute_box = _precision_boxes("text_encoding", model, weights, compute)
 
     def run(panel: Panel) -> None:
         from helpers.errors import UserError
@@ -121,7 +163,7 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
         panel.status.value = f"encoding {len(lines)} prompt(s)..."
         result = encode_prompts(model, lines or [""], embeddings_path(stem), max_memory=max_memory,
                                 max_sequence_length=int(length.value), overwrite=replace.value,
-                                weights=weights_box.value, compute=compute_box.value)
+                                weights=chosen_weights(weights_box), compute=compute_box.value)
         m = result.measurement
         panel.status.value = f"done in {m.wall_s:.1f} s ({result.plan.precision.describe()})"
         display(_message(f"saved {shown(result.path)}\n{len(lines)} prompt(s), {result.shapes['prompt_embeds']}, "
@@ -161,7 +203,8 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
     choices = embeddings_choices()
     if embeddings not in choices:
         choices = [embeddings, *choices]
-    source = w.Dropdown(options=choices, value=embeddings, description="Embeddings")
+    source = w.Dropdown(options=choices, value=embeddings, description="Embeddings", style=LABELS,
+                        layout=w.Layout(width="30em"))
     refresh = w.Button(icon="refresh", tooltip="list outputs/embeddings/ again", layout=w.Layout(width="3em"))
 
     def relist(_=None) -> None:
@@ -171,16 +214,17 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
             source.value = current
 
     refresh.on_click(relist)
-    seed_box = w.IntText(value=seed, description="Seed")
-    steps_box = w.BoundedIntText(value=steps, min=1, max=200, description="Steps")
-    guidance_box = w.BoundedFloatText(value=guidance, min=0.0, max=30.0, step=0.5, description="Guidance")
-    height_box = w.IntText(value=height, description="Height")
-    width_box = w.IntText(value=width, description="Width")
-    replace = w.Checkbox(value=overwrite, description="replace an image of the same name")
-    weights_box, compute_box = _precision_boxes(weights, compute)
-    file_box = w.Text(value=str(transformer_file or ""), description="Transformer",
+    seed_box = w.IntText(value=seed, description="Seed", style=LABELS)
+    steps_box = w.BoundedIntText(value=steps, min=1, max=200, description="Steps", style=LABELS)
+    guidance_box = w.BoundedFloatText(value=guidance, min=0.0, max=30.0, step=0.5, description="Guidance",
+                                      style=LABELS)
+    height_box = w.IntText(value=height, description="Height", style=LABELS)
+    width_box = w.IntText(value=width, description="Width", style=LABELS)
+    replace = _replace_box(overwrite, "an image")
+    weights_box, compute_box = _precision_boxes("diffusion", model, weights, compute)
+    file_box = w.Text(value=str(transformer_file or ""), description="Transformer", style=LABELS,
                       placeholder="a .gguf or .safetensors file; empty: the model's own",
-                      layout=w.Layout(width="36em"))
+                      layout=w.Layout(width="40em"))
 
     def run(panel: Panel) -> None:
         panel.status.value = "checking, then loading and denoising..."
@@ -188,7 +232,8 @@ def diffuse_panel(embeddings: str, seed: int, steps: int, guidance: float, heigh
         result = diffuse_file(
             embeddings_path(source.value), image_path(name), model=model, steps=steps_box.value,
             seed=seed_box.value, guidance=guidance_box.value, height=height_box.value, width=width_box.value,
-            max_memory=max_memory, overwrite=replace.value, weights=weights_box.value, compute=compute_box.value,
+            max_memory=max_memory, overwrite=replace.value, weights=chosen_weights(weights_box),
+            compute=compute_box.value,
             transformer_file=file_box.value.strip() or None,
         )
         panel.status.value = (f"done in {result.measurement.wall_s:.1f} s ({result.s_per_step:.2f} s per step; "

@@ -205,6 +205,26 @@ def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
     assert panel.status.value.startswith("done in") and "Q8_0 GGUF transformer" in panel.status.value
 
 
+def test_widget_shows_every_default_with_its_whole_label(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUX_OUTPUTS", str(tmp_path))
+    from helpers.widgets import LABELS, chosen_weights, diffuse_panel
+
+    panel = diffuse_panel("02_prompts", seed=0, steps=4, guidance=3.5, height=64, width=64)
+    boxes = {}
+    for row in panel.children[:6]:
+        for box in getattr(row, "children", [row]):
+            if getattr(box, "description", ""):
+                boxes[box.description] = box
+    assert boxes["Embeddings"].value == "02_prompts"  # not in outputs/ yet: offered all the same
+    assert boxes["Weights"].label == "method's default (bf16)" and chosen_weights(boxes["Weights"]) is None
+    assert (boxes["Seed"].value, boxes["Steps"].value, boxes["Height"].value, boxes["Math"].value) == (0, 4, 64, "auto")
+    assert boxes["Transformer"].value == "" and "the model's own" in boxes["Transformer"].placeholder
+    assert {b.style.description_width for b in boxes.values()} == {LABELS["description_width"]}
+    assert boxes["replace an image of the same name"].layout.width == "auto"
+    panel = diffuse_panel("02_prompts", seed=0, steps=4, guidance=3.5, height=64, width=64, weights="fp32")
+    assert chosen_weights(panel.children[3].children[0]) == "fp32"
+
+
 def test_seed_and_damaged_headers_are_refused(tmp_path, embeddings, no_load):
     with pytest.raises(UserError, match="seed must be a whole number from 0 to 2\\*\\*64 - 1"):
         diffuse_file(embeddings, tmp_path / "x.png", seed=2**64, steps=1, **SIZE)

@@ -2,8 +2,10 @@
 
 Starts ``jupyter lab`` on localhost (a free port, a random token, no browser of its own, settings
 and outputs in a temporary folder), drives Debian's Chromium with Playwright, and checks that the
-widgets render, work, show progress and show mistakes as readable messages. Screenshots go to
-``outputs/screenshots/``. Run with ``make test-browser`` (needs the ``chromium`` package).
+widgets render with every label whole, work, show progress and show mistakes as readable messages,
+and that the pictures drawn are the prompts' shapes; then Run All of notebook 04. Screenshots go to
+``outputs/screenshots/``; the README's are copies of some of them, in ``docs/screenshots/``. Run with
+``make test-browser`` (needs the ``chromium`` package).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync", "--disable-quic", "--disable-dev-shm-usage",
 ]
 RUN_TIMEOUT_S = 600
+#: prompts the tiny twin draws (its shapes world; see docs/gallery/), so the screenshots show them
+PROMPTS = ["a yellow circle on a green background, in the middle",
+           "a black square on a white background, on the left"]
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}: apt-get install chromium")
 
@@ -65,7 +70,9 @@ def lab(tmp_path_factory):
                JUPYTER_RUNTIME_DIR=str(work / "runtime"))
     argv = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={ROOT / 'notebooks'}",
-            "--MultiKernelManager.default_kernel_name=flux-decoupled", "--ServerApp.open_browser=False"]
+            "--MultiKernelManager.default_kernel_name=flux-decoupled", "--ServerApp.open_browser=False",
+            # checkpoints in the temporary folder, not beside the stored notebooks
+            f"--FileCheckpoints.checkpoint_dir={work / 'checkpoints'}"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--allow-root")
     log = open(work / "server.log", "w")
@@ -122,8 +129,9 @@ def kernel_state(lab, name: str) -> str | None:
 
 def open_notebook(page, lab, name: str) -> None:
     page.goto(f"{lab['url']}/lab/tree/{name}?token={lab['token']}")
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
-    page.wait_for_function("() => document.title.includes('%s')" % name.split(".")[0][:10], timeout=60_000)
+    page.wait_for_function("() => document.title.includes('%s')" % name.split(".")[0][:10], timeout=120_000)
+    # the cells of this notebook: those opened before stay in the page, in hidden tabs
+    notebook(page).locator(".jp-CodeCell").first.wait_for(timeout=120_000)
     # the kernel must be up before Run All. The status bar's "Idle" can still be another notebook's
     # (a Run All sent then stays queued, "[*]", with an idle kernel): wait for this notebook's own
     # kernel, as the server sees it and as its toolbar shows it
@@ -203,6 +211,20 @@ def field(panel, label: str):
         "input, textarea, select").first
 
 
+def assert_labels_whole(panel) -> None:
+    """No label of the panel is cut short (an ellipsis where its text does not fit)."""
+    cut = panel.locator(".widget-label, .widget-label-basic").evaluate_all(
+        "labels => labels.filter(l => l.offsetWidth > 0 && l.scrollWidth > l.clientWidth).map(l => l.textContent)")
+    assert not cut, f"labels cut short: {cut}"
+
+
+def assert_no_empty_choice(panel) -> None:
+    """Every dropdown shows a value: none starts blank."""
+    blank = panel.locator("select").evaluate_all(
+        "boxes => boxes.filter(b => b.selectedIndex < 0 || !b.options[b.selectedIndex].text.trim()).length")
+    assert blank == 0, f"{blank} dropdown(s) show no value"
+
+
 def assert_clean_error(panel) -> None:
     """A user's mistake reads as one message and a 'failed' status, not a traceback."""
     text = panel.inner_text()
@@ -214,6 +236,20 @@ def shot(locator, name: str) -> Path:
     path = SHOTS / name
     locator.screenshot(path=str(path))
     return path
+
+
+def assert_draws_the_prompts(folder: Path, stem: str) -> None:
+    """The images ``stem-1.png``, ``stem-2.png``... show the shapes :data:`PROMPTS` ask for, as the
+    shapes world's detector reads them back."""
+    from PIL import Image
+
+    from helpers import world
+
+    for i, prompt in enumerate(PROMPTS, start=1):
+        with Image.open(folder / f"{stem}-{i}.png") as image:
+            seen = world.detect(image.convert("RGB"))
+        wrong = [part for part, right in seen.matches(world.parse(prompt)).items() if not right]
+        assert not wrong, f"{stem}-{i}.png: asked for {prompt!r}, the detector reads {seen.caption!r}"
 
 
 # --------------------------------------------------------------------------- the workshop
@@ -233,7 +269,9 @@ def test_encode_then_generate_in_the_browser(page, lab):
     assert_widgets_render(page)
     page.screenshot(path=str(SHOTS / "02-notebook.png"))
     encode = notebook(page).locator(".widget-vbox:has(button:has-text('Encode'))").last
-    field(encode, "Prompts").fill("a green dragon over a castle\na red cat on a window")
+    assert_labels_whole(encode)
+    assert_no_empty_choice(encode)
+    field(encode, "Prompts").fill("\n".join(PROMPTS))
     field(encode, "File name").fill("browser-test")
     watch_button(page, encode, "Encode")
     encode.locator("button:has-text('Encode')").click()
@@ -253,6 +291,8 @@ def test_encode_then_generate_in_the_browser(page, lab):
     assert_no_errors(page, run_all(page, lab, "03_bf16-diffusion.ipynb"))
     assert_widgets_render(page)
     generate = notebook(page).locator(".widget-vbox:has(button:has-text('Generate'))").last
+    assert_labels_whole(generate)
+    assert_no_empty_choice(generate)
     generate.locator("button[title='list outputs/embeddings/ again']").click()
     field(generate, "Embeddings").select_option("browser-test")
     field(generate, "Seed").fill("7")
@@ -263,6 +303,7 @@ def test_encode_then_generate_in_the_browser(page, lab):
     assert page.evaluate("window.__sawDisabled"), "the button was not disabled while generating"
     assert generate.get_by_text(re.compile(r"saved .*browser-test-seed7-1\.png")).count() == 1
     assert (lab["outputs"] / "images" / "browser-test-seed7-2.png").is_file()
+    assert_draws_the_prompts(lab["outputs"] / "images", "browser-test-seed7")
     shot(generate, "03-generate-widget.png")
 
     field(generate, "Height").fill("72")  # a mistake: not a multiple of 16
@@ -274,3 +315,18 @@ def test_encode_then_generate_in_the_browser(page, lab):
     shot(generate, "03-generate-bad-size.png")
     assert _stored_notebooks() == stored, "the stored notebooks changed"
     print(f"browser workshop run: {time.time() - started:.1f} s")
+
+
+def test_the_method_on_one_page_runs_in_the_browser(page, lab):
+    started = time.time()
+    stored = _stored_notebooks()
+    name = "04_method-on-one-page.ipynb"
+    open_notebook(page, lab, name)
+    assert_no_errors(page, run_all(page, lab, name))
+    # the first picture the notebook shows, in view, with the cells around it
+    pictures = notebook(page).locator(".jp-OutputArea-output img")
+    assert pictures.count() > 0, "notebook 04 shows no picture"
+    pictures.first.scroll_into_view_if_needed()
+    page.screenshot(path=str(SHOTS / "04-method-on-one-page.png"))
+    assert _stored_notebooks() == stored, "the stored notebooks changed"
+    print(f"notebook 04 in the browser: {time.time() - started:.1f} s")
