@@ -25,6 +25,17 @@ NOT_HERE = {
     "03-6": "a widget; the browser test picks a file",
     "03-7": "a terminal command; generate is tested in test_cli",
     "04-5": "edits a script",
+    "05-2": "a timing claim (the ratios shrink); speed lives in benchmarks, never in timed tests",
+    "05-3": "a timing claim (a warm cache flatters the disk tier); see test_offload's cache tests",
+    "05-4": "the medium twin (1.2 GB, minutes)",
+    "05-5": "a timing claim; bench's fp32 and bf16 math are tested in test_offload and test_precision",
+    "05-6": "a terminal command; bench --json is tested in test_offload",
+    "05-7": "FULL = True measures the machine: the same bench as 05-1 with more strategies",
+    "06-2": "edits a code cell (the workload of section 3)",
+    "06-3": "a terminal command; footprint --weights fp8 is tested in test_precision",
+    "06-4": "a terminal command; bench --compute fp32 is tested in test_offload",
+    "06-5": "FULL = True writes all five files; each format is tested in test_transformer_file",
+    "07-4": "a terminal command; --save-job and --job are tested in test_job",
 }
 
 
@@ -84,7 +95,7 @@ def test_every_exercise_is_tested_or_named():
     tested = set()
     for code, numbers in re.findall(r"def test_(\d\d)_exercises?_((?:\d+_(?:and_)?)+)", Path(__file__).read_text()):
         tested |= {f"{code}-{n}" for n in re.findall(r"\d+", numbers)}
-    for code in ("00", "01", "02", "03", "04"):
+    for code in sorted(NOTEBOOKS):
         nb = json.loads(NOTEBOOKS[code].read_text())
         text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
         exercises = text[text.index("## Exercises"):text.index("## What's next")]
@@ -256,3 +267,48 @@ def test_04_exercises_1_2_3_and_4_a_new_prompt_a_smaller_budget_the_helpers_pixe
     _run(NOTEBOOKS["04"], keep, helpers, 'PROMPT = "a yellow triangle on a purple background"', again, yellow,
          free, 'PROMPT = "a red circle on a blue background, on the left"\nMAX_MEMORY = "cpu=40%,disk=100%"', again,
          smaller, alone, free)
+
+
+# ---------------------------------------------------------------- 05-07, going further
+
+@pytest.mark.slow
+def test_05_exercise_1_a_tighter_budget_streams_more_bytes_per_step():
+    check = """
+from helpers.bench import stored_result
+# the notebook's default, measured and saved with every strategy
+default = stored_result(MODEL, "cpu=50%,disk=100%", **dict(settings, strategies=None))[1]
+per_step = [next(r["bytes_streamed_per_step"] for r in d["results"] if r["strategy"] == "stream") for d in (default, data)]
+assert per_step[1] > per_step[0], per_step
+"""
+    _run(NOTEBOOKS["05"], check, parameters='MAX_MEMORY = "cpu=30%,disk=100%"\nSTRATEGIES = ["resident", "stream"]')
+
+
+@pytest.mark.slow
+def test_06_exercise_1_forced_math_is_said_and_used_and_moves_the_picture_a_little():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS["06"], as_version=4)
+    again = _code_between(nb, "## 1.", "## 2.") + _code_between(nb, "## 4.", "## 5.")
+    used = ("assert chosen.compute == COMPUTE, chosen\n"
+            "assert all(r.plan.precision.compute == COMPUTE for r in [*runs.values(), *file_runs.values()])")
+    keep = "bf16_math = {name: r.images[0] for name, r in runs.items()}"
+    moved = "assert all(30 < psnr(r.images[0], bf16_math[name]) < float('inf') for name, r in runs.items())"
+    _run(NOTEBOOKS["06"], used, keep, 'COMPUTE = "fp32"', again, used.replace("file_runs", "{}"), moved,
+         parameters='COMPUTE = "bf16"')
+
+
+@pytest.mark.slow
+def test_07_exercises_1_2_and_3_a_third_worker_resume_and_a_job_that_refuses_another_size():
+    _embeddings_from_02()
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOKS["07"], as_version=4)
+    third = _code_between(nb, "## 3.", "## Summary")
+    keep = ("first, second = made\nkept = second.stat().st_mtime_ns\nfirst.unlink()\nOVERWRITE = False")
+    resumed = "assert first.is_file() and second.stat().st_mtime_ns == kept"
+    refuse = [nbformat.from_dict(dict(c)) for c in third]
+    for cell in refuse:  # "run section 3 alone": its command fails, as the exercise says
+        cell.metadata["tags"] = ["raises-exception"]
+    refused = "assert done.returncode != 0 and 'planned for' in done.stderr, done.stderr[-500:]"
+    _run(NOTEBOOKS["07"], "assert 'nothing to make' in done.stderr, done.stderr[-800:]", keep, third, resumed,
+         "HEIGHT = WIDTH = 128", refuse, refused, parameters="WORKERS = 3")
