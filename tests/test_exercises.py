@@ -82,6 +82,10 @@ def _sections(code: str, first: str, last: str) -> list:
     return _code_between(nbformat.read(NOTEBOOKS[code], as_version=4), first, last)
 
 
+#: 02's exercises write a file of their own: 03 and 07 read 02_prompts, the two prompts of 02's defaults
+OWN_FILE = 'OUT_NAME = "02_exercise"'
+
+
 def _embeddings_from_02() -> None:
     """03 reads what 02 writes: run 02 once when the file is not there yet."""
     if not (Path(os.environ["FLUX_OUTPUTS"]) / "embeddings" / "02_prompts.safetensors").is_file():
@@ -175,7 +179,7 @@ a, b = load_file(ref.path), load_file(embeddings_path(OUT_NAME))
 assert all(torch.equal(a[k], b[k]) for k in a)
 ref.path.unlink()
 """
-    _run(NOTEBOOKS["02"], check, parameters='MAX_MEMORY = "cpu=40%,disk=100%"')
+    _run(NOTEBOOKS["02"], check, parameters=f'MAX_MEMORY = "cpu=40%,disk=100%"\n{OWN_FILE}')
 
 
 def test_02_exercise_2_a_tiny_budget_is_refused_then_names_the_smallest_that_works():
@@ -195,7 +199,7 @@ def test_02_exercise_3_a_long_prompt_is_warned_and_cut():
     check = ("assert truncation_warnings(tokens, MAX_SEQUENCE_LENGTH)\n"
              "assert read_header(embeddings_path(OUT_NAME)).max_sequence_length == 32")
     _run(NOTEBOOKS["02"], check, parameters='PROMPTS = [" ".join(["a red circle on a blue background"] * 15)]\n'
-                                            "MAX_SEQUENCE_LENGTH = 32")
+                                            f"MAX_SEQUENCE_LENGTH = 32\n{OWN_FILE}")
 
 
 # ---------------------------------------------------------------- 03
@@ -304,7 +308,8 @@ def test_07_exercises_1_2_and_3_a_third_worker_resume_and_a_job_that_refuses_ano
 
     nb = nbformat.read(NOTEBOOKS["07"], as_version=4)
     third = _code_between(nb, "## 3.", "## Summary")
-    keep = ("first, second = made\nkept = second.stat().st_mtime_ns\nfirst.unlink()\nOVERWRITE = False")
+    keep = ("assert len(made) == 2, made  # 02's two prompts\n"
+            "first, second = made\nkept = second.stat().st_mtime_ns\nfirst.unlink()\nOVERWRITE = False")
     resumed = "assert first.is_file() and second.stat().st_mtime_ns == kept"
     refuse = [nbformat.from_dict(dict(c)) for c in third]
     for cell in refuse:  # "run section 3 alone": its command fails, as the exercise says
