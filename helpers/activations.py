@@ -20,14 +20,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from helpers.errors import UserError
+from helpers.families import Family, default_family
 from helpers.precision import cpu_bf16
 
 #: what a GPU tier keeps beyond the counted activations: cuBLAS workspaces and the allocator's rounding
 WORKSPACE_GPU = 64 * 2**20
-#: the components whose forward passes a stage runs, one after the other, while its weights stay loaded
-STAGE_COMPONENTS = {"text_encoding": ("text_encoder_2",), "diffusion": ("transformer", "vae")}
-#: in words, for messages
-WHAT = {"text_encoder_2": "the T5 encoder", "transformer": "a denoising step", "vae": "the VAE's decode"}
 MULTIPLE = 16  # image sides: the VAE halves the size 3 times, then the transformer packs 2x2 patches
 
 
@@ -155,40 +152,18 @@ def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool
     return live.peak
 
 
-class _Decode(torch.nn.Module):
-    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]
+def counted_components(stage: str, family: Family | None = None) -> tuple[str, ...]:
+    """The components whose forward passes ``stage`` runs, one after the other, while its weights stay
+    loaded (FLUX.1: T5; the transformer, then the VAE's decode)."""
+    family = family or default_family()
+    return tuple(c for c in family.stage_models(stage) if family.component(c).activation)
 
 
 def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
-                   width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
-    """``(module, inputs)`` for one forward of ``component`` as :func:`activation_bytes` describes it,
-    batch 1, tensors empty on ``device`` (the VAE is wrapped so that its forward is the decode)."""
-    device = torch.device(device)
-    if component == "transformer":
-        cfg = module.config
-        n = (height // 16) * (width // 16)
-        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=device),
-                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=device),
-                      pooled_projections=torch.empty(1, cfg.pooled_projection_dim, dtype=dtype, device=device),
-                      timestep=torch.empty(1, dtype=dtype, device=device), img_ids=torch.empty(n, 3, device=device),
-                      txt_ids=torch.empty(tokens, 3, device=device), return_dict=False)
-        if cfg.guidance_embeds:
-            inputs["guidance"] = torch.empty(1, device=device)
-        return module, inputs
-    if component == "text_encoder_2":
-        return module, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device))
-    if component == "vae":
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
-        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype, device=device)
-        return _Decode(module), dict(latents=latents)
-    raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
+                   width: int = 1024, tokens: int = 512, device="meta", family: Family | None = None):
+    """``(module, inputs)`` for one forward of ``component`` as :func:`forward_peak` describes it,
+    batch 1, tensors empty on ``device``: the family says what they are."""
+    return (family or default_family()).example_inputs(component, module, dtype, height, width, tokens, device)
 
 
 def _config_key(module: torch.nn.Module) -> str:
@@ -200,12 +175,10 @@ def _config_key(module: torch.nn.Module) -> str:
 
 #: counts made in this process, by component, config, dtype and shape (a plan asks for the same ones often)
 _COUNTED: dict[tuple, int] = {}
-#: the lists of blocks whose blocks all take and hand on tensors of the same shapes
-_BLOCK_LISTS = {"transformer": ("transformer_blocks", "single_transformer_blocks"), "text_encoder_2": ("encoder.block",)}
 
 
 @contextlib.contextmanager
-def _two_blocks_each(component: str, module: torch.nn.Module):
+def _two_blocks_each(block_lists: tuple[str, ...], module: torch.nn.Module):
     """The module with only the first two blocks of each list, for the time of a count.
 
     From the second block of a list on, each block takes the hidden states and hands on new ones
@@ -216,7 +189,7 @@ def _two_blocks_each(component: str, module: torch.nn.Module):
     fewer ops in the Flux transformer and 12 in T5.
     """
     kept = []
-    for path in _BLOCK_LISTS.get(component, ()):
+    for path in block_lists:
         parent_name, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         blocks = getattr(parent, name)
@@ -231,7 +204,7 @@ def _two_blocks_each(component: str, module: torch.nn.Module):
 
 
 def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024, width: int = 1024,
-                 tokens: int = 512, cpu: bool = False) -> int:
+                 tokens: int = 512, cpu: bool = False, family: Family | None = None) -> int:
     """Peak activations of one forward of ``component`` (its skeleton ``module`` on the meta device),
     batch 1, computing in ``dtype``: for ``transformer`` one denoising step of a ``height`` x
     ``width`` image with ``tokens`` text tokens; for ``vae`` the decode of that image; for
@@ -239,19 +212,23 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
     same peak, see :func:`_two_blocks_each`); the skeleton's own blocks and dtypes are put back after;
     each shape is counted once per process. ``cpu``: the forward runs on a CPU, whose convolutions
     hold scratch memory (see :func:`_conv_scratch`)."""
-    if component not in WHAT:
-        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-    # only what the forward depends on is in the key
-    size = (height, width, 0) if component == "vae" else (0, 0, tokens) if component == "text_encoder_2" else (
-        height, width, tokens)
+    family = family or default_family()
+    counted = [c.name for c in family.components if c.activation]
+    if component not in counted:
+        raise UserError(f"activations are estimated for {', '.join(counted)}, not {component!r}.")
+    # only what the forward depends on is in the key: text, the image, or both (the split diffusion one)
+    text = family.component(component).stage == "text_encoding"
+    both = component == family.file_component
+    size = (0, 0, tokens) if text else (height, width, tokens) if both else (height, width, 0)
     key = (component, _config_key(module), str(dtype), cpu, *size)
     if key not in _COUNTED:
-        with _two_blocks_each(component, module):
+        with _two_blocks_each(family.block_lists(component), module):
             floats = [(t, t.dtype) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
             try:
                 for t, _ in floats:
                     t.data = t.data.to(dtype)
-                _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens),
+                _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens,
+                                                                family=family),
                                                 kernel_scratch=cpu)
             finally:
                 for t, original in floats:
@@ -260,12 +237,12 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
 
 
 def stage_activations(stage: str, skeletons: dict[str, torch.nn.Module], dtype: torch.dtype,
-                      workload: Workload, cpu: bool = False) -> dict[str, int]:
+                      workload: Workload, cpu: bool = False, family: Family | None = None) -> dict[str, int]:
     """Bytes each component of ``stage`` holds beyond its weights at its peak for ``workload``
     (``batch`` prompts at once), in the order the stage runs them; the stage needs room for the
     largest, since they run one after the other. ``cpu``: it computes on a CPU."""
     return {c: workload.batch * forward_peak(c, skeletons[c], dtype, workload.height, workload.width, workload.tokens,
-                                             cpu=cpu) for c in STAGE_COMPONENTS[stage]}
+                                             cpu=cpu, family=family) for c in counted_components(stage, family)}
 
 
 def largest_square(fits: Callable[[int], bool], above: int, guess: int | None = None) -> int | None:

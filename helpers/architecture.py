@@ -1,9 +1,10 @@
-"""The architecture of FLUX.1, as facts: configs, weightless skeletons, parameter counts.
+"""A model's architecture, as facts: configs, weightless skeletons, parameter counts (of any family).
 
 Nothing here plans, loads or builds weights: :mod:`helpers.models` (names, twins, the trainer's
 modules), :mod:`helpers.footprint` (bytes and plans) and :mod:`helpers.training` all stand on it,
-and it imports none of them. The published configs of FLUX.1-dev and FLUX.1-schnell ship with this
-package (``helpers/configs/``), so none of it needs a download. Explained in ``01_memory-footprint.ipynb``.
+and it imports none of them. What each component is comes from its family (:mod:`helpers.families`);
+the published configs of the real models ship with this package (``helpers/configs/``), so none of it
+needs a download. Explained in ``01_memory-footprint.ipynb``.
 """
 
 from __future__ import annotations
@@ -15,41 +16,34 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from helpers.errors import UserError
+from helpers.families import default_family
 
 if TYPE_CHECKING:
     import torch
 
-COMPONENT_ORDER = ("text_encoder", "text_encoder_2", "transformer", "vae")
-
-#: Published configs shipped as package data, copied from the hub repositories of the same name
-#: (black-forest-labs/FLUX.1-dev and black-forest-labs/FLUX.1-schnell, each component's config.json).
-SHIPPED = {"black-forest-labs/FLUX.1-dev": "FLUX.1-dev", "black-forest-labs/FLUX.1-schnell": "FLUX.1-schnell"}
-
-
-def shipped_configs(name: str) -> dict[str, dict]:
-    """The shipped configs of ``FLUX.1-dev`` or ``FLUX.1-schnell``, per component."""
+def shipped_configs(name: str, family=None) -> dict[str, dict]:
+    """The shipped configs of a real model (``FLUX.1-dev``: the folder under ``helpers/configs/``), per component."""
+    family = family or default_family()
     root = resources.files("helpers") / "configs" / name
-    return {c: json.loads((root / c / "config.json").read_text()) for c in COMPONENT_ORDER}
+    return {c: json.loads((root / c / "config.json").read_text()) for c in family.models}
 
 
-#: a key each component's config must have, to tell a FLUX.1 folder from something else
-_REQUIRED_KEYS = {"text_encoder": "hidden_size", "text_encoder_2": "d_model", "transformer": "num_single_layers",
-                  "vae": "latent_channels"}
-
-
-def folder_configs(folder: Path) -> dict[str, dict]:
-    missing = [c for c in COMPONENT_ORDER if not (folder / c / "config.json").is_file()]
+def folder_configs(folder: Path, family=None) -> dict[str, dict]:
+    """Each component's config of a model folder of ``family``, checked to be that component's."""
+    family = family or default_family()
+    missing = [c for c in family.models if not (folder / c / "config.json").is_file()]
     if missing:
-        raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a FLUX.1 folder.")
+        raise UserError(f"{folder} lacks {', '.join(c + '/config.json' for c in missing)}: not a {family.title} folder.")
     configs = {}
-    for comp in COMPONENT_ORDER:
+    for comp in family.models:
         path = folder / comp / "config.json"
         try:
             configs[comp] = json.loads(path.read_text())
         except (ValueError, OSError) as err:
             raise UserError(f"{path} is not readable JSON ({err}); fetch or copy that file again.") from None
-        if not isinstance(configs[comp], dict) or _REQUIRED_KEYS[comp] not in configs[comp]:
-            raise UserError(f"{path} has no {_REQUIRED_KEYS[comp]!r}: not a FLUX.1 {comp} config.")
+        key = family.component(comp).required_key
+        if not isinstance(configs[comp], dict) or (key and key not in configs[comp]):
+            raise UserError(f"{path} has no {key!r}: not a {family.title} {comp} config.")
     return configs
 
 
@@ -82,33 +76,19 @@ def _unchanged(tensor, *args, **kwargs):
     return tensor
 
 
-def skeleton(component: str, config: dict, tie: bool = True) -> "torch.nn.Module":
+def skeleton(component: str, config: dict, tie: bool = True, family=None) -> "torch.nn.Module":
     """Build ``component`` from ``config`` on the meta device: shapes, no storage.
 
     ``tie=True`` re-ties shared weights after ``init_empty_weights``: under transformers 5 it leaves
     T5's ``shared`` and ``encoder.embed_tokens`` as two tensors, one tensor in the real checkpoint,
     and the footprint would count ~0.5 GiB twice (the trap notebook 01 shows).
     """
+    family = family or default_family()
+    if component not in family.models:
+        raise UserError(f"unknown component {component!r}; the components are {', '.join(family.models)}.")
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with empty_weights():
-        if component == "text_encoder":
-            from transformers import CLIPTextConfig, CLIPTextModel
-
-            module = CLIPTextModel(CLIPTextConfig.from_dict(cfg))
-        elif component == "text_encoder_2":
-            from transformers import T5Config, T5EncoderModel
-
-            module = T5EncoderModel(T5Config.from_dict(cfg))
-        elif component == "transformer":
-            from diffusers import FluxTransformer2DModel
-
-            module = FluxTransformer2DModel.from_config(cfg)
-        elif component == "vae":
-            from diffusers import AutoencoderKL
-
-            module = AutoencoderKL.from_config(cfg)
-        else:
-            raise UserError(f"unknown component {component!r}; the components are {', '.join(COMPONENT_ORDER)}.")
+        module = family.component(component).skeleton(cfg)
     if tie and hasattr(module, "tie_weights"):
         module.tie_weights()
     return module.eval()

@@ -123,12 +123,12 @@ def _diffusers_file(folder: Path, path: str, compute: torch.dtype):
 
     One change: diffusers' own key conversion hard-codes FLUX.1's width (``inner_dim = 3072``) where
     it splits a single block's ``linear1``, so no file of another width loads (every twin); for the
-    call, diffusers' table names our map, which follows the config's widths (:func:`helpers.layouts.from_bfl`).
+    call, diffusers' table names our map, which follows the config's widths (:func:`helpers.families.flux1.layout.from_bfl`).
     """
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    from helpers.layouts import from_bfl
+    from helpers.families.flux1.layout import from_bfl
 
     config = FluxTransformer2DModel.load_config(folder)
     entry = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]

@@ -79,7 +79,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
-    from helpers.footprint import TWIN_REFERENCE, footprint, plan_stages, report
+    from helpers.footprint import footprint, plan_stages, report
     from helpers.models import resolve_model
     from helpers.precision import resolve
     from helpers.report import Table
@@ -87,11 +87,11 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     ref = resolve_model(args.model)
     spec = args.max_memory if args.max_memory is not None else METHOD_BUDGET
     parse_budget(spec, model_bytes=2**40)  # reject a bad budget before building anything (shares: any size)
-    length = args.max_sequence_length or (256 if ref.variant == "schnell" else 512)
-    check_max_sequence_length(length, ref.variant)
+    length = args.max_sequence_length or ref.usual.text_length
+    check_max_sequence_length(length, ref.variant, ref.family)
     check_settings(args.height, args.width, 1, 0.0)
     workload = Workload(args.height, args.width, args.batch, length)
-    like_name = args.like or (TWIN_REFERENCE if ref.kind == "twin" and args.max_memory is None
+    like_name = args.like or (ref.family.reference_model if ref.kind == "twin" and args.max_memory is None
                               and not args.transformer else None)
     like_ref = resolve_model(like_name) if like_name else None
     if like_ref is not None:
@@ -99,14 +99,14 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     fp = footprint(ref)
     like = footprint(like_ref) if like_ref is not None else None
     fast = parse_budget(spec, model_bytes=2**40).fast
-    precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast),
-                  "diffusion": resolve("diffusion", args.weights, args.compute, fast)}
+    precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast, ref.family),
+                  "diffusion": resolve("diffusion", args.weights, args.compute, fast, ref.family)}
     if args.transformer:  # its header alone: the bytes it stores, block by block
         from helpers.transformer_file import open_transformer_file
 
         if like is not None:
             raise UserError("--like translates a budget between models; a transformer file is planned in its own bytes.")
-        file = open_transformer_file(args.transformer, fp.skeletons["transformer"].config)
+        file = open_transformer_file(args.transformer, fp.skeletons[fp.family.file_component].config)
         precisions["diffusion"] = precisions["diffusion"].with_file(file)
     plans = plan_stages(fp, spec, like=like, workload=workload, precisions=precisions)
     data = report(fp, plans)
@@ -431,8 +431,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _settle_workload(args)
     ref = resolve_model(args.model)
     prompts = check_prompts(args.prompt)
-    length = args.max_sequence_length or (256 if ref.variant == "schnell" else 512)
-    check_max_sequence_length(length, ref.variant)
+    length = args.max_sequence_length or ref.usual.text_length
+    check_max_sequence_length(length, ref.variant, ref.family)
     check_seed(args.seed)
     check_settings(args.height, args.width, 1 if args.steps is None else args.steps,
                    0.0 if args.guidance is None else args.guidance)
@@ -467,9 +467,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             ref, args.max_memory, workload=Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
             weights=args.weights, compute=args.compute, transformer_file=args.transformer), args.offload),
     }
-    from helpers.models import COMPONENTS
-
-    ref.folder(components=list(COMPONENTS))  # the weights are there (or the twin is built)
+    ref.folder(components=list(ref.family.subfolders))  # the weights are there (or the twin is built)
 
     def stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:

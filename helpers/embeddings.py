@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
+from helpers.families import default_family
 from helpers.files import atomic_path, check_file, not_a_file
 
 FORMAT = "flux-embeddings"
@@ -30,21 +31,13 @@ OPTIONAL = ("text_ids",)
 STORED_DTYPE = torch.bfloat16
 MAKER = "notebook 02_text-encoding-offload or `python -m helpers encode`"
 
-#: the config entries of the text encoders that decide what their embeddings mean
-_FINGERPRINT_KEYS = {
-    "text_encoder": ("hidden_size", "num_hidden_layers", "vocab_size", "max_position_embeddings", "projection_dim"),
-    "text_encoder_2": ("d_model", "d_kv", "d_ff", "num_heads", "num_layers", "vocab_size", "feed_forward_proj"),
-}
-
-
-def fingerprint(configs: dict[str, dict]) -> str:
+def fingerprint(configs: dict[str, dict], family=None) -> str:
     """A short hash of the text encoders' shapes: two models share it only if their embeddings agree.
 
-    ``configs`` maps ``text_encoder`` / ``text_encoder_2`` to their config dicts (for instance from
-    :func:`helpers.footprint.component_configs`).
+    ``configs`` maps each component to its config dict (for instance from
+    :func:`helpers.models.component_configs`); ``family``: the model's (FLUX.1 by default).
     """
-    facts = {c: {k: configs[c].get(k) for k in keys} for c, keys in _FINGERPRINT_KEYS.items()}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return (family or default_family()).fingerprint(configs)
 
 
 #: a folder's text-encoder files up to this size are hashed whole; larger ones by samples

@@ -1,13 +1,15 @@
-"""Stage 1, text encoding: CLIP whole, the big T5 split across memory tiers, embeddings to a file.
+"""Stage 1, text encoding: the text encoders under a budget (FLUX.1: CLIP whole, the big T5 split
+across memory tiers), embeddings to a file.
 
 The steps, each a function the notebook calls in turn and :func:`encode_prompts` chains (for the
 widget and ``python -m helpers encode``):
 
-1. :func:`text_encoding_plan`: the T5 skeleton on meta, placed under the budget (no weights);
+1. :func:`text_encoding_plan`: the encoders' skeletons on meta, placed under the budget (no weights);
    a budget too small is refused here, before anything loads, with the smallest one that works;
 2. :func:`load_text_encoders`: the real weights, loaded with that device map (tiers on disk read
    from an offload folder), and the map accelerate actually applied checked against the plan;
-3. :func:`encode`: ``FluxPipeline.encode_prompt`` with only the encoders and tokenizers;
+3. :func:`encode`: the pipeline's own ``encode_prompt`` with only the encoders and tokenizers (the
+   family says which, :mod:`helpers.families`);
 4. :func:`helpers.embeddings.save_embeddings`: bfloat16, atomically.
 
 Explained in ``02_text-encoding-offload.ipynb``.
@@ -23,10 +25,10 @@ import torch
 
 from helpers.budget import Tier
 from helpers.errors import UserError
+from helpers.families import default_family
 from helpers.files import check_can_write, check_free_space, check_writable, outputs_dir, remove_folder
 from helpers.loading import compare_maps, torch_device  # noqa: F401 - the notebooks' names
 
-TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 
 
 def embeddings_path(name: str) -> Path:
@@ -59,66 +61,76 @@ def text_encoding_plan(model=None, max_memory=None, like: str | None = "auto", w
 
 @dataclass
 class TextEncoders:
-    """The loaded text encoders, with the plan they were loaded by and the map that was applied."""
+    """The loaded text encoders and tokenizers (``parts``, by component: ``encoders.text_encoder_2``
+    reads one), with the plan they were loaded by and the map that was applied to the split one."""
 
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    text_encoder_2: torch.nn.Module
-    tokenizer_2: object
+    parts: dict
     plan: object
     applied: dict[str, Tier]
     device: torch.device
     offload_folder: Path | None = None
     differences: list[str] = field(default_factory=list)
-    streamer: object = None  # offload "stream": the reader of T5's streamed blocks
-    offload: str = "accelerate"  # how T5's offloaded blocks are fetched: "accelerate" or "stream"
+    streamer: object = None  # offload "stream": the reader of the split encoder's streamed blocks
+    offload: str = "accelerate"  # how the split encoder's offloaded blocks are fetched: "accelerate" or "stream"
     temporary: bool = False  # the offload folder is this run's own, removed by close()
+
+    def __getattr__(self, name: str):
+        parts = self.__dict__.get("parts") or {}
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def family(self):
+        return self.plan.family
 
     def close(self) -> None:
         """Stop the block reader, if any, drop the models, and remove this run's offload folder."""
         if self.streamer is not None:
             self.streamer.close()
             self.streamer = None
-        self.text_encoder = self.text_encoder_2 = None
+        self.parts = {}
         if self.temporary and self.offload_folder is not None:
             remove_folder(self.offload_folder)
 
 
 def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
                        offload: str = "accelerate", progress: bool = True) -> TextEncoders:
-    """Load CLIP whole and T5 split as the plan says, in the plan's precision; check what was applied.
+    """Load the stage's encoders as the plan says (FLUX.1: CLIP whole, T5 split), in the plan's
+    precision, and their tokenizers; check what was applied.
 
     A plan that puts blocks on ``disk`` needs an offload folder: ``offload_folder`` (created if
     missing: accelerate expects it to exist), or by default a fresh one of this run's own under
-    ``outputs/offload/``, removed by :meth:`TextEncoders.close`. ``offload="stream"``: T5's blocks
-    that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload`; from the
-    checkpoint without a GPU tier, converted to the compute dtype as they arrive; from pinned RAM to
-    the GPU with one), keeping the plan's room for activations free; ``"auto"`` picks it where the
-    budget has no GPU tier and the stream fits the budget, else ``"accelerate"``. The weights are
+    ``outputs/offload/``, removed by :meth:`TextEncoders.close`. ``offload="stream"``: the split
+    encoder's blocks that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload`;
+    from the checkpoint without a GPU tier, converted to the compute dtype as they arrive; from pinned
+    RAM to the GPU with one), keeping the plan's room for activations free; ``"auto"`` picks it where
+    the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``. The weights are
     stored as :attr:`plan.precision <helpers.footprint.StagePlan.precision>` says and upcast layer by
     layer to its compute dtype (:mod:`helpers.loading`). ``progress``: a progress bar while a
     stream loads.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
     from helpers.loading import load_mapped, load_whole, whole_bytes
 
-    folder = Path(folder)
-    clip_tier = next(p for p in plan.components if p.component == "text_encoder").device_map[""]
-    t5 = load_mapped(folder / "text_encoder_2", T5EncoderModel, "text_encoder_2", plan, offload,
-                     whole=whole_bytes(plan, ("text_encoder",)), offload_folder=offload_folder, progress=progress)
+    folder, family, stage = Path(folder), plan.family, "text_encoding"
+    main, whole = family.main(stage), family.whole(stage)
+    mapped = load_mapped(folder / main, family.component(main).load_class(), main, plan, offload,
+                         whole=whole_bytes(plan, whole), offload_folder=offload_folder, progress=progress)
+    parts = {main: mapped.model}
     try:
-        text_encoder = load_whole(folder / "text_encoder", CLIPTextModel, clip_tier, plan.precision)
+        for name in whole:
+            tier = next(p for p in plan.components if p.component == name).device_map[""]
+            parts[name] = load_whole(folder / name, family.component(name).load_class(), tier, plan.precision)
+        for c in family.components:
+            if c.stage == stage and c.role == "tokenizer":
+                parts[c.name] = c.load_class().from_pretrained(folder / c.name)
     except BaseException:
-        t5.close()
+        mapped.close()
         raise
     return TextEncoders(
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder_2=t5.model,
-        tokenizer_2=T5TokenizerFast.from_pretrained(folder / "tokenizer_2"),
-        plan=plan, applied=t5.applied, device=t5.device, offload_folder=t5.offload_folder,
-        differences=t5.differences, streamer=t5.streamer, offload=t5.offload, temporary=t5.temporary,
+        parts={c: parts[c] for c in family.stage_parts(stage)}, plan=plan, applied=mapped.applied,
+        device=mapped.device, offload_folder=mapped.offload_folder, differences=mapped.differences,
+        streamer=mapped.streamer, offload=mapped.offload, temporary=mapped.temporary,
     )
 
 
@@ -139,61 +151,41 @@ def check_prompts(prompts: str | list[str]) -> list[str]:
     return prompts
 
 
-def check_max_sequence_length(n: int, variant: str | None = None) -> int:
-    """1 to 512 tokens (T5's limit); FLUX.1-schnell was trained with at most 256."""
+def check_max_sequence_length(n: int, variant: str | None = None, family=None) -> int:
+    """1 token to the most the family's text encoder takes (FLUX.1: T5's 512); a variant may take
+    fewer (FLUX.1-schnell was trained with at most 256)."""
+    family = family or default_family()
+    most = max(v.max_text_length for v in family.variants.values())
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"max_sequence_length must be a whole number of tokens from 1 to 512, not {n!r}.")
-    if n > 512:
-        raise UserError(f"max_sequence_length {n} is more than T5's 512 tokens; use 512 or less.")
-    if variant == "schnell" and n > 256:
-        raise UserError(f"FLUX.1-schnell takes at most 256 tokens (max_sequence_length {n}); use 256 or less.")
+        raise UserError(f"max_sequence_length must be a whole number of tokens from 1 to {most}, not {n!r}.")
+    if n > most:
+        encoder = family.component(family.main("text_encoding")).short
+        raise UserError(f"max_sequence_length {n} is more than {encoder}'s {most} tokens; use {most} or less.")
+    refusal = family.checks(variant, n) if family.checks else None
+    if refusal:
+        raise UserError(refusal)
     return n
 
 
-def token_report(prompts: list[str], tokenizer, tokenizer_2, max_sequence_length: int) -> list[dict]:
-    """Tokens per prompt for CLIP (77 max) and T5 (``max_sequence_length``), and whether they get cut."""
-    rows = []
-    for p in prompts:
-        clip_n = len(tokenizer(p).input_ids)
-        t5_n = len(tokenizer_2(p).input_ids)
-        rows.append({
-            "prompt": p if len(p) <= 60 else p[:57] + "...",
-            "clip tokens": clip_n,
-            "t5 tokens": t5_n,
-            "cut": "T5" if t5_n > max_sequence_length else ("CLIP" if clip_n > tokenizer.model_max_length else ""),
-        })
-    return rows
+def token_report(prompts: list[str], tokenizers: dict, max_sequence_length: int, family=None) -> list[dict]:
+    """Tokens per prompt for each tokenizer of the text stage (``tokenizers``, by component), and
+    which of them cuts the prompt (FLUX.1: CLIP at 77, T5 at ``max_sequence_length``)."""
+    return (family or default_family()).token_report(tokenizers, prompts, max_sequence_length)
 
 
-def truncation_warnings(rows: list[dict], max_sequence_length: int, clip_max: int = 77) -> list[str]:
-    out = []
-    for i, r in enumerate(rows, 1):
-        if r["t5 tokens"] > max_sequence_length:
-            out.append(
-                f"prompt {i} is {r['t5 tokens']} T5 tokens; only the first {max_sequence_length} are used "
-                f"(raise max_sequence_length up to 512, or shorten it)."
-            )
-        elif r["clip tokens"] > clip_max:
-            out.append(f"prompt {i} is {r['clip tokens']} CLIP tokens; CLIP reads only the first {clip_max}.")
-    return out
+def truncation_warnings(rows: list[dict], max_sequence_length: int, family=None) -> list[str]:
+    """A sentence for each prompt :func:`token_report` found cut."""
+    return (family or default_family()).truncation_warnings(rows, max_sequence_length)
 
 
-@torch.no_grad()
-def encode(encoders: TextEncoders, prompts: list[str], max_sequence_length: int):
-    """``FluxPipeline.encode_prompt`` with only the encoders and tokenizers: the method's stage 1.
+def encode(encoders: TextEncoders, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+    """The pipeline's ``encode_prompt`` with only the encoders and tokenizers: the method's stage 1.
 
-    Returns ``(prompt_embeds, pooled_prompt_embeds, text_ids)`` in float32.
+    Returns the family's embeddings by name (FLUX.1: ``prompt_embeds``, ``pooled_prompt_embeds`` and
+    ``text_ids``), in float32.
     """
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline(
-        scheduler=None, vae=None, transformer=None,
-        text_encoder=encoders.text_encoder, tokenizer=encoders.tokenizer,
-        text_encoder_2=encoders.text_encoder_2, tokenizer_2=encoders.tokenizer_2,
-    )
-    return pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, device=encoders.device, max_sequence_length=max_sequence_length
-    )
+    family = encoders.family
+    return family.encode(family, encoders.parts, prompts, encoders.device, max_sequence_length)
 
 
 # --------------------------------------------------------------------------- all of it
@@ -241,7 +233,7 @@ def encode_prompts(
     ``check_only``: every check and the plan, then the job, without loading anything.
     """
     from helpers.activations import Workload
-    from helpers.embeddings import file_bytes, save_embeddings, weights_identity
+    from helpers.embeddings import save_embeddings, weights_identity
     from helpers.offload import check_offload
     from helpers.memory import measure
     from helpers.job import Job, check_job_alone
@@ -253,9 +245,10 @@ def encode_prompts(
         model = job.model
     ref = resolve_model(model)  # once: the plan, the folder and the file's fingerprint all ask this object
     prompts = check_prompts(prompts)
+    family = ref.family
     if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
-        max_sequence_length = 256 if ref.variant == "schnell" else 512
-    check_max_sequence_length(max_sequence_length, ref.variant)
+        max_sequence_length = ref.usual.text_length
+    check_max_sequence_length(max_sequence_length, ref.variant, family)
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"{out.name}: embeddings are saved as .safetensors; use a name ending in .safetensors.")
@@ -268,7 +261,7 @@ def encode_prompts(
         check_writable(out.parent)
     check_can_write(out, overwrite)
     check_offload(offload)
-    # T5's activations for these prompts keep room on the fast tier; too many at once are refused here
+    # the split encoder's activations for these prompts keep room on the fast tier; too many at once are refused here
     workload = Workload(batch=len(prompts), tokens=max_sequence_length)
     if job is None:
         job = Job("text_encoding", ref, text_encoding_plan(ref, max_memory, workload=workload, weights=weights,
@@ -277,20 +270,19 @@ def encode_prompts(
         job.check_workload(workload)
     if check_only:
         return job
-    cfg = ref.configs["transformer"]
-    check_free_space(out.parent, file_bytes(cfg["joint_attention_dim"], cfg["pooled_projection_dim"],
-                                            workload.batch, workload.tokens), "the embeddings file")
+    check_free_space(out.parent, family.embeddings_bytes(ref.configs, workload.batch, workload.tokens),
+                     "the embeddings file")
     out.parent.mkdir(parents=True, exist_ok=True)
     plan, offload = job.plan, job.offload
-    folder = ref.folder(components=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"])
+    folder = ref.folder(components=list(family.stage_parts("text_encoding")))
 
     with measure("text encoding") as m:
         encoders = load_text_encoders(folder, plan, offload=offload)
         try:
-            tokens = token_report(prompts, encoders.tokenizer, encoders.tokenizer_2, max_sequence_length)
-            prompt_embeds, pooled, text_ids = encode(encoders, prompts, max_sequence_length)
+            tokens = token_report(prompts, encoders.parts, max_sequence_length, family)
+            embeds = encode(encoders, prompts, max_sequence_length)
             path = save_embeddings(
-                out, prompt_embeds, pooled, text_ids, model=ref.label,
+                out, *embeds.values(), model=ref.label,
                 fingerprint=ref.fingerprint, weights=weights_identity(folder),
                 prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
             )
@@ -299,8 +291,8 @@ def encode_prompts(
             encoders.close()
     result = EncodeResult(
         path=path, plan=plan, applied=encoders.applied, differences=encoders.differences, tokens=tokens,
-        warnings=plan.warnings + truncation_warnings(tokens, max_sequence_length), measurement=m,
-        shapes={"prompt_embeds": list(prompt_embeds.shape), "pooled_prompt_embeds": list(pooled.shape)},
+        warnings=plan.warnings + truncation_warnings(tokens, max_sequence_length, family), measurement=m,
+        shapes={k: list(embeds[k].shape) for k in family.embedding_names},
         offload=used,
     )
     del encoders

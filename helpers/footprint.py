@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from helpers.activations import (WHAT, WORKSPACE_GPU, Workload, affine_guess, forward_peak, largest_square,
-                                 stage_activations)
-from helpers.architecture import COMPONENT_ORDER, SHIPPED, count_params, shipped_configs, skeleton  # noqa: F401
+from helpers.activations import WORKSPACE_GPU, Workload, affine_guess, forward_peak, largest_square, stage_activations
+from helpers.architecture import count_params, skeleton
+from helpers.families import STAGES, Family, default_family
 from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
@@ -29,20 +29,17 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float8_e4m3fn": torch.float8_e4m3fn,
 }
-#: the model a twin's default budget is read against, so that the twin splits where it would
-TWIN_REFERENCE = "flux-dev"
 
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage of the method: which components it holds at once, in which dtype.
+    """A stage of the method: which components it holds at once (its family says which).
 
     ``whole`` components go on the first tier with room (the method loads them without a map);
     the others are split at block boundaries by accelerate.
     """
 
-    dtype: torch.dtype
     whole: tuple[str, ...]
     mapped: tuple[str, ...]
 
@@ -51,12 +48,9 @@ class Stage:
         return self.whole + self.mapped
 
 
-STAGES: dict[str, Stage] = {
-    # CLIP loaded whole, the big T5 encoder split across tiers: float32, as the method does
-    "text_encoding": Stage(torch.float32, whole=("text_encoder",), mapped=("text_encoder_2",)),
-    # the VAE whole on the fastest tier, the transformer split: bfloat16
-    "diffusion": Stage(torch.bfloat16, whole=("vae",), mapped=("transformer",)),
-}
+def stage_of(family: Family, name: str) -> Stage:
+    """Stage ``name`` of ``family``: its components loaded whole, and those split across tiers."""
+    return Stage(whole=family.whole(name), mapped=family.mapped(name))
 
 
 # --------------------------------------------------------------------------- footprint
@@ -87,6 +81,10 @@ class Footprint:
     components: dict[str, ComponentFootprint]
     skeletons: dict[str, torch.nn.Module] = field(repr=False, default_factory=dict)
     _stored: dict = field(repr=False, default_factory=dict)
+    family: Family = field(repr=False, default_factory=default_family)
+
+    def stage(self, name: str) -> Stage:
+        return stage_of(self.family, name)
 
     def stored_skeleton(self, component: str, weights: str, file=None) -> torch.nn.Module:
         """The component's skeleton with its tensors in the dtypes ``weights`` stores (fp8: weights
@@ -105,7 +103,7 @@ class Footprint:
 
     def block_bytes(self, component: str, prec: Precision) -> list[tuple[str, int]]:
         """``(name, stored bytes)`` of the component's blocks in ``prec``'s weights format."""
-        if prec.file is not None and component == "transformer":
+        if prec.file is not None and component == self.family.file_component:
             return _blocks(self.stored_skeleton(component, prec.weights, prec.file))
         return _blocks(self.skeletons[component], prec.weights)
 
@@ -137,34 +135,40 @@ class Footprint:
         }
 
 
-def footprint(model=None, tie: bool = True, components=COMPONENT_ORDER) -> Footprint:
+def footprint(model=None, tie: bool = True, components=None) -> Footprint:
     """Footprint of the components of ``model`` (all by default), built on meta.
 
     Configs come from :func:`component_configs`: no weights, no download.
     """
-    name, configs = component_configs(model)
+    from helpers.models import resolve_model
+
+    ref = resolve_model(model)
+    name, configs, family = ref.name, ref.configs, ref.family
     comps, skels = {}, {}
-    for comp in [c for c in COMPONENT_ORDER if c in components]:
-        module = skeleton(comp, configs[comp], tie=tie)
+    for comp in [c for c in family.models if components is None or c in components]:
+        module = skeleton(comp, configs[comp], tie=tie, family=family)
         skels[comp] = module
         comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module),
                                          {dt: stored_bytes(module, short_name(dt)) for dt in DTYPES})
-    return Footprint(name, comps, skels)
+    return Footprint(name, comps, skels, family=family)
 
 
 # --------------------------------------------------------------------------- activations
 
 
 def activation_bytes(component: str, config: dict, dtype: torch.dtype, height: int = 1024, width: int = 1024,
-                     tokens: int = 512, cpu: bool = False) -> int:
+                     tokens: int = 512, cpu: bool = False, family: Family | None = None) -> int:
     """Peak activations of one forward of ``component`` built from ``config``, batch 1, computing in
     ``dtype``: for ``transformer`` one denoising step of a ``height`` x ``width`` image with ``tokens``
     text tokens; for ``vae`` the decode of that image; for ``text_encoder_2`` one prompt of
     ``tokens`` tokens; ``cpu``: with the scratch a CPU's convolutions hold. See
     :func:`helpers.activations.forward_peak`. No weights."""
-    if component not in ("transformer", "text_encoder_2", "vae"):
-        raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
-    return forward_peak(component, skeleton(component, config), dtype, height, width, tokens, cpu=cpu)
+    family = family or default_family()
+    counted = [c.name for c in family.components if c.activation]
+    if component not in counted:
+        raise UserError(f"activations are estimated for {', '.join(counted)}, not {component!r}.")
+    return forward_peak(component, skeleton(component, config, family=family), dtype, height, width, tokens, cpu=cpu,
+                        family=family)
 
 
 # --------------------------------------------------------------------------- plans
@@ -193,6 +197,8 @@ class StagePlan:
     warnings: list[str] = field(default_factory=list)
     #: with a translated budget: the reference model's plan under the budget as written (see plan_stages)
     reference: "StagePlan | None" = field(default=None, repr=False)
+    #: the model family whose components the plan places (what the loaders ask how to load them)
+    family: Family = field(default_factory=default_family, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -245,7 +251,7 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: s
     left, plans = budget.shifted({t: -b for t, b in reserve.items()}), []
     order = [(c, True) for c in stage.whole] + [(c, False) for c in stage.mapped]
     for comp, whole in order:
-        if prec.file is not None and comp == "transformer":  # a file's own forms (GGUF blocks...), header-only
+        if prec.file is not None and comp == fp.family.file_component:  # a file's own forms (GGUF blocks...), header-only
             plan = plan_component(fp.stored_skeleton(comp, prec.weights, prec.file), left, None, component=comp,
                                   whole=whole)
         elif prec.weights == "fp8":  # not one dtype for all: placed in the skeleton's own stored dtypes
@@ -255,8 +261,8 @@ def _place(fp: Footprint, stage: Stage, budget: Budget, prec: Precision, name: s
         plans.append(plan)
         left = remaining(left, {t: b for t, b in plan.tier_bytes().items() if t != "disk"})
     # show components in pipeline order
-    plans.sort(key=lambda p: COMPONENT_ORDER.index(p.component))
-    result = StagePlan(name, prec, budget, plans, reserve=reserve)
+    plans.sort(key=lambda p: fp.family.models.index(p.component))
+    result = StagePlan(name, prec, budget, plans, reserve=reserve, family=fp.family)
     on_disk = result.tier_bytes().get("disk", 0)
     result.overflow = max(0, on_disk - (budget["disk"] if "disk" in budget else 0))
     result.fits = result.overflow == 0
@@ -395,7 +401,8 @@ def _activations_need(fp: Footprint, name: str, prec: Precision, workload: Workl
     """The room ``name`` keeps on ``fast`` for ``workload``: its largest component's activations
     (batch included, in the compute dtype; a CPU's convolution scratch counted), plus a GPU's workspace."""
     gpu = isinstance(fast, int)
-    return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not gpu).values()) + (
+    return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not gpu,
+                                 family=fp.family).values()) + (
         WORKSPACE_GPU if gpu else 0)
 
 
@@ -418,7 +425,7 @@ def _activation_verdict(fp: Footprint, name: str, prec: Precision, budget: Budge
     fast = budget.fast
     if need > budget[fast]:
         return f"alone need {format_bytes(need)}, more than {tier_label(fast)} ({format_bytes(budget[fast])})"
-    least = _least_fast(fp, STAGES[name], prec)
+    least = _least_fast(fp, fp.stage(name), prec)
     # the activations are why it does not run: without them the tier would hold what must compute there
     if fast not in budget.shares and budget[fast] - need < least <= budget[fast]:
         return (f"take {format_bytes(need)} of {tier_label(fast)} ({format_bytes(budget[fast])}), leaving "
@@ -438,8 +445,8 @@ def _runs(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: W
         budget = budget.shifted({fast: need})
     if _activation_verdict(fp, name, prec, budget, need) is not None:
         return False
-    plan = _place(fp, STAGES[name], budget, prec, name, {fast: need})
-    return plan.fits and not _stranded(plan, name)
+    plan = _place(fp, fp.stage(name), budget, prec, name, {fast: need})
+    return plan.fits and not _stranded(plan, name, fp.family)
 
 
 def _fewer(fp: Footprint, name: str, prec: Precision, workload: Workload, budget: Budget) -> str:
@@ -457,12 +464,12 @@ def _fewer(fp: Footprint, name: str, prec: Precision, workload: Workload, budget
         return (f"at most {lo} prompt(s) of {workload.tokens} tokens fit at once: split the prompts over several "
                 "files, or lower max_sequence_length")
     above = max(workload.height, workload.width)
-    whole = sum(fp.components[c].nbytes(prec.storage_dtype) for c in STAGES[name].whole)
+    whole = sum(fp.components[c].nbytes(prec.storage_dtype) for c in fp.stage(name).whole)
     room = (budget[fast] if fast not in budget.shares else 2**62) - whole
     guess = affine_guess(lambda s: _activations_need(fp, name, prec, workload.square(s), fast), room, above)
     side = largest_square(lambda s: _runs(fp, name, prec, budget, workload.square(s)), above, guess)
     if side is None:
-        least = _activations_need(fp, name, prec, workload.square(16), fast) + _least_fast(fp, STAGES[name], prec)
+        least = _activations_need(fp, name, prec, workload.square(16), fast) + _least_fast(fp, fp.stage(name), prec)
         return f"not even a 16x16 image fits; give {tier_label(fast)} at least {round_up_size(least)}"
     fewer = ", or fewer prompts per file" if workload.batch > 1 else ""
     return f"the largest square image that fits is {side}x{side}{fewer}"
@@ -475,7 +482,8 @@ def _count(fp: Footprint, name: str, prec: Precision, workload: Workload | None,
     if workload is None or fast is None:
         return {}, 0, []
     try:
-        return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not isinstance(fast, int)),
+        return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not isinstance(fast, int),
+                                  family=fp.family),
                 _activations_need(fp, name, prec, workload, fast), [])
     except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
         return {}, 0, [f"the activations of {fp.model} could not be counted on the meta device "
@@ -489,7 +497,7 @@ def _plan(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: W
     square image that does); one that leaves the weights less than a tenth of it is warned. A tier
     given as a share sizes the weights' split: the activations' room is added on top of it.
     """
-    stage, fast = STAGES[name], budget.fast
+    stage, fast = fp.stage(name), budget.fast
     counted, need, warnings = _count(fp, name, prec, workload, fast)
     if need and fast in budget.shares:
         budget = budget.shifted({fast: need})
@@ -500,7 +508,7 @@ def _plan(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: W
     verdict = _activation_verdict(fp, name, prec, budget, need) if need else None
     if verdict is not None:
         plan.fits = False
-        plan.advice = (f"the activations of {what} ({WHAT[top]}) {verdict}; "
+        plan.advice = (f"the activations of {what} ({fp.family.component(top).activation}) {verdict}; "
                        f"{_fewer(fp, name, prec, workload, budget)}.")
         return plan
     if need and fast not in budget.shares and budget[fast] - need < budget[fast] / 10:
@@ -509,7 +517,7 @@ def _plan(fp: Footprint, name: str, prec: Precision, budget: Budget, workload: W
                 f"{'batch' if name == 'text_encoding' else 'image'} or a larger {tier_label(fast)} tier runs faster."
                 if slower else "they fit, with little to spare.")
         plan.warnings.append(
-            f"the activations of {what} ({WHAT[top]}) take {format_bytes(need)} of the {format_bytes(budget[fast])} "
+            f"the activations of {what} ({fp.family.component(top).activation}) take {format_bytes(need)} of the {format_bytes(budget[fast])} "
             f"{tier_label(fast)} tier, leaving {format_bytes(budget[fast] - need)} for weights: {then}")
     plan.advice = _advice(fp, stage, plan)
     return plan
@@ -520,7 +528,7 @@ def plan_stages(
     max_memory=METHOD_BUDGET,
     dtypes: dict[str, torch.dtype | str] | None = None,
     like: Footprint | None = None,
-    stages=tuple(STAGES),
+    stages=STAGES,
     workload: Workload | None = None,
     precisions: dict[str, Precision] | None = None,
 ) -> dict[str, StagePlan]:
@@ -539,8 +547,8 @@ def plan_stages(
     """
     plans = {}
     for name in stages:
-        stage = STAGES[name]
-        dt = _stage_precision(name, dtypes, precisions)
+        stage = fp.stage(name)
+        dt = _stage_precision(fp, name, dtypes, precisions)
         if like is None:
             plans[name] = _plan(fp, name, dt, parse_budget(max_memory, model_bytes=_stage_bytes(fp, stage, dt)), workload)
             continue
@@ -563,22 +571,22 @@ def plan_stages(
 
 def _stage_bytes(fp: Footprint, stage: Stage, prec: Precision) -> int:
     """The stage's weights in ``prec`` (what a share of the budget is of); a transformer file's as it stores them."""
-    comps = list(stage.components)
-    if prec.file is not None and "transformer" in comps:
-        rest = [c for c in comps if c != "transformer"]
-        return stored_bytes(fp.stored_skeleton("transformer", prec.weights, prec.file)) + (
+    comps, main = list(stage.components), fp.family.file_component
+    if prec.file is not None and main in comps:
+        rest = [c for c in comps if c != main]
+        return stored_bytes(fp.stored_skeleton(main, prec.weights, prec.file)) + (
             fp.nbytes(prec.storage_dtype, rest) if rest else 0)
     return fp.nbytes(prec.storage_dtype, comps)
 
 
-def _stage_precision(name: str, dtypes, precisions) -> Precision:
+def _stage_precision(fp: Footprint, name: str, dtypes, precisions) -> Precision:
     if precisions and name in precisions:
         return precisions[name]
     if dtypes and name in dtypes:
         short = short_name(dtypes[name])
         math = short if short in ("bf16", "fp16", "fp32") else "bf16"  # fp8 weights compute in bf16
         return Precision(short, math, "one dtype for weights and math" if math == short else "fp8 planned, bf16 math")
-    return method_precision(name)
+    return method_precision(name, fp.family)
 
 
 def check_tiers_exist(budget: Budget) -> None:
@@ -638,8 +646,9 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
 
     ref = resolve_model(model)
     workload = workload or Workload()
+    family = ref.family
     if like == "auto":
-        like = TWIN_REFERENCE if ref.kind == "twin" and max_memory is None else None
+        like = family.reference_model if ref.kind == "twin" and max_memory is None else None
     if max_memory is None:
         max_memory = default_budget()
     checked = parse_budget(max_memory, model_bytes=2**40)  # malformed budgets fail here, before any work
@@ -648,16 +657,16 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     weights = _stored_weights(ref, stage, weights, runnable)
     if runnable:
         check_tiers_exist(checked)
-    precision = resolve(stage, weights, compute, checked.fast)
-    comps = STAGES[stage].components
+    precision = resolve(stage, weights, compute, checked.fast, family)
+    comps = stage_of(family, stage).components
     fp = footprint(ref, components=comps)
     if transformer_file is not None:
-        if "transformer" not in comps:
-            raise UserError(f"--transformer is a file of the diffusion stage's transformer, not of {stage}.")
+        if family.file_component not in comps:
+            raise UserError(f"--transformer is a file of the diffusion stage's {family.file_component}, not of {stage}.")
         from helpers.transformer_file import open_transformer_file
 
         file = transformer_file if hasattr(transformer_file, "forms") else open_transformer_file(
-            transformer_file, fp.skeletons["transformer"].config)
+            transformer_file, fp.skeletons[family.file_component].config)
         precision = precision.with_file(file)
         like = None  # a file's bytes are its own: the budget is used as given
     like_fp = footprint(like, components=comps) if like else None
@@ -677,14 +686,14 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
         machine = Budget(tuple((t, have if t == fast else b) for t, b in plan.budget.tiers))
         raise UserError(
             f"{what} of {workload.describe(stage)} needs {format_bytes(plan.reserve_bytes)} for its activations "
-            f"alone ({WHAT[top]}), more than this machine's {tier_label(fast)} ({format_bytes(have)}); "
+            f"alone ({fp.family.component(top).activation}), more than this machine's {tier_label(fast)} ({format_bytes(have)}); "
             f"{_fewer(fp, stage, plan.precision, workload, machine).replace('that fits', 'that fits this machine')}."
         )
-    if judged is not plan and not _stranded(judged, stage) and _stranded(plan, stage):  # rounding at the edge
+    if judged is not plan and not _stranded(judged, stage, family) and _stranded(plan, stage, family):  # rounding at the edge
         raise UserError(
-            f"the budget ({judged.budget.describe()}) leaves {_stranded(plan, stage)[0]} of {fp.model} on disk with no "
+            f"the budget ({judged.budget.describe()}) leaves {_stranded(plan, stage, family)[0]} of {fp.model} on disk with no "
             f"RAM or GPU to compute on, where {judged_fp.model} would just fit; give the cpu tier a little more.")
-    stranded = _stranded(judged, stage)
+    stranded = _stranded(judged, stage, family)
     if stranded:
         # the smallest cpu tier that gives it a place (others fill the tier first): grow until one does
         given = dict(judged.budget.tiers)
@@ -693,7 +702,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
             trial = {**given, "cpu": given.get("cpu", 0) + k * step}
             again = plan_stages(judged_fp, trial, like=None, stages=(stage,), workload=workload,
                                 precisions={stage: precision})[stage]
-            if again.fits and not _stranded(again, stage):
+            if again.fits and not _stranded(again, stage, family):
                 break
         raise UserError(
             f"the budget ({judged.budget.describe()}) leaves {stranded[0]} on disk with no RAM or GPU to "
@@ -702,33 +711,30 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     return plan
 
 
-#: the component whose folder says how a stage's weights are stored
-_MAIN = {"text_encoding": "text_encoder_2", "diffusion": "transformer"}
-
-
 def _stored_weights(ref, stage: str, weights: str | None, runnable: bool) -> str | None:
     """The weights format to plan: as asked, or as the model's folder stores it (an fp8 copy made by
     ``convert``). fp8 is read as stored, so a run refuses fp8 of a folder that holds bf16, and the
     other way round, before anything loads (a plan alone may count any format)."""
     from helpers.precision import folder_format
 
-    stored = folder_format(ref.path / _MAIN[stage]) if ref.kind == "local" else None
+    main = ref.family.main(stage)  # the component whose folder says how the stage's weights are stored
+    stored = folder_format(ref.path / main) if ref.kind == "local" else None
     if weights is None:
         return stored
     if runnable and weights == "fp8" and stored != "fp8":
         raise UserError(
-            f"{ref.name} stores its {_MAIN[stage]} in {stored or 'bf16'}; fp8 weights are read from an fp8 copy: "
+            f"{ref.name} stores its {main} in {stored or 'bf16'}; fp8 weights are read from an fp8 copy: "
             f"`python -m helpers convert --model {ref.name} --weights fp8 --out FOLDER`, then --model FOLDER.")
     if runnable and stored == "fp8" and weights != "fp8":
-        raise UserError(f"{ref.name} stores its {_MAIN[stage]} in fp8 and is read as stored: leave --weights out "
+        raise UserError(f"{ref.name} stores its {main} in fp8 and is read as stored: leave --weights out "
                         f"(or give fp8), or use the model it was converted from for {weights}.")
     return weights
 
 
-def _stranded(plan, stage: str) -> tuple[str, int] | None:
+def _stranded(plan, stage: str, family: Family) -> tuple[str, int] | None:
     """A component the plan leaves on disk with nothing to compute on, and the bytes it needs in RAM."""
     for comp in plan.components:
-        whole = comp.component in STAGES[stage].whole
+        whole = comp.component in family.whole(stage)
         if all(u.tier == "disk" for u in comp.units) or (whole and any(u.tier == "disk" for u in comp.units)):
             return comp.component, (sum(u.nbytes for u in comp.units) if whole else max(u.nbytes for u in comp.units))
     return None
@@ -755,12 +761,11 @@ def plot_footprint(fp: Footprint, budget: Budget | None = None, ax=None, title: 
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 5.5))
-    colours = {"text_encoder": "#9467bd", "text_encoder_2": "#8c564b", "transformer": "#e377c2", "vae": "#bcbd22"}
     names = list(DTYPES)
     bottoms = [0.0] * len(names)
     for comp in fp.components.values():
         heights = [comp.nbytes(dt) / 2**30 for dt in names]
-        ax.bar(names, heights, bottom=bottoms, label=f"{comp.component} ({comp.cls})", color=colours.get(comp.component))
+        ax.bar(names, heights, bottom=bottoms, label=f"{comp.component} ({comp.cls})", color=fp.family.component(comp.component).colour)
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     for i, total in enumerate(bottoms):
         ax.text(i, total, f"{total:.1f} GiB", ha="center", va="bottom", fontsize=12)

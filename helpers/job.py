@@ -32,7 +32,8 @@ from helpers.devicemap import ComponentPlan, Unit
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_file
 from helpers.footprint import StagePlan
-from helpers.models import COMPONENTS, ModelRef, resolve_model
+from helpers.families import default_family
+from helpers.models import ModelRef, resolve_model
 from helpers.precision import Precision
 
 JOB_VERSION = 1
@@ -109,12 +110,14 @@ def plan_as_dict(plan: StagePlan) -> dict:
     }
 
 
-def plan_from_dict(d: dict, precision: Precision) -> StagePlan:
-    """The plan :func:`plan_as_dict` wrote, in ``precision`` (whose transformer file is already open)."""
-    unknown = [c["component"] for c in d["components"] if c["component"] not in COMPONENTS]
+def plan_from_dict(d: dict, precision: Precision, family=None) -> StagePlan:
+    """The plan :func:`plan_as_dict` wrote, in ``precision`` (whose transformer file is already open),
+    of a model of ``family`` (its components are the only ones a plan may name)."""
+    known = (family or default_family()).models
+    unknown = [c["component"] for c in d["components"] if c["component"] not in known]
     if unknown:
         raise UserError(f"a job names component(s) {', '.join(map(repr, unknown))}, which a model does not have "
-                        f"(it has {', '.join(COMPONENTS)}); {_EDITED}.")
+                        f"(it has {', '.join(known)}); {_EDITED}.")
     components = [ComponentPlan(c["component"], _dtype(c["dtype"]),
                                 [Unit(str(n), _size(b, f"unit {n!r}"), _tier(t)) for n, b, t in c["units"]],
                                 {str(k): _tier(t) for k, t in c["device_map"]}) for c in d["components"]]
@@ -125,7 +128,8 @@ def plan_from_dict(d: dict, precision: Precision) -> StagePlan:
         reserve={_tier(t): _size(b, f"reserve on {_named(t)}") for t, b in d["reserve"]},
         activations={k: _size(v, f"activations {k!r}") for k, v in d["activations"].items()},
         workload=Workload(**d["workload"]) if d.get("workload") else None, warnings=list(d["warnings"]),
-        reference=plan_from_dict(ref, _precision_from(ref["precision"], None)) if ref else None,
+        reference=plan_from_dict(ref, _precision_from(ref["precision"], None), family) if ref else None,
+        family=family or default_family(),
     )
 
 
@@ -234,7 +238,7 @@ def job_from_dict(d: dict) -> Job:
             from helpers.transformer_file import open_transformer_file
 
             file = open_transformer_file(p["transformer_file"], model.configs["transformer"])
-        plan = plan_from_dict(d["plan"], _precision_from(p, file))
+        plan = plan_from_dict(d["plan"], _precision_from(p, file), model.family)
         job = Job(d["stage"], model, plan, d.get("offload", "auto"))
     except UserError:
         raise
@@ -277,7 +281,7 @@ def check_device_maps(job: Job) -> None:
     for comp in job.plan.components:
         if comp.component not in configs:
             raise UserError(f"a job places {comp.component}, which model {job.model.label} does not have; {_EDITED}.")
-        unknown, unplaced = misplaced(skeleton(comp.component, configs[comp.component]), comp.device_map)
+        unknown, unplaced = misplaced(skeleton(comp.component, configs[comp.component], family=job.model.family), comp.device_map)
         if unknown or unplaced:
             what = (f"names {', '.join(map(repr, unknown[:3]))}{' ...' if len(unknown) > 3 else ''}, which "
                     f"{comp.component} of {job.model.label} does not have" if unknown else

@@ -37,24 +37,24 @@ from pathlib import Path
 from typing import Literal
 
 from helpers.errors import UserError
+from helpers.families import Family, default_family, families, family_for_pipeline, family_named
 from helpers.files import not_a_file, outputs_dir
 
 #: Environment variable that picks the model for a whole run of the notebooks.
 MODEL_ENV = "FLUX_MODEL"
 DEFAULT_MODEL = "tiny"
 
-ALIASES = {
-    "flux-dev": "black-forest-labs/FLUX.1-dev",
-    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
-}
-GATED = {"black-forest-labs/FLUX.1-dev"}
+def _names() -> dict[str, str]:
+    """The real models by short name, across the families (flux-dev -> black-forest-labs/FLUX.1-dev)."""
+    return {short: repo for f in families() for short, repo in f.names.items()}
+
+
+def _family_of_repo(repo_id: str | None):
+    return next((f for f in families() if repo_id in f.names.values() or repo_id in f.shipped), None)
+
+
 #: full-size models with random weights: name -> the repository whose shipped configs they copy
 RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev"}
-
-#: The pipeline's parts, each a subfolder of a diffusers FLUX checkpoint.
-COMPONENTS = ("scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "vae")
-#: the pipelines whose folders the project runs (``_class_name`` of a folder's ``model_index.json``)
-PIPELINES = ("FluxPipeline",)
 
 #: Bump when the builder changes what it writes; older twin folders are then rebuilt.
 BUILDER_VERSION = 2
@@ -93,6 +93,12 @@ class TwinSpec:
     flux_shards: int = 3
     #: the file of trained weights: a name in ``helpers/twins/`` or a path (None: random weights)
     trained: str | None = None
+    #: the family it is a twin of (:mod:`helpers.families`)
+    family: str = "flux1"
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.guidance_embeds else "schnell"
 
 
 TWINS: dict[str, TwinSpec] = {
@@ -587,15 +593,14 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
 
     from tqdm.auto import tqdm
 
-    from helpers.architecture import SHIPPED, shipped_configs
-
-    from helpers.architecture import count_params, skeleton
+    from helpers.architecture import count_params, shipped_configs, skeleton
 
     if name not in RANDOM:
         raise UserError(f"unknown random model {name!r}; the random models are {', '.join(RANDOM)}.")
-    shipped = resources.files("helpers") / "configs" / SHIPPED[RANDOM[name]]
+    family = _family_of_repo(RANDOM[name])
+    shipped = resources.files("helpers") / "configs" / family.shipped[RANDOM[name]]
     folder = Path(folder) if folder is not None else twin_folder(name)
-    configs = configs or shipped_configs(SHIPPED[RANDOM[name]])
+    configs = configs or shipped_configs(family.shipped[RANDOM[name]], family)
     unknown = [c for c in components if c not in ("scheduler", "text_encoder", "text_encoder_2", "transformer", "vae")]
     if unknown:
         raise UserError(f"{name} has random weights and no {', '.join(unknown)}: it is made for `python -m helpers "
@@ -653,9 +658,25 @@ class ModelRef:
     repo_id: str | None = None
     path: Path | None = None
 
+    @cached_property
+    def family(self) -> Family:
+        """What the model is (:mod:`helpers.families`): a twin's by its builder, a known name's by its
+        repository, a folder's by its ``model_index.json`` (``_class_name``)."""
+        if self.kind == "twin":
+            return family_named(TWINS[self.name].family)
+        if self.kind == "random":
+            return _family_of_repo(RANDOM[self.name])
+        if self.path is not None:
+            return family_for_pipeline(_pipeline_class(self.path / "model_index.json", self.name))
+        known = _family_of_repo(self.repo_id)
+        if known is not None:
+            return known
+        index = _cached_model_index(self.repo_id)
+        return family_for_pipeline(_pipeline_class(index, self.name)) if index is not None else default_family()
+
     @property
     def gated(self) -> bool:
-        return self.repo_id in GATED
+        return self.repo_id in self.family.gated
 
     @property
     def label(self) -> str:
@@ -663,24 +684,30 @@ class ModelRef:
         return str(self.path) if self.kind == "local" else self.name
 
     @property
-    def variant(self) -> Literal["dev", "schnell"] | None:
-        """FLUX.1-dev-like (guidance embedder) or schnell-like, for the usual steps and guidance.
+    def variant(self) -> str | None:
+        """The family's variant (FLUX.1: ``dev`` with a guidance embedder, else ``schnell``), for the
+        usual steps, guidance and text length.
 
-        Known names answer directly; a local folder answers from its transformer config
-        (``guidance_embeds``); an unknown hub id gives ``None``.
+        Known names answer directly; a local folder answers from its transformer config; an unknown
+        hub id gives ``None``.
         """
         if self.kind in ("twin", "random"):
-            return "dev"  # the twins and flux-dev-random mirror FLUX.1-dev's config
-        known = {"black-forest-labs/FLUX.1-dev": "dev", "black-forest-labs/FLUX.1-schnell": "schnell"}
-        if self.repo_id in known:
-            return known[self.repo_id]
+            return TWINS[self.name].variant if self.kind == "twin" else "dev"
+        repo = self.repo_id
+        if repo in self.family.shipped:
+            return self.family.variant_of(self._configs["transformer"])
         if self.path is not None:
             try:
                 cfg = json.loads((self.path / "transformer" / "config.json").read_text())
-                return "dev" if cfg.get("guidance_embeds") else "schnell"
+                return self.family.variant_of(cfg)
             except (OSError, ValueError):
                 return None
         return None
+
+    @property
+    def usual(self):
+        """The usual steps, guidance and text length of this model's variant (:class:`Variant`)."""
+        return self.family.variant(self.variant)
 
     @cached_property
     def _configs(self) -> dict[str, dict]:
@@ -698,10 +725,8 @@ class ModelRef:
     @cached_property
     def fingerprint(self) -> str:
         """The text encoders' shapes, hashed: what an embeddings file made by this model carries
-        (:func:`helpers.embeddings.fingerprint`)."""
-        from helpers.embeddings import fingerprint
-
-        return fingerprint(self._configs)
+        (:meth:`helpers.families.Family.fingerprint`)."""
+        return self.family.fingerprint(self._configs)
 
     def folder(self, components=None, download: bool = False, rebuild: bool = False, configs=()) -> Path:
         """A local folder in the diffusers layout: built (a twin), found in the cache, or given.
@@ -736,13 +761,9 @@ def _check_model_folder(path: Path, text: str) -> None:
     if kind:
         raise UserError(f"{index} is {kind}, not a file; a model folder's model_index.json is a JSON file.")
     try:
-        cls = json.loads(index.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        raise UserError(f"{index} is not readable JSON; download or copy the model folder again.") from None
-    if cls not in PIPELINES:
-        said = f"a {cls}" if isinstance(cls, str) and cls else "no pipeline (no _class_name)"
-        raise UserError(f"{text} holds {said}, by its model_index.json; this project runs {', '.join(PIPELINES)} "
-                        f"folders: give one of those, or one of {', '.join([*TWINS, *ALIASES])}.")
+        family_for_pipeline(_pipeline_class(index, text))
+    except UserError as err:
+        raise UserError(f"{text}: {err} Give one of those, or one of {', '.join([*TWINS, *_names()])}.") from None
     for component in sorted(p for p in path.iterdir() if p.is_dir()):
         for file in sorted(component.iterdir()):
             kind = not_a_file(file)
@@ -750,6 +771,24 @@ def _check_model_folder(path: Path, text: str) -> None:
                 raise UserError(f"{file} is a link to nothing; download or copy the model folder again.")
             if kind and kind != "a folder":
                 raise UserError(f"{file} is {kind}, not a file; a model folder holds files: copy it again.")
+
+
+def _pipeline_class(index: Path, text: str):
+    """The ``_class_name`` of a ``model_index.json`` (whatever it holds: the family lookup judges it)."""
+    try:
+        return json.loads(Path(index).read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{index} is not readable JSON; download or copy the model folder {text} again.") from None
+
+
+def _cached_model_index(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # noqa: BLE001 - an id the cache cannot hold: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
@@ -762,13 +801,13 @@ def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
         name = default_model()
     text = str(name).strip()
     if not text:
-        raise UserError(f"no model named; use one of {', '.join([*TWINS, *ALIASES])}, a hub id or a folder.")
+        raise UserError(f"no model named; use one of {', '.join([*TWINS, *_names()])}, a hub id or a folder.")
     if text in TWINS:
         return ModelRef(text, "twin")
     if text in RANDOM:
         return ModelRef(text, "random")
-    if text in ALIASES:
-        return ModelRef(text, "hub", repo_id=ALIASES[text])
+    if text in _names():
+        return ModelRef(text, "hub", repo_id=_names()[text])
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -785,17 +824,18 @@ def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
         return ModelRef(text, "hub", repo_id=text)
     raise UserError(
         f"unknown model {text!r}: no such folder, and not a hub id; "
-        f"use one of {', '.join([*TWINS, *ALIASES, *RANDOM])}, a hub id (owner/name) or a local folder."
+        f"use one of {', '.join([*TWINS, *_names(), *RANDOM])}, a hub id (owner/name) or a local folder."
     )
 
 
-def hub_patterns(components: tuple[str, ...] | list[str] | None = None, configs=()) -> list[str]:
+def hub_patterns(components: tuple[str, ...] | list[str] | None = None, configs=(), family=None) -> list[str]:
     """The files to fetch for ``components`` only (all by default), never the single-file checkpoints;
     of ``configs``, only their ``config.json`` (a transformer whose weights come from a file of its own)."""
-    wanted = COMPONENTS if components is None else tuple(components)
-    unknown = [c for c in (*wanted, *configs) if c not in COMPONENTS]
+    every = (family or default_family()).subfolders
+    wanted = every if components is None else tuple(components)
+    unknown = [c for c in (*wanted, *configs) if c not in every]
     if unknown:
-        raise UserError(f"unknown component(s) {', '.join(unknown)}; the components are {', '.join(COMPONENTS)}.")
+        raise UserError(f"unknown component(s) {', '.join(unknown)}; the components are {', '.join(every)}.")
     return ["model_index.json", *[f"{c}/*" for c in wanted], *[f"{c}/config.json" for c in configs if c not in wanted]]
 
 
@@ -818,7 +858,7 @@ def hub_snapshot(ref: ModelRef, components=None, download: bool = False, configs
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = hub_patterns(components, configs)
+    patterns = hub_patterns(components, configs, ref.family)
     try:
         return Path(snapshot_download(ref.repo_id, allow_patterns=patterns, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
@@ -857,16 +897,17 @@ def local_folder(ref: ModelRef) -> Path | None:
 
 
 def _read_configs(ref: ModelRef) -> dict[str, dict]:
-    from helpers.architecture import SHIPPED, folder_configs, shipped_configs
+    from helpers.architecture import folder_configs, shipped_configs
 
+    family = ref.family
     if ref.kind == "twin":
         return twin_configs(TWINS[ref.name])
     if ref.kind == "random":
-        return shipped_configs(SHIPPED[RANDOM[ref.name]])
+        return shipped_configs(family.shipped[RANDOM[ref.name]], family)
     if ref.kind == "local":
-        return folder_configs(ref.path)
-    if ref.repo_id in SHIPPED:
-        return shipped_configs(SHIPPED[ref.repo_id])
+        return folder_configs(ref.path, family)
+    if ref.repo_id in family.shipped:
+        return shipped_configs(family.shipped[ref.repo_id], family)
     from huggingface_hub import snapshot_download
 
     try:
@@ -876,7 +917,7 @@ def _read_configs(ref: ModelRef) -> dict[str, dict]:
             f"no config shipped for {ref.repo_id} and none in your Hugging Face cache; fetch its configs with "
             f"`hf download {ref.repo_id} --include '*/config.json'` or pass a local folder."
         ) from None
-    return folder_configs(folder)
+    return folder_configs(folder, family)
 
 
 def component_configs(model: str | ModelRef | None = None) -> tuple[str, dict[str, dict]]:
@@ -891,40 +932,22 @@ def model_path(name: str | ModelRef | None = None, components=None, download: bo
     return resolve_model(name).folder(components, download=download, rebuild=rebuild, configs=configs)
 
 
-def describe_pipeline(pipe) -> list[dict]:
+def describe_pipeline(pipe, family=None) -> list[dict]:
     """One row per component of a loaded pipeline: class, blocks, parameters, bytes, dtype."""
     from helpers.precision import stored_bytes
 
+    family = family or family_for_pipeline(type(pipe).__name__)
     rows = []
-    for comp in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+    for comp in family.models:
         module = getattr(pipe, comp, None)
         if module is None:
             continue
-        params = sum(p.numel() for p in module.parameters())
-        nbytes = stored_bytes(module)
         rows.append({
             "component": comp,
             "class": type(module).__name__,
-            "blocks": block_counts(module),
-            "params": params,
-            "bytes": nbytes,
+            "blocks": family.block_counts(module),
+            "params": sum(p.numel() for p in module.parameters()),
+            "bytes": stored_bytes(module),
             "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
         })
     return rows
-
-
-def block_counts(module) -> str:
-    """The repeated blocks of a FLUX.1 component, as text (``24 T5Block``, ``19 double + 38 single``)."""
-    name = type(module).__name__
-    if name == "FluxTransformer2DModel":
-        return f"{len(module.transformer_blocks)} double + {len(module.single_transformer_blocks)} single"
-    if name == "T5EncoderModel":
-        return f"{len(module.encoder.block)} T5Block"
-    if name == "CLIPTextModel":
-        clip = getattr(module, "text_model", module)  # transformers 5 flattened CLIPTextModel
-        return f"{len(clip.encoder.layers)} CLIPEncoderLayer"
-    if name == "AutoencoderKL":
-        enc = sum(len(b.resnets) for b in module.encoder.down_blocks)
-        dec = sum(len(b.resnets) for b in module.decoder.up_blocks)
-        return f"{len(module.encoder.down_blocks)} levels, {enc} + {dec} ResnetBlock2D"
-    return ""

@@ -43,8 +43,6 @@ FP8_REST = torch.bfloat16
 COMPUTES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: torch's names, as the plans and JSON have spelled dtypes so far
 TORCH_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn"}
-#: the method's weights per stage: the transformer and the VAE in bf16, T5 (and CLIP) in float32
-STAGE_WEIGHTS = {"diffusion": "bf16", "text_encoding": "fp32"}
 
 
 def short_name(dtype: torch.dtype | str) -> str:
@@ -171,7 +169,8 @@ def cpu_bf16() -> tuple[bool, str]:
     return native, f"this CPU ({capability}) lists {', '.join(have)}, and a probe ran a bf16 matrix product {speed}"
 
 
-def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "diffusion") -> tuple[str, str]:
+def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "diffusion",
+                 family=None) -> tuple[str, str]:
     """``(compute, why)`` for a stage computing on ``device`` (``"cpu"`` or a GPU index).
 
     Text encoding keeps T5's float32 math (T5 is known to overflow in fp16, and the method encodes in
@@ -182,7 +181,7 @@ def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "
     float32 otherwise.
     """
     if stage == "text_encoding":
-        return "fp32", "T5 computes in float32 (the method's; it overflows in fp16)"
+        return _family(family).text_compute
     if device in (None, "disk", "mps"):  # nothing else computes: the CPU does
         device = "cpu"
     dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
@@ -199,20 +198,32 @@ def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "
     return ("bf16" if native else "fp32"), why
 
 
-def resolve(stage: str, weights: str | None = None, compute: str = "auto", device: str | int | None = "cpu") -> Precision:
+def _family(family):
+    from helpers.families import default_family
+
+    return family or default_family()
+
+
+def stage_weights(stage: str, family=None) -> str:
+    """The method's weights format for ``stage`` (FLUX.1: bf16 diffusion, float32 text encoding)."""
+    return _family(family).stage_weights[stage]
+
+
+def resolve(stage: str, weights: str | None = None, compute: str = "auto", device: str | int | None = "cpu",
+            family=None) -> Precision:
     """The precision of ``stage`` from the flags: ``weights`` (``None``: the method's for the stage)
     and ``compute`` (``auto``: :func:`auto_compute` for ``device``, the tier the stage computes on)."""
-    weights = check_weights(weights or STAGE_WEIGHTS[stage])
+    weights = check_weights(weights or stage_weights(stage, family))
     check_compute(compute)
     if compute == "auto":
-        chosen, why = auto_compute(device, stage)
+        chosen, why = auto_compute(device, stage, family)
         return Precision(weights, chosen, f"auto: {why}")
     return Precision(weights, compute, "asked for")
 
 
-def method_precision(stage: str) -> Precision:
+def method_precision(stage: str, family=None) -> Precision:
     """The method's precision, no probe: bf16 diffusion, float32 text encoding."""
-    weights = STAGE_WEIGHTS[stage]
+    weights = stage_weights(stage, family)
     return Precision(weights, weights, "the method's")
 
 

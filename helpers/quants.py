@@ -4,7 +4,7 @@ A GGUF file (the format of llama.cpp, and of the FLUX.1 quantizations of the Com
 stores each tensor as rows of *blocks*: a block holds a fixed number of consecutive values of one
 row (32 for the ``Q*_0`` / ``Q*_1`` types, 256 for the K-quants) as small integers and one or two
 half-precision factors. A row is whole blocks, rows follow one another, so any range of rows is a
-range of bytes: a reader can fetch part of a tensor by offsets, as :mod:`helpers.layouts` needs.
+range of bytes: a reader can fetch part of a tensor by offsets, as :mod:`helpers.families.flux1.layout` needs.
 
 :func:`dequantize` turns a tensor's bytes into values in any dtype with torch's ops, on the device
 the bytes are on (CPU or GPU), one tensor at a time; it gives the values of gguf's own reference

@@ -3,7 +3,7 @@ quantization or a single ``.safetensors`` (bf16, fp8), in Black Forest Labs' key
 
 :func:`write_transformer_file` writes one from any model's transformer (the twins included), so the
 tests and benchmarks hold real files without a download. :func:`check_transformer_file` reads a
-file's header against a model's config (:mod:`helpers.sources`, :mod:`helpers.layouts`): the
+file's header against a model's config (:mod:`helpers.sources`, :mod:`helpers.families.flux1.layout`): the
 variant (dev has ``guidance_in``, schnell does not), every tensor present, its shape, its type
 readable, all before any weight is read, each failure a :class:`~helpers.errors.UserError` that
 says what the file is and what to use. :func:`read_transformer_state` reads the weights, each
@@ -32,7 +32,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.files import check_writable, remove_stale, temporary_prefix, writing
-from helpers.layouts import PREFIX, bfl_layout, to_bfl
+from helpers.families.flux1.layout import PREFIX, bfl_layout, to_bfl
 from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
 #: formats a transformer file can be written in, by container

@@ -33,8 +33,6 @@ LABELS = {"description_width": "7.5em"}
 EXAMPLE_PROMPT = "a red circle on a blue background, on the left"
 #: what the Weights box holds for ``weights=None`` (a dropdown cannot show ``None`` as a choice)
 DEFAULT = "default"
-#: the component whose folder says how a stage's weights are stored
-_STORED_BY = {"text_encoding": "text_encoder_2", "diffusion": "transformer"}
 
 
 def _message(text: str, colour: str = "#333") -> w.HTML:
@@ -90,29 +88,32 @@ class Panel(w.VBox):
 
 def _default_weights(stage: str, model: str | None = None) -> str:
     """What ``weights=None`` means for ``stage`` of ``model``: the format a converted model's folder
-    records (fp8), else the method's for the stage (:data:`helpers.precision.STAGE_WEIGHTS`)."""
+    records (fp8), else the method's for the stage (:func:`helpers.precision.stage_weights`)."""
     from helpers.errors import UserError
     from helpers.models import resolve_model
-    from helpers.precision import STAGE_WEIGHTS, folder_format
+    from helpers.precision import folder_format, stage_weights
 
+    family = None
     try:
         ref = resolve_model(model)
-        stored = folder_format(ref.path / _STORED_BY[stage]) if ref.kind == "local" else None
+        family = ref.family  # the component whose folder says how a stage's weights are stored: its main one
+        stored = folder_format(ref.path / family.main(stage)) if ref.kind == "local" else None
     except UserError:  # a model that cannot be read: the run says why, when the button is pressed
         stored = None
-    return stored or STAGE_WEIGHTS[stage]
+    return stored or stage_weights(stage, family)
 
 
 def _precision_boxes(stage: str, model: str | None, weights: str | None,
                      compute: str) -> tuple[w.Dropdown, w.Dropdown]:
     """The two knobs (:mod:`helpers.precision`): how the weights are stored, the dtype of the math.
     ``weights=None`` shows as a named choice, the default it stands for (see :func:`chosen_weights`)."""
-    from helpers.precision import COMPUTES, STAGE_WEIGHTS, WEIGHTS, check_compute, check_weights
+    from helpers.precision import COMPUTES, WEIGHTS, check_compute, check_weights
 
     if weights is not None:
         check_weights(weights)
     meant = _default_weights(stage, model)
-    label = f"method's default ({meant})" if meant == STAGE_WEIGHTS[stage] else f"as stored ({meant})"
+    stored = meant == "fp8"  # only a converted folder stores other than the method's (fp8)
+    label = f"as stored ({meant})" if stored else f"method's default ({meant})"
     weights_box = w.Dropdown(options=[(label, DEFAULT), *[(k, k) for k in WEIGHTS]],
                              value=DEFAULT if weights is None else weights, description="Weights", style=LABELS,
                              layout=w.Layout(width="22em"))

@@ -41,10 +41,11 @@ def test_device_mapped_encoding_equals_the_one_piece_pipeline(tiny_folder, plan,
 
     pipe = FluxPipeline.from_pretrained(tiny_folder, dtype=torch.float32, transformer=None, vae=None)
     theirs = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, max_sequence_length=64)
-    for a, b in zip(ours, theirs):
+    assert list(ours) == ["prompt_embeds", "pooled_prompt_embeds", "text_ids"]
+    for a, b in zip(ours.values(), theirs):
         assert a.dtype == torch.float32 and a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    assert ours[0].shape == (2, 64, 32) and ours[1].shape == (2, 32)
+    assert ours["prompt_embeds"].shape == (2, 64, 32) and ours["pooled_prompt_embeds"].shape == (2, 32)
 
 
 def test_compare_maps():
@@ -83,7 +84,7 @@ def test_token_report_flags_clip_cut(tiny_folder):
 
     clip = CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
     t5 = T5TokenizerFast.from_pretrained(tiny_folder / "tokenizer_2")
-    rows = token_report(["word " * 100], clip, t5, 512)
+    rows = token_report(["word " * 100], {"tokenizer": clip, "tokenizer_2": t5}, 512)
     assert rows[0]["cut"] == "CLIP" and "CLIP reads only the first 77" in truncation_warnings(rows, 512)[0]
 
 

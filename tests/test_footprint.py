@@ -10,8 +10,8 @@ from helpers.budget import METHOD_BUDGET, PRESETS, parse_budget
 from helpers.devicemap import draw_plan, model_units, plan_component, remaining, summarise
 from helpers.errors import UserError
 from helpers.precision import stored_bytes
+from helpers.families import default_family
 from helpers.footprint import (
-    COMPONENT_ORDER,
     DTYPES,
     STAGES,
     component_configs,
@@ -20,7 +20,10 @@ from helpers.footprint import (
     plot_footprint,
     report,
     skeleton,
+    stage_of,
 )
+
+COMPONENT_ORDER = default_family().models
 
 GiB = 2**30
 
@@ -196,7 +199,7 @@ def test_tiny_splits_exactly_like_the_real_model(dev, tiny, budget):
 def test_shares_are_of_the_stage(tiny):
     plans = plan_stages(tiny, "0=40%,cpu=100%")
     for name, plan in plans.items():
-        stage_bytes = tiny.nbytes(plan.dtype, list(STAGES[name].components))
+        stage_bytes = tiny.nbytes(plan.dtype, list(stage_of(default_family(), name).components))
         assert plan.budget[0] == int(stage_bytes * 0.4)
         assert plan.fits and plan.tier_bytes()[0] <= plan.budget[0]
 
@@ -213,7 +216,7 @@ def test_report_json_shape_and_exact_integers(dev):
     for name, stage in data["plan"].items():
         assert {"dtype", "tiers", "fits", "advice"} <= set(stage)
         assert isinstance(stage["fits"], bool) and stage["advice"]
-        total = sum(data["components"][c]["bytes"][stage["dtype"]] for c in STAGES[name].components)
+        total = sum(data["components"][c]["bytes"][stage["dtype"]] for c in stage_of(default_family(), name).components)
         assert sum(t["bytes"] for t in stage["tiers"].values()) == total  # every byte placed once
         assert set(stage["tiers"]) == {"0", "cpu"}
         assert all(isinstance(m, str) for t in stage["tiers"].values() for m in t["modules"])

@@ -2,7 +2,7 @@
 
 import torch
 
-from helpers.layouts import PREFIX, bfl_layout, from_bfl, to_bfl
+from helpers.families.flux1.layout import PREFIX, bfl_layout, from_bfl, to_bfl
 
 FLUX_WIDTH = {"num_attention_heads": 24, "attention_head_dim": 128, "mlp_ratio": 4.0,
               "num_layers": 2, "num_single_layers": 3, "guidance_embeds": True}

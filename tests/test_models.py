@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from helpers.errors import UserError
+from helpers.families import default_family
 from helpers.models import (
-    ALIASES,
-    COMPONENTS,
     MARKER,
     TWINS,
     build_twin,
@@ -38,7 +37,7 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def test_real_diffusers_layout(tiny_folder):
-    for comp in COMPONENTS:
+    for comp in default_family().subfolders:
         assert (tiny_folder / comp).is_dir(), comp
     index = json.loads((tiny_folder / "model_index.json").read_text())
     assert index["_class_name"] == "FluxPipeline"
@@ -253,7 +252,7 @@ def test_resolve_names(tmp_path, tiny_folder, monkeypatch):
     assert resolve_model("tiny").kind == "twin"
     assert resolve_model("medium").kind == "twin"
     dev = resolve_model("flux-dev")
-    assert (dev.kind, dev.repo_id, dev.gated, dev.variant) == ("hub", ALIASES["flux-dev"], True, "dev")
+    assert (dev.kind, dev.repo_id, dev.gated, dev.variant) == ("hub", "black-forest-labs/FLUX.1-dev", True, "dev")
     schnell = resolve_model("flux-schnell")
     assert (schnell.repo_id, schnell.gated, schnell.variant) == ("black-forest-labs/FLUX.1-schnell", False, "schnell")
     assert resolve_model("someone/some-flux").repo_id == "someone/some-flux"
@@ -290,7 +289,7 @@ def test_build_unknown_twin():
 
 
 def test_hub_patterns_fetch_only_what_a_stage_needs():
-    assert hub_patterns() == ["model_index.json", *[f"{c}/*" for c in COMPONENTS]]
+    assert hub_patterns() == ["model_index.json", *[f"{c}/*" for c in default_family().subfolders]]
     assert hub_patterns(["text_encoder", "tokenizer"]) == ["model_index.json", "text_encoder/*", "tokenizer/*"]
     # diffusion with --transformer FILE: the file brings the transformer's weights, the model its config
     assert hub_patterns(["scheduler", "vae"], configs=["transformer"]) == [
@@ -354,13 +353,13 @@ def test_medium_builds_and_loads(tmp_path):
 
 
 def test_flux_dev_random_is_flux_dev_with_random_weights():
-    from helpers.architecture import SHIPPED, shipped_configs
+    from helpers.architecture import shipped_configs
     from helpers.models import component_configs
     from helpers.models import resolve_model
 
     ref = resolve_model("flux-dev-random")
     assert ref.kind == "random" and ref.variant == "dev" and not ref.gated
-    assert component_configs("flux-dev-random")[1] == shipped_configs(SHIPPED["black-forest-labs/FLUX.1-dev"])
+    assert component_configs("flux-dev-random")[1] == shipped_configs("FLUX.1-dev")
 
 
 def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import torch
 
 import commands
 from helpers.errors import UserError
-from helpers.layouts import PREFIX, from_bfl, to_bfl
+from helpers.families.flux1.layout import PREFIX, from_bfl, to_bfl
 from helpers.transformer_file import (check_transformer_file, load_transformer_file, open_transformer_file,
                                       read_transformer_state, write_transformer_file)
 
