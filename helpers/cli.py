@@ -359,11 +359,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from helpers.convert import convert
     from helpers.precision import FORMAT_FILE, WEIGHTS
 
+    from helpers.models import resolve_model
+
+    ref = resolve_model(args.model)
+    components = args.components or [ref.family.file_component]
     if Path(args.out).suffix in (".gguf", ".safetensors"):  # the transformer as one file, BFL layout
         from helpers.sources import read_weights_file
         from helpers.transformer_file import write_transformer_file
 
-        if args.components != ["transformer"]:
+        if components != [ref.family.file_component]:
             raise UserError("a .gguf or .safetensors --out holds the transformer alone; drop --components, or give "
                             "a folder.")
         path = write_transformer_file(args.model, args.weights, args.out)
@@ -375,8 +379,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.weights not in WEIGHTS:
         raise UserError(f"--weights {args.weights} writes a transformer file: give --out a .gguf name (or .safetensors "
                         "for fp8-cast); a model folder is stored as one of " + ", ".join(WEIGHTS) + ".")
-    out = convert(args.model, args.weights, args.out, components=args.components)
-    for comp in args.components:
+    out = convert(ref, args.weights, args.out, components=components)
+    for comp in components:
         record = json.loads((out / comp / FORMAT_FILE).read_text())
         print(f"{comp}: {record['weights']}, {format_bytes(record['bytes'])} ({record['scheme']})", file=sys.stderr)
     print(out)
@@ -784,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
-    from helpers.convert import CONVERTIBLE, DEFAULT_COMPONENTS
+    from helpers.convert import convertible
     from helpers.precision import WEIGHTS
 
     from helpers.transformer_file import GGUF_FORMATS, SAFETENSORS_FORMATS
@@ -792,8 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, choices=list(dict.fromkeys([*WEIGHTS, *GGUF_FORMATS, *SAFETENSORS_FORMATS])),
                    help="the format to store in: a folder takes " + ", ".join(WEIGHTS) + "; a .gguf file "
                    + ", ".join(GGUF_FORMATS) + "; a .safetensors file " + ", ".join(SAFETENSORS_FORMATS))
-    p.add_argument("--components", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="NAME",
-                   choices=list(CONVERTIBLE),
+    p.add_argument("--components", nargs="+", default=None, metavar="NAME",
+                   choices=list(convertible()),
                    help="what to convert (default: transformer); the rest is copied as it is")
     p.add_argument("--out", required=True, metavar="FOLDER|FILE",
                    help="the new model folder (must not exist); or a .gguf / .safetensors file: the transformer "

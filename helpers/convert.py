@@ -24,17 +24,12 @@ import torch
 from helpers.errors import UserError
 from helpers.files import check_free_space, check_writable, remove_stale, temporary_prefix, writing
 
-#: what ``convert`` rewrites by default: the transformer, where the bytes are
-DEFAULT_COMPONENTS = ("transformer",)
-CONVERTIBLE = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
+def convertible() -> tuple[str, ...]:
+    """Every component with weights of any known family (what ``--components`` may name)."""
+    from helpers.families import families
 
-def _classes() -> dict:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
-
-    return {"text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel, "transformer": FluxTransformer2DModel,
-            "vae": AutoencoderKL}
+    return tuple(dict.fromkeys(c for f in families() for c in f.models))
 
 
 def check_out(out: str | os.PathLike) -> Path:
@@ -122,19 +117,23 @@ def _convert_component(src: Path, dst: Path, cls, weights: str, progress: bool) 
     return counts
 
 
-def convert(model: str | None, weights: str, out: str | os.PathLike, components=DEFAULT_COMPONENTS,
+def convert(model: str | None, weights: str, out: str | os.PathLike, components=None,
             progress: bool = True) -> Path:
-    """A copy of ``model`` at ``out`` with ``components`` stored in ``weights`` (see the module docstring)."""
-    from helpers.models import model_path
+    """A copy of ``model`` at ``out`` with ``components`` stored in ``weights`` (see the module docstring);
+    by default the component where the bytes are (the one a single file holds: FLUX.1's transformer)."""
+    from helpers.models import resolve_model
     from helpers.precision import check_weights, folder_format
 
     check_weights(weights)
-    components = tuple(components)
-    unknown = [c for c in components if c not in CONVERTIBLE]
+    ref = resolve_model(model)
+    family = ref.family
+    components = (family.file_component,) if components is None else tuple(components)
+    unknown = [c for c in components if c not in family.models]
     if unknown or not components:
-        raise UserError(f"cannot convert {', '.join(unknown) or 'nothing'}; the components are {', '.join(CONVERTIBLE)}.")
+        raise UserError(f"cannot convert {', '.join(unknown) or 'nothing'}; the components are "
+                        f"{', '.join(family.models)}.")
     out = check_out(out)
-    src = model_path(model)
+    src = ref.folder()
     for comp in components:
         if not (src / comp).is_dir():
             raise UserError(f"{src} has no {comp} folder to convert.")
@@ -142,7 +141,7 @@ def convert(model: str | None, weights: str, out: str | os.PathLike, components=
         if already is not None and already != "bf16" and already != weights:
             raise UserError(f"{src / comp} is stored in {already}; convert from the original model, not from a copy.")
     check_free_space(out.parent, converted_bytes(src, components, weights), f"the {weights} copy of {src.name}")
-    classes = _classes()
+    classes = {c: family.component(c).load_class() for c in components}
     with writing(out):  # a full or read-only disk: one line naming the copy, the temporary removed
         remove_stale(out.parent, out.name)  # what a convert that was killed (SIGKILL) left here
         tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out.name), dir=out.parent))

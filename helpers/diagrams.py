@@ -20,19 +20,11 @@ import torch
 from helpers.activations import Workload
 from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
 from helpers.devicemap import tier_label
-from helpers.footprint import STAGES, Footprint, footprint
+from helpers.families import STAGES, Family
+from helpers.footprint import Footprint, footprint
 from helpers.precision import method_precision
 
-#: what the pictures call each component
-NAMES = {"text_encoder": "CLIP text encoder", "text_encoder_2": "T5 encoder", "transformer": "transformer",
-         "vae": "VAE"}
-#: the components' colours, as the footprint chart of notebook 01 gives them
-COLOURS = {"text_encoder": "#9467bd", "text_encoder_2": "#8c564b", "transformer": "#e377c2", "vae": "#bcbd22"}
-#: shorter, where space is tight
-SHORT_NAMES = {"text_encoder": "CLIP", "text_encoder_2": "T5", "transformer": "transformer", "vae": "VAE"}
 STAGE_TITLES = {"text_encoding": "stage 1: text encoding", "diffusion": "stage 2: diffusion"}
-#: a stage's weights as they load, one after another (the whole ones first, as the method loads them)
-LOAD_ORDER = {"text_encoding": ("text_encoder", "text_encoder_2"), "diffusion": ("transformer", "vae")}
 FILE_COLOUR = "#2ca02c"
 
 
@@ -63,10 +55,22 @@ class MethodBytes:
     stages: dict[str, StageBytes]
     #: the hand-off file's tensors: name -> (shape, bytes), stored in bfloat16
     embeddings: dict[str, tuple[tuple[int, ...], int]]
-    #: T5's tokens per prompt and CLIP's
+    #: the text tokens per prompt of the split encoder (FLUX.1: T5), and of each text model loaded whole
     tokens: int
-    clip_tokens: int
+    whole_tokens: dict[str, int]
     image: tuple[int, int]
+    family: Family
+
+    def name(self, component: str) -> str:
+        """What the pictures call a component (its family's long name)."""
+        return self.family.component(component).long
+
+    def short(self, component: str) -> str:
+        return self.family.component(component).short
+
+    def colour(self, component: str) -> str:
+        """The component's colour, as the footprint chart of notebook 01 gives it."""
+        return self.family.component(component).colour
 
     @property
     def one_piece(self) -> int:
@@ -92,26 +96,22 @@ def method_bytes(model: str | Footprint = "flux-dev") -> MethodBytes:
     already built): each stage's components in the method's dtype for it, the embeddings file for one
     prompt at the variant's usual T5 length, the method's image size. Drawn in
     ``00_environment-check.ipynb``."""
-    from helpers.diffuse import USUAL
     from helpers.embeddings import STORED_DTYPE
     from helpers.models import resolve_model
 
     fp = model if isinstance(model, Footprint) else footprint(model)
-    stages = {}
-    for name, stage in STAGES.items():
-        dtype = method_precision(name).storage_dtype
-        order = [c for c in LOAD_ORDER[name] if c in stage.components]
-        stages[name] = StageBytes(name, dtype, {c: fp.components[c].nbytes(dtype) for c in order})
-    tokens = USUAL.get(resolve_model(fp.model).variant, USUAL["dev"])["max_sequence_length"]
-    config = fp.skeletons["transformer"].config
-    itemsize = STORED_DTYPE.itemsize
-    prompt_shape = (1, tokens, config.joint_attention_dim)
-    pooled_shape = (1, config.pooled_projection_dim)
-    embeddings = {"prompt_embeds": (prompt_shape, _numel(prompt_shape) * itemsize),
-                  "pooled_prompt_embeds": (pooled_shape, _numel(pooled_shape) * itemsize)}
-    clip_tokens = fp.skeletons["text_encoder"].config.max_position_embeddings
+    family, stages = fp.family, {}
+    for name in STAGES:
+        dtype = method_precision(name, family).storage_dtype
+        # a stage's weights as they load, one after another, in the pipeline's order
+        stages[name] = StageBytes(name, dtype, {c: fp.components[c].nbytes(dtype) for c in family.stage_models(name)})
+    tokens = resolve_model(fp.model).usual.text_length
+    configs = {c: module.config for c, module in fp.skeletons.items()}
+    embeddings = {k: (shape, _numel(shape) * STORED_DTYPE.itemsize)
+                  for k, shape in family.embedding_shapes(configs, 1, tokens).items()}
+    whole_tokens = {c: fp.skeletons[c].config.max_position_embeddings for c in family.whole("text_encoding")}
     workload = Workload()
-    return MethodBytes(fp.model, stages, embeddings, tokens, clip_tokens, (workload.height, workload.width))
+    return MethodBytes(fp.model, stages, embeddings, tokens, whole_tokens, (workload.height, workload.width), family)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -194,9 +194,11 @@ def draw_stages(model: str | Footprint = "flux-dev", ax=None):
     canvas.text(15.5, 40.2, f"{text.dtype_name}, peak {format_bytes(text.total)}")
     canvas.box(3, 26, 25, 9, "#7f7f7f", fill=0.12, dashed=True)
     canvas.text(15.5, 32.2, "tokenizers", weight="bold")
-    canvas.text(15.5, 28.6, f"CLIP {sizes.clip_tokens}, T5 {sizes.tokens} tokens")
-    for y, name in ((14.5, "text_encoder"), (3, "text_encoder_2")):
-        canvas.component(3, y, 25, NAMES[name], format_bytes(text.components[name]), COLOURS[name])
+    counts = [f"{sizes.short(c)} {n}" for c, n in sizes.whole_tokens.items()]
+    main = sizes.family.main("text_encoding")
+    canvas.text(15.5, 28.6, ", ".join([*counts, f"{sizes.short(main)} {sizes.tokens}"]) + " tokens")
+    for y, name in zip((14.5, 3), text.components):
+        canvas.component(3, y, 25, sizes.name(name), format_bytes(text.components[name]), sizes.colour(name))
 
     # the hand-off: a file on disk, the one thing the stages share
     canvas.box(35, 12, 27, 26, FILE_COLOUR, fill=0.15)
@@ -214,8 +216,8 @@ def draw_stages(model: str | Footprint = "flux-dev", ax=None):
     canvas.box(67, 1, 24, 46, "#555555", fill=0.05)
     canvas.text(79, 44, STAGE_TITLES["diffusion"], 11, weight="bold")
     canvas.text(79, 40.2, f"{diffusion.dtype_name}, peak {format_bytes(diffusion.total)}")
-    for y, name in ((26, "transformer"), (3, "vae")):
-        canvas.component(69, y, 20, NAMES[name], format_bytes(diffusion.components[name]), COLOURS[name])
+    for y, name in zip((26, 3), diffusion.components):
+        canvas.component(69, y, 20, sizes.name(name), format_bytes(diffusion.components[name]), sizes.colour(name))
     canvas.arrow((79, 26), (79, 12), "latents")
     canvas.arrow((62, 25), (67, 25))
 
@@ -294,7 +296,7 @@ def draw_memory_over_time(model: str | Footprint = "flux-dev", ax=None, budget=M
     for name, (start, end) in spans.items():
         ax.axvspan(start, end, color="#1f77b4", alpha=0.06 if name == "text_encoding" else 0.12, linewidth=0)
         stage = sizes.stages[name]
-        parts = " + ".join(SHORT_NAMES[c] for c in stage.components)
+        parts = " + ".join(sizes.short(c) for c in stage.components)
         # between the stage's last load and its end, clear of every line: under its level where there
         # is room (a quarter of the height), else above the level and its label
         loaded = start + 0.5 * len(stage.components)

@@ -30,15 +30,10 @@ import torch
 
 from helpers.activations import MULTIPLE, Workload
 from helpers.errors import UserError
+from helpers.families import default_family
 from helpers.files import check_can_write, check_writable, outputs_dir, remove_folder
 
-DIFFUSION_COMPONENTS = ("transformer", "vae")
-#: the usual settings of each FLUX.1 variant
-USUAL = {
-    "dev": {"steps": 28, "guidance": 3.5, "max_sequence_length": 512},
-    "schnell": {"steps": 4, "guidance": 0.0, "max_sequence_length": 256},
-}
-#: guidance beyond this is no setting of FLUX.1 (usual: 3.5 for dev, 0 for schnell); the transformer
+#: guidance beyond this is no setting of any family (FLUX.1: 3.5 for dev, 0 for schnell); the transformer
 #: multiplies it by 1000 in bfloat16, which overflows to infinity from about 3e35
 MAX_GUIDANCE = 1000.0
 
@@ -65,7 +60,7 @@ def check_seed(seed: int) -> int:
 
 
 def check_settings(height: int, width: int, steps: int, guidance: float, variant: str | None = None,
-                   max_sequence_length: int | None = None) -> list[str]:
+                   max_sequence_length: int | None = None, family=None) -> list[str]:
     """Reject sizes, steps and guidance FLUX cannot use; return notes on unusual but valid choices."""
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < MULTIPLE:
@@ -82,21 +77,10 @@ def check_settings(height: int, width: int, steps: int, guidance: float, variant
     if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
         raise UserError(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g} (usual: 3.5 for FLUX.1-dev, "
                         f"0 for schnell), not {guidance}.")
-    notes = []
-    if variant == "schnell":
-        if max_sequence_length is not None and max_sequence_length > 256:
-            raise UserError(
-                f"FLUX.1-schnell takes at most 256 tokens, and these embeddings have {max_sequence_length}; "
-                "encode again with --max-sequence-length 256."
-            )
-        if steps != 4:
-            notes.append(f"FLUX.1-schnell is distilled for about 4 steps; {steps} works but is unusual.")
-        if guidance:
-            notes.append("FLUX.1-schnell has no guidance embedder: guidance is ignored (0 is usual).")
-    elif variant == "dev":
-        if guidance == 0:
-            notes.append("FLUX.1-dev usually runs with guidance about 3.5; 0.0 is the method's choice, not a rule.")
-    return notes
+    if variant is None:
+        return []
+    family = family or default_family()
+    return family.setting_notes(variant, steps, guidance, max_sequence_length)
 
 
 def diffusion_plan(model=None, max_memory=None, like: str | None = "auto",
@@ -129,12 +113,12 @@ def expected_inputs(model) -> dict:
     from helpers.models import local_folder, resolve_model
 
     ref = resolve_model(model)
-    configs = ref.configs
+    text, pooled = (shape[-1] for shape in ref.family.embedding_shapes(ref.configs, 1, 1).values())
     return {
         "expected_fingerprint": ref.fingerprint,
         "expected_weights": weights_identity(local_folder(ref)),
-        "joint_attention_dim": configs["transformer"].get("joint_attention_dim"),
-        "pooled_projection_dim": configs["transformer"].get("pooled_projection_dim"),
+        "joint_attention_dim": text,
+        "pooled_projection_dim": pooled,
     }
 
 
@@ -181,22 +165,24 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     precision says and upcast layer by layer to its compute dtype (:mod:`helpers.loading`).
     ``progress``: a progress bar while a stream loads.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
     from helpers.loading import load_mapped, load_whole, whole_bytes
 
-    folder = Path(folder)
-    vae_tier = next(p for p in plan.components if p.component == "vae").device_map[""]
-    loaded = load_mapped(folder / "transformer", FluxTransformer2DModel, "transformer", plan, offload,
-                         whole=whole_bytes(plan, ("vae",)), offload_folder=offload_folder, progress=progress)
+    folder, family, stage = Path(folder), plan.family, "diffusion"
+    main, whole = family.main(stage), family.whole(stage)
+    loaded = load_mapped(folder / main, family.component(main).load_class(), main, plan, offload,
+                         whole=whole_bytes(plan, whole), offload_folder=offload_folder, progress=progress)
+    parts = {main: loaded.model}
     try:
-        vae = load_whole(folder / "vae", AutoencoderKL, vae_tier, plan.precision)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")
+        for name in whole:
+            tier = next(p for p in plan.components if p.component == name).device_map[""]
+            parts[name] = load_whole(folder / name, family.component(name).load_class(), tier, plan.precision)
+        for c in family.components:
+            if c.stage == stage and c.role == "scheduler":
+                parts[c.name] = c.load_class().from_pretrained(folder / c.name)
     except BaseException:
         loaded.close()
         raise
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, transformer=loaded.model,
-                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe = family.diffusion_pipeline(family, parts)
     return Diffusion(pipe=pipe, plan=plan, applied=loaded.applied, differences=loaded.differences,
                      device=loaded.device, offload_folder=loaded.offload_folder, temporary=loaded.temporary,
                      streamer=loaded.streamer, offload=loaded.offload)
@@ -233,8 +219,8 @@ def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, 
     check_batch_size(batch_size)
     pipe = diffusion.pipe
     dtype = diffusion.plan.precision.compute_dtype  # the weights may be stored in another
-    prompt_embeds = tensors["prompt_embeds"].to(diffusion.device, dtype)
-    pooled = tensors["pooled_prompt_embeds"].to(diffusion.device, dtype)
+    inputs = {k: v.to(diffusion.device, dtype) for k, v in diffusion.plan.family.pipeline_inputs(tensors).items()}
+    count = next(iter(inputs.values())).shape[0]
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -245,14 +231,14 @@ def generate(diffusion: Diffusion, tensors: dict[str, torch.Tensor], seed: int, 
         return kwargs
 
     images = []
-    calls = chunks(prompt_embeds.shape[0], batch_size)
+    calls = chunks(count, batch_size)
     for chunk in calls:
         a, b = first + chunk[0] + 1, first + chunk[-1] + 1  # as the files number them
         what = "" if len(calls) == 1 and first == 0 else f" image {a}" if a == b else f" images {a}-{b}"
         pipe.set_progress_bar_config(disable=not progress, desc=f"denoising{what}")
         last[0] = time.perf_counter()
         out = pipe(
-            prompt_embeds=prompt_embeds[chunk[0]:chunk[-1] + 1], pooled_prompt_embeds=pooled[chunk[0]:chunk[-1] + 1],
+            **{k: v[chunk[0]:chunk[-1] + 1] for k, v in inputs.items()},
             num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
             generator=[torch.Generator("cpu").manual_seed(prompt_seed(int(seed), first + i)) for i in chunk],
             callback_on_step_end=on_step_end,
@@ -375,13 +361,13 @@ def diffuse_file(
         except UserError as err:
             raise UserError(f"{header.path} names model {model!r}, which is not usable here ({err}); pass --model.") from None
     ref = resolve_model(model)  # once: the plan, the folder and the file's checks all ask this object
-    usual = USUAL.get(ref.variant or "dev")
-    steps = usual["steps"] if steps is None else steps
-    guidance = usual["guidance"] if guidance is None else guidance
+    family = ref.family
+    steps = ref.usual.steps if steps is None else steps
+    guidance = ref.usual.guidance if guidance is None else guidance
     check_settings(height, width, steps, guidance)  # sizes and guidance, before the file is read
     # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
     tensors, header = load_embeddings(embeddings, **expected_inputs(ref))
-    notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length)
+    notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length, family)
     paths = output_paths(out, header.batch)
     mine = share(header.batch, worker, batch_size)  # this worker's pipeline calls (prompt indices)
     if resume:  # a call whose images are all there is not made again
@@ -415,8 +401,8 @@ def diffuse_file(
         return DiffuseResult(paths=[], images=[], plan=plan, applied={}, differences=[], notes=notes,
                              measurement=None, step_times=[], header=header, offload="none", warnings=plan.warnings)
     # a transformer file brings the weights: of the model's transformer only its config is needed
-    folder = ref.folder(components=["scheduler", "vae"] + ([] if transformer_file else ["transformer"]),
-                        configs=["transformer"] if transformer_file else [])
+    parts = [c for c in family.stage_parts("diffusion") if not (transformer_file and c == family.file_component)]
+    folder = ref.folder(components=parts, configs=[family.file_component] if transformer_file else [])
     for i in todo:  # only now, when the run can go ahead
         paths[i].parent.mkdir(parents=True, exist_ok=True)
 
@@ -427,7 +413,7 @@ def diffuse_file(
         diffusion = load_diffusion(folder, plan, offload=offload, progress=progress)
         try:
             for chunk in mine:
-                part = {k: tensors[k][chunk[0]:chunk[-1] + 1] for k in ("prompt_embeds", "pooled_prompt_embeds")}
+                part = {k: tensors[k][chunk[0]:chunk[-1] + 1] for k in family.embedding_names}
                 result = generate(diffusion, part, seed, steps, guidance, height, width, progress=progress,
                                   batch_size=len(chunk), first=chunk[0])
                 times += result.step_times

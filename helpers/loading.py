@@ -22,9 +22,6 @@ from helpers.errors import UserError
 from helpers.files import check_free_space, remove_folder, run_folder
 from helpers.precision import FP8_REST
 
-#: the lists of blocks a split component streams, in call order
-BLOCK_LISTS = {"transformer": ["transformer_blocks", "single_transformer_blocks"], "text_encoder_2": ["encoder.block"]}
-
 
 def torch_device(tier: Tier) -> torch.device:
     """The device that computes for a tier: GPU ``i`` for tier ``i``, else the CPU."""
@@ -149,7 +146,8 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
 
     folder = Path(folder)
     _check_loadable(plan.precision)
-    file = plan.precision.file if component == "transformer" else None  # --transformer FILE: weights from it
+    family = plan.family
+    file = plan.precision.file if component == family.file_component else None  # --transformer FILE: weights from it
     if file is None:
         check_checkpoint(folder)
     if choose_offload(check_offload(offload), plan.budget) == "stream" and offload != "stream":
@@ -163,7 +161,7 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     comp_plan = next(p for p in plan.components if p.component == component)
     if offload == "stream":
         cpu, device, device_bytes = stream_budget(plan.budget, whole or {})
-        blocks = BLOCK_LISTS[component]
+        blocks = list(family.block_lists(component))
         fp8 = precision.weights == "fp8"
         source = file if file is not None else CheckpointFolder(folder, precision.weights)
         model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
@@ -175,10 +173,8 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         loaded = Loaded(model.eval(), applied, device if device is not None else torch.device("cpu"), "stream",
                         streamer=streamer)
     elif offload == "accelerate":
-        if precision.weights == "fp8" and component == "text_encoder_2":
-            raise UserError("T5 in fp8 runs with offload 'stream' only: under accelerate's hooks its feed-forward "
-                            "would cast its activations to fp8 (it reads its weights' stored dtype); use --offload "
-                            "stream, or keep T5 in bf16 (convert without text_encoder_2).")
+        if precision.weights == "fp8" and family.component(component).fp8_stream_only:
+            raise UserError(family.component(component).fp8_stream_only)
         device_map = dict(comp_plan.device_map)
         temporary = False
         if "disk" in device_map.values():

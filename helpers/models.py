@@ -763,7 +763,7 @@ def _check_model_folder(path: Path, text: str) -> None:
     try:
         family_for_pipeline(_pipeline_class(index, text))
     except UserError as err:
-        raise UserError(f"{text}: {err} Give one of those, or one of {', '.join([*TWINS, *_names()])}.") from None
+        raise UserError(f"{text} {err}: give one of those, or one of {', '.join([*TWINS, *_names()])}.") from None
     for component in sorted(p for p in path.iterdir() if p.is_dir()):
         for file in sorted(component.iterdir()):
             kind = not_a_file(file)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
+from helpers.families import family_of_class
 from helpers.sources import TORCH_DTYPES, WeightsSource, _itemsize
 
 _PAGE = 4096  # O_DIRECT reads whole, aligned pages
@@ -142,8 +143,6 @@ def _target(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-#: models whose blocks are streamed in parts: the component whose example forward traces the parts' order
-_TRACED = {"FluxTransformer2DModel": "transformer", "T5EncoderModel": "text_encoder_2"}
 #: what a block's own code may read of a part's parameter while the part is not there (its placeholder has them)
 _HARMLESS = {"dtype", "shape", "device", "ndim", "is_cuda", "is_meta", "requires_grad", "layout"}
 
@@ -345,7 +344,9 @@ def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, sp
     model's component (on the meta device, before any stored form: it has no fp8 kernels); whole
     blocks for a model without them, or with ``split=False``. A model of the same structure is traced
     once per process (:data:`_TRACES`)."""
-    component = _TRACED.get(type(model).__name__)
+    # models whose blocks are streamed in parts: their family's example forward traces the parts' order
+    found = family_of_class(type(model).__name__)
+    family, component = (found[0], found[1].name) if found and found[1].block_lists else (None, None)
     if not (component and split):
         return {n: [n] for n in names}
     structure = _structure(model)
@@ -354,7 +355,7 @@ def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, sp
         from helpers.activations import example_inputs
 
         with _first_two_of_each_list(model, names) as (traced, alike):
-            parts = split_blocks(model, traced, example_inputs(component, model, dtype, 32, 32, 8)[1])
+            parts = split_blocks(model, traced, example_inputs(component, model, dtype, 32, 32, 8, family=family)[1])
         for blocks in alike:  # the rest of a list of alike blocks is split as its second block is
             second = blocks[1]
             parts.update({b: [b + p[len(second):] for p in parts[second]] for b in blocks[2:]})

@@ -43,6 +43,8 @@ class Component:
     colour: str = "#7f7f7f"
     activation: str = ""  # what one forward of it is, where its activations are counted
     fingerprint_keys: tuple[str, ...] = ()  # config keys an embeddings file's fingerprint covers
+    #: why it cannot run in fp8 under accelerate's hooks, where it cannot (a refusal); else empty
+    fp8_stream_only: str = ""
 
     def load_class(self):
         return getattr(importlib.import_module(self.library), self.class_name)
@@ -98,11 +100,12 @@ class Family:
     encode: Callable | None = None  # (family, parts, prompts, device, length) -> {tensor: value}
     token_report: Callable | None = None  # (parts, prompts, length) -> rows
     truncation_warnings: Callable | None = None  # (rows, length) -> [warning]
-    diffusion_pipeline: Callable | None = None  # (family, scheduler, vae, transformer) -> pipeline
+    diffusion_pipeline: Callable | None = None  # (family, {part: module}) -> pipeline without encoders
     pipeline_inputs: Callable | None = None  # (tensors) -> keyword arguments of the pipeline's call
     example_inputs: Callable | None = None  # (component, module, dtype, h, w, tokens, device) -> (module, inputs)
     block_counts: Callable | None = None  # (module) -> text
     checks: Callable | None = None  # (variant, text_length) -> refusal or None
+    setting_notes: Callable | None = None  # (variant, steps, guidance, text_length) -> notes; raises a refusal
 
     # ------------------------------------------------------------------ questions asked of a family
 
@@ -205,8 +208,7 @@ def family_for_pipeline(class_name) -> Family:
     if isinstance(class_name, str) and class_name in _FAMILIES:
         return _FAMILIES[class_name]
     said = f"a {class_name}" if isinstance(class_name, str) and class_name else "no pipeline (no _class_name)"
-    raise UserError(f"this project runs {', '.join(_FAMILIES)} folders; this one holds {said}, by its "
-                    "model_index.json.")
+    raise UserError(f"holds {said}, by its model_index.json; this project runs {', '.join(_FAMILIES)} folders")
 
 
 def default_family() -> Family:
@@ -233,13 +235,13 @@ def block_lists_of(module) -> tuple[str, ...]:
     return ()
 
 
-def component_of_class(class_name: str) -> str | None:
-    """The component name a class is in the known families (the first that has it)."""
+def family_of_class(class_name: str) -> tuple[Family, Component] | None:
+    """``(family, component)`` of the first known family that has a component of class ``class_name``."""
     _load_builtin()
     for family in _FAMILIES.values():
         for c in family.components:
             if c.class_name == class_name:
-                return c.name
+                return family, c
     return None
 
 
@@ -250,5 +252,5 @@ def _load_builtin() -> None:
         register(flux1.FAMILY)
 
 
-__all__ = ["Component", "Family", "STAGES", "Variant", "block_lists_of", "component_of_class", "default_family", "families",
+__all__ = ["Component", "Family", "STAGES", "Variant", "block_lists_of", "family_of_class", "default_family", "families",
            "family_for_pipeline", "family_named", "register", "unregister"]

@@ -29,7 +29,10 @@ COMPONENTS = (
               config_class="T5Config", required_key="d_model", block_lists=("encoder.block",), short="T5",
               long="T5 encoder", colour="#8c564b", activation="the T5 encoder",
               fingerprint_keys=("d_model", "d_kv", "d_ff", "num_heads", "num_layers", "vocab_size",
-                                "feed_forward_proj")),
+                                "feed_forward_proj"),
+              fp8_stream_only="T5 in fp8 runs with offload 'stream' only: under accelerate's hooks its feed-forward "
+                              "would cast its activations to fp8 (it reads its weights' stored dtype); use --offload "
+                              "stream, or keep T5 in bf16 (convert without text_encoder_2)."),
     Component("tokenizer_2", "transformers", "T5TokenizerFast", role="tokenizer", stage=TEXT),
     Component("transformer", "diffusers", "FluxTransformer2DModel", stage=DIFFUSION, placement="mapped",
               required_key="num_single_layers", block_lists=("transformer_blocks", "single_transformer_blocks"),
@@ -87,9 +90,26 @@ def truncation_warnings(rows: list[dict], length: int, clip_max: int = 77) -> li
     return out
 
 
-def diffusion_pipeline(family: Family, scheduler, vae, transformer):
-    return family.pipeline_class()(scheduler=scheduler, vae=vae, transformer=transformer, text_encoder=None,
-                                   tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+def diffusion_pipeline(family: Family, parts: dict):
+    """The pipeline with the diffusion stage's parts (scheduler, transformer, VAE) and no encoders."""
+    return family.pipeline_class()(**parts, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+
+
+def setting_notes(variant: str | None, steps: int, guidance: float, length: int | None) -> list[str]:
+    """Refuse what a variant cannot take; notes on unusual but valid choices."""
+    notes = []
+    if variant == "schnell":
+        if length is not None and length > 256:
+            raise UserError(f"FLUX.1-schnell takes at most 256 tokens, and these embeddings have {length}; "
+                            "encode again with --max-sequence-length 256.")
+        if steps != 4:
+            notes.append(f"FLUX.1-schnell is distilled for about 4 steps; {steps} works but is unusual.")
+        if guidance:
+            notes.append("FLUX.1-schnell has no guidance embedder: guidance is ignored (0 is usual).")
+    elif variant == "dev":
+        if guidance == 0:
+            notes.append("FLUX.1-dev usually runs with guidance about 3.5; 0.0 is the method's choice, not a rule.")
+    return notes
 
 
 def pipeline_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -170,5 +190,5 @@ FAMILY = Family(
     layout="helpers.families.flux1.layout",
     encode=encode, token_report=token_report, truncation_warnings=truncation_warnings,
     diffusion_pipeline=diffusion_pipeline, pipeline_inputs=pipeline_inputs, example_inputs=example_inputs,
-    block_counts=block_counts, checks=checks,
+    block_counts=block_counts, checks=checks, setting_notes=setting_notes,
 )
