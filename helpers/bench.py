@@ -926,7 +926,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
 
     from helpers.budget import default_budget, parse_budget
     from helpers.diffuse import check_settings
-    from helpers.footprint import TWIN_REFERENCE, activation_bytes
+    from helpers.footprint import activation_bytes
     from helpers.images import psnr
     from helpers.models import resolve_model
 
@@ -1048,7 +1048,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
             "machine": machine(),
             "max_memory": budget_spec if isinstance(budget_spec, str) else str(parse_budget(budget_spec)),
-            "budget_scaled_like": TWIN_REFERENCE if plan.reference is not None else None,
+            "budget_scaled_like": ref.family.reference_model if plan.reference is not None else None,
             "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
             "baseline_rss_bytes": min(baselines) if baselines else None,
             "steps": steps, "height": height, "width": width, "tokens": tokens,
