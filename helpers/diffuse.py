@@ -108,17 +108,16 @@ def diffusion_plan(model=None, max_memory=None, like: str | None = "auto",
 def expected_inputs(model) -> dict:
     """What an embeddings file must match for ``model`` (a name or a resolved
     :class:`helpers.models.ModelRef`): text-encoder fingerprint, their weights' identity where the
-    model's folder is here (nothing is built or fetched for it), input widths."""
+    model's folder is here (nothing is built or fetched for it), its family and each tensor's width."""
     from helpers.embeddings import weights_identity
     from helpers.models import local_folder, resolve_model
 
     ref = resolve_model(model)
-    text, pooled = (shape[-1] for shape in ref.family.embedding_shapes(ref.configs, 1, 1).values())
     return {
         "expected_fingerprint": ref.fingerprint,
-        "expected_weights": weights_identity(local_folder(ref)),
-        "joint_attention_dim": text,
-        "pooled_projection_dim": pooled,
+        "expected_weights": weights_identity(local_folder(ref), ref.family),
+        "widths": {name: shape[-1] for name, shape in ref.family.embedding_shapes(ref.configs, 1, 1).items()},
+        "expected_family": ref.family.name,
     }
 
 

@@ -1,8 +1,8 @@
 """The hand-off between the stages: prompt embeddings in a safetensors file.
 
-Stage 1 (text encoding) writes ``prompt_embeds`` ``[batch, tokens, joint_dim]``,
-``pooled_prompt_embeds`` ``[batch, pooled_dim]`` and ``text_ids`` ``[tokens, 3]`` in bfloat16, with
-string metadata that says what made them. Stage 2 (diffusion) validates the file against the model
+Stage 1 (text encoding) writes the family's tensors (:mod:`helpers.families`; FLUX.1: ``prompt_embeds``
+``[batch, tokens, joint_dim]``, ``pooled_prompt_embeds`` ``[batch, pooled_dim]`` and ``text_ids``
+``[tokens, 3]``) in bfloat16, with string metadata that says what made them, the family included. Stage 2 (diffusion) validates the file against the model
 that will consume it before any weight is loaded: the header first (names, shapes, dtypes,
 fingerprint), then every value finite (the tensors are small), and explains any mismatch in one
 message that says what to do. Written atomically: a crash never leaves half a file under the final
@@ -21,13 +21,11 @@ from pathlib import Path
 import torch
 
 from helpers.errors import UserError
-from helpers.families import default_family
+from helpers.families import Family, default_family, family_named
 from helpers.files import atomic_path, check_file, not_a_file
 
 FORMAT = "flux-embeddings"
 FORMAT_VERSION = "1"
-REQUIRED = ("prompt_embeds", "pooled_prompt_embeds")
-OPTIONAL = ("text_ids",)
 STORED_DTYPE = torch.bfloat16
 MAKER = "notebook 02_text-encoding-offload or `python -m helpers encode`"
 
@@ -45,11 +43,11 @@ _HASH_WHOLE_BYTES = 64 * 2**20
 _SAMPLE_BYTES = 2**20
 
 
-def weights_identity(folder: str | os.PathLike | None) -> str | None:
+def weights_identity(folder: str | os.PathLike | None, family: Family | None = None) -> str | None:
     """A short hash of the text encoders' weights in a model folder: two builds of the same shapes
     (a random twin and a trained one, a model retrained or replaced) get different ones.
 
-    Reads ``text_encoder/`` and ``text_encoder_2/``'s safetensors files: whole when they are small
+    Reads the text stage's models' safetensors files (FLUX.1: CLIP's and T5's): whole when they are small
     (a twin: milliseconds), otherwise each file's name, size, header and 1 MiB from its start,
     middle and end (the real T5's 9.5 GB in a few ms, yet any retraining changes it). None when the
     folder holds no text-encoder weights (a model fetched for diffusion only): then only the shapes
@@ -57,7 +55,8 @@ def weights_identity(folder: str | os.PathLike | None) -> str | None:
     """
     if folder is None:
         return None
-    files = [f for part in ("text_encoder", "text_encoder_2")
+    family = family or default_family()
+    files = [f for part in family.stage_models("text_encoding")
              for f in sorted((Path(folder) / part).glob("*.safetensors"))]
     if not files:
         return None
@@ -100,8 +99,13 @@ class EmbeddingsHeader:
         return json.loads(self.metadata.get("prompts", "[]"))
 
     @property
+    def family(self) -> Family:
+        """The family whose text stage made the file (files without the entry were made by FLUX.1's)."""
+        return family_named(self.metadata.get("family") or default_family().name)
+
+    @property
     def batch(self) -> int:
-        return self.shapes["prompt_embeds"][0]
+        return self.shapes[self.family.text_tensor][0]
 
     @property
     def max_sequence_length(self) -> int:
@@ -118,38 +122,41 @@ class EmbeddingsHeader:
 
 def save_embeddings(
     path: str | os.PathLike,
-    prompt_embeds: torch.Tensor,
-    pooled_prompt_embeds: torch.Tensor,
-    text_ids: torch.Tensor | None = None,
+    tensors: dict[str, torch.Tensor],
     *,
     model: str,
     fingerprint: str,
     prompts: list[str],
     max_sequence_length: int,
+    family: Family | None = None,
     overwrite: bool = False,
     extra: dict[str, str] | None = None,
     weights: str | None = None,
 ) -> Path:
-    """Write the embeddings in bfloat16 with their metadata, atomically; refuse to replace unless asked.
+    """Write the text stage's ``tensors`` (by name, as the family's pipeline returns them) in bfloat16
+    with their metadata, atomically; refuse to replace unless asked.
 
     ``fingerprint``: the text encoders' shapes (:func:`fingerprint`); ``weights``: their weights'
-    identity (:func:`weights_identity`), recorded as ``text_encoder_weights`` when known.
+    identity (:func:`weights_identity`), recorded as ``text_encoder_weights`` when known; ``family``:
+    whose tensors they are (FLUX.1 by default).
     """
-    if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
-        raise ValueError("prompt_embeds must be [batch, tokens, dim] and pooled_prompt_embeds [batch, dim]")
-    if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0] or prompt_embeds.shape[0] != len(prompts):
-        raise ValueError(
-            f"batch sizes disagree: {prompt_embeds.shape[0]} prompt_embeds, "
-            f"{pooled_prompt_embeds.shape[0]} pooled, {len(prompts)} prompts"
-        )
+    family = family or default_family()
+    names, optional = family.embedding_names, family.optional_embeddings
+    if set(names) - set(tensors) or set(tensors) - set(names) - set(optional):
+        raise ValueError(f"{family.title}'s embeddings are {', '.join(names)} (and {', '.join(optional) or 'nothing'} "
+                         f"optional), not {', '.join(tensors)}")
+    text = tensors[names[0]]
+    if text.ndim != 3 or any(tensors[n].ndim < 2 for n in names[1:]):
+        raise ValueError(f"{names[0]} must be [batch, tokens, dim] and {', '.join(names[1:]) or 'the rest'} "
+                         "[batch, dim]")
+    batches = {n: tensors[n].shape[0] for n in names}
+    if len(set(batches.values())) != 1 or text.shape[0] != len(prompts):
+        raise ValueError("batch sizes disagree: " + ", ".join(f"{b} {n}" for n, b in batches.items())
+                         + f", {len(prompts)} prompts")
     from safetensors.torch import save_file
 
-    tensors = {
-        "prompt_embeds": prompt_embeds.detach().to("cpu", STORED_DTYPE).contiguous(),
-        "pooled_prompt_embeds": pooled_prompt_embeds.detach().to("cpu", STORED_DTYPE).contiguous(),
-    }
-    if text_ids is not None:
-        tensors["text_ids"] = text_ids.detach().to("cpu").contiguous()
+    tensors = {n: t.detach().to("cpu", STORED_DTYPE if n in names else t.dtype).contiguous()
+               for n, t in tensors.items() if t is not None}
     for name, tensor in tensors.items():  # in the stored dtype: a float32 value past bfloat16's range is infinite there
         bad = not_finite(tensor)
         if bad:
@@ -161,6 +168,7 @@ def save_embeddings(
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "family": family.name,
         "model": str(model),
         "fingerprint": fingerprint,
         **({"text_encoder_weights": weights} if weights else {}),
@@ -187,7 +195,8 @@ def check_values(header: EmbeddingsHeader, tensors: dict[str, torch.Tensor]) -> 
     """Refuse tensors with values that are not finite: they would make images of nothing but noise."""
     made = f"made by model {header.metadata.get('model')!r}" + (
         f" on {header.metadata['created']}" if header.metadata.get("created") else "")
-    for name in (*REQUIRED, *OPTIONAL):
+    family = header.family
+    for name in (*family.embedding_names, *family.optional_embeddings):
         if name in tensors:
             bad = not_finite(tensors[name])
             if bad:
@@ -196,13 +205,6 @@ def check_values(header: EmbeddingsHeader, tensors: dict[str, torch.Tensor]) -> 
                     f"(NaN or infinite); the file ({made}) was damaged or its text encoder overflowed: encode the "
                     f"prompts again with {MAKER}."
                 )
-
-
-def file_bytes(joint_attention_dim: int, pooled_projection_dim: int, batch: int, tokens: int) -> int:
-    """About the bytes of an embeddings file for ``batch`` prompts of ``tokens`` tokens: the bf16 prompt
-    and pooled embeddings, the float32 text ids and room for the header (known before any encoder
-    loads, so that a disk too full for it is refused first)."""
-    return 2 * batch * (tokens * joint_attention_dim + pooled_projection_dim) + 4 * tokens * 3 + (64 << 10)
 
 
 def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
@@ -228,28 +230,29 @@ def read_header(path: str | os.PathLike) -> EmbeddingsHeader:
 def validate(
     path: str | os.PathLike,
     expected_fingerprint: str | None = None,
-    joint_attention_dim: int | None = None,
-    pooled_projection_dim: int | None = None,
+    widths: dict[str, int] | None = None,
     expected_weights: str | None = None,
+    expected_family: str | None = None,
 ) -> EmbeddingsHeader:
     """Check an embeddings file against the model that will consume it, before any weight loads.
 
     Checks the format, the tensor names, shapes and dtypes, and (when given) the fingerprint of the
-    text encoders and the transformer's input widths, from the header; then reads the tensors once
+    text encoders, the family and each tensor's width (its last dimension, as the transformer takes it:
+    ``widths``), from the header; then reads the tensors once
     and checks that every value is finite. Raises :class:`UserError` saying what is wrong and what
     to do. ``expected_weights``: the consuming model's :func:`weights_identity`; where the file
     records one too, they must agree (the same shapes with other weights embed differently).
     :func:`load_embeddings` does the same and returns the tensors too.
     """
-    return load_embeddings(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim, expected_weights)[1]
+    return load_embeddings(path, expected_fingerprint, widths, expected_weights, expected_family)[1]
 
 
 def _validate_header(
     path: str | os.PathLike,
     expected_fingerprint: str | None = None,
-    joint_attention_dim: int | None = None,
-    pooled_projection_dim: int | None = None,
+    widths: dict[str, int] | None = None,
     expected_weights: str | None = None,
+    expected_family: str | None = None,
 ) -> EmbeddingsHeader:
     header = read_header(path)
     meta, shapes = header.metadata, header.shapes
@@ -261,16 +264,26 @@ def _validate_header(
             f"{where} has format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION!r}; "
             f"make it again with {MAKER}."
         )
-    missing = [k for k in REQUIRED if k not in shapes]
+    try:
+        family = header.family
+    except UserError:
+        raise UserError(f"{where} was made by a model family this code does not know "
+                        f"({meta.get('family')!r}); make it again with {MAKER}.") from None
+    if expected_family is not None and family.name != expected_family:
+        raise UserError(f"{where} holds {family.title} embeddings and this model is not {family.title}; encode the "
+                        f"prompt again with this model ({MAKER}).")
+    names = family.embedding_names
+    missing = [k for k in names if k not in shapes]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}; make it again with {MAKER}.")
-    pe, pooled = shapes["prompt_embeds"], shapes["pooled_prompt_embeds"]
-    if len(pe) != 3 or len(pooled) != 2 or pe[0] != pooled[0]:
+    pe, rest = shapes[names[0]], {n: shapes[n] for n in names[1:]}
+    if len(pe) != 3 or any(len(s) != 2 or s[0] != pe[0] for s in rest.values()):
+        said = " and ".join(f"{n} {list(shapes[n])}" for n in names)
         raise UserError(
-            f"{where} has prompt_embeds {list(pe)} and pooled_prompt_embeds {list(pooled)}: expected "
-            f"[batch, tokens, dim] and [batch, dim] with the same batch; make it again with {MAKER}."
+            f"{where} has {said}: expected [batch, tokens, dim]{' and [batch, dim]' if rest else ''} with the same "
+            f"batch; make it again with {MAKER}."
         )
-    for name in REQUIRED:
+    for name in names:
         if header.dtypes[name] != "BF16":
             raise UserError(f"{where}: {name} is {header.dtypes[name]}, expected BF16; make it again with {MAKER}.")
     try:
@@ -299,29 +312,24 @@ def _validate_header(
             f"shapes, but the model was rebuilt, retrained or replaced since), so its embeddings would mean something "
             f"else here; encode the prompts again with this model ({MAKER})."
         )
-    if joint_attention_dim is not None and pe[2] != joint_attention_dim:
-        raise UserError(
-            f"{where}: prompt_embeds are {pe[2]} wide, this transformer takes {joint_attention_dim}; encode the "
-            f"prompt again with this model ({MAKER})."
-        )
-    if pooled_projection_dim is not None and pooled[1] != pooled_projection_dim:
-        raise UserError(
-            f"{where}: pooled_prompt_embeds are {pooled[1]} wide, this transformer takes {pooled_projection_dim}; "
-            f"encode the prompt again with this model ({MAKER})."
-        )
+    for name, want in (widths or {}).items():
+        if want is not None and name in shapes and shapes[name][-1] != want:
+            raise UserError(
+                f"{where}: {name} are {shapes[name][-1]} wide, this transformer takes {want}; encode the "
+                f"prompt again with this model ({MAKER})."
+            )
     return header
 
 
 def load_embeddings(path: str | os.PathLike, expected_fingerprint: str | None = None,
-                    joint_attention_dim: int | None = None,
-                    pooled_projection_dim: int | None = None,
-                    expected_weights: str | None = None) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
+                    widths: dict[str, int] | None = None, expected_weights: str | None = None,
+                    expected_family: str | None = None) -> tuple[dict[str, torch.Tensor], EmbeddingsHeader]:
     """Validate as :func:`validate` does and return ``(tensors, header)``: the tensors on the CPU,
     bfloat16, read once."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    header = _validate_header(path, expected_fingerprint, joint_attention_dim, pooled_projection_dim, expected_weights)
+    header = _validate_header(path, expected_fingerprint, widths, expected_weights, expected_family)
     try:
         tensors = load_file(str(header.path))
     except (SafetensorError, OSError, ValueError) as err:  # a header that promises more bytes than the file has

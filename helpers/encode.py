@@ -282,8 +282,8 @@ def encode_prompts(
             tokens = token_report(prompts, encoders.parts, max_sequence_length, family)
             embeds = encode(encoders, prompts, max_sequence_length)
             path = save_embeddings(
-                out, *embeds.values(), model=ref.label,
-                fingerprint=ref.fingerprint, weights=weights_identity(folder),
+                out, embeds, model=ref.label, family=family,
+                fingerprint=ref.fingerprint, weights=weights_identity(folder, family),
                 prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
             )
         finally:

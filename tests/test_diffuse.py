@@ -116,10 +116,12 @@ def _bad_file(tmp_path, kind, good):
     elif kind == "wrong-dtype":
         save_file({"prompt_embeds": pe.float(), "pooled_prompt_embeds": pooled}, str(path), metadata=meta)
     elif kind == "other-model":
-        save_embeddings(path, pe.float(), pooled.float(), model="medium", fingerprint="0123456789abcdef",
+        save_embeddings(path, {"prompt_embeds": pe.float(), "pooled_prompt_embeds": pooled.float()}, model="medium",
+                        fingerprint="0123456789abcdef",
                         prompts=["p"], max_sequence_length=8)
     elif kind == "other-width":
-        save_embeddings(path, torch.zeros(1, 8, 64), pooled.float(), model="tiny", fingerprint=meta["fingerprint"],
+        save_embeddings(path, {"prompt_embeds": torch.zeros(1, 8, 64), "pooled_prompt_embeds": pooled.float()},
+                        model="tiny", fingerprint=meta["fingerprint"],
                         prompts=["p"], max_sequence_length=8)
     return path
 

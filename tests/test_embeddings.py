@@ -23,14 +23,16 @@ def _save(path, batch=2, tokens=8, **kw):
     pe, pooled, ids = _tensors(batch, tokens)
     args = dict(model="tiny", fingerprint="abc", prompts=[f"p{i}" for i in range(batch)], max_sequence_length=tokens)
     args.update(kw)
-    return save_embeddings(path, pe, pooled, ids, **args)
+    return save_embeddings(path, {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "text_ids": ids}, **args)
 
 
 def test_round_trip_bfloat16_with_metadata(tmp_path):
     pe, pooled, ids = _tensors()
-    path = save_embeddings(tmp_path / "e.safetensors", pe, pooled, ids, model="tiny", fingerprint="abc",
+    path = save_embeddings(tmp_path / "e.safetensors", {"prompt_embeds": pe, "pooled_prompt_embeds": pooled,
+                                                        "text_ids": ids}, model="tiny", fingerprint="abc",
                            prompts=["a cat", "a dög"], max_sequence_length=8)
-    tensors, header = load_embeddings(path, expected_fingerprint="abc", joint_attention_dim=32, pooled_projection_dim=32)
+    tensors, header = load_embeddings(path, expected_fingerprint="abc",
+                                      widths={"prompt_embeds": 32, "pooled_prompt_embeds": 32})
     assert tensors["prompt_embeds"].dtype == torch.bfloat16
     assert torch.equal(tensors["prompt_embeds"], pe.to(torch.bfloat16))
     assert torch.equal(tensors["text_ids"], ids)
@@ -85,8 +87,9 @@ def test_the_same_shapes_with_other_weights_are_told_apart(tmp_path, tiny_folder
 
 @pytest.mark.parametrize("check, fragment", [
     (dict(expected_fingerprint="zzz"), "encoded by model 'tiny'"),
-    (dict(joint_attention_dim=4096), "32 wide, this transformer takes 4096"),
-    (dict(pooled_projection_dim=768), "pooled_prompt_embeds are 32 wide"),
+    (dict(widths={"prompt_embeds": 4096}), "32 wide, this transformer takes 4096"),
+    (dict(widths={"pooled_prompt_embeds": 768}), "pooled_prompt_embeds are 32 wide"),
+    (dict(expected_family="flux2"), "holds FLUX.1 embeddings and this model is not FLUX.1"),
 ])
 def test_mismatch_with_the_consuming_model_is_explained(tmp_path, check, fragment):
     path = _save(tmp_path / "e.safetensors")
@@ -124,7 +127,8 @@ def test_bad_files_are_explained(tmp_path):
 def test_save_rejects_inconsistent_batches(tmp_path):
     pe, pooled, _ = _tensors(batch=2)
     with pytest.raises(ValueError, match="batch sizes disagree"):
-        save_embeddings(tmp_path / "e.safetensors", pe, pooled, model="m", fingerprint="f", prompts=["one"],
+        save_embeddings(tmp_path / "e.safetensors", {"prompt_embeds": pe, "pooled_prompt_embeds": pooled}, model="m",
+                        fingerprint="f", prompts=["one"],
                         max_sequence_length=8)
 
 
@@ -133,7 +137,7 @@ import sys, torch
 from helpers.embeddings import save_embeddings
 pe = torch.zeros(64, 512, 4096)  # 256 MiB in bfloat16: long enough to be killed mid-write
 print("writing", flush=True)
-save_embeddings(sys.argv[1], pe, torch.zeros(64, 768), model="m", fingerprint="f",
+save_embeddings(sys.argv[1], {"prompt_embeds": pe, "pooled_prompt_embeds": torch.zeros(64, 768)}, model="m", fingerprint="f",
                 prompts=["p"] * 64, max_sequence_length=512)
 print("done", flush=True)
 """

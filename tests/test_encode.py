@@ -59,7 +59,7 @@ def test_encode_prompts_writes_a_valid_file(tmp_path):
     result = encode_prompts("tiny", PROMPTS, out, max_sequence_length=64)
     assert result.path == out and result.differences == [] and result.warnings == []
     tensors, header = load_embeddings(out, expected_fingerprint=fingerprint(component_configs("tiny")[1]),
-                                      joint_attention_dim=32, pooled_projection_dim=32)
+                                      widths={"prompt_embeds": 32, "pooled_prompt_embeds": 32})
     assert header.prompts == PROMPTS and tensors["prompt_embeds"].shape == (2, 64, 32)
     assert {row["tier"] for row in result.per_tier()} == {"cpu", "disk"}
     assert result.measurement.wall_s > 0

@@ -139,7 +139,7 @@ def names_outside_families() -> dict[str, list[tuple[int, str]]]:
 
 
 #: modules that still name FLUX.1 (the next steps of the seam), with how many names each holds at most
-STILL = {"bench.py": 40, "embeddings.py": 16, "transformer_file.py": 6, "precision.py": 2}
+STILL = {"bench.py": 40, "transformer_file.py": 6, "precision.py": 2}
 
 
 def test_no_module_outside_the_families_names_flux1_beyond_what_is_left():

@@ -102,12 +102,14 @@ def test_encoders_that_overflow_write_nothing(tmp_path):
 
     pe = torch.full((1, 8, 32), 3.4e38)  # finite in float32, past bfloat16's largest value
     with pytest.raises(UserError, match="gave 256 of 256 values of prompt_embeds that are not finite"):
-        save_embeddings(tmp_path / "e.safetensors", pe, torch.zeros(1, 32), model="tiny", fingerprint="x",
+        save_embeddings(tmp_path / "e.safetensors", {"prompt_embeds": pe, "pooled_prompt_embeds": torch.zeros(1, 32)},
+                        model="tiny", fingerprint="x",
                         prompts=["a"], max_sequence_length=8)
     pooled = torch.zeros(1, 32)
     pooled[0, 5] = float("nan")
     with pytest.raises(UserError, match="gave 1 of 32 values of pooled_prompt_embeds"):
-        save_embeddings(tmp_path / "e.safetensors", torch.zeros(1, 8, 32), pooled, model="tiny", fingerprint="x",
+        save_embeddings(tmp_path / "e.safetensors", {"prompt_embeds": torch.zeros(1, 8, 32), "pooled_prompt_embeds": pooled},
+                        model="tiny", fingerprint="x",
                         prompts=["a"], max_sequence_length=8)
     assert not list(tmp_path.iterdir())
 

@@ -272,7 +272,8 @@ def test_a_librarys_write_that_meets_a_full_disk_is_one_line_and_leaves_no_tempo
     assert "no space left on the disk" in str(write_error(raw.value, disk / "t.safetensors"))
     (disk / "t.safetensors").unlink(missing_ok=True)
     with pytest.raises(UserError, match=f"cannot write {disk / 'e.safetensors'}: no space left on the disk"):
-        save_embeddings(disk / "e.safetensors", torch.zeros(1, 512, 32), torch.zeros(1, 32), model="tiny",
+        save_embeddings(disk / "e.safetensors", {"prompt_embeds": torch.zeros(1, 512, 32),
+                                                 "pooled_prompt_embeds": torch.zeros(1, 32)}, model="tiny",
                         fingerprint="x", prompts=["a"], max_sequence_length=512, overwrite=True)
     assert sorted(p.name for p in disk.iterdir()) == ["e.safetensors", "filler"]
     assert (disk / "e.safetensors").read_bytes() == MINE
