@@ -32,14 +32,23 @@ GPU_ONLY = ("diffusers-model", "diffusers-sequential")
 #: the method as published, beside the others when they run in another precision: accelerate's hooks,
 #: bf16 weights and bf16 math
 METHOD = "method"
-#: text tokens of the diffusion benchmark's embeddings unless asked (FluxPipeline pads to 512 on
-#: FLUX.1-dev, 256 on schnell: ``--tokens`` for those)
+#: text tokens of the diffusion benchmark's embeddings unless asked (FLUX.1's pipeline pads to 512 on
+#: dev, 256 on schnell: ``--tokens`` for those)
 TOKENS = {"diffusion": 64, "text_encoding": 512}
-#: what each stage benchmarks: the component, its dtype, the strategies that apply to it
-STAGES = {
-    "diffusion": ("transformer", torch.bfloat16, CPU_STRATEGIES + GPU_ONLY),
-    "text_encoding": ("text_encoder_2", torch.float32, ("resident", "accelerate", "stream")),
-}
+#: the strategies that apply to each stage's split component (its family names it)
+STRATEGIES = {"diffusion": CPU_STRATEGIES + GPU_ONLY, "text_encoding": ("resident", "accelerate", "stream")}
+
+
+def _family(config: dict):
+    """The benchmarked model's family (:mod:`helpers.families`)."""
+    from helpers.models import resolve_model
+
+    return resolve_model(config["model"]).family
+
+
+def _main(config: dict) -> str:
+    """The component the stage splits across tiers: what is benchmarked (FLUX.1: the transformer, T5)."""
+    return _family(config).main(config.get("stage") or "diffusion")
 
 
 def _compute_dtype(config: dict) -> torch.dtype:
@@ -49,28 +58,9 @@ def _compute_dtype(config: dict) -> torch.dtype:
 
 
 def _inputs(config: dict, model) -> dict:
-    if config.get("stage") == "text_encoding":  # one prompt of random token ids, padded length
-        g = torch.Generator().manual_seed(0)
-        return {"input_ids": torch.randint(0, model.config.vocab_size, (1, config["tokens"]), generator=g)}
-    from diffusers import FluxPipeline
-
-    g = torch.Generator().manual_seed(0)
-    h, w = config["height"] // 16, config["width"] // 16
-    cfg = model.config
-    # the same values in every precision (drawn in float32, rounded to bf16), given in the compute dtype
-    dt = _compute_dtype(config)
-    inputs = dict(
-        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16).to(dt),
-        encoder_hidden_states=torch.randn(1, config["tokens"], cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dt),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16).to(dt),
-        timestep=torch.tensor([0.5], dtype=dt),
-        img_ids=FluxPipeline._prepare_latent_image_ids(1, h, w, "cpu", dt),
-        txt_ids=torch.zeros(config["tokens"], 3, dtype=dt),
-        return_dict=False,
-    )
-    if cfg.guidance_embeds:
-        inputs["guidance"] = torch.tensor([3.5])
-    return inputs
+    """One call's inputs of the benchmarked component, seeded random values (the family says what they are)."""
+    return _family(config).bench_inputs(_main(config), model, _compute_dtype(config), config.get("height"),
+                                        config.get("width"), config["tokens"])
 
 
 def _gpu(config: dict) -> torch.device | None:
@@ -78,16 +68,16 @@ def _gpu(config: dict) -> torch.device | None:
     return torch.device("cuda", config["gpu"]) if config.get("gpu") is not None else None
 
 
-def _load_t5(strategy: str, config: dict, work: Path):
-    """The T5 encoder under ``strategy``, in float32 (the method's text encoding)."""
-    from transformers import T5EncoderModel
-
-    folder = Path(config["folder"]) / "text_encoder_2"
+def _load_text(strategy: str, config: dict, work: Path):
+    """The text stage's split encoder (FLUX.1: T5) under ``strategy``, in the method's float32."""
+    main = _main(config)
+    cls = _family(config).component(main).load_class()
+    folder = Path(config["folder"]) / main
     gpu = _gpu(config)
     if strategy == "resident":  # no plan: the whole model, as the parent resolved its precision
-        return _resident(T5EncoderModel, folder, _precision(config), gpu), lambda: 0, None
+        return _resident(cls, folder, _precision(config), gpu), lambda: 0, None
     if strategy in ("accelerate", "stream"):
-        return _mapped(strategy, T5EncoderModel, "text_encoder_2", folder, _plan(config), work)
+        return _mapped(strategy, cls, main, folder, _plan(config), work)
     raise UserError(f"strategy {strategy!r} is not benchmarked for text encoding; use resident, accelerate or stream.")
 
 
@@ -117,30 +107,9 @@ DIFFUSERS_SCALED = ("diffusers' from_single_file knows no per-row fp8 scales (it
                     "it runs GGUF files and plain single files (bf16, fp8 cast)")
 
 
-def _diffusers_file(folder: Path, path: str, compute: torch.dtype):
-    """The transformer as diffusers reads a single file itself: ``from_single_file`` (a GGUF file with
-    its ``GGUFQuantizationConfig``: weights held as stored, each dequantized whole at every call).
-
-    One change: diffusers' own key conversion hard-codes FLUX.1's width (``inner_dim = 3072``) where
-    it splits a single block's ``linear1``, so no file of another width loads (every twin); for the
-    call, diffusers' table names our map, which follows the config's widths (:func:`helpers.families.flux1.layout.from_bfl`).
-    """
-    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
-
-    from helpers.families.flux1.layout import from_bfl
-
-    config = FluxTransformer2DModel.load_config(folder)
-    entry = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
-    theirs = entry["checkpoint_mapping_fn"]
-    entry["checkpoint_mapping_fn"] = lambda checkpoint, **_: from_bfl(checkpoint, config)
-    try:
-        extra = ({"quantization_config": GGUFQuantizationConfig(compute_dtype=compute)}
-                 if str(path).endswith(".gguf") else {})
-        return FluxTransformer2DModel.from_single_file(str(path), config=str(folder.parent), subfolder=folder.name,
-                                                       dtype=compute, local_files_only=True, **extra)
-    finally:
-        entry["checkpoint_mapping_fn"] = theirs
+def _diffusers_file(config: dict, folder: Path, path: str, compute: torch.dtype):
+    """The transformer as diffusers reads a single file itself (``from_single_file``; the family says how)."""
+    return _family(config).diffusers_single_file(folder, path, compute)
 
 
 #: what diffusers' group offloading to disk does with a GGUF model (measured: diffusers 0.42, safetensors 0.7)
@@ -204,7 +173,7 @@ def _mapped(strategy: str, cls, component: str, folder: Path, plan, work: Path):
     """accelerate's map or our stream, through the stages' own loader; (model, streamed, cleanup)."""
     from helpers.loading import load_mapped, whole_bytes
 
-    other = {"transformer": ("vae",), "text_encoder_2": ("text_encoder",)}[component]
+    other = plan.family.whole(plan.stage)
     loaded = load_mapped(folder, cls, component, plan, strategy, whole=whole_bytes(plan, other),
                          offload_folder=work / "offload", progress=False)
     if strategy == "stream":
@@ -229,24 +198,24 @@ def _streamed_per_call(model, streamer):
 def _load(strategy: str, config: dict, work: Path):
     """The stage's model under ``strategy``; returns (model, bytes streamed per call or a callable, cleanup)."""
     if config.get("stage") == "text_encoding":
-        return _load_t5(strategy, config, work)
-    from diffusers import FluxTransformer2DModel
-
+        return _load_text(strategy, config, work)
+    family, main = _family(config), _main(config)
+    cls = family.component(main).load_class()
     folder = Path(config["folder"])
     gpu = _gpu(config)
     precision = _precision(config)
     if strategy == "resident":  # no plan: the whole model (the float32 reference too)
-        return _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu,
+        return _resident(cls, folder / main, precision, gpu,
                          config.get("transformer_file")), lambda: 0, None
     plan = _plan(config)
-    everything = sum(u.nbytes for p in plan.components if p.component == "transformer" for u in p.units)
+    everything = sum(u.nbytes for p in plan.components if p.component == main for u in p.units)
     if strategy in ("accelerate", "stream"):
-        return _mapped(strategy, FluxTransformer2DModel, "transformer", folder / "transformer", plan, work)
+        return _mapped(strategy, cls, main, folder / main, plan, work)
     if strategy == "diffusers-resident":  # the whole model as diffusers itself reads it
         if config.get("transformer_file"):
-            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+            model = _diffusers_file(config, folder / main, config["transformer_file"], precision.compute_dtype)
         else:
-            model = _resident(FluxTransformer2DModel, folder / "transformer", precision, None)
+            model = _resident(cls, folder / main, precision, None)
         return (model.to(gpu) if gpu is not None else model), lambda: 0, None
     if strategy == "diffusers-group":
         from diffusers.hooks import apply_group_offloading
@@ -254,9 +223,9 @@ def _load(strategy: str, config: dict, work: Path):
         from helpers.precision import stored_bytes
 
         if config.get("transformer_file"):  # diffusers' own reading of the file, held as it stores it
-            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+            model = _diffusers_file(config, folder / main, config["transformer_file"], precision.compute_dtype)
         else:
-            model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+            model = cls.from_pretrained(folder / main, dtype=precision.storage_dtype)
         if precision.upcasts and not config.get("transformer_file"):
             # diffusers' own layerwise casting; its default skips (norms...) would mismatch
             from diffusers.hooks import apply_layerwise_casting
@@ -273,18 +242,15 @@ def _load(strategy: str, config: dict, work: Path):
                                    num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
         return model, lambda: moved, None
     if strategy in GPU_ONLY:
-        from diffusers import FluxPipeline
-
         from helpers.precision import upcast_layerwise
 
         if config.get("transformer_file"):
-            model = _diffusers_file(folder / "transformer", config["transformer_file"], precision.compute_dtype)
+            model = _diffusers_file(config, folder / main, config["transformer_file"], precision.compute_dtype)
         else:
-            model = FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=precision.storage_dtype)
+            model = cls.from_pretrained(folder / main, dtype=precision.storage_dtype)
             if precision.upcasts:
                 upcast_layerwise(model, precision.compute_dtype)
-        pipe = FluxPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None, transformer=model)
+        pipe = family.diffusion_pipeline(family, {"scheduler": None, "vae": None, main: model})
         if strategy == "diffusers-model":  # the whole transformer moves to the GPU at its first call and stays
             pipe.enable_model_cpu_offload(device=gpu)
             return model, lambda: 0, None
@@ -304,7 +270,7 @@ def run_one(strategy: str, config: dict, out: Path) -> dict:
     if strategy == METHOD:  # accelerate's hooks in the method's precision
         from helpers.precision import folder_format
 
-        transformer = Path(config["folder"]) / "transformer"
+        transformer = Path(config["folder"]) / _family(config).file_component
         if config.get("stage", "diffusion") == "diffusion" and folder_format(transformer) == "fp8":
             source = str(_source(transformer).parent)  # an fp8 copy: the method runs the model it was made from
             config.update(model=source, folder=source)
@@ -331,24 +297,29 @@ def _image(config: dict, out: Path) -> None:
     """One image through the whole diffusion call, resident, in the config's precision, written to
     ``out`` (PNG): every step and the VAE's decode, from the benchmark's random embeddings and seed 0,
     guidance 0 (the method's). What the precision costs in pixels (the child side of :func:`run`)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
     from helpers.loading import load_whole
+    from helpers.models import resolve_model
 
     folder, gpu, precision = Path(config["folder"]), _gpu(config), _precision(config)
-    transformer = _resident(FluxTransformer2DModel, folder / "transformer", precision, gpu,
-                            config.get("transformer_file")).eval()
-    vae = load_whole(folder / "vae", AutoencoderKL, config.get("gpu") if gpu is not None else "cpu", precision)
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"), vae=vae,
-                        transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None)
+    ref = resolve_model(config["model"])
+    family, main = ref.family, ref.family.main("diffusion")
+    parts = {main: _resident(family.component(main).load_class(), folder / main, precision, gpu,
+                             config.get("transformer_file")).eval()}
+    for name in family.whole("diffusion"):
+        parts[name] = load_whole(folder / name, family.component(name).load_class(),
+                                 config.get("gpu") if gpu is not None else "cpu", precision)
+    for c in family.components:
+        if c.role == "scheduler":
+            parts[c.name] = c.load_class().from_pretrained(folder / c.name)
+    pipe = family.diffusion_pipeline(family, parts)
     pipe.set_progress_bar_config(disable=True)
-    g, cfg, dtype = torch.Generator().manual_seed(0), transformer.config, precision.compute_dtype
-    embeds = torch.randn(1, config["tokens"], cfg.joint_attention_dim, generator=g).to(torch.bfloat16)
-    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16)
+    g, dtype = torch.Generator().manual_seed(0), precision.compute_dtype
     device = gpu if gpu is not None else torch.device("cpu")
+    # random embeddings in the family's shapes, drawn in order, rounded to bf16 (as the file holds them)
+    tensors = {k: torch.randn(*shape, generator=g).to(torch.bfloat16).to(device, dtype)
+               for k, shape in family.embedding_shapes(ref.configs, 1, config["tokens"]).items()}
     with torch.no_grad():
-        image = pipe(prompt_embeds=embeds.to(device, dtype), pooled_prompt_embeds=pooled.to(device, dtype),
+        image = pipe(**family.pipeline_inputs(tensors),
                      num_inference_steps=config["steps"], guidance_scale=0.0, height=config["height"],
                      width=config["width"], generator=torch.Generator("cpu").manual_seed(0)).images[0]
     image.save(out)
@@ -385,7 +356,7 @@ def _measure(strategy: str, config: dict, out: Path, work: Path) -> dict:
         with torch.no_grad():
             for _ in range(config["steps"] + 1):  # the first call warms up and is not timed
                 if config.get("cache", "cold") == "cold":  # the disk tier read from the disk, not from spare RAM
-                    drop_page_cache(work, Path(config["folder"]) / STAGES[config.get("stage", "diffusion")][0])
+                    drop_page_cache(work, Path(config["folder"]) / _main(config))
                 sync()
                 start = time.perf_counter()
                 output = model(**inputs)[0]
@@ -454,7 +425,8 @@ def summary_rows(results: list[tuple[str, dict]]) -> list[dict]:
     with its ratio to the floor; the overview of ``05_offload-strategies``'s last section."""
     out = []
     for name, data in results:
-        what = (f"T5, {data.get('tokens')} tokens" if data.get("stage") == "text_encoding"
+        what = (f"{data.get('component_short', 'text encoder')}, {data.get('tokens')} tokens"
+                if data.get("stage") == "text_encoding"
                 else f"{data['height']}x{data['width']}" + (f", {data['tokens']} tok" if data.get("tokens") else ""))
         precision = data.get("precision") or {}
         row = {"file": name, "model": data["model"], "device": data["device"].split(" (")[0], "size": what,
@@ -717,19 +689,22 @@ def resolve_cache(cache: str, budget) -> str:
 
 
 #: what every strategy's process imports before it measures: made once, in the server it is forked from
-_PRELOAD = (("accelerate", None), ("diffusers", "FluxTransformer2DModel"), ("diffusers", "FluxPipeline"),
-            ("diffusers", "AutoencoderKL"), ("diffusers", "FlowMatchEulerDiscreteScheduler"),
-            ("transformers", "T5EncoderModel"), ("helpers.offload", None), ("helpers.loading", None),
-            ("helpers.memory", None), ("helpers.precision", None))
+_PRELOAD = (("accelerate", None), ("helpers.offload", None), ("helpers.loading", None), ("helpers.memory", None),
+            ("helpers.precision", None))
 
 
 def _preload() -> None:
+    """The imports every strategy needs, and the classes of every known family's components."""
     import importlib
 
+    from helpers.families import families
+
     for module, name in _PRELOAD:
-        loaded = importlib.import_module(module)
-        if name:
-            getattr(loaded, name)
+        importlib.import_module(module)
+    for family in families():
+        family.pipeline_class()
+        for c in family.components:
+            c.load_class()
 
 
 class _Processes:
@@ -931,13 +906,16 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     from helpers.models import resolve_model
 
     ref = resolve_model(model)
-    if stage not in STAGES:
-        raise UserError(f"stage must be one of {', '.join(STAGES)}, not {stage!r}.")
-    component, _, allowed = STAGES[stage]
+    if stage not in STRATEGIES:
+        raise UserError(f"stage must be one of {', '.join(STRATEGIES)}, not {stage!r}.")
+    family = ref.family
+    component, allowed = family.main(stage), STRATEGIES[stage]
     check_settings(height, width, steps, 0.0)
     tokens = TOKENS[stage] if tokens is None else tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 512:
-        raise UserError(f"tokens must be a whole number from 1 to 512 (T5's limit), not {tokens!r}.")
+    most = max(v.max_text_length for v in family.variants.values())
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= most:
+        encoder = family.component(family.main("text_encoding")).short
+        raise UserError(f"tokens must be a whole number from 1 to {most} ({encoder}'s limit), not {tokens!r}.")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 100:
         raise UserError(f"rounds must be a whole number from 1 to 100, not {rounds!r}.")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -989,13 +967,13 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         strategies = [s for s in everything if s in allowed and (s not in FILE_ONLY or file_format is not None)]
         if stage == "diffusion" and not method and "accelerate" in strategies:
             strategies.insert(strategies.index("accelerate") + 1, METHOD)
-    needs = ["scheduler", "transformer", "vae"] if stage == "diffusion" else ["text_encoder", "text_encoder_2"]
+    needs = [c for c in family.stage_parts(stage) if family.component(c).role != "tokenizer"]
     folder = ref.folder(components=needs)
     # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
     # the report: a model whose forward the meta device cannot run still benchmarks
     try:
         activations = activation_bytes(component, ref.configs[component], precision.compute_dtype,
-                                       height=height, width=width, tokens=tokens)
+                                       height=height, width=width, tokens=tokens, family=family)
     except Exception:  # noqa: BLE001
         activations = None
     config.update(folder=str(folder), cache=cache, gpu=gpu, job=job.as_dict())
@@ -1044,7 +1022,8 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
                                    if floor and floor["s_per_step"] and r["s_per_step"] else None)
         baselines = [r["baseline_rss_bytes"] for r in results if r.get("baseline_rss_bytes")]
         return {
-            "model": config["model"], "stage": stage,
+            "model": config["model"], "stage": stage, "component": component,
+            "component_short": family.component(component).short,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
             "machine": machine(),
             "max_memory": budget_spec if isinstance(budget_spec, str) else str(parse_budget(budget_spec)),

@@ -106,7 +106,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
         if like is not None:
             raise UserError("--like translates a budget between models; a transformer file is planned in its own bytes.")
-        file = open_transformer_file(args.transformer, fp.skeletons[fp.family.file_component].config)
+        file = open_transformer_file(args.transformer, fp.skeletons[fp.family.file_component].config, fp.family)
         precisions["diffusion"] = precisions["diffusion"].with_file(file)
     plans = plan_stages(fp, spec, like=like, workload=workload, precisions=precisions)
     data = report(fp, plans)

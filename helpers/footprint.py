@@ -666,7 +666,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
         from helpers.transformer_file import open_transformer_file
 
         file = transformer_file if hasattr(transformer_file, "forms") else open_transformer_file(
-            transformer_file, fp.skeletons[family.file_component].config)
+            transformer_file, fp.skeletons[family.file_component].config, family)
         precision = precision.with_file(file)
         like = None  # a file's bytes are its own: the budget is used as given
     like_fp = footprint(like, components=comps) if like else None

@@ -237,7 +237,7 @@ def job_from_dict(d: dict) -> Job:
         if p.get("transformer_file"):
             from helpers.transformer_file import open_transformer_file
 
-            file = open_transformer_file(p["transformer_file"], model.configs["transformer"])
+            file = open_transformer_file(p["transformer_file"], model.configs[model.family.file_component], model.family)
         plan = plan_from_dict(d["plan"], _precision_from(p, file), model.family)
         job = Job(d["stage"], model, plan, d.get("offload", "auto"))
     except UserError:

@@ -344,9 +344,13 @@ class _Workspace:
         self.top[dtype] -= n
 
 
-#: modules whose own code reads a child's weight dtype (T5's feed-forward casts its input to
-#: ``wo.weight.dtype``, which is the stored bf16 outside ``wo``): upcast as one, all their layers at once
-GROUPS = ("T5DenseActDense", "T5DenseGatedActDense")
+def upcast_groups() -> set[str]:
+    """Module classes whose own code reads a child's weight dtype, upcast as one, all their layers at
+    once: each family names its own (FLUX.1: T5's feed-forward, which casts its input to
+    ``wo.weight.dtype``, the stored bf16 outside ``wo``)."""
+    from helpers.families import families
+
+    return {g for f in families() for c in f.components for g in c.upcast_groups}
 
 
 class _Upcast:
@@ -418,10 +422,11 @@ def upcast_layerwise(model: torch.nn.Module, dtype: torch.dtype) -> int:
     hooked = 0
     workspace = _Workspace()
     grouped: set[int] = set()
+    groups = upcast_groups()
     for module in model.modules():
         if id(module) in grouped:
             continue
-        if type(module).__name__ in GROUPS:
+        if type(module).__name__ in groups:
             members = list(module.modules())
             grouped.update(id(m) for m in members)
         elif any(p is not None and (p.is_floating_point() or codec_for(module, name, p.dtype, dtype) is not None)

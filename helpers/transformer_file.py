@@ -32,7 +32,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.files import check_writable, remove_stale, temporary_prefix, writing
-from helpers.families.flux1.layout import PREFIX, bfl_layout, to_bfl
+from helpers.families import Family, default_family
 from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
 #: formats a transformer file can be written in, by container
@@ -84,23 +84,24 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
                            progress: bool = True) -> Path:
     """``model``'s transformer (a name or folder, as for ``--model``) written as one file at ``out``
     (``.gguf`` or ``.safetensors``) in ``fmt``, in the BFL key layout; see the module docstring."""
-    from diffusers import FluxTransformer2DModel
-
-    from helpers.models import model_path
+    from helpers.models import resolve_model
 
     out = Path(out).expanduser()
     container = _check_out(out, fmt)
-    folder = model_path(model) / "transformer"
+    ref = resolve_model(model)
+    family = ref.family
+    layout = family.layout_module()
+    folder = ref.folder() / family.file_component
     if not folder.is_dir():
-        raise UserError(f"{folder.parent} has no transformer folder to write.")
+        raise UserError(f"{folder.parent} has no {family.file_component} folder to write.")
     # held in the dtype the checkpoint stores (bf16 for every model here: half of float32's RAM),
     # each tensor widened to float32 only while it is quantized
     stored = {e[3] for e in read_safetensors_index(folder).values()}
     dtype = torch.bfloat16 if stored == {"BF16"} else torch.float32
-    transformer = FluxTransformer2DModel.from_pretrained(folder, dtype=dtype)
-    state = to_bfl(transformer.state_dict(), transformer.config)
+    transformer = family.component(family.file_component).load_class().from_pretrained(folder, dtype=dtype)
+    state = layout.to_bfl(transformer.state_dict(), transformer.config)
     del transformer
-    variant = "dev" if any(k.startswith("guidance_in.") for k in state) else "schnell"
+    variant = layout.variant_of_keys(state)
     with writing(out):  # a full or read-only disk: one line naming the file, the temporary removed
         remove_stale(out.parent, out.name)  # what a writer that was killed (SIGKILL) left here
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(out.name), dir=out.parent)
@@ -110,9 +111,9 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
             if container == "gguf":
                 import gguf
 
-                writer = gguf.GGUFWriter(tmp, "flux")
-                writer.add_string("general.name", f"FLUX.1-{variant} transformer")
-                writer.add_string("flux.variant", variant)
+                writer = gguf.GGUFWriter(tmp, layout.GGUF_ARCH)
+                writer.add_string("general.name", f"{family.title}-{variant} transformer")
+                writer.add_string(f"{layout.GGUF_ARCH}.variant", variant)
                 bar = _bar(progress, len(names), f"{out.name}: {fmt}")
                 for name in names:
                     array, kind = _gguf_tensor(name, state.pop(name), GGUF_FORMATS[fmt])
@@ -167,39 +168,41 @@ def _bar(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor")
 
 
-def file_variant(wf: WeightsFile) -> str:
-    """``dev`` when the file has FLUX.1-dev's guidance embedder, else ``schnell``."""
-    return "dev" if any(_key(k).startswith("guidance_in.") for k in wf.tensors) else "schnell"
+def file_variant(wf: WeightsFile, family: Family | None = None) -> str:
+    """The variant a file's keys say it is (FLUX.1: ``dev`` with the guidance embedder, else ``schnell``)."""
+    layout = (family or default_family()).layout_module()
+    return layout.variant_of_keys(_key(k, layout) for k in wf.tensors)
 
 
-def _key(name: str) -> str:
-    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+def _key(name: str, layout) -> str:
+    return name[len(layout.PREFIX):] if name.startswith(layout.PREFIX) else name
 
 
-def check_transformer_file(path: str | os.PathLike, config) -> tuple[WeightsFile, dict[str, list[tuple[Entry, int | None, int | None]]]]:
-    """The header of transformer file ``path`` checked against a transformer ``config``; returns the
-    file and, per diffusers tensor, its pieces ``(entry, first row, last row)``. Reads no weight."""
+def check_transformer_file(path: str | os.PathLike, config, family: Family | None = None,
+                           ) -> tuple[WeightsFile, dict[str, list[tuple[Entry, int | None, int | None]]]]:
+    """The header of transformer file ``path`` checked against a transformer ``config`` of ``family``
+    (FLUX.1 by default); returns the file and, per diffusers tensor, its pieces ``(entry, first row,
+    last row)``. Reads no weight."""
+    family = family or default_family()
+    L = family.layout_module()
     wf = read_weights_file(path)
-    entries = {_key(k): e for k, e in wf.tensors.items()}
+    entries = {_key(k, L): e for k, e in wf.tensors.items()}
     scales = {k for k in entries if k.endswith(".weight_scale")}
-    layout = bfl_layout(config)
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    wants = "dev" if get("guidance_embeds", False) else "schnell"
+    layout = L.bfl_layout(config)
+    wants = family.variant_of(config if isinstance(config, dict) else dict(config))
     wanted = {p.key for pieces in layout.values() for p in pieces}
-    missing = sorted(k for k in wanted - set(entries) if not k.startswith("guidance_in."))
-    extra = sorted(k for k in set(entries) - wanted - scales if not k.startswith("guidance_in."))
-    if not missing and not extra:  # a FLUX.1 transformer of these widths: which one?
-        has = file_variant(wf)
+    missing = sorted(k for k in wanted - set(entries) if not L.variant_key(k))
+    extra = sorted(k for k in set(entries) - wanted - scales if not L.variant_key(k))
+    if not missing and not extra:  # a transformer of these widths: which variant?
+        has = file_variant(wf, family)
         if has != wants:
-            raise UserError(f"{wf.path.name} is a FLUX.1-{has} transformer (it {'has' if has == 'dev' else 'lacks'} "
-                            f"guidance_in) and the model is FLUX.1-{wants}: use --model flux-{has} (or a twin of "
-                            f"it), or the {wants} file.")
+            raise UserError(L.other_variant(wf.path.name, has, wants))
     missing, extra = sorted(wanted - set(entries)), sorted(set(entries) - wanted - scales)
     if missing or extra:
-        raise UserError(f"{wf.path.name} is not a FLUX.1 transformer in the BFL layout: missing "
+        raise UserError(f"{wf.path.name} is not a {family.title} transformer in the BFL layout: missing "
                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
                         f"{'...' if len(extra) > 3 else ''}.")
-    shapes = _bfl_shapes(config)
+    shapes = _bfl_shapes(config, family)
     for key, shape in shapes.items():
         if tuple(entries[key].shape) != shape:
             raise UserError(f"{wf.path.name}: {key} is {tuple(entries[key].shape)}, this model's is {shape}: the file "
@@ -214,17 +217,15 @@ def check_transformer_file(path: str | os.PathLike, config) -> tuple[WeightsFile
     return wf, pieces
 
 
-def _bfl_shapes(config) -> dict[str, tuple[int, ...]]:
+def _bfl_shapes(config, family: Family) -> dict[str, tuple[int, ...]]:
     """The shape of every BFL tensor of a transformer with ``config``, from its skeleton (no weights)."""
-    from diffusers import FluxTransformer2DModel
-
     from helpers.architecture import empty_weights
 
     cfg = dict(config) if not isinstance(config, dict) else config
     with empty_weights():
-        skeleton = FluxTransformer2DModel.from_config(cfg)
+        skeleton = family.component(family.file_component).load_class().from_config(cfg)
     meta = {k: v for k, v in skeleton.state_dict().items()}
-    return {k: tuple(v.shape) for k, v in to_bfl(meta, skeleton.config).items()}
+    return {k: tuple(v.shape) for k, v in family.layout_module().to_bfl(meta, skeleton.config).items()}
 
 
 def read_piece(entry: Entry, start: int | None, stop: int | None, path: Path) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -252,17 +253,20 @@ def decode_piece(raw: torch.Tensor, dtype_name: str, shape, scale: torch.Tensor 
     return dequantize(raw, dtype_name, shape, dtype)
 
 
-def read_transformer_state(path: str | os.PathLike, config, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_transformer_state(path: str | os.PathLike, config, dtype: torch.dtype = torch.float32,
+                           family: Family | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the transformer in file ``path``, in diffusers' names, decoded into ``dtype``:
     checked first (:func:`check_transformer_file`), then read piece by piece."""
-    wf, pieces = check_transformer_file(path, config)
-    entries = {_key(k): e for k, e in wf.tensors.items()}
+    family = family or default_family()
+    L = family.layout_module()
+    wf, pieces = check_transformer_file(path, config, family)
+    entries = {_key(k, L): e for k, e in wf.tensors.items()}
     state = {}
     for name, parts in pieces.items():
         values = []
         for entry, start, stop in parts:
             raw, shape = read_piece(entry, start, stop, wf.path)
-            scale_entry = entries.get(_key(entry.name).removesuffix(".weight") + ".weight_scale")
+            scale_entry = entries.get(_key(entry.name, L).removesuffix(".weight") + ".weight_scale")
             scale = None
             if scale_entry is not None:
                 s_raw, s_shape = read_piece(scale_entry, start, stop, wf.path)
@@ -273,21 +277,22 @@ def read_transformer_state(path: str | os.PathLike, config, dtype: torch.dtype =
 
 
 def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype = torch.float32,
-                          device: str | torch.device = "cpu"):
-    """A ``FluxTransformer2DModel`` with ``config`` holding the weights of file ``path`` as the file
+                          device: str | torch.device = "cpu", family: Family | None = None):
+    """The family's transformer (FLUX.1's by default) with ``config`` holding the weights of file ``path`` as the file
     stores them (GGUF blocks as bytes, with their type beside them in ``<name>_gguf``; fp8 with its
     row scales, or plainly cast; bf16, f16, f32), each layer decoded into ``compute`` as it runs
     (:func:`helpers.precision.upcast_layerwise`). Checked first (:func:`check_transformer_file`):
     a file that does not fit the model is refused before any weight is read."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from diffusers import FluxTransformer2DModel
 
     from helpers.precision import upcast_layerwise
 
-    index, forms = stream_index(path, config)
+    family = family or default_family()
+    index, forms = stream_index(path, config, family)
+    cls = family.component(family.file_component).load_class()
     with init_empty_weights():
-        model = to_file_storage(FluxTransformer2DModel.from_config(dict(config)), forms, index)
+        model = to_file_storage(cls.from_config(dict(config)), forms, index)
     device = torch.device(device)
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name in index:
@@ -301,7 +306,7 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
     return model
 
 
-def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
+def stream_index(path: str | os.PathLike, config, family: Family | None = None) -> tuple[dict, dict]:
     """For a loader reading by offsets: ``(index, forms)`` of transformer file ``path`` checked
     against ``config``. ``index``: every diffusers tensor (and fp8 row scale, ``<name>_scale``) ->
     ``(file, offset, bytes, dtype, stored shape)`` as :func:`helpers.sources.read_safetensors_index`
@@ -311,8 +316,10 @@ def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
     :func:`to_file_storage` makes of a skeleton."""
     from helpers.quants import TYPES
 
-    wf, pieces = check_transformer_file(path, config)
-    entries = {_key(k): e for k, e in wf.tensors.items()}
+    family = family or default_family()
+    L = family.layout_module()
+    wf, pieces = check_transformer_file(path, config, family)
+    entries = {_key(k, L): e for k, e in wf.tensors.items()}
     index: dict = {}
     forms: dict = {}
     for name, parts in pieces.items():
@@ -326,7 +333,7 @@ def stream_index(path: str | os.PathLike, config) -> tuple[dict, dict]:
                 located.append((wf.path, offset, nbytes, kind, [rows, *entry.shape[1:]]))  # safetensors' names
             else:
                 located.append((wf.path, offset, nbytes, "U8", [rows, nbytes // max(rows, 1)]))
-            scale = entries.get(_key(entry.name).removesuffix(".weight") + ".weight_scale")
+            scale = entries.get(_key(entry.name, L).removesuffix(".weight") + ".weight_scale")
             if scale is not None and kind == "F8_E4M3":
                 s_offset, s_nbytes = scale.rows(start, stop)
                 index.setdefault(f"{name}_scale", []).append((wf.path, s_offset, s_nbytes, "F32", [rows]))
@@ -406,10 +413,10 @@ class TransformerFile(WeightsSource):
                 "bytes": self.nbytes}
 
 
-def open_transformer_file(path: str | os.PathLike, config) -> TransformerFile:
-    """``path`` checked against a transformer ``config`` (:func:`check_transformer_file`) and
-    indexed for reading by offsets; reads its header only."""
-    index, forms = stream_index(path, config)
+def open_transformer_file(path: str | os.PathLike, config, family: Family | None = None) -> TransformerFile:
+    """``path`` checked against a transformer ``config`` of ``family`` (:func:`check_transformer_file`)
+    and indexed for reading by offsets; reads its header only."""
+    index, forms = stream_index(path, config, family)
     wf = read_weights_file(path)
-    return TransformerFile(wf.path.resolve(), wf.format, file_variant(wf), tuple(wf.types().items()), wf.nbytes,
+    return TransformerFile(wf.path.resolve(), wf.format, file_variant(wf, family), tuple(wf.types().items()), wf.nbytes,
                            index, forms)

@@ -138,11 +138,11 @@ def names_outside_families() -> dict[str, list[tuple[int, str]]]:
     return out
 
 
-#: modules that still name FLUX.1 (the next steps of the seam), with how many names each holds at most
-STILL = {"bench.py": 40, "transformer_file.py": 6, "precision.py": 2}
+def test_no_module_outside_the_families_names_flux1():
+    assert names_outside_families() == {}, "FLUX.1 named outside helpers/families/ (and the twins)"
 
 
-def test_no_module_outside_the_families_names_flux1_beyond_what_is_left():
-    found = names_outside_families()
-    grown = {m: len(v) for m, v in found.items() if len(v) > STILL.get(m, 0)}
-    assert not grown, f"FLUX.1 named outside helpers/families/: {grown} ({found})"
+def test_the_name_count_sees_a_name(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""T5EncoderModel in prose is fine."""\nfrom transformers import T5EncoderModel\nx = "text_encoder_2"\n')
+    assert flux1_names(module) == [(2, "T5EncoderModel"), (3, "text_encoder_2")]

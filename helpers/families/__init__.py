@@ -45,6 +45,8 @@ class Component:
     fingerprint_keys: tuple[str, ...] = ()  # config keys an embeddings file's fingerprint covers
     #: why it cannot run in fp8 under accelerate's hooks, where it cannot (a refusal); else empty
     fp8_stream_only: str = ""
+    #: its module classes whose own code reads a child's weight dtype: upcast as one when they run
+    upcast_groups: tuple[str, ...] = ()
 
     def load_class(self):
         return getattr(importlib.import_module(self.library), self.class_name)
@@ -105,6 +107,8 @@ class Family:
     example_inputs: Callable | None = None  # (component, module, dtype, h, w, tokens, device) -> (module, inputs)
     block_counts: Callable | None = None  # (module) -> text
     checks: Callable | None = None  # (variant, text_length) -> refusal or None
+    bench_inputs: Callable | None = None  # (component, module, dtype, h, w, tokens) -> seeded random inputs
+    diffusers_single_file: Callable | None = None  # (folder, file, compute) -> diffusers' own reading of a file
     setting_notes: Callable | None = None  # (variant, steps, guidance, text_length) -> notes; raises a refusal
 
     # ------------------------------------------------------------------ questions asked of a family

@@ -32,7 +32,8 @@ COMPONENTS = (
                                 "feed_forward_proj"),
               fp8_stream_only="T5 in fp8 runs with offload 'stream' only: under accelerate's hooks its feed-forward "
                               "would cast its activations to fp8 (it reads its weights' stored dtype); use --offload "
-                              "stream, or keep T5 in bf16 (convert without text_encoder_2)."),
+                              "stream, or keep T5 in bf16 (convert without text_encoder_2).",
+              upcast_groups=("T5DenseActDense", "T5DenseGatedActDense")),
     Component("tokenizer_2", "transformers", "T5TokenizerFast", role="tokenizer", stage=TEXT),
     Component("transformer", "diffusers", "FluxTransformer2DModel", stage=DIFFUSION, placement="mapped",
               required_key="num_single_layers", block_lists=("transformer_blocks", "single_transformer_blocks"),
@@ -153,6 +154,56 @@ def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, 
     raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
 
 
+def bench_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int | None, width: int | None,
+                 tokens: int) -> dict:
+    """One call's inputs of ``component`` with seeded random values, the same in every precision (drawn
+    in float32, rounded to bf16, given in ``dtype``): T5 one prompt of random token ids; the transformer
+    a denoising step of a ``height`` x ``width`` image."""
+    g = torch.Generator().manual_seed(0)
+    if component == "text_encoder_2":
+        return {"input_ids": torch.randint(0, module.config.vocab_size, (1, tokens), generator=g)}
+    h, w = height // 16, width // 16
+    cfg = module.config
+    inputs = dict(
+        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16).to(dtype),
+        encoder_hidden_states=torch.randn(1, tokens, cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dtype),
+        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(torch.bfloat16).to(dtype),
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=FAMILY.pipeline_class()._prepare_latent_image_ids(1, h, w, "cpu", dtype),
+        txt_ids=torch.zeros(tokens, 3, dtype=dtype),
+        return_dict=False,
+    )
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.tensor([3.5])
+    return inputs
+
+
+def diffusers_single_file(folder, path, compute: torch.dtype):
+    """The transformer as diffusers reads a single file itself: ``from_single_file`` (a GGUF file with
+    its ``GGUFQuantizationConfig``: weights held as stored, each dequantized whole at every call).
+
+    One change: diffusers' own key conversion hard-codes FLUX.1's width (``inner_dim = 3072``) where
+    it splits a single block's ``linear1``, so no file of another width loads (every twin); for the
+    call, diffusers' table names our map, which follows the config's widths (:func:`.layout.from_bfl`).
+    """
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    from helpers.families.flux1.layout import from_bfl
+
+    config = FluxTransformer2DModel.load_config(folder)
+    entry = SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    theirs = entry["checkpoint_mapping_fn"]
+    entry["checkpoint_mapping_fn"] = lambda checkpoint, **_: from_bfl(checkpoint, config)
+    try:
+        extra = ({"quantization_config": GGUFQuantizationConfig(compute_dtype=compute)}
+                 if str(path).endswith(".gguf") else {})
+        return FluxTransformer2DModel.from_single_file(str(path), config=str(folder.parent), subfolder=folder.name,
+                                                       dtype=compute, local_files_only=True, **extra)
+    finally:
+        entry["checkpoint_mapping_fn"] = theirs
+
+
 def block_counts(module) -> str:
     """The repeated blocks of a FLUX.1 component, as text (``24 T5Block``, ``19 double + 38 single``)."""
     name = type(module).__name__
@@ -190,5 +241,6 @@ FAMILY = Family(
     layout="helpers.families.flux1.layout",
     encode=encode, token_report=token_report, truncation_warnings=truncation_warnings,
     diffusion_pipeline=diffusion_pipeline, pipeline_inputs=pipeline_inputs, example_inputs=example_inputs,
-    block_counts=block_counts, checks=checks, setting_notes=setting_notes,
+    block_counts=block_counts, checks=checks, setting_notes=setting_notes, bench_inputs=bench_inputs,
+    diffusers_single_file=diffusers_single_file,
 )

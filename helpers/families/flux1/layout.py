@@ -20,6 +20,26 @@ from helpers.errors import UserError
 
 #: a checkpoint key prefix some single files carry (ComfyUI's full-model saves)
 PREFIX = "model.diffusion_model."
+#: the architecture name a GGUF file of FLUX.1's transformer carries (as ComfyUI-GGUF's files do)
+GGUF_ARCH = "flux"
+#: the tensors only FLUX.1-dev has (its guidance embedder): what tells dev from schnell in a file
+_GUIDANCE = "guidance_in."
+
+
+def variant_key(key: str) -> bool:
+    """Whether a BFL key is one only some variants have (dev's guidance embedder)."""
+    return key.startswith(_GUIDANCE)
+
+
+def variant_of_keys(keys) -> str:
+    """``dev`` when the keys hold FLUX.1-dev's guidance embedder, else ``schnell``."""
+    return "dev" if any(variant_key(k) for k in keys) else "schnell"
+
+
+def other_variant(name: str, has: str, wants: str) -> str:
+    """The refusal of a file of the other variant."""
+    return (f"{name} is a FLUX.1-{has} transformer (it {'has' if has == 'dev' else 'lacks'} guidance_in) and the "
+            f"model is FLUX.1-{wants}: use --model flux-{has} (or a twin of it), or the {wants} file.")
 
 
 @dataclass(frozen=True)
