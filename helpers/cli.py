@@ -426,8 +426,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from helpers.activations import Workload
     from helpers.budget import format_bytes
-    from helpers.diffuse import check_seed, check_settings, diffusion_plan, output_paths
-    from helpers.encode import check_max_sequence_length, check_prompts, text_encoding_plan
+    from helpers.diffuse import check_seed, check_settings, output_paths
+    from helpers.encode import check_max_sequence_length, check_prompts
     from helpers.files import check_can_write
     from helpers.models import resolve_model
 
@@ -454,24 +454,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
             f"{embeddings} --out {out}; or pass --overwrite to encode again."
         )
-    from helpers.job import Job
+    from helpers.job import Request, plan_job
     from helpers.offload import check_offload
     from helpers.workers import check_batch_size, check_workers
 
     check_batch_size(args.batch_size)
     check_workers(args.workers)
     check_offload(args.offload)
-    # both plans with their activations: a batch or an image size too large is refused before stage 1;
-    # each child runs its plan as made here (a job file), planning nothing again
-    jobs = {
-        "encode": Job("text_encoding", ref, text_encoding_plan(
-            ref, args.max_memory, workload=Workload(batch=len(prompts), tokens=length), weights=args.weights),
-            args.offload),
-        "diffuse": Job("diffusion", ref, diffusion_plan(
-            ref, args.max_memory, workload=Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
-            weights=args.weights, compute=args.compute, transformer_file=args.transformer), args.offload),
+    # both plans with their activations: a budget, a batch or an image size too large is refused before the
+    # weights are fetched or a twin built; each child runs its job as made here, planning nothing again
+    requests = {
+        "encode": Request("text_encoding", ref, args.max_memory, Workload(batch=len(prompts), tokens=length),
+                          args.weights, "auto", args.offload),
+        "diffuse": Request("diffusion", ref, args.max_memory,
+                           Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
+                           args.weights, args.compute, args.offload, args.transformer),
     }
-    ref.folder(components=list(ref.family.subfolders))  # the weights are there (or the twin is built)
+    jobs = {name: plan_job(request) for name, request in requests.items()}
+    folder = ref.folder(components=list(ref.family.subfolders))  # the weights are there (or the twin is built)
+    jobs = {name: job.settled(folder) for name, job in jobs.items()}  # auto settled on these weights
 
     def stage(name: str, argv: list[str], outputs: list[Path]) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:

@@ -338,7 +338,7 @@ def diffuse_file(
     from helpers.embeddings import load_embeddings, read_header
     from helpers.images import save_image
     from helpers.memory import measure
-    from helpers.job import Job, check_job_alone
+    from helpers.job import Request, check_job_alone, plan_job
     from helpers.models import resolve_model
     from helpers.offload import check_offload
     from helpers.workers import Worker, check_batch_size, prompt_seed, share
@@ -388,8 +388,7 @@ def diffuse_file(
     # room for the larger of a step's and the decode's activations at this size, per pipeline call
     workload = Workload(height, width, min(batch_size, header.batch), header.max_sequence_length)
     if job is None:
-        job = Job("diffusion", ref, diffusion_plan(ref, max_memory, workload=workload, weights=weights,
-                                                    compute=compute, transformer_file=transformer_file), offload)
+        job = plan_job(Request("diffusion", ref, max_memory, workload, weights, compute, offload, transformer_file))
     else:
         job.check_workload(workload)
     plan, offload = job.plan, job.offload

@@ -236,7 +236,7 @@ def encode_prompts(
     from helpers.embeddings import save_embeddings, weights_identity
     from helpers.offload import check_offload
     from helpers.memory import measure
-    from helpers.job import Job, check_job_alone
+    from helpers.job import Request, check_job_alone, plan_job
     from helpers.models import resolve_model
 
     if job is not None:
@@ -264,8 +264,7 @@ def encode_prompts(
     # the split encoder's activations for these prompts keep room on the fast tier; too many at once are refused here
     workload = Workload(batch=len(prompts), tokens=max_sequence_length)
     if job is None:
-        job = Job("text_encoding", ref, text_encoding_plan(ref, max_memory, workload=workload, weights=weights,
-                                                           compute=compute), offload)
+        job = plan_job(Request("text_encoding", ref, max_memory, workload, weights, compute, offload))
     else:
         job.check_workload(workload)
     if check_only:

@@ -149,6 +149,8 @@ class Job:
     model: ModelRef
     plan: StagePlan
     offload: str = "auto"
+    #: why the offload is what it is (``auto`` settled when planning: :func:`plan_job`)
+    offload_why: str = ""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_NAMES:
@@ -176,7 +178,8 @@ class Job:
         return self.precision.file.path if self.precision.file is not None else None
 
     def as_dict(self) -> dict:
-        return {"job": JOB_VERSION, "stage": self.stage, "offload": self.offload, "model": self.model.as_dict(),
+        return {"job": JOB_VERSION, "stage": self.stage, "offload": self.offload, "offload_why": self.offload_why,
+                "model": self.model.as_dict(),
                 "budget": str(self.budget), "precision": _precision_dict(self.precision),
                 "workload": self.workload.as_dict() if self.workload is not None else None,
                 "plan": plan_as_dict(self.plan)}
@@ -191,6 +194,16 @@ class Job:
         with atomic_path(path, overwrite=overwrite) as tmp:
             Path(tmp).write_text(self.to_json())
         return path
+
+    def settled(self, folder) -> "Job":
+        """The job with ``auto`` offload settled on the weights in ``folder`` (:func:`plan_job` could not:
+        they were not here when it planned); a settled job as it is."""
+        if self.offload != "auto":
+            return self
+        from helpers.loading import settle_offload
+
+        offload, why = settle_offload(self.offload, self.plan, folder)
+        return replace(self, offload=offload, offload_why=why)
 
     def check_workload(self, workload: Workload) -> None:
         """Refuse to run a job planned for other activations (another size, batch or prompt length)."""
@@ -207,6 +220,42 @@ class Job:
         if gpus != [0] or gpu == 0:
             return self
         return replace(self, plan=_moved(self.plan, gpu))
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the edge parsed for one stage (the command line, a widget, a notebook's parameters cell):
+    everything its plan depends on, nothing decided yet. :func:`plan_job` turns it into a :class:`Job`."""
+
+    stage: str
+    model: object = None  # a name, a folder or a resolved ModelRef
+    max_memory: object = None  # None: the method's budget (one tier down without a GPU, translated for a twin)
+    workload: Workload | None = None
+    weights: str | None = None
+    compute: str = "auto"
+    offload: str = "auto"
+    transformer_file: object = None
+    like: str | None = "auto"
+
+
+def plan_job(request: Request) -> Job:
+    """The one planner of a stage's work: the model resolved, the stage placed under the budget (a budget
+    too small refused here), and ``auto`` offload settled where the weights are on this machine (the
+    stream planned from the checkpoint's headers: :func:`helpers.loading.settle_offload`), all recorded
+    in the job, which then says what runs. Nothing is loaded."""
+    from helpers.footprint import plan_stage
+    from helpers.models import local_folder
+    from helpers.offload import check_offload
+
+    check_offload(request.offload)
+    ref = resolve_model(request.model)
+    plan = plan_stage(request.stage, ref, request.max_memory, request.like, workload=request.workload,
+                      weights=request.weights, compute=request.compute, transformer_file=request.transformer_file)
+    job = Job(request.stage, ref, plan, request.offload, "asked for" if request.offload != "auto" else
+              "auto: the weights are not on this machine yet; settled as they load (stream where it fits a budget "
+              "without a GPU)")
+    folder = local_folder(ref)
+    return job.settled(folder) if folder is not None else job
 
 
 def _moved(plan: StagePlan, gpu: int) -> StagePlan:
@@ -239,7 +288,7 @@ def job_from_dict(d: dict) -> Job:
 
             file = open_transformer_file(p["transformer_file"], model.configs[model.family.file_component], model.family)
         plan = plan_from_dict(d["plan"], _precision_from(p, file), model.family)
-        job = Job(d["stage"], model, plan, d.get("offload", "auto"))
+        job = Job(d["stage"], model, plan, d.get("offload", "auto"), str(d.get("offload_why", "")))
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as err:

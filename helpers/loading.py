@@ -126,6 +126,39 @@ def _streamed_units(model: torch.nn.Module, block_lists: list[str]) -> list[str]
     return units
 
 
+def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, str]:
+    """``(offload, why)`` for a stage's plan, settled before anything loads: ``auto`` becomes ``stream``
+    where the budget has no GPU tier and the stream of each split component fits it (planned from the
+    checkpoint's headers in ``folder``, no weight read), else ``accelerate``. What a planner records in
+    the job, so that the job says what runs (:func:`load_mapped` does the same for an unsettled one)."""
+    from helpers.offload import StreamBudgetError, check_offload, choose_offload, plan_streaming, stream_budget
+    from helpers.sources import CheckpointFolder
+
+    if check_offload(offload) != "auto":
+        return offload, "asked for"
+    if choose_offload(offload, plan.budget) != "stream":
+        return "accelerate", "auto: a GPU tier computes, fed by accelerate's hooks"
+    family, precision, folder = plan.family, plan.precision, Path(folder)
+    stage = plan.stage
+    for component in family.mapped(stage):
+        file = precision.file if component == family.file_component else None
+        if file is None:
+            try:
+                check_checkpoint(folder / component)
+            except UserError:  # its weights are not (all) here yet: the loader settles it, as it reads them
+                return "auto", f"auto: {component}'s weights are not all on this machine yet; settled as they load"
+        cpu, device, device_bytes = stream_budget(plan.budget, whole_bytes(plan, family.whole(stage)))
+        source = file if file is not None else CheckpointFolder(folder / component, precision.weights)
+        dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype
+        try:
+            plan_streaming(folder / component, family.component(component).load_class(), dtype, cpu,
+                           list(family.block_lists(component)), device=device, device_bytes=device_bytes,
+                           reserve=plan.reserve_bytes, compute=precision.compute_dtype, source=source)
+        except StreamBudgetError as err:
+            return "accelerate", f"auto: the stream does not fit ({str(err).split(';')[0]}), so accelerate's hooks"
+    return "stream", "auto: no GPU tier, and the stream fits the fast tier"
+
+
 def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: str = "accelerate",
                 whole: dict[Tier, int] | None = None, offload_folder: str | os.PathLike | None = None,
                 progress: bool = True) -> Loaded:

@@ -647,6 +647,26 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
     return model
 
 
+def plan_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
+                   pool: int | None = None, device=None, device_bytes: int | None = None, reserve: int = 0,
+                   split: bool = True, compute: torch.dtype | None = None, source: WeightsSource | None = None):
+    """``(skeleton, plan)``: what :func:`load_streaming` would keep resident and stream, from the
+    checkpoint's headers alone (no weight read); raises :class:`StreamBudgetError` where the budget
+    cannot hold it. What a planner asks to settle ``auto`` before anything loads."""
+    device = torch.device(device or "cpu")
+    source = as_source(source if source is not None else folder)
+    model = skeleton_from_folder(folder, cls)
+    for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
+        if t.is_floating_point():
+            t.data = t.data.to(dtype)
+    names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
+    parts = trace_parts(model, names, dtype, split)  # before the stored forms: meta has no fp8 kernels
+    source.dress(model)
+    plan = plan_stream(model, block_lists, parts, source, cpu_bytes, device, device_bytes, compute or dtype, reserve,
+                       pool)
+    return model, plan
+
+
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
@@ -678,14 +698,8 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     on_gpu = device.type != "cpu"
     compute = compute or dtype
     source = as_source(source if source is not None else folder)
-    model = skeleton_from_folder(folder, cls)
-    for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
-        if t.is_floating_point():
-            t.data = t.data.to(dtype)
-    names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
-    parts = trace_parts(model, names, dtype, split)  # before the stored forms: meta has no fp8 kernels
-    source.dress(model)
-    plan = plan_stream(model, block_lists, parts, source, cpu_bytes, device, device_bytes, compute, reserve, pool)
+    model, plan = plan_streaming(folder, cls, dtype, cpu_bytes, block_lists, pool, device, device_bytes, reserve,
+                                 split, compute, source)
     bar = None
     if progress:
         from tqdm.auto import tqdm

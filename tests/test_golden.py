@@ -77,6 +77,7 @@ def _job_text(path: Path, tmp_path: Path) -> str:
 
 
 def test_saved_jobs_are_golden(tmp_path):
+    assert run("model", "tiny").returncode == 0  # built: the jobs settle their offload on its weights
     emb, job1, job2 = tmp_path / "e.safetensors", tmp_path / "encode.json", tmp_path / "diffuse.json"
     done = run("encode", "--model", "tiny", "--prompt", PROMPT, "--out", emb, "--max-memory",
                "cpu=8.5GiB,disk=30GiB", "--save-job", job1)

@@ -186,3 +186,22 @@ def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
     wrong = _cli("encode", "--prompt=x", f"--out={tmp_path / 'x.safetensors'}", f"--job={job}")
     assert wrong.returncode == 2 and "a job for diffusion, not text encoding" in wrong.stderr
+
+
+def test_plan_job_settles_auto_offload_and_says_why(tiny_folder):
+    """``auto`` is decided when planning, from the checkpoint's headers, and recorded: the job says what runs."""
+    from helpers.job import Request, plan_job
+
+    small = Workload(64, 64, 1, 16)
+    roomy = plan_job(Request("diffusion", str(tiny_folder), "cpu=50%,disk=100%", small))
+    assert (roomy.offload, roomy.offload_why) == ("stream", "auto: no GPU tier, and the stream fits the fast tier")
+    tight = plan_job(Request("diffusion", str(tiny_folder), "cpu=10%,disk=100%", small))
+    assert tight.offload == "accelerate" and "the stream does not fit" in tight.offload_why
+    assert plan_job(Request("diffusion", str(tiny_folder), "cpu=10%,disk=100%", small, offload="stream")).offload_why \
+        == "asked for"
+    again = _again(tight)  # the decision travels with the job
+    assert (again.offload, again.offload_why) == (tight.offload, tight.offload_why)
+    from helpers.loading import settle_offload
+
+    on_card = plan_stage("diffusion", str(tiny_folder), "0=1GiB,cpu=1GiB", runnable=False, workload=small)
+    assert settle_offload("auto", on_card, tiny_folder)[0] == "accelerate"  # a GPU tier: accelerate's hooks
