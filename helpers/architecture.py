@@ -1,7 +1,7 @@
 """A model's architecture, as facts: configs, weightless skeletons, parameter counts (of any family).
 
 Nothing here plans, loads or builds weights: :mod:`helpers.models` (names, twins, the trainer's
-modules), :mod:`helpers.footprint` (bytes and plans) and :mod:`helpers.training` all stand on it,
+modules), :mod:`helpers.footprint` (bytes and plans) and :mod:`helpers.twins.training` all stand on it,
 and it imports none of them. What each component is comes from its family (:mod:`helpers.families`);
 the published configs of the real models ship with this package (``helpers/configs/``), so none of it
 needs a download. Explained in ``01_memory-footprint.ipynb``.

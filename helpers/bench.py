@@ -148,12 +148,13 @@ def _resident(cls, folder: Path, precision, gpu, transformer_file=None):
     """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says (a transformer
     file: held as it stores its weights, decoded layer by layer)."""
     if transformer_file is not None:
-        from helpers.transformer_file import load_transformer_file
+        from helpers.formats.transformer_file import load_transformer_file
 
         return load_transformer_file(transformer_file, cls.load_config(folder), precision.compute_dtype,
                                      gpu if gpu is not None else "cpu")
     from helpers.loading import _dispatch_fp8
-    from helpers.precision import FP8_REST, folder_format, upcast_layerwise
+    from helpers.offload.upcast import upcast_layerwise
+    from helpers.precision import FP8_REST, folder_format
 
     stored = folder_format(folder)
     if stored == "fp8" and precision.weights == "fp8":
@@ -242,7 +243,7 @@ def _load(strategy: str, config: dict, work: Path):
                                    num_blocks_per_group=1, offload_to_disk_path=str(work / "group"))
         return model, lambda: moved, None
     if strategy in GPU_ONLY:
-        from helpers.precision import upcast_layerwise
+        from helpers.offload.upcast import upcast_layerwise
 
         if config.get("transformer_file"):
             model = _diffusers_file(config, folder / main, config["transformer_file"], precision.compute_dtype)
@@ -689,7 +690,7 @@ def resolve_cache(cache: str, budget) -> str:
 
 
 #: what every strategy's process imports before it measures: made once, in the server it is forked from
-_PRELOAD = (("accelerate", None), ("helpers.offload", None), ("helpers.loading", None), ("helpers.memory", None),
+_PRELOAD = (("accelerate", None), ("helpers.offload.streamers", None), ("helpers.loading", None), ("helpers.memory", None),
             ("helpers.precision", None))
 
 
@@ -892,7 +893,7 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     drifts (a shared or throttled one) slows each of them alike; each result's ``s_per_step`` is the
     median of its rounds' (``s_per_step_rounds``).
     ``transformer_file``: the diffusion transformer's weights from one file (GGUF, single
-    safetensors; :mod:`helpers.transformer_file`) for every strategy, diffusers' reading it with its
+    safetensors; :mod:`helpers.formats.transformer_file`) for every strategy, diffusers' reading it with its
     own ``from_single_file`` (:func:`_diffusers_file`; a row-scaled fp8 file it cannot read is
     reported as not run, :data:`DIFFUSERS_SCALED`); ``method``, the float32 reference and the bf16
     image run the model's own weights, and each result says its ``file_format``.

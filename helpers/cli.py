@@ -102,7 +102,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast, ref.family),
                   "diffusion": resolve("diffusion", args.weights, args.compute, fast, ref.family)}
     if args.transformer:  # its header alone: the bytes it stores, block by block
-        from helpers.transformer_file import open_transformer_file
+        from helpers.formats.transformer_file import open_transformer_file
 
         if like is not None:
             raise UserError("--like translates a budget between models; a transformer file is planned in its own bytes.")
@@ -356,7 +356,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import json
 
     from helpers.budget import format_bytes
-    from helpers.convert import convert
+    from helpers.formats.convert import convert
     from helpers.precision import FORMAT_FILE, WEIGHTS
 
     from helpers.models import resolve_model
@@ -364,8 +364,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     ref = resolve_model(args.model)
     components = args.components or [ref.family.file_component]
     if Path(args.out).suffix in (".gguf", ".safetensors"):  # the transformer as one file, BFL layout
-        from helpers.sources import read_weights_file
-        from helpers.transformer_file import write_transformer_file
+        from helpers.formats.sources import read_weights_file
+        from helpers.formats.transformer_file import write_transformer_file
 
         if components != [ref.family.file_component]:
             raise UserError("a .gguf or .safetensors --out holds the transformer alone; drop --components, or give "
@@ -455,7 +455,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{embeddings} --out {out}; or pass --overwrite to encode again."
         )
     from helpers.job import Request, plan_job
-    from helpers.offload import check_offload
+    from helpers.offload.streamers import check_offload
     from helpers.workers import check_batch_size, check_workers
 
     check_batch_size(args.batch_size)
@@ -511,7 +511,7 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
 
     from helpers.files import check_can_write, outputs_dir
     from helpers.models import TWINS, trained_weights_path
-    from helpers.training import TrainConfig, same_weights, train_twin
+    from helpers.twins.training import TrainConfig, same_weights, train_twin
 
     shipped = trained_weights_path(TWINS["tiny"])
     out = Path(args.out) if args.out else outputs_dir() / "twins" / "tiny.safetensors"
@@ -589,7 +589,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _offload_arg(q: argparse.ArgumentParser) -> None:
-    from helpers.offload import OFFLOADS
+    from helpers.offload.streamers import OFFLOADS
 
     q.add_argument("--offload", choices=OFFLOADS, default="auto",
                    help="how blocks outside the fast tier are fetched. accelerate: the method's device map and "
@@ -629,7 +629,7 @@ def _transformer_arg(q: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.training import TrainConfig
+    from helpers.twins.training import TrainConfig
 
     TRAIN_DEFAULTS = TrainConfig()
     parser = _Parser(
@@ -789,10 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL", help="as for `model` (default: $FLUX_MODEL or tiny)")
-    from helpers.convert import convertible
+    from helpers.formats.convert import convertible
     from helpers.precision import WEIGHTS
 
-    from helpers.transformer_file import GGUF_FORMATS, SAFETENSORS_FORMATS
+    from helpers.formats.transformer_file import GGUF_FORMATS, SAFETENSORS_FORMATS
 
     p.add_argument("--weights", required=True, choices=list(dict.fromkeys([*WEIGHTS, *GGUF_FORMATS, *SAFETENSORS_FORMATS])),
                    help="the format to store in: a folder takes " + ", ".join(WEIGHTS) + "; a .gguf file "
@@ -853,7 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train-twin",
         help="train the tiny twin on the shapes world (CPU, seeded, about 30 minutes on 2 cores)",
         description="Train the tiny twin: its VAE, then its transformer with CLIP, on pictures of the shapes "
-        "world rendered as it goes (helpers.world; the held-out colour pairs never shown), seeded, and write CLIP, "
+        "world rendered as it goes (helpers.twins.world; the held-out colour pairs never shown), seeded, and write CLIP, "
         "transformer and VAE in bfloat16 to --out. Prints the time and the final losses on stderr and the file on "
         "stdout; where the package ships trained weights, says whether this run made the same bytes. Nothing is "
         "downloaded; `tiny` builds from the package's file, never from this command's.",

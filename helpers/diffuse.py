@@ -92,7 +92,7 @@ def diffusion_plan(model=None, max_memory=None, like: str | None = "auto",
     (``auto``: bf16 where the device has it natively, float32 otherwise); see :mod:`helpers.precision`.
 
     ``transformer_file``: the transformer's weights from one file (``--transformer``: a ``.gguf`` or
-    single ``.safetensors`` in the BFL layout), the rest from ``model``; see :mod:`helpers.transformer_file`.
+    single ``.safetensors`` in the BFL layout), the rest from ``model``; see :mod:`helpers.formats.transformer_file`.
 
     ``workload`` (:class:`helpers.activations.Workload`: image size, prompts, text tokens; default
     one 1024x1024 image): room for the larger of a denoising step's and the VAE decode's activations
@@ -157,7 +157,7 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     a fresh folder under ``outputs/offload/`` is used and :meth:`Diffusion.close` removes it.
 
     ``offload="stream"``: without a GPU tier, the blocks that do not fit the cpu tier are read
-    straight from the checkpoint by :mod:`helpers.offload`, a few parts of a block ahead, into a
+    straight from the checkpoint by :mod:`helpers.offload.streamers`, a few parts of a block ahead, into a
     small pool (with a GPU tier: held in pinned RAM, copied ahead on a side stream), keeping the
     plan's room for the activations free; ``"auto"`` picks it where the budget has no GPU tier and
     the stream fits the budget, else ``"accelerate"``. The weights are stored as the plan's
@@ -340,7 +340,7 @@ def diffuse_file(
     from helpers.memory import measure
     from helpers.job import Request, check_job_alone, plan_job
     from helpers.models import resolve_model
-    from helpers.offload import check_offload
+    from helpers.offload.streamers import check_offload
     from helpers.workers import Worker, check_batch_size, prompt_seed, share
 
     worker = worker or Worker()

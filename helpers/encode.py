@@ -102,7 +102,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     A plan that puts blocks on ``disk`` needs an offload folder: ``offload_folder`` (created if
     missing: accelerate expects it to exist), or by default a fresh one of this run's own under
     ``outputs/offload/``, removed by :meth:`TextEncoders.close`. ``offload="stream"``: the split
-    encoder's blocks that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload`;
+    encoder's blocks that do not fit the fast tier are read ahead, in parts (:mod:`helpers.offload.streamers`;
     from the checkpoint without a GPU tier, converted to the compute dtype as they arrive; from pinned
     RAM to the GPU with one), keeping the plan's room for activations free; ``"auto"`` picks it where
     the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``. The weights are
@@ -234,7 +234,7 @@ def encode_prompts(
     """
     from helpers.activations import Workload
     from helpers.embeddings import save_embeddings, weights_identity
-    from helpers.offload import check_offload
+    from helpers.offload.streamers import check_offload
     from helpers.memory import measure
     from helpers.job import Request, check_job_alone, plan_job
     from helpers.models import resolve_model

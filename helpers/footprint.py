@@ -638,7 +638,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     ``auto`` is chosen for the budget's fast tier, the one the stage computes on), planned in stored
     bytes and carried by the plan to the loaders. ``transformer_file`` (diffusion): the transformer's
     weights from one file (GGUF, single safetensors, BFL layout), checked against the model from its
-    header and planned in the bytes it stores (:mod:`helpers.transformer_file`).
+    header and planned in the bytes it stores (:mod:`helpers.formats.transformer_file`).
     """
     from helpers.budget import default_budget
     from helpers.precision import check_compute, check_weights, resolve
@@ -663,7 +663,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     if transformer_file is not None:
         if family.file_component not in comps:
             raise UserError(f"--transformer is a file of the diffusion stage's {family.file_component}, not of {stage}.")
-        from helpers.transformer_file import open_transformer_file
+        from helpers.formats.transformer_file import open_transformer_file
 
         file = transformer_file if hasattr(transformer_file, "forms") else open_transformer_file(
             transformer_file, fp.skeletons[family.file_component].config, family)

@@ -157,7 +157,7 @@ class Job:
             raise UserError(f"a job's stage is one of {', '.join(STAGE_NAMES)}, not {self.stage!r}.")
         if self.plan.stage != self.stage:
             raise UserError(f"a job for {self.stage} holds a plan for {self.plan.stage}.")
-        from helpers.offload import check_offload
+        from helpers.offload.streamers import check_offload
 
         check_offload(self.offload)
 
@@ -245,7 +245,7 @@ def plan_job(request: Request) -> Job:
     in the job, which then says what runs. Nothing is loaded."""
     from helpers.footprint import plan_stage
     from helpers.models import local_folder
-    from helpers.offload import check_offload
+    from helpers.offload.streamers import check_offload
 
     check_offload(request.offload)
     ref = resolve_model(request.model)
@@ -284,7 +284,7 @@ def job_from_dict(d: dict) -> Job:
         p = d["precision"]
         file = None
         if p.get("transformer_file"):
-            from helpers.transformer_file import open_transformer_file
+            from helpers.formats.transformer_file import open_transformer_file
 
             file = open_transformer_file(p["transformer_file"], model.configs[model.family.file_component], model.family)
         plan = plan_from_dict(d["plan"], _precision_from(p, file), model.family)

@@ -2,10 +2,10 @@
 
 One path for every stage and the benchmark: a component split across tiers is loaded with the
 method's accelerate map (:func:`load_mapped`, ``offload="accelerate"``) or streamed
-(``"stream"``, :mod:`helpers.offload`); one loaded whole goes to its tier (:func:`load_whole`).
+(``"stream"``, :mod:`helpers.offload.streamers`); one loaded whole goes to its tier (:func:`load_whole`).
 Both store the weights in the plan's :attr:`~helpers.footprint.StagePlan.precision` and, where
 its compute dtype differs, upcast them layer by layer as they run
-(:func:`helpers.precision.upcast_layerwise`). Before any weight loads, the checkpoint's header is
+(:func:`helpers.offload.upcast.upcast_layerwise`). Before any weight loads, the checkpoint's header is
 checked for what the loaders cannot read right (fp8 weights with scales).
 """
 
@@ -32,7 +32,7 @@ def check_checkpoint(folder: str | os.PathLike) -> None:
     """Refuse, from the headers alone, weights the loaders would read wrong: fp8 tensors stored with
     scales beside them (``*_scale``, ``*.scale_weight``) by another tool, which a plain cast to bf16
     would ignore. A folder ``convert`` made records its format and is read with its scales."""
-    from helpers.sources import read_safetensors_index
+    from helpers.formats.sources import read_safetensors_index
     from helpers.precision import folder_format
 
     folder = Path(folder)
@@ -131,8 +131,8 @@ def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, 
     where the budget has no GPU tier and the stream of each split component fits it (planned from the
     checkpoint's headers in ``folder``, no weight read), else ``accelerate``. What a planner records in
     the job, so that the job says what runs (:func:`load_mapped` does the same for an unsettled one)."""
-    from helpers.offload import StreamBudgetError, check_offload, choose_offload, plan_streaming, stream_budget
-    from helpers.sources import CheckpointFolder
+    from helpers.offload.streamers import StreamBudgetError, check_offload, choose_offload, plan_streaming, stream_budget
+    from helpers.formats.sources import CheckpointFolder
 
     if check_offload(offload) != "auto":
         return offload, "asked for"
@@ -167,15 +167,15 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     ``offload="auto"``: ``stream`` where the budget has no GPU tier and the stream fits it, else
     ``accelerate``. ``"accelerate"``: the plan's device map, applied by accelerate (blocks on disk go to
     ``offload_folder``, by default a fresh one of this run's own, removed by :meth:`Loaded.close`).
-    ``"stream"``: what the fast tier cannot hold is streamed (:func:`helpers.offload.load_streaming`;
-    raises :class:`helpers.offload.StreamBudgetError` before any weight loads when it cannot),
+    ``"stream"``: what the fast tier cannot hold is streamed (:func:`helpers.offload.streamers.load_streaming`;
+    raises :class:`helpers.offload.streamers.StreamBudgetError` before any weight loads when it cannot),
     keeping the plan's room for activations free; ``whole``: the stage's components loaded whole,
     ``{tier: bytes}``, whose bytes come off their tier. The weights are stored in the plan's precision
     and upcast layer by layer to its compute dtype.
     """
-    from helpers.offload import StreamBudgetError, check_offload, choose_offload, load_streaming, stream_budget
-    from helpers.precision import upcast_layerwise
-    from helpers.sources import CheckpointFolder
+    from helpers.offload.streamers import StreamBudgetError, check_offload, choose_offload, load_streaming, stream_budget
+    from helpers.offload.upcast import upcast_layerwise
+    from helpers.formats.sources import CheckpointFolder
 
     folder = Path(folder)
     _check_loadable(plan.precision)
@@ -251,7 +251,8 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
 def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision) -> torch.nn.Module:
     """A component the plan loads whole on ``tier`` (CLIP, the VAE), in ``precision``; in an fp8
     stage one that was not converted (the VAE, by default) is stored in bf16."""
-    from helpers.precision import folder_format, upcast_layerwise
+    from helpers.precision import folder_format
+    from helpers.offload.upcast import upcast_layerwise
 
     folder = Path(folder)
     _check_loadable(precision)
@@ -284,7 +285,7 @@ def _dispatch_fp8(folder: Path, cls, device_map: dict, offload_folder) -> torch.
     ``from_pretrained`` would cast the fp8 weights and drop the scales)."""
     from accelerate import load_checkpoint_and_dispatch
 
-    from helpers.offload import skeleton_from_folder
+    from helpers.offload.streamers import skeleton_from_folder
     from helpers.precision import to_storage
 
     model = to_storage(skeleton_from_folder(folder, cls), "fp8")
@@ -297,14 +298,14 @@ def _dispatch_fp8(folder: Path, cls, device_map: dict, offload_folder) -> torch.
 
 
 def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) -> torch.nn.Module:
-    """A transformer file (:class:`helpers.transformer_file.TransformerFile`) held as it stores its
+    """A transformer file (:class:`helpers.formats.transformer_file.TransformerFile`) held as it stores its
     weights and dispatched by accelerate with the plan's map: each tensor read by offset straight to
     its tier, the disk tier's written to ``offload_folder`` one at a time (RAM never holds the whole
     file), GGUF types and fp8 scales beside their weights (``offload_buffers``)."""
     from accelerate import dispatch_model
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
 
-    from helpers.offload import skeleton_from_folder
+    from helpers.offload.streamers import skeleton_from_folder
 
     model = file.dress(skeleton_from_folder(folder, cls))
     # the plan's units (no-split blocks, or "" for the whole model): a tensor goes where its unit does

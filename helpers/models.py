@@ -8,8 +8,8 @@ One name picks the model everywhere (:func:`resolve_model`):
   classes and block structure (T5: 24 blocks; Flux: 19 double + 38 single blocks; CLIP: 12 layers;
   VAE: 4 levels of 2 ResNet blocks) but small widths. They load back with the same
   ``from_pretrained`` calls a real checkpoint gets. ``tiny`` builds from the trained weights the
-  package ships (``helpers/twins/tiny.safetensors``; :mod:`helpers.training` made them on the
-  shapes world of :mod:`helpers.world`), so it draws what it is told in that world; ``medium`` has
+  package ships (``helpers/twins/tiny.safetensors``; :mod:`helpers.twins.training` made them on the
+  shapes world of :mod:`helpers.twins.world`), so it draws what it is told in that world; ``medium`` has
   random weights (benchmarks need its size, not its pictures), and its images are noise.
 - ``flux-dev`` / ``flux-schnell``: black-forest-labs/FLUX.1-dev (gated) and FLUX.1-schnell (open).
 - ``flux-dev-random``: FLUX.1-dev's real architecture (the shipped configs) with random bfloat16
@@ -102,7 +102,7 @@ class TwinSpec:
 
 
 TWINS: dict[str, TwinSpec] = {
-    # trained on the shapes world (helpers.training); the transformer has 4 heads (64 wide, as wide as the
+    # trained on the shapes world (helpers.twins.training); the transformer has 4 heads (64 wide, as wide as the
     # packed latent, 16 channels x 2x2, that it passes from input to output): at 32 it cannot learn the world
     "tiny": TwinSpec(
         clip_hidden=32, clip_heads=2, clip_ff=64,
@@ -150,8 +150,8 @@ def _word_merges(words) -> list[tuple[str, str]]:
 
 
 def clip_merges() -> list[tuple[str, str]]:
-    """The CLIP twin's merges: the shapes world's words (:data:`helpers.world.WORDS`) become one token each."""
-    from helpers.world import WORDS
+    """The CLIP twin's merges: the shapes world's words (:data:`helpers.twins.world.WORDS`) become one token each."""
+    from helpers.twins.world import WORDS
 
     return _word_merges(WORDS)
 
@@ -191,7 +191,7 @@ T5_WORDS = tuple(dict.fromkeys((
     "big small tall old young new bright dark light night day morning evening "
     "beautiful detailed realistic cinematic sharp soft style art "
     "holding sitting standing walking wearing made "
-    # the shapes world's words (helpers.world.WORDS), whole
+    # the shapes world's words (helpers.twins.world.WORDS), whole
     "circle square triangle background left right top bottom middle"
 ).split()))
 
@@ -214,7 +214,7 @@ def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 
-#: the parts of a trained twin whose weights its file holds (all four learn: see helpers.training)
+#: the parts of a trained twin whose weights its file holds (all four learn: see helpers.twins.training)
 TRAINED_COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 
@@ -347,7 +347,7 @@ def _marker(name: str, spec: TwinSpec) -> dict:
     if info is None:
         marker["note"] = "Random weights in the FLUX.1 layout, built offline; its images are noise."
     else:
-        marker["note"] = ("Trained on the shapes world (helpers.world): one circle, square or triangle in a named "
+        marker["note"] = ("Trained on the shapes world (helpers.twins.world): one circle, square or triangle in a named "
                           "colour on a plain background of another, optionally placed.")
         marker["weights_sha256"] = info["sha256"]
     return marker

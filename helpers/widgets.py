@@ -29,7 +29,7 @@ def shown(path) -> str:
 
 #: every control's label in one column wide enough for the longest ("Embeddings", "Transformer")
 LABELS = {"description_width": "7.5em"}
-#: a prompt the tiny twin can draw (its shapes world, :mod:`helpers.world`), shown where a prompt is asked for
+#: a prompt the tiny twin can draw (its shapes world, :mod:`helpers.twins.world`), shown where a prompt is asked for
 EXAMPLE_PROMPT = "a red circle on a blue background, on the left"
 #: what the Weights box holds for ``weights=None`` (a dropdown cannot show ``None`` as a choice)
 DEFAULT = "default"

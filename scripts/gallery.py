@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import world
+from helpers.twins import world
 from helpers.models import build_twin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ def main() -> int:
     lines = ["# What the tiny twin draws", "",
              "Made by `scripts/gallery.py` with the shipped weights: the one-piece `FluxPipeline` at the notebooks' "
              "defaults (64x64, 4 steps, guidance 3.5, bfloat16), each picture enlarged 2x. The detector "
-             "(`helpers.world.detect`) reads each picture back: the background's colour from the border, the shape's colour from the pixels that "
+             "(`helpers.twins.world.detect`) reads each picture back: the background's colour from the border, the shape's colour from the pixels that "
              "differ, the shape from how much of its bounding box it fills, the place from its centre. The same "
              "prompts and bars are in `tests/test_world.py`.", ""]
     drawn = world.draw(folder, prompts, SEEDS, dtype=torch.bfloat16)

@@ -199,7 +199,7 @@ def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
     height.value = 72
     panel.click()
     assert "failed" in panel.status.value and not panel.button.disabled and panel.button.description == "Generate"
-    from helpers.transformer_file import write_transformer_file  # the transformer from a file people hold
+    from helpers.formats.transformer_file import write_transformer_file  # the transformer from a file people hold
 
     height.value = 64
     panel.children[4].value = str(write_transformer_file("tiny", "q8_0", tmp_path / "tiny-Q8_0.gguf", progress=False))

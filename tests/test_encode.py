@@ -211,7 +211,7 @@ def controls(widget):
 
 def test_widget_shows_every_default_with_its_whole_label():
     from helpers.widgets import EXAMPLE_PROMPT, LABELS, chosen_weights, encode_panel
-    from helpers.world import parse
+    from helpers.twins.world import parse
 
     panel = encode_panel("tiny", ["a red circle on a blue background"], 512, "shapes")
     boxes = {c.description: c for c in controls(panel) if c.description and c is not panel.button}

@@ -69,7 +69,7 @@ def test_a_gpu_plan_round_trips_and_moves_to_a_workers_own_card():
 
 
 def test_a_transformer_file_travels_by_path_and_is_checked_again(tiny_folder, tmp_path):
-    from helpers.transformer_file import write_transformer_file
+    from helpers.formats.transformer_file import write_transformer_file
 
     path = write_transformer_file(tiny_folder, "q8_0", tmp_path / "t.gguf", progress=False)
     ref = resolve_model(str(tiny_folder))

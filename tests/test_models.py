@@ -417,7 +417,7 @@ def test_random_t5_stores_its_shared_embedding_once(tmp_path):
     from transformers import T5EncoderModel
 
     from helpers.models import build_random
-    from helpers.offload import load_streaming
+    from helpers.offload.streamers import load_streaming
 
     folder = build_random("flux-dev-random", tmp_path / "r", components=["text_encoder_2"],
                           configs=twin_configs(TWINS["tiny"])) / "text_encoder_2"

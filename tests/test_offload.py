@@ -8,8 +8,8 @@ from PIL import Image
 import commands
 
 from helpers.errors import UserError
-from helpers.offload import load_streaming
-from helpers.sources import read_safetensors_index
+from helpers.offload.streamers import load_streaming
+from helpers.formats.sources import read_safetensors_index
 
 BLOCKS = ["transformer_blocks", "single_transformer_blocks"]
 
@@ -98,7 +98,7 @@ def test_room_kept_for_activations_comes_off_the_resident_blocks(tiny_folder, re
 def test_resident_blocks_are_spread_over_the_largest_blocks():
     """Not the first blocks: resident ones sit between streamed ones, where their compute covers the
     next fetch, and among the largest blocks first (their fetches take longest)."""
-    from helpers.streamplan import _choose_resident
+    from helpers.offload.plan import _choose_resident
 
     big, small = [f"d{i}" for i in range(10)], [f"s{i}" for i in range(20)]
     size = {**{n: 10 for n in big}, **{n: 4 for n in small}}
@@ -119,7 +119,7 @@ def test_blocks_stream_in_their_parts_in_the_order_a_forward_calls_them():
     from helpers.activations import example_inputs
     from helpers.architecture import skeleton
     from helpers.models import component_configs
-    from helpers.streamplan import split_blocks
+    from helpers.offload.plan import split_blocks
 
     _, configs = component_configs("tiny")
     flux = skeleton("transformer", configs["transformer"])
@@ -159,7 +159,7 @@ class _Toy(torch.nn.Module):
 
 
 def test_a_block_whose_parts_cannot_stream_alone_stays_whole():
-    from helpers.streamplan import split_blocks
+    from helpers.offload.plan import split_blocks
 
     with torch.device("meta"):
         toy, interleaved = _Toy(), _Toy(interleave=True)
@@ -174,7 +174,7 @@ def test_a_block_whose_parts_cannot_stream_alone_stays_whole():
 
 
 def test_pieces_run_out_of_the_traced_order_are_a_clear_error(tiny_folder, resident):
-    from helpers.offload import HostStreamer
+    from helpers.offload.streamers import HostStreamer
 
     model, disk = load_streaming(tiny_folder / "transformer", type(resident), torch.bfloat16,
                                  int(_bytes(resident) * 0.3), BLOCKS)
@@ -310,7 +310,7 @@ def test_where_o_direct_is_refused_reads_fall_back_to_the_page_cache(tiny_folder
     import errno
     import os
 
-    from helpers.offload import BlockStreamer
+    from helpers.offload.streamers import BlockStreamer
 
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT here: reads are ordinary from the start")
@@ -404,7 +404,7 @@ def test_a_forward_pass_that_fails_midway_does_not_wedge_the_streamer(tiny_folde
 def test_a_checkpoint_that_changes_under_the_reader_is_a_clear_error(tmp_path, tiny_folder, resident, dtype):
     import shutil
 
-    from helpers.offload import BlockStreamer
+    from helpers.offload.streamers import BlockStreamer
 
     resident = resident if dtype == torch.bfloat16 else copy.deepcopy(resident).to(dtype)
     budget = int(_bytes(resident) * 0.3)
@@ -473,7 +473,7 @@ def test_encode_with_stream_equals_accelerate(tmp_path):
 
 def test_auto_picks_stream_without_a_gpu_tier():
     from helpers.budget import parse_budget
-    from helpers.offload import choose_offload
+    from helpers.offload.streamers import choose_offload
 
     cpu_only, with_gpu = parse_budget("cpu=8GiB,disk=30GiB"), parse_budget("0=8GiB,cpu=30GiB")
     assert choose_offload("auto", cpu_only) == "stream" and choose_offload("auto", with_gpu) == "accelerate"
@@ -487,7 +487,7 @@ def test_auto_picks_stream_without_a_gpu_tier():
 
 def _host_streamed(folder, cls, dtype, share, block_lists, device="cpu"):
     """A model whose streamed blocks go through :class:`HostStreamer` (to ``device``)."""
-    from helpers.offload import HostStreamer
+    from helpers.offload.streamers import HostStreamer
 
     model, disk = load_streaming(folder, cls, dtype, share, block_lists)
     names = [b.name for b in disk.blocks]
@@ -576,7 +576,7 @@ def test_streaming_to_a_gpu_checks_both_tiers_before_loading(tiny_folder, reside
 
 def test_stream_budget_takes_the_whole_components_off_their_tier():
     from helpers.budget import parse_budget
-    from helpers.offload import stream_budget
+    from helpers.offload.streamers import stream_budget
 
     assert stream_budget(parse_budget("cpu=1000,disk=5000"), {"cpu": 300}) == (700, None, None)
     cpu, device, fast = stream_budget(parse_budget("0=2000,cpu=9000"), {0: 500})
@@ -721,7 +721,7 @@ def test_drop_page_cache_really_empties_the_cache(tmp_path):
 def test_stream_buffers_are_whole_pages_of_their_own():
     """O_DIRECT reads into them, and cudaHostRegister pins them whole: Tensor.is_pinned() looks at the
     storage's start, which must be the start of the pinned range."""
-    from helpers.offload import _page_aligned
+    from helpers.offload.streamers import _page_aligned
 
     for n in (1, 4096, 300_001):
         buf = _page_aligned(n)
@@ -792,7 +792,7 @@ def test_bench_plots_read_a_saved_result_cpu_or_gpu():
 def test_the_gpu_tier_plan_keeps_weights_pool_and_reserve_within_it(tiny_folder, resident, capsys):
     """load_streaming's GPU branch, run with the meta device standing in for the GPU (no CUDA needed):
     resident weights + the pool + the reserve fit the GPU tier; the streamed blocks fit the cpu tier."""
-    from helpers.offload import HostStreamer
+    from helpers.offload.streamers import HostStreamer
 
     whole = _bytes(resident)
     tier, reserve = int(whole * 0.5), int(whole * 0.1)

@@ -11,8 +11,9 @@ import torch
 
 import commands
 from helpers.errors import UserError
+from helpers.offload.upcast import upcast_layerwise
 from helpers.precision import (Precision, auto_compute, check_compute, check_weights, cpu_bf16, resolve,
-                               stored_bytes, upcast_layerwise)
+                               stored_bytes)
 
 
 def _flux_inputs(cfg, n=16, tokens=8, dtype=torch.float32):
@@ -183,7 +184,7 @@ def test_cli_refuses_unknown_precision(flag, value, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_fp8(tiny_folder, tmp_path_factory):
-    from helpers.convert import convert
+    from helpers.formats.convert import convert
 
     return convert(str(tiny_folder), "fp8", tmp_path_factory.mktemp("fp8") / "tiny-fp8", progress=False)
 
@@ -193,7 +194,7 @@ def test_row_scales_beat_plain_casting():
     flux-dev-random draws them (uniform in +-1/sqrt(3072), where plain e4m3 is coarse: its normal
     range starts at 2**-6), and on weights four times smaller (a layer of a wider model)."""
     from helpers.models import random_weight
-    from helpers.codecs import dequantize_rows, quantize_rows
+    from helpers.formats.codecs import dequantize_rows, quantize_rows
 
     for shrink, better in ((1, 1.8), (4, 3.0)):
         w = random_weight("block.weight", [3072, 3072], torch.bfloat16, 0).float() / shrink
@@ -205,7 +206,7 @@ def test_row_scales_beat_plain_casting():
 
 
 def test_convert_writes_fp8_with_scales_and_records_it(tiny_folder, tiny_fp8):
-    from helpers.sources import read_safetensors_index
+    from helpers.formats.sources import read_safetensors_index
     from helpers.precision import folder_format
 
     assert folder_format(tiny_fp8 / "transformer") == "fp8" and folder_format(tiny_fp8 / "vae") is None
@@ -217,7 +218,7 @@ def test_convert_writes_fp8_with_scales_and_records_it(tiny_folder, tiny_fp8):
     after = sum(e[2] for e in index.values())
     assert after < 0.6 * before  # the twin is narrow: its biases and scales weigh more than FLUX.1-dev's
     with pytest.raises(UserError, match="never replaces"):
-        from helpers.convert import convert
+        from helpers.formats.convert import convert
 
         convert(str(tiny_folder), "fp8", tiny_fp8)
 
@@ -337,7 +338,7 @@ def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
 def test_decode_into_gives_the_formulas_bits():
     """fp8 by moving bits equals ``dequantize_rows`` bit for bit: every e4m3fn byte (subnormals, both
     zeros), rows of every size of scale, and a scale too large for the trick (the formula then)."""
-    from helpers.codecs import decode_into, dequantize_rows
+    from helpers.formats.codecs import decode_into, dequantize_rows
 
     codes = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)  # not the NaNs
     q = codes.repeat(7, 3).view(torch.float8_e4m3fn)
@@ -356,12 +357,12 @@ def test_fp8_moves_to_the_device_as_stored_and_is_decoded_there(tiny_fp8):
     the pieces are dequantized from the staging buffer into the pool, giving the disk stream's output."""
     from diffusers import FluxTransformer2DModel
 
-    from helpers.offload import HostStreamer, load_streaming
+    from helpers.offload.streamers import HostStreamer, load_streaming
 
     folder = tiny_fp8 / "transformer"
     blocks = ["transformer_blocks", "single_transformer_blocks"]
     inputs = _flux_inputs(SimpleNamespace(**FluxTransformer2DModel.load_config(folder)))
-    from helpers.sources import read_safetensors_index
+    from helpers.formats.sources import read_safetensors_index
 
     whole = sum(entry[2] for entry in read_safetensors_index(folder).values())
     model, disk = load_streaming(folder, FluxTransformer2DModel, torch.bfloat16, whole // 2, blocks,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers.errors import UserError
-from helpers.quants import TYPES, dequantize, quant_type, quantize, quantize_q6_k
-from helpers.sources import read_weights_file
+from helpers.formats.quants import TYPES, dequantize, quant_type, quantize, quantize_q6_k
+from helpers.formats.sources import read_weights_file
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as reference  # noqa: E402
@@ -56,7 +56,7 @@ def test_torch_writes_the_bytes_gguf_writes(name, monkeypatch):
         want = gguf_quantize(values.float().numpy(), gguf.GGMLQuantizationType[name])
         got = quantize(values, name)
         assert got.dtype == torch.uint8 and np.array_equal(got.numpy(), want)
-    monkeypatch.setattr("helpers.quants._CHUNK_BLOCKS", 7)  # chunks that end mid-row
+    monkeypatch.setattr("helpers.formats.quants._CHUNK_BLOCKS", 7)  # chunks that end mid-row
     assert np.array_equal(quantize(x, name).numpy(), gguf_quantize(x.numpy(), gguf.GGMLQuantizationType[name]))
     with pytest.raises(UserError, match="whole"):
         quantize(torch.zeros(2, 40), name)

@@ -318,8 +318,8 @@ def test_ctrl_c_while_a_stage_starts(tmp_path, group):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, where, left", [
-    ("encode", "helpers.sources:read_tensor", []),  # T5's resident weights, while the stream loads
-    ("diffuse", "helpers.sources:read_tensor", ["x.safetensors"]),  # the transformer's
+    ("encode", "helpers.formats.sources:read_tensor", []),  # T5's resident weights, while the stream loads
+    ("diffuse", "helpers.formats.sources:read_tensor", ["x.safetensors"]),  # the transformer's
     # accelerate's map: the transformer's checkpoint read, its disk blocks bound for this run's offload folder
     ("diffuse", "diffusers.models.model_loading_utils:_load_shard_file", ["x.safetensors"]),
 ])

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import codecs
-from helpers.codecs import GgufBlocks, ScaledFp8, Widen, codec_for
-from helpers.offload import load_streaming, skeleton_from_folder
-from helpers.sources import CheckpointFolder, WeightsSource
-from helpers.streamplan import StreamBudgetError, plan_stream, trace_parts
+from helpers.formats import codecs
+from helpers.formats.codecs import GgufBlocks, ScaledFp8, Widen, codec_for
+from helpers.offload.streamers import load_streaming, skeleton_from_folder
+from helpers.formats.sources import CheckpointFolder, WeightsSource
+from helpers.offload.plan import StreamBudgetError, plan_stream, trace_parts
 
 BLOCKS = ["transformer_blocks", "single_transformer_blocks"]
 
@@ -93,7 +93,7 @@ def test_loading_reads_the_resident_weights_through_its_source(tiny_folder):
 
 def test_each_stored_form_finds_its_codec():
     """GGUF bytes, fp8 with row scales, a float in another dtype, and nothing where nothing decodes."""
-    from helpers.quants import TYPES, dequantize
+    from helpers.formats.quants import TYPES, dequantize
 
     layer = torch.nn.Linear(64, 8, bias=True)
     w = torch.randn(8, 64)
@@ -133,7 +133,7 @@ class _Int8Rows(codecs.Codec):
 
 def test_a_new_stored_form_is_a_new_codec(monkeypatch):
     """Adding a codec to the list is all the layer hooks need to compute from a new form."""
-    from helpers.precision import upcast_layerwise
+    from helpers.offload.upcast import upcast_layerwise
 
     monkeypatch.setattr(codecs, "CODECS", (_Int8Rows, *codecs.CODECS))
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def test_a_trace_of_two_blocks_of_each_list_is_the_trace_of_all_of_them(model):
     in the second's order; traced once per process after that, and handed out as copies."""
     from helpers.activations import example_inputs
     from helpers.footprint import footprint
-    from helpers.streamplan import _TRACES, split_blocks
+    from helpers.offload.plan import _TRACES, split_blocks
 
     fp = footprint(model, components=("text_encoder_2", "transformer"))
     for component, lists in (("transformer", BLOCKS), ("text_encoder_2", ["encoder.block"])):

@@ -11,7 +11,7 @@ import torch
 import commands
 from helpers.errors import UserError
 from helpers.families.flux1.layout import PREFIX, from_bfl, to_bfl
-from helpers.transformer_file import (check_transformer_file, load_transformer_file, open_transformer_file,
+from helpers.formats.transformer_file import (check_transformer_file, load_transformer_file, open_transformer_file,
                                       read_transformer_state, write_transformer_file)
 
 gguf = pytest.importorskip("gguf")
@@ -97,7 +97,7 @@ def test_the_prefix_of_full_model_saves_is_read(tmp_path, twin):
 
 
 def test_files_that_do_not_fit_the_model_are_refused_before_any_weight(files, twin, tmp_path, monkeypatch):
-    import helpers.transformer_file as tf
+    import helpers.formats.transformer_file as tf
 
     read = []
     monkeypatch.setattr(tf, "read_piece", lambda *a, **k: read.append(a) or (_ for _ in ()).throw(AssertionError))
@@ -152,7 +152,7 @@ def test_the_stream_reads_a_file_as_stored_and_gives_the_held_output(files, twin
     third of the file: the output of the whole file held in RAM, bit for bit."""
     from diffusers import FluxTransformer2DModel
 
-    from helpers.offload import load_streaming
+    from helpers.offload.streamers import load_streaming
     from helpers.precision import stored_bytes
 
     path = files[fmt, ext]

@@ -319,7 +319,7 @@ def test_a_stop_signal_ends_generate_as_ctrl_c_does(tmp_path, stop, group):
 @pytest.mark.parametrize("stop", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
 def test_a_stop_signal_ends_encode_while_it_loads(tmp_path, stop):
     signum, said = STOPS[stop]
-    where = "helpers.sources:read_tensor"
+    where = "helpers.formats.sources:read_tensor"
     before = offload_folders()
     run_ = _Run(tmp_path, command=["encode", "--prompt", "a red circle", "--max-sequence-length", "16",
                                    "--out", tmp_path / "out" / "e.safetensors"],
@@ -357,7 +357,7 @@ def test_a_killed_convert_leaves_a_temporary_that_the_next_run_removes(tmp_path,
     import subprocess
     import sys
 
-    where = "helpers.convert:_convert_component"
+    where = "helpers.formats.convert:_convert_component"
     env = {**os.environ, "PYTHONPATH": str(_pause_hook(tmp_path)), "TEST_PAUSE_IN": where, "TEST_PAUSE_STAGE": "convert"}
     out = tmp_path / "copies"
     out.mkdir()

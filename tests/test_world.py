@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import world
+from helpers.twins import world
 from helpers.errors import UserError
 from helpers.models import TRAINED_COMPONENTS, TWINS, twin_modules
 
@@ -72,7 +72,7 @@ QUICK = dict(vae_steps=3, clip_steps=3, flow_steps=3, vae_batch=2, flow_batch=2,
 
 @pytest.fixture(scope="module")
 def quick_weights(tmp_path_factory):
-    from helpers.training import TrainConfig, train_twin
+    from helpers.twins.training import TrainConfig, train_twin
 
     out = tmp_path_factory.mktemp("trained") / "tiny.safetensors"
     summary = train_twin(out, TrainConfig(**QUICK), log=lambda _: None)
@@ -81,7 +81,7 @@ def quick_weights(tmp_path_factory):
 
 @pytest.mark.slow
 def test_training_repeats_byte_for_byte(tmp_path, quick_weights):
-    from helpers.training import TrainConfig, same_weights, train_twin
+    from helpers.twins.training import TrainConfig, same_weights, train_twin
 
     first, summary = quick_weights
     again = train_twin(tmp_path / "again.safetensors", TrainConfig(**QUICK), log=lambda _: None)

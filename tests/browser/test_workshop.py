@@ -243,7 +243,7 @@ def assert_draws_the_prompts(folder: Path, stem: str) -> None:
     shapes world's detector reads them back."""
     from PIL import Image
 
-    from helpers import world
+    from helpers.twins import world
 
     for i, prompt in enumerate(PROMPTS, start=1):
         with Image.open(folder / f"{stem}-{i}.png") as image:

@@ -12,9 +12,9 @@ resident or streamed, is decoded as it runs).
 live once in pinned RAM, as stored, and are copied ahead on a side CUDA stream (and decoded there).
 Streamed blocks go in their parts (attention, feed-forward...), so the pool is a few parts, not two
 whole blocks.
-:func:`load_streaming` builds either from a weights source (:mod:`helpers.sources`: a checkpoint folder, a
-transformer file) and a budget, through the stream plan (:mod:`helpers.streamplan`); each stored form
-is decoded by its codec (:mod:`helpers.codecs`). Explained in ``05_offload-strategies.ipynb``.
+:func:`load_streaming` builds either from a weights source (:mod:`helpers.formats.sources`: a checkpoint folder, a
+transformer file) and a budget, through the stream plan (:mod:`helpers.offload.plan`); each stored form
+is decoded by its codec (:mod:`helpers.formats.codecs`). Explained in ``05_offload-strategies.ipynb``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from helpers.codecs import codec_for
+from helpers.formats.codecs import codec_for
 from helpers.errors import UserError
-from helpers.sources import WeightsSource, _itemsize, as_source
-from helpers.streamplan import (_PAGE, StreamBudgetError, StreamPlan, _align, _Block, _target, plan_block, plan_stream,
+from helpers.formats.sources import WeightsSource, _itemsize, as_source
+from helpers.offload.plan import (_PAGE, StreamBudgetError, StreamPlan, _align, _Block, _target, plan_block, plan_stream,
                                 trace_parts)
 
 
@@ -98,7 +98,7 @@ def _decode(block: _Block, src: torch.Tensor, src_at: str, dst: torch.Tensor, ds
             dtype: torch.dtype | None) -> None:
     """``block``'s stored tensors in ``src`` (at their ``src_at`` positions: ``"read_pos"`` or
     ``"stored_pos"``) into ``dst`` (at ``dst_at``) in ``dtype`` (``None``: as stored, a new layout
-    only), each by its codec (:func:`helpers.codecs.codec_for`: fp8 with the row scales that stay
+    only), each by its codec (:func:`helpers.formats.codecs.codec_for`: fp8 with the row scales that stay
     resident beside the weights, bf16 widened; GGUF bytes stay bytes here, decoded as their layer runs)."""
     for t in block.tensors:
         target = _target(t.stored, dtype)
@@ -299,7 +299,7 @@ class BlockStreamer(_Streamer):
 
     A piece computes from its bytes as read, as stored (bf16, fp8 with its row scales resident
     beside it): where the math is in another dtype, each layer is decoded as it runs, into one
-    workspace, by the hooks that decode the resident layers (:func:`helpers.precision.upcast_layerwise`;
+    workspace, by the hooks that decode the resident layers (:func:`helpers.offload.upcast.upcast_layerwise`;
     :func:`load_streaming` sets them). Not the whole piece at its turn, and not ahead of it in a
     thread: a layer decoded just before its product is still in the CPU's cache when the product
     reads it, and a decoding thread beside the math finds every core taken by it. Measured on 2
@@ -675,12 +675,12 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     the rest; returns ``(model, streamer)``, the streamer ``None`` when everything fits.
 
     Four steps, each in its own room: the skeleton on the meta device, in ``dtype`` and traced into
-    its pieces (:func:`helpers.streamplan.trace_parts`), then dressed in the stored forms of its
-    weights ``source`` (by default ``folder``'s safetensors files, :class:`helpers.sources.CheckpointFolder`;
-    a transformer file, :class:`helpers.transformer_file.TransformerFile`); the plan
-    (:func:`helpers.streamplan.plan_stream`: what stays resident, what streams in which pieces,
+    its pieces (:func:`helpers.offload.plan.trace_parts`), then dressed in the stored forms of its
+    weights ``source`` (by default ``folder``'s safetensors files, :class:`helpers.formats.sources.CheckpointFolder`;
+    a transformer file, :class:`helpers.formats.transformer_file.TransformerFile`); the plan
+    (:func:`helpers.offload.plan.plan_stream`: what stays resident, what streams in which pieces,
     checked against the budget before any weight is read); the resident weights read as stored;
-    the streamer, and the layers' codecs hooked (:func:`helpers.precision.upcast_layerwise`) where
+    the streamer, and the layers' codecs hooked (:func:`helpers.offload.upcast.upcast_layerwise`) where
     the math runs in ``compute`` (default ``dtype``) or the stored forms need decoding (fp8 and its
     scales, GGUF blocks).
 
@@ -721,7 +721,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
         streamer = BlockStreamer(model, source, list(plan.pieces), pool=plan.pool, pool_bytes=plan.pool_bytes,
                                  parents=plan.pieces)
     if compute != dtype or source.encoded or any(plan.blocks[u].converts for u in plan.pieces):
-        from helpers.precision import upcast_layerwise
+        from helpers.offload.upcast import upcast_layerwise
 
         upcast_layerwise(model, compute)
     return model, streamer

@@ -1,6 +1,6 @@
 """Training the tiny twin on the shapes world, on a CPU, seeded: ``python -m helpers train-twin``.
 
-Three phases, each on pictures rendered by :mod:`helpers.world` as it goes (nothing is downloaded,
+Three phases, each on pictures rendered by :mod:`helpers.twins.world` as it goes (nothing is downloaded,
 no dataset is stored):
 
 1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), its loss weighing
@@ -16,7 +16,7 @@ no dataset is stored):
    layout comes from the words alone. Text outputs are rounded to bfloat16 on the way, as the
    embeddings file stores them.
 
-The held-out colour pairs (:data:`helpers.world.HELD_OUT`) are never shown. The result is one
+The held-out colour pairs (:data:`helpers.twins.world.HELD_OUT`) are never shown. The result is one
 safetensors file of bfloat16 weights (CLIP, T5, transformer, VAE) with the VAE's scale and shift and
 a summary of the run in its metadata, which :func:`helpers.models.build_twin` reads for a twin whose
 spec names it (``TwinSpec.trained``).
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from helpers import world
+from helpers.twins import world
 from helpers.files import atomic_path, check_can_write
 
 #: the notebooks' defaults the twin is trained for

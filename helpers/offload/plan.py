@@ -3,11 +3,11 @@ and where each streamed tensor sits in the files and in the buffers, decided fro
 a weights source's index alone (no weight is read, no buffer made).
 
 :func:`plan_stream` takes a skeleton on the meta device, dressed in its source's stored forms
-(:meth:`helpers.sources.WeightsSource.dress`), its blocks' pieces (:func:`split_blocks`: whole
+(:meth:`helpers.formats.sources.WeightsSource.dress`), its blocks' pieces (:func:`split_blocks`: whole
 blocks or their parts, in call order) and the fast tier's budget, and returns a :class:`StreamPlan`,
 or raises :class:`StreamBudgetError` saying what the tier must hold. :func:`plan_block` lays out one
 piece: runs of adjacent bytes read a page at a time, its read buffer, its host buffer (RAM -> GPU)
-and its pool buffer in the compute dtype. The streamers of :mod:`helpers.offload` carry it out.
+and its pool buffer in the compute dtype. The streamers of :mod:`helpers.offload.streamers` carry it out.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import family_of_class
-from helpers.sources import TORCH_DTYPES, WeightsSource, _itemsize
+from helpers.formats.sources import TORCH_DTYPES, WeightsSource, _itemsize
 
 _PAGE = 4096  # O_DIRECT reads whole, aligned pages
 

@@ -3,7 +3,7 @@
 The copy keeps the diffusers layout, file by file: every component folder, its config, its shards
 and their index, with the chosen components' tensors rewritten. With ``fp8`` each linear layer's
 weight becomes float8 e4m3fn and gets a float32 scale per output row under ``<name>.weight_scale``
-(:func:`helpers.codecs.quantize_rows`); everything else is stored in bf16. The component folder
+(:func:`helpers.formats.codecs.quantize_rows`); everything else is stored in bf16. The component folder
 records its format in :data:`helpers.precision.FORMAT_FILE`, which the plans and the loaders read
 (``--model FOLDER``). Components left as they are are copied (hard links where the file system
 allows). The copy is written in a temporary folder next to ``out`` and renamed into place at the
@@ -59,8 +59,8 @@ def _convert_component(src: Path, dst: Path, cls, weights: str, progress: bool) 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from helpers.offload import skeleton_from_folder
-    from helpers.codecs import quantize_rows
+    from helpers.offload.streamers import skeleton_from_folder
+    from helpers.formats.codecs import quantize_rows
     from helpers.precision import FORMAT_FILE, WEIGHTS, quantized
 
     skeleton = skeleton_from_folder(src, cls)
@@ -168,7 +168,7 @@ def converted_bytes(src: Path, components, weights: str) -> int:
     """About what a copy of ``src`` with ``components`` in ``weights`` adds to a disk: the converted
     components' tensors at their new size (the other files are hard links where the disk allows)."""
     from helpers.precision import WEIGHTS
-    from helpers.sources import read_safetensors_index
+    from helpers.formats.sources import read_safetensors_index
 
     itemsize = torch.empty(0, dtype=WEIGHTS[weights]).element_size()
     return sum(math.prod(shape) * itemsize for comp in components

@@ -3,7 +3,7 @@ quantization or a single ``.safetensors`` (bf16, fp8), in Black Forest Labs' key
 
 :func:`write_transformer_file` writes one from any model's transformer (the twins included), so the
 tests and benchmarks hold real files without a download. :func:`check_transformer_file` reads a
-file's header against a model's config (:mod:`helpers.sources`, :mod:`helpers.families.flux1.layout`): the
+file's header against a model's config (:mod:`helpers.formats.sources`, :mod:`helpers.families.flux1.layout`): the
 variant (dev has ``guidance_in``, schnell does not), every tensor present, its shape, its type
 readable, all before any weight is read, each failure a :class:`~helpers.errors.UserError` that
 says what the file is and what to use. :func:`read_transformer_state` reads the weights, each
@@ -12,7 +12,7 @@ loader of such a file is measured against.
 
 Writing: a GGUF file quantizes every 2-D weight whose rows are whole blocks of its type (``q8_0``,
 ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1`` through the ``gguf`` package; ``q6_k`` through
-:func:`helpers.quants.quantize_q6_k`), keeps the other 2-D tensors in BF16 and the 1-D ones (biases,
+:func:`helpers.formats.quants.quantize_q6_k`), keeps the other 2-D tensors in BF16 and the 1-D ones (biases,
 norms) in F32, as the community's files do. A ``.safetensors`` file holds ``bf16``; ``fp8`` (every
 2-D weight in float8 e4m3fn with a float32 scale per row, ``<name>.weight_scale``, the rest bf16,
 the scheme of :mod:`helpers.precision`); or ``fp8-cast`` (e4m3fn without scales, as
@@ -33,7 +33,7 @@ import torch
 from helpers.errors import UserError
 from helpers.files import check_writable, remove_stale, temporary_prefix, writing
 from helpers.families import Family, default_family
-from helpers.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
+from helpers.formats.sources import Entry, WeightsFile, WeightsSource, read_entry, read_safetensors_index, read_weights_file
 
 #: formats a transformer file can be written in, by container
 GGUF_FORMATS = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_1": "Q4_1", "q4_0": "Q4_0",
@@ -61,7 +61,7 @@ def _gguf_tensor(name: str, t: torch.Tensor, qtype: str):
     """(array, gguf type) of one tensor: quantized where its rows are whole blocks of ``qtype``."""
     import gguf
 
-    from helpers.quants import TYPES, quantize, quantize_q6_k
+    from helpers.formats.quants import TYPES, quantize, quantize_q6_k
 
     block = TYPES[qtype].block
     if t.dim() == 2 and qtype != "BF16" and t.shape[1] % block == 0:
@@ -127,7 +127,7 @@ def write_transformer_file(model: str | os.PathLike | None, fmt: str, out: str |
             else:
                 from safetensors.torch import save_file
 
-                from helpers.codecs import quantize_rows
+                from helpers.formats.codecs import quantize_rows
 
                 tensors = {}
                 for name in names:
@@ -207,7 +207,7 @@ def check_transformer_file(path: str | os.PathLike, config, family: Family | Non
         if tuple(entries[key].shape) != shape:
             raise UserError(f"{wf.path.name}: {key} is {tuple(entries[key].shape)}, this model's is {shape}: the file "
                             "is of a model of another size; use the file made for this model.")
-    from helpers.quants import TYPES
+    from helpers.formats.quants import TYPES
 
     readable = {"F32", "F16", "BF16", "F8_E4M3"} | set(TYPES)
     odd = sorted({e.dtype for e in entries.values()} - readable)
@@ -241,12 +241,12 @@ def read_piece(entry: Entry, start: int | None, stop: int | None, path: Path) ->
 
 def decode_piece(raw: torch.Tensor, dtype_name: str, shape, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """Stored bytes of one piece -> values in ``dtype`` (GGUF blocks, or a plain dtype with an optional row scale)."""
-    from helpers.quants import dequantize
+    from helpers.formats.quants import dequantize
 
     if dtype_name in _TORCH:
         values = raw.view(_TORCH[dtype_name]).reshape(shape)
         if scale is not None:
-            from helpers.codecs import dequantize_rows
+            from helpers.formats.codecs import dequantize_rows
 
             return dequantize_rows(values, scale, dtype)
         return values.to(dtype)
@@ -281,12 +281,12 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
     """The family's transformer (FLUX.1's by default) with ``config`` holding the weights of file ``path`` as the file
     stores them (GGUF blocks as bytes, with their type beside them in ``<name>_gguf``; fp8 with its
     row scales, or plainly cast; bf16, f16, f32), each layer decoded into ``compute`` as it runs
-    (:func:`helpers.precision.upcast_layerwise`). Checked first (:func:`check_transformer_file`):
+    (:func:`helpers.offload.upcast.upcast_layerwise`). Checked first (:func:`check_transformer_file`):
     a file that does not fit the model is refused before any weight is read."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
 
-    from helpers.precision import upcast_layerwise
+    from helpers.offload.upcast import upcast_layerwise
 
     family = family or default_family()
     index, forms = stream_index(path, config, family)
@@ -309,12 +309,12 @@ def load_transformer_file(path: str | os.PathLike, config, compute: torch.dtype 
 def stream_index(path: str | os.PathLike, config, family: Family | None = None) -> tuple[dict, dict]:
     """For a loader reading by offsets: ``(index, forms)`` of transformer file ``path`` checked
     against ``config``. ``index``: every diffusers tensor (and fp8 row scale, ``<name>_scale``) ->
-    ``(file, offset, bytes, dtype, stored shape)`` as :func:`helpers.sources.read_safetensors_index`
+    ``(file, offset, bytes, dtype, stored shape)`` as :func:`helpers.formats.sources.read_safetensors_index`
     gives for a folder, GGUF blocks as ``U8`` rows x row bytes; a tensor made of several pieces of
     the file (FLUX's final modulation, whose halves BFL stores swapped) -> a list of those.
     ``forms``: parameter -> ``(stored dtype, stored shape, GGUF type number or None)``, what
     :func:`to_file_storage` makes of a skeleton."""
-    from helpers.quants import TYPES
+    from helpers.formats.quants import TYPES
 
     family = family or default_family()
     L = family.layout_module()
@@ -352,7 +352,7 @@ def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.n
     (``forms`` from :func:`stream_index`): GGUF weights as uint8 rows x row bytes with their type in
     ``<name>_gguf`` (a real tensor: it says how to decode), fp8 weights with a meta ``<name>_scale``
     where the file has scales (read with the resident weights)."""
-    from helpers.codecs import GGUF_SUFFIX
+    from helpers.formats.codecs import GGUF_SUFFIX
 
     for name, (dtype, shape, gguf_id) in forms.items():
         owner_name, _, leaf = name.rpartition(".")
@@ -370,7 +370,7 @@ def to_file_storage(model: torch.nn.Module, forms: dict, index: dict) -> torch.n
 class TransformerFile(WeightsSource):
     """A transformer file checked against a model, once, at the edge (``--transformer FILE``): what
     the plans count (its stored bytes, block by block, from the header) and the loaders read, a
-    :class:`~helpers.sources.WeightsSource` (its stored forms need decoding: ``encoded``)."""
+    :class:`~helpers.formats.sources.WeightsSource` (its stored forms need decoding: ``encoded``)."""
 
     path: Path
     format: str  # "gguf" or "safetensors"

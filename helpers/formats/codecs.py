@@ -2,14 +2,14 @@
 
 A weight is held in its *stored* form (what a file gives and what a stream moves: bf16, fp8 with a
 float32 scale per row, GGUF blocks as bytes) and decoded into the *compute* dtype just before its
-layer runs (:func:`helpers.precision.upcast_layerwise`), or, on a GPU, as it arrives on the copy
-stream (:mod:`helpers.offload`). A :class:`Codec` is one such rule:
+layer runs (:func:`helpers.offload.upcast.upcast_layerwise`), or, on a GPU, as it arrives on the copy
+stream (:mod:`helpers.offload.streamers`). A :class:`Codec` is one such rule:
 
 - :class:`Widen`: a plain float in another dtype (bf16 -> float32 is exact);
 - :class:`ScaledFp8`: fp8 e4m3fn times its row's scale, held beside it as ``<name>_scale``
   (this project's fp8, ``python -m helpers convert --weights fp8``, and scaled single files);
 - :class:`GgufBlocks`: GGUF blocks held as rows of bytes, their type's number beside them as
-  ``<name>_gguf`` (:mod:`helpers.quants` decodes them).
+  ``<name>_gguf`` (:mod:`helpers.formats.quants` decodes them).
 
 :func:`codec_for` finds the rule of one tensor from what its module holds beside it, asking each
 codec of :data:`CODECS` in turn: a new stored form is a new codec in that list, not a new branch in
@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from helpers.quants import BY_ID, QuantType, dequantize
+from helpers.formats.quants import BY_ID, QuantType, dequantize
 
 #: e4m3fn's largest finite value: each row's largest weight is scaled to it
 FP8_MAX = 448.0
-#: the buffer beside a weight held as GGUF blocks: ``<name>_gguf``, its type's number (helpers.quants)
+#: the buffer beside a weight held as GGUF blocks: ``<name>_gguf``, its type's number (helpers.formats.quants)
 GGUF_SUFFIX = "_gguf"
 #: the buffer beside an fp8 weight: ``<name>_scale``, a float32 per row
 SCALE_SUFFIX = "_scale"
@@ -128,7 +128,7 @@ class ScaledFp8(Codec):
 
 
 class GgufBlocks(Codec):
-    """GGUF blocks held as rows of bytes (:func:`helpers.quants.dequantize`)."""
+    """GGUF blocks held as rows of bytes (:func:`helpers.formats.quants.dequantize`)."""
 
     def __init__(self, qtype: QuantType | None) -> None:
         self.qtype = qtype  # None: not known yet (see :meth:`of`); a layer's hook asks again when it runs

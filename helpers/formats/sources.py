@@ -13,9 +13,9 @@ A :class:`WeightsSource` is what a loader reads a model from: an *index* (each p
 where its stored bytes are), the stored forms it dresses a skeleton in (:meth:`WeightsSource.dress`),
 and reads by offset. Two kinds: :class:`CheckpointFolder` (a component folder's safetensors files,
 bf16 or this project's fp8) and a transformer file checked against its model
-(:class:`helpers.transformer_file.TransformerFile`: GGUF, or one safetensors file in the BFL
-layout). A new container is a new source; the stream plan (:mod:`helpers.streamplan`) and the
-loaders (:mod:`helpers.offload`) take any of them.
+(:class:`helpers.formats.transformer_file.TransformerFile`: GGUF, or one safetensors file in the BFL
+layout). A new container is a new source; the stream plan (:mod:`helpers.offload.plan`) and the
+loaders (:mod:`helpers.offload.streamers`) take any of them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from helpers.errors import UserError
 from helpers.files import check_file
 from helpers.precision import folder_format, to_storage
-from helpers.quants import QuantType, quant_type, tensor_bytes
+from helpers.formats.quants import QuantType, quant_type, tensor_bytes
 
 GGUF_MAGIC = b"GGUF"
 #: safetensors' dtype names -> torch's
