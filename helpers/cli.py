@@ -420,15 +420,37 @@ def _run_stage(name: str, argv: list[str], report: str, outputs: list[Path]) -> 
         raise SystemExit(code)  # the stage said why
 
 
+def _generate_outputs(args: argparse.Namespace, count: int) -> tuple[Path, list[Path], Path]:
+    """``generate``'s files, checked before anything runs: the images (one per prompt, none replaced
+    unless --overwrite) and the embeddings file between the stages (apart from them)."""
+    from helpers.diffuse import output_paths
+    from helpers.files import check_can_write
+
+    out = Path(args.out)
+    if not out.parent.is_dir() and not in_outputs(out.parent):
+        raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
+    images = output_paths(out, count)
+    for p in images:
+        check_can_write(p, args.overwrite)
+    embeddings = Path(args.embeddings) if args.embeddings else out.with_suffix(".safetensors")
+    if embeddings.suffix != ".safetensors" or embeddings.resolve() in {p.resolve() for p in images}:
+        raise UserError(f"--embeddings {embeddings} must be a .safetensors file apart from the images.")
+    if embeddings.exists() and not args.overwrite:
+        raise UserError(
+            f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
+            f"{embeddings} --out {out}; or pass --overwrite to encode again."
+        )
+    return out, images, embeddings
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
     from helpers.activations import Workload
     from helpers.budget import format_bytes
-    from helpers.diffuse import check_seed, check_settings, output_paths
+    from helpers.diffuse import check_seed, check_settings
     from helpers.encode import check_max_sequence_length, check_prompts
-    from helpers.files import check_can_write
     from helpers.models import resolve_model
 
     # everything is checked before the first stage starts: inputs, outputs, and both stages' plans
@@ -440,20 +462,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_settings(args.height, args.width, 1 if args.steps is None else args.steps,
                    0.0 if args.guidance is None else args.guidance)
-    out = Path(args.out)
-    if not out.parent.is_dir() and not in_outputs(out.parent):
-        raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
-    images = output_paths(out, len(prompts))
-    for p in images:
-        check_can_write(p, args.overwrite)
-    embeddings = Path(args.embeddings) if args.embeddings else out.with_suffix(".safetensors")
-    if embeddings.suffix != ".safetensors" or embeddings.resolve() in {p.resolve() for p in images}:
-        raise UserError(f"--embeddings {embeddings} must be a .safetensors file apart from the images.")
-    if embeddings.exists() and not args.overwrite:
-        raise UserError(
-            f"{embeddings} already exists; to make images from it again: python -m helpers diffuse --embeddings "
-            f"{embeddings} --out {out}; or pass --overwrite to encode again."
-        )
+    out, images, embeddings = _generate_outputs(args, len(prompts))
     from helpers.job import Request, plan_job
     from helpers.offload.streamers import check_offload
     from helpers.workers import check_batch_size, check_workers

@@ -297,6 +297,23 @@ class DiffuseResult:
         return tier_usage(self.plan, self.measurement)
 
 
+def check_image_outputs(paths: list[Path], overwrite: bool = False, create_folder: bool = True,
+                        several: bool = False) -> None:
+    """The images a run will write: each in a folder that exists (or may be made) and takes files, none
+    replaced unless ``overwrite`` (``several``: one of a file's many images, where --resume is the way)."""
+    for p in paths:
+        if not p.parent.exists() and not create_folder:
+            raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
+        if p.parent.exists() and not p.parent.is_dir():
+            raise UserError(f"{p.parent} is not a folder; choose another --out.")
+        if p.parent.exists():
+            check_writable(p.parent)
+        if p.is_file() and not overwrite and several:
+            raise UserError(f"{p} already exists; --resume makes only the images of this file that are missing, "
+                            "--overwrite makes them all again.")
+        check_can_write(p, overwrite)
+
+
 def diffuse_file(
     embeddings: str | os.PathLike,
     out: str | os.PathLike,
@@ -372,18 +389,7 @@ def diffuse_file(
     if resume:  # a call whose images are all there is not made again
         mine = [c for c in mine if any(not paths[i].is_file() for i in c)]
     todo = [i for c in mine for i in c if not (resume and paths[i].is_file())]
-    for i in todo:
-        p = paths[i]
-        if not p.parent.exists() and not create_folder:
-            raise UserError(f"the folder {p.parent} does not exist; create it or choose another --out.")
-        if p.parent.exists() and not p.parent.is_dir():
-            raise UserError(f"{p.parent} is not a folder; choose another --out.")
-        if p.parent.exists():
-            check_writable(p.parent)
-        if p.is_file() and not overwrite and header.batch > 1:
-            raise UserError(f"{p} already exists; --resume makes only the images of this file that are missing, "
-                            "--overwrite makes them all again.")
-        check_can_write(p, overwrite)
+    check_image_outputs([paths[i] for i in todo], overwrite, create_folder, several=header.batch > 1)
     check_offload(offload)
     # room for the larger of a step's and the decode's activations at this size, per pipeline call
     workload = Workload(height, width, min(batch_size, header.batch), header.max_sequence_length)

@@ -210,6 +210,23 @@ class EncodeResult:
         return tier_usage(self.plan, self.measurement)
 
 
+def check_embeddings_out(out: str | os.PathLike, overwrite: bool = False, create_folder: bool = True) -> Path:
+    """Where an embeddings file may be written: a ``.safetensors`` name, in a folder that exists (or may
+    be made) and takes files, not replacing one unless ``overwrite``."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out.name}: embeddings are saved as .safetensors; use a name ending in .safetensors.")
+    if not out.parent.exists():
+        if not create_folder:
+            raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
+    elif not out.parent.is_dir():
+        raise UserError(f"{out.parent} is not a folder; choose another output path.")
+    else:
+        check_writable(out.parent)
+    check_can_write(out, overwrite)
+    return out
+
+
 def encode_prompts(
     model: str | None,
     prompts: str | list[str],
@@ -249,17 +266,7 @@ def encode_prompts(
     if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
         max_sequence_length = ref.usual.text_length
     check_max_sequence_length(max_sequence_length, ref.variant, family)
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"{out.name}: embeddings are saved as .safetensors; use a name ending in .safetensors.")
-    if not out.parent.exists():
-        if not create_folder:
-            raise UserError(f"the folder {out.parent} does not exist; create it or choose another --out.")
-    elif not out.parent.is_dir():
-        raise UserError(f"{out.parent} is not a folder; choose another output path.")
-    else:
-        check_writable(out.parent)
-    check_can_write(out, overwrite)
+    out = check_embeddings_out(out, overwrite, create_folder)
     check_offload(offload)
     # the split encoder's activations for these prompts keep room on the fast tier; too many at once are refused here
     workload = Workload(batch=len(prompts), tokens=max_sequence_length)

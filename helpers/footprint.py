@@ -679,6 +679,17 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
         raise UserError(f"the budget ({judged.budget.describe()}) is too small for {what}: {plan.advice}")
     if not runnable:
         return plan
+    _check_runnable(plan, fp, judged, judged_fp, stage, workload, precision, family)
+    return plan
+
+
+def _check_runnable(plan: StagePlan, fp: Footprint, judged: StagePlan, judged_fp: Footprint, stage: str,
+                    workload: Workload, precision: Precision, family: Family) -> None:
+    """Refuse, before loading, a plan this machine cannot run: activations past its memory for the fast
+    tier, or a component left on disk with nothing to compute on (with the smallest cpu tier that gives
+    it a place). ``judged``: the plan in the terms the budget was written in (a translated one: the
+    reference's)."""
+    what = stage.replace("_", " ")
     fast = plan.budget.fast
     have = _machine_bytes(fast) if plan.reserve else None
     if have is not None and plan.reserve_bytes > have:
@@ -708,7 +719,6 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
             f"the budget ({judged.budget.describe()}) leaves {stranded[0]} on disk with no RAM or GPU to "
             f"compute on; give the cpu tier at least {format_bytes(trial['cpu'])}."
         )
-    return plan
 
 
 def _stored_weights(ref, stage: str, weights: str | None, runnable: bool) -> str | None:

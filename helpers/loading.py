@@ -191,7 +191,6 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     elif offload == "auto":
         offload = "accelerate"
     precision = plan.precision
-    comp_plan = next(p for p in plan.components if p.component == component)
     if offload == "stream":
         cpu, device, device_bytes = stream_budget(plan.budget, whole or {})
         blocks = list(family.block_lists(component))
@@ -206,46 +205,54 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         loaded = Loaded(model.eval(), applied, device if device is not None else torch.device("cpu"), "stream",
                         streamer=streamer)
     elif offload == "accelerate":
-        if precision.weights == "fp8" and family.component(component).fp8_stream_only:
-            raise UserError(family.component(component).fp8_stream_only)
-        device_map = dict(comp_plan.device_map)
-        temporary = False
-        if "disk" in device_map.values():
-            if offload_folder is None:
-                offload_folder, temporary = run_folder(component), True
-            offload_folder = Path(offload_folder)
-            offload_folder.mkdir(parents=True, exist_ok=True)
-            on_disk = sum(u.nbytes for u in comp_plan.units if u.tier == "disk")
-            try:  # accelerate writes the disk tier's copies there before the first step: room for them first
-                check_free_space(offload_folder, on_disk, f"the disk tier's copies of {component}")
-            except UserError:
-                if temporary:
-                    remove_folder(offload_folder)
-                raise
-        else:
-            offload_folder = None
-        try:
-            if file is not None:
-                model = _dispatch_file(file, folder, cls, device_map, offload_folder)
-            elif precision.weights == "fp8":
-                model = _dispatch_fp8(folder, cls, device_map, offload_folder)
-            else:
-                model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
-                                            offload_folder=offload_folder)
-        except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
-            if temporary:
-                remove_folder(offload_folder)
-            raise
-        applied = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
-        used = set(device_map.values())
-        fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
-        loaded = Loaded(model.eval(), applied, torch_device(fastest), "accelerate", offload_folder=offload_folder,
-                        temporary=temporary, differences=compare_maps(device_map, applied))
+        loaded = _load_accelerate(folder, cls, component, plan, file, offload_folder)
     else:
         raise UserError(f"unknown offload {offload!r}; use 'accelerate' or 'stream'.")
     if precision.upcasts:
         upcast_layerwise(loaded.model, precision.compute_dtype)
     return loaded
+
+
+def _load_accelerate(folder: Path, cls, component: str, plan, file, offload_folder) -> Loaded:
+    """``component`` under the plan's device map, applied by accelerate's hooks (blocks on disk copied to
+    ``offload_folder``, by default a fresh one of this run's own); the map applied checked against the plan."""
+    precision, family = plan.precision, plan.family
+    comp_plan = next(p for p in plan.components if p.component == component)
+    if precision.weights == "fp8" and family.component(component).fp8_stream_only:
+        raise UserError(family.component(component).fp8_stream_only)
+    device_map = dict(comp_plan.device_map)
+    temporary = False
+    if "disk" in device_map.values():
+        if offload_folder is None:
+            offload_folder, temporary = run_folder(component), True
+        offload_folder = Path(offload_folder)
+        offload_folder.mkdir(parents=True, exist_ok=True)
+        on_disk = sum(u.nbytes for u in comp_plan.units if u.tier == "disk")
+        try:  # accelerate writes the disk tier's copies there before the first step: room for them first
+            check_free_space(offload_folder, on_disk, f"the disk tier's copies of {component}")
+        except UserError:
+            if temporary:
+                remove_folder(offload_folder)
+            raise
+    else:
+        offload_folder = None
+    try:
+        if file is not None:
+            model = _dispatch_file(file, folder, cls, device_map, offload_folder)
+        elif precision.weights == "fp8":
+            model = _dispatch_fp8(folder, cls, device_map, offload_folder)
+        else:
+            model = cls.from_pretrained(folder, dtype=precision.storage_dtype, device_map=device_map,
+                                        offload_folder=offload_folder)
+    except BaseException:  # Ctrl-C or a failure while loading: this run's copies go too
+        if temporary:
+            remove_folder(offload_folder)
+        raise
+    applied = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
+    used = set(device_map.values())
+    fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
+    return Loaded(model.eval(), applied, torch_device(fastest), "accelerate", offload_folder=offload_folder,
+                  temporary=temporary, differences=compare_maps(device_map, applied))
 
 
 def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision) -> torch.nn.Module:
