@@ -164,24 +164,10 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     precision says and upcast layer by layer to its compute dtype (:mod:`helpers.loading`).
     ``progress``: a progress bar while a stream loads.
     """
-    from helpers.loading import load_mapped, load_whole, whole_bytes
+    from helpers.loading import load_stage
 
-    folder, family, stage = Path(folder), plan.family, "diffusion"
-    main, whole = family.main(stage), family.whole(stage)
-    loaded = load_mapped(folder / main, family.component(main).load_class(), main, plan, offload,
-                         whole=whole_bytes(plan, whole), offload_folder=offload_folder, progress=progress)
-    parts = {main: loaded.model}
-    try:
-        for name in whole:
-            tier = next(p for p in plan.components if p.component == name).device_map[""]
-            parts[name] = load_whole(folder / name, family.component(name).load_class(), tier, plan.precision)
-        for c in family.components:
-            if c.stage == stage and c.role == "scheduler":
-                parts[c.name] = c.load_class().from_pretrained(folder / c.name)
-    except BaseException:
-        loaded.close()
-        raise
-    pipe = family.diffusion_pipeline(family, parts)
+    loaded, parts = load_stage(folder, plan, offload, offload_folder, progress)
+    pipe = plan.family.diffusion_pipeline(plan.family, parts)
     return Diffusion(pipe=pipe, plan=plan, applied=loaded.applied, differences=loaded.differences,
                      device=loaded.device, offload_folder=loaded.offload_folder, temporary=loaded.temporary,
                      streamer=loaded.streamer, offload=loaded.offload)

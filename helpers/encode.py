@@ -110,25 +110,11 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     layer to its compute dtype (:mod:`helpers.loading`). ``progress``: a progress bar while a
     stream loads.
     """
-    from helpers.loading import load_mapped, load_whole, whole_bytes
+    from helpers.loading import load_stage
 
-    folder, family, stage = Path(folder), plan.family, "text_encoding"
-    main, whole = family.main(stage), family.whole(stage)
-    mapped = load_mapped(folder / main, family.component(main).load_class(), main, plan, offload,
-                         whole=whole_bytes(plan, whole), offload_folder=offload_folder, progress=progress)
-    parts = {main: mapped.model}
-    try:
-        for name in whole:
-            tier = next(p for p in plan.components if p.component == name).device_map[""]
-            parts[name] = load_whole(folder / name, family.component(name).load_class(), tier, plan.precision)
-        for c in family.components:
-            if c.stage == stage and c.role == "tokenizer":
-                parts[c.name] = c.load_class().from_pretrained(folder / c.name)
-    except BaseException:
-        mapped.close()
-        raise
+    mapped, parts = load_stage(folder, plan, offload, offload_folder, progress)
     return TextEncoders(
-        parts={c: parts[c] for c in family.stage_parts(stage)}, plan=plan, applied=mapped.applied,
+        parts=parts, plan=plan, applied=mapped.applied,
         device=mapped.device, offload_folder=mapped.offload_folder, differences=mapped.differences,
         streamer=mapped.streamer, offload=mapped.offload, temporary=mapped.temporary,
     )

@@ -341,6 +341,30 @@ def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) ->
                           offload_buffers=True)
 
 
+def load_stage(folder: str | os.PathLike, plan, offload: str = "accelerate",
+               offload_folder: str | os.PathLike | None = None, progress: bool = True) -> tuple[Loaded, dict]:
+    """Every part of the plan's stage from ``folder``, as its family says: the split component as the
+    plan maps it (:func:`load_mapped`), the ones loaded whole on their tier (:func:`load_whole`), and the
+    parts without weights (tokenizers, the scheduler). ``(the split one's Loaded, {part: object})``; a
+    failure after the split one loaded closes it."""
+    folder, family, stage = Path(folder), plan.family, plan.stage
+    main, whole = family.main(stage), family.whole(stage)
+    loaded = load_mapped(folder / main, family.component(main).load_class(), main, plan, offload,
+                         whole=whole_bytes(plan, whole), offload_folder=offload_folder, progress=progress)
+    parts = {main: loaded.model}
+    try:
+        for name in whole:
+            tier = next(p for p in plan.components if p.component == name).device_map[""]
+            parts[name] = load_whole(folder / name, family.component(name).load_class(), tier, plan.precision)
+        for c in family.components:
+            if c.stage == stage and c.role != "model":
+                parts[c.name] = c.load_class().from_pretrained(folder / c.name)
+    except BaseException:
+        loaded.close()
+        raise
+    return loaded, {c: parts[c] for c in family.stage_parts(stage)}
+
+
 def whole_bytes(plan, components) -> dict[Tier, int]:
     """``{tier: bytes}`` of the plan's components loaded whole (what a stream budget leaves them)."""
     out: dict[Tier, int] = {}
