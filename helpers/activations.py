@@ -60,7 +60,7 @@ class Workload:
         return {"height": self.height, "width": self.width, "batch": self.batch, "tokens": self.tokens}
 
 
-def _conv_scratch(args, out) -> int:
+def _conv_scratch(args, out, bf16_native: bool | None = None) -> int:
     """Bytes a convolution's kernel holds while it runs, beyond its output, on this machine's CPU (the
     meta device makes none): a reordered copy of its input plus its output twice, in oneDNN's blocked
     layout, whose channels come in groups of 16 (an output of 3 channels is held as 16).
@@ -71,12 +71,16 @@ def _conv_scratch(args, out) -> int:
     holds on every CPU, with room for the per-thread scratch that grows with the thread count
     (the tiny twin's decode at 1824x1824 held 52 MiB more at 16 threads than at 2). bf16 math on a
     CPU without native bf16 has no oneDNN kernel: PyTorch unfolds the input into one copy per
-    kernel tap (9 for a 3x3 conv), which is counted instead when it is larger.
+    kernel tap (9 for a 3x3 conv), which is counted instead when it is larger. ``bf16_native``: whether
+    the CPU that runs it has native bf16 (measured once where the plan is made and handed in; ``None``:
+    this machine's, :func:`helpers.precision.cpu_bf16`).
     """
     channels = out.shape[1] if out.dim() >= 3 and out.shape[1] > 0 else 16
     blocked = out.untyped_storage().nbytes() * max(channels, 16) // channels
     held = args[0].untyped_storage().nbytes() + 2 * blocked
-    if args[0].dtype == torch.bfloat16 and not cpu_bf16()[0]:
+    if bf16_native is None and args[0].dtype == torch.bfloat16:
+        bf16_native = cpu_bf16()[0]
+    if args[0].dtype == torch.bfloat16 and not bf16_native:
         taps = math.prod(args[1].shape[2:])
         held = max(held, taps * args[0].untyped_storage().nbytes() + out.untyped_storage().nbytes())
     return held
@@ -87,7 +91,7 @@ _SCRATCH = {torch.ops.aten.convolution.default: _conv_scratch}
 
 
 def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool = True,
-                    kernel_scratch: bool = False) -> int:
+                    kernel_scratch: bool = False, bf16_native: bool | None = None) -> int:
     """The most bytes of intermediate tensors one forward pass of ``module`` holds at once.
 
     Counted op by op: every new storage an op returns, until its last reference goes; with
@@ -134,7 +138,7 @@ def activation_peak(module: torch.nn.Module, inputs: dict, fused_attention: bool
                         self.peak = max(self.peak, self.now)
                         weakref.finalize(storage, self._gone, key)
             if kernel_scratch and func in _SCRATCH:  # what the kernel holds while it runs, beside its output
-                self.peak = max(self.peak, self.now + _SCRATCH[func](args, out))
+                self.peak = max(self.peak, self.now + _SCRATCH[func](args, out, bf16_native))
             return out
 
     class Fused(TorchFunctionMode):
@@ -204,14 +208,16 @@ def _two_blocks_each(block_lists: tuple[str, ...], module: torch.nn.Module):
 
 
 def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024, width: int = 1024,
-                 tokens: int = 512, cpu: bool = False, family: Family | None = None) -> int:
+                 tokens: int = 512, cpu: bool = False, family: Family | None = None,
+                 bf16_native: bool | None = None) -> int:
     """Peak activations of one forward of ``component`` (its skeleton ``module`` on the meta device),
     batch 1, computing in ``dtype``: for ``transformer`` one denoising step of a ``height`` x
     ``width`` image with ``tokens`` text tokens; for ``vae`` the decode of that image; for
     ``text_encoder_2`` one prompt of ``tokens`` tokens. Counted through one block of each list (the
     same peak, see :func:`_two_blocks_each`); the skeleton's own blocks and dtypes are put back after;
     each shape is counted once per process. ``cpu``: the forward runs on a CPU, whose convolutions
-    hold scratch memory (see :func:`_conv_scratch`)."""
+    hold scratch memory (see :func:`_conv_scratch`; ``bf16_native``: whether that CPU has native bf16,
+    ``None``: this one's)."""
     family = family or default_family()
     counted = [c.name for c in family.components if c.activation]
     if component not in counted:
@@ -220,7 +226,9 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
     text = family.component(component).stage == "text_encoding"
     both = component == family.file_component
     size = (0, 0, tokens) if text else (height, width, tokens) if both else (height, width, 0)
-    key = (component, _config_key(module), str(dtype), cpu, *size)
+    if cpu and dtype == torch.bfloat16 and bf16_native is None:
+        bf16_native = cpu_bf16()[0]
+    key = (component, _config_key(module), str(dtype), cpu, bf16_native if cpu else None, *size)
     if key not in _COUNTED:
         with _two_blocks_each(family.block_lists(component), module):
             floats = [(t, t.dtype) for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
@@ -229,7 +237,7 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
                     t.data = t.data.to(dtype)
                 _COUNTED[key] = activation_peak(*example_inputs(component, module, dtype, height, width, tokens,
                                                                 family=family),
-                                                kernel_scratch=cpu)
+                                                kernel_scratch=cpu, bf16_native=bf16_native)
             finally:
                 for t, original in floats:
                     t.data = t.data.to(original)
@@ -237,12 +245,14 @@ def forward_peak(component: str, module: torch.nn.Module, dtype: torch.dtype, he
 
 
 def stage_activations(stage: str, skeletons: dict[str, torch.nn.Module], dtype: torch.dtype,
-                      workload: Workload, cpu: bool = False, family: Family | None = None) -> dict[str, int]:
+                      workload: Workload, cpu: bool = False, family: Family | None = None,
+                      bf16_native: bool | None = None) -> dict[str, int]:
     """Bytes each component of ``stage`` holds beyond its weights at its peak for ``workload``
     (``batch`` prompts at once), in the order the stage runs them; the stage needs room for the
     largest, since they run one after the other. ``cpu``: it computes on a CPU."""
     return {c: workload.batch * forward_peak(c, skeletons[c], dtype, workload.height, workload.width, workload.tokens,
-                                             cpu=cpu, family=family) for c in counted_components(stage, family)}
+                                             cpu=cpu, family=family, bf16_native=bf16_native)
+            for c in counted_components(stage, family)}
 
 
 def largest_square(fits: Callable[[int], bool], above: int, guess: int | None = None) -> int | None:

@@ -89,17 +89,23 @@ def _plan(config: dict, model=None):
         from helpers.job import job_from_dict
 
         return job_from_dict(config["job"]).plan
-    from helpers.activations import Workload
-    from helpers.diffuse import diffusion_plan
-    from helpers.encode import text_encoding_plan
+    from helpers.job import plan_job
 
-    knobs = dict(weights=config.get("weights"), compute=config.get("compute") or "auto")
-    model = model or config["model"]
-    if config.get("stage") == "text_encoding":
-        return text_encoding_plan(model, config["max_memory"], workload=Workload(tokens=config["tokens"]), **knobs)
-    return diffusion_plan(model, config["max_memory"],
-                          workload=Workload(config["height"], config["width"], 1, config["tokens"]),
-                          transformer_file=config.get("transformer_file"), **knobs)
+    return plan_job(_request(config, model)).plan
+
+
+def _request(config: dict, model=None):
+    """What the benchmarked call asks its planner (:func:`helpers.job.plan_job`). Each strategy fetches
+    offloaded blocks its own way, so the job's offload is accelerate's, the one that needs no headers read."""
+    from helpers.activations import Workload
+    from helpers.job import Request
+
+    stage = config.get("stage") or "diffusion"
+    workload = (Workload(tokens=config["tokens"]) if stage == "text_encoding" else
+                Workload(config["height"], config["width"], 1, config["tokens"]))
+    return Request(stage, model or config["model"], config["max_memory"], workload, config.get("weights"),
+                   config.get("compute") or "auto", "accelerate",
+                   config.get("transformer_file") if stage == "diffusion" else None)
 
 
 #: why diffusers' strategies do not run an fp8 file with row scales (see ``run``)
@@ -941,10 +947,12 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
         if stage != "diffusion":
             raise UserError("--transformer is the diffusion transformer's file; benchmark it with --stage diffusion.")
         config["transformer_file"] = str(Path(transformer_file).expanduser().resolve())
-    plan = _plan(config, ref)  # checks the budget, the size, the precision and the file, before anything runs
-    from helpers.job import Job
+    from helpers.job import plan_job
 
-    job = Job(stage, ref, plan)  # every strategy's child runs this plan, as made here
+    # checks the budget, the size, the precision and the file, before anything runs; every strategy's child
+    # runs this job's plan, as made here
+    job = plan_job(_request(config, ref))
+    plan = job.plan
     precision = plan.precision
     file_format = precision.file.label if precision.file is not None else None
     config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose

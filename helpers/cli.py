@@ -99,8 +99,8 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     fp = footprint(ref)
     like = footprint(like_ref) if like_ref is not None else None
     fast = parse_budget(spec, model_bytes=2**40).fast
-    precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast, ref.family),
-                  "diffusion": resolve("diffusion", args.weights, args.compute, fast, ref.family)}
+    precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast, ref.family, cpu_native(args)),
+                  "diffusion": resolve("diffusion", args.weights, args.compute, fast, ref.family, cpu_native(args))}
     if args.transformer:  # its header alone: the bytes it stores, block by block
         from helpers.formats.transformer_file import open_transformer_file
 
@@ -140,16 +140,27 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
 def _cmd_encode(args: argparse.Namespace) -> int:
     from helpers.budget import format_bytes
-    from helpers.encode import encode_prompts
+    from helpers.encode import encode_prompts, run_text_encoding
+    from helpers.job import check_job_alone
     from helpers.report import Table
 
     job = _read_job(args, "text_encoding")
-    result = encode_prompts(
-        args.model, args.prompt, args.out, max_memory=args.max_memory,
-        max_sequence_length=args.max_sequence_length, overwrite=args.overwrite,
-        create_folder=in_outputs(Path(args.out).parent),
-        offload=args.offload, weights=args.weights, compute=args.compute, job=job, check_only=bool(args.save_job),
-    )
+    create_folder = in_outputs(Path(args.out).parent)
+    if job is not None:  # the planner's job, run as it says: the flags it fixes are refused beside it
+        check_job_alone(job, "text_encoding", args.model, max_memory=args.max_memory, weights=args.weights,
+                        compute=args.compute, offload=args.offload, cpu_bf16=args.cpu_bf16)
+        if args.max_sequence_length is not None and job.workload is not None:
+            from dataclasses import replace
+
+            job.check_workload(replace(job.workload, tokens=args.max_sequence_length))
+        result = run_text_encoding(job, args.prompt, args.out, overwrite=args.overwrite, create_folder=create_folder)
+    else:
+        result = encode_prompts(
+            args.model, args.prompt, args.out, max_memory=args.max_memory,
+            max_sequence_length=args.max_sequence_length, overwrite=args.overwrite, create_folder=create_folder,
+            offload=args.offload, weights=args.weights, compute=args.compute, check_only=bool(args.save_job),
+            cpu_bf16=cpu_native(args),
+        )
     if args.save_job:
         return _save_job(result, args)
     for warning in result.warnings:
@@ -225,7 +236,7 @@ def _diffuse_argv(args: argparse.Namespace, embeddings, out, job: Path | None = 
         argv += [f"--job={job}"]
     else:
         argv += [*([f"--model={args.model}"] if args.model else []), f"--offload={args.offload}",
-                 f"--compute={args.compute}"]
+                 f"--compute={args.compute}", f"--cpu-bf16={args.cpu_bf16}"]
         argv += [f"--max-memory={args.max_memory}"] if args.max_memory else []
         argv += [f"--weights={args.weights}"] if args.weights else []
         argv += [f"--transformer={args.transformer}"] if args.transformer else []
@@ -237,38 +248,54 @@ def _diffuse_argv(args: argparse.Namespace, embeddings, out, job: Path | None = 
     return argv
 
 
-def _diffuse_kwargs(args: argparse.Namespace, job=None) -> dict:
-    return dict(job=job, model=args.model, steps=args.steps, seed=args.seed, guidance=args.guidance, height=args.height,
-                width=args.width, max_memory=args.max_memory, overwrite=args.overwrite,
-                create_folder=in_outputs(Path(args.out).parent), offload=args.offload, weights=args.weights,
-                compute=args.compute, transformer_file=args.transformer, batch_size=args.batch_size,
-                resume=args.resume)
+def _diffusion_job(args: argparse.Namespace, job=None, worker=None):
+    """``diffuse``'s images checked and its job: ``job`` (``--job``: the flags it fixes refused beside
+    it), else one planned here from the flags. Nothing is loaded."""
+    from helpers.diffuse import check_images
+    from helpers.job import Request, check_job_alone, plan_job
+    from helpers.offload.streamers import check_offload
+
+    if job is not None:
+        check_job_alone(job, "diffusion", args.model, max_memory=args.max_memory, weights=args.weights,
+                        compute=args.compute, offload=args.offload, transformer_file=args.transformer,
+                        cpu_bf16=args.cpu_bf16)
+    images = check_images(args.embeddings, args.out, job.model if job is not None else args.model, seed=args.seed,
+                          steps=args.steps, guidance=args.guidance, height=args.height, width=args.width,
+                          batch_size=args.batch_size, overwrite=args.overwrite,
+                          create_folder=in_outputs(Path(args.out).parent), resume=args.resume, worker=worker)
+    if job is None:
+        check_offload(args.offload)
+        job = plan_job(Request("diffusion", images.model, args.max_memory, images.workload, args.weights,
+                               args.compute, args.offload, args.transformer, cpu_bf16=cpu_native(args)))
+    else:
+        job.check_workload(images.workload)
+    return images, job
 
 
 def _cmd_diffuse(args: argparse.Namespace) -> int:
     from helpers.budget import format_bytes
-    from helpers.diffuse import diffuse_file
+    from helpers.diffuse import run_diffusion
     from helpers.report import Table
     from helpers.workers import check_threads, check_workers, own_gpu, own_gpu_budget, this_worker
 
     job = _read_job(args, "diffusion")
     _settle_workload(args, job)
     if args.save_job:
-        return _save_job(diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args, job))[1], args)
+        return _save_job(_diffusion_job(args, job)[1], args)
     if check_workers(args.workers) > 1:
         return _diffuse_on_workers(args, job)
     worker = this_worker()  # under torchrun: this process's share of the prompts
-    kwargs = _diffuse_kwargs(args, job)
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(check_threads(args.threads))
     gpu = own_gpu(worker, torch.cuda.device_count())
     if job is not None:  # the planner's job: on this worker's own card where the host has several
-        kwargs["job"] = job.on_gpu(gpu) if gpu else job
+        job = job.on_gpu(gpu) if gpu else job
     elif worker.world > 1:
-        kwargs["max_memory"] = own_gpu_budget(args.max_memory, worker, torch.cuda.device_count())
-    result = diffuse_file(args.embeddings, args.out, worker=worker, **kwargs)
+        args.max_memory = own_gpu_budget(args.max_memory, worker, torch.cuda.device_count())
+    images, job = _diffusion_job(args, job, worker)
+    result = run_diffusion(job, images, progress=True)
     who = f"{worker.describe()}: " if worker.world > 1 else ""
     report = f"{args.report}.{worker.rank}" if args.report and worker.world > 1 else args.report
     if result.measurement is None:
@@ -302,14 +329,12 @@ def _diffuse_on_workers(args: argparse.Namespace, job=None) -> int:
     import json
     import tempfile
 
-    from helpers.diffuse import diffuse_file, output_paths
-    from helpers.embeddings import read_header
     from helpers.workers import check_threads, run_workers
 
     start = time.perf_counter()
-    todo, job = diffuse_file(args.embeddings, args.out, check_only=True, **_diffuse_kwargs(args, job))
-    header = read_header(args.embeddings)
-    paths = output_paths(args.out, header.batch)
+    images, job = _diffusion_job(args, job)  # every check and the plan, once, here
+    header, paths = images.header, images.paths
+    todo = [paths[i] for i in images.todo]
     if not todo:
         print("nothing to make: every image of this file is there already", file=sys.stderr)
         return 0
@@ -474,10 +499,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # weights are fetched or a twin built; each child runs its job as made here, planning nothing again
     requests = {
         "encode": Request("text_encoding", ref, args.max_memory, Workload(batch=len(prompts), tokens=length),
-                          args.weights, "auto", args.offload),
+                          args.weights, "auto", args.offload, cpu_bf16=cpu_native(args)),
         "diffuse": Request("diffusion", ref, args.max_memory,
                            Workload(args.height, args.width, min(args.batch_size, len(prompts)), length),
-                           args.weights, args.compute, args.offload, args.transformer),
+                           args.weights, args.compute, args.offload, args.transformer, cpu_bf16=cpu_native(args)),
     }
     jobs = {name: plan_job(request) for name, request in requests.items()}
     folder = ref.folder(components=list(ref.family.subfolders))  # the weights are there (or the twin is built)
@@ -619,6 +644,18 @@ def _precision_args(q: argparse.ArgumentParser, what: str) -> None:
                    "(found by a short timed probe), else fp32; the text encoders compute in fp32 unless asked")
 
 
+def _cpu_arg(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--cpu-bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="whether the CPU that computes has native bf16 matrix math: what --compute auto picks there "
+                   "and what a bf16 convolution holds (without it, an unfolded copy per kernel tap). auto (default): "
+                   "this machine's, measured once when planning; yes/no: plan for another host's CPU (a saved job)")
+
+
+def cpu_native(args: argparse.Namespace) -> bool | None:
+    """``--cpu-bf16`` as the planner takes it: ``None`` (this machine's), ``True`` or ``False``."""
+    return {"yes": True, "no": False}.get(getattr(args, "cpu_bf16", "auto"))
+
+
 def _job_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--save-job", metavar="FILE",
                    help="check everything and plan the stage, write the plan (model, budget, precision, offload: JSON) "
@@ -690,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens per prompt (default: 512; FLUX.1-schnell: 256)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     _precision_args(p, "each stage (--compute: diffusion)")
+    _cpu_arg(p)
     _transformer_arg(p)
     p.set_defaults(func=_cmd_footprint)
 
@@ -715,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help=argparse.SUPPRESS)
     _offload_arg(p)
     _precision_args(p, "CLIP and T5")
+    _cpu_arg(p)
     _job_args(p)
     p.set_defaults(func=_cmd_encode)
 
@@ -755,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="MODEL", help="default: the model that made the embeddings")
     _offload_arg(p)
     _precision_args(p, "the transformer and the VAE")
+    _cpu_arg(p)
     _transformer_arg(p)
     image_knobs(p)
     p.add_argument("--resume", action="store_true",
@@ -780,6 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="T5 tokens, 1 to 512 (default: 512; FLUX.1-schnell: 256, its most)")
     _offload_arg(p)
     _precision_args(p, "each stage (--compute: diffusion)")
+    _cpu_arg(p)
     _transformer_arg(p)
     image_knobs(p)
     p.set_defaults(func=_cmd_generate)

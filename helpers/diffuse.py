@@ -300,6 +300,76 @@ def check_image_outputs(paths: list[Path], overwrite: bool = False, create_folde
         check_can_write(p, overwrite)
 
 
+@dataclass(frozen=True)
+class Images:
+    """The images one diffusion run is to make, every input checked (the embeddings file read and
+    validated against the model, the settings, where the images go) and nothing loaded:
+    :func:`check_images` makes one, :func:`run_diffusion` makes its images with a job."""
+
+    model: object  # the resolved helpers.models.ModelRef
+    header: object  # the embeddings file's (helpers.embeddings)
+    tensors: dict
+    paths: list  # one per prompt of the file
+    calls: list  # this worker's pipeline calls still to make (prompt indices)
+    todo: list  # the prompts whose images this run writes
+    seed: int
+    steps: int
+    guidance: float
+    height: int
+    width: int
+    batch_size: int
+    notes: list
+    overwrite: bool = False
+
+    @property
+    def workload(self) -> Workload:
+        """What one pipeline call computes on: the plan keeps room for it on the fast tier."""
+        return Workload(self.height, self.width, min(self.batch_size, self.header.batch),
+                        self.header.max_sequence_length)
+
+
+def check_images(embeddings: str | os.PathLike, out: str | os.PathLike, model=None, *, seed: int = 0,
+                 steps: int | None = None, guidance: float | None = None, height: int = 1024, width: int = 1024,
+                 batch_size: int = 1, overwrite: bool = False, create_folder: bool = True, resume: bool = False,
+                 worker=None) -> Images:
+    """Every check of a diffusion run that needs no plan, in the order a user fixes them: the file, the
+    settings, then the file's tensors against the model and where the images go. ``model`` defaults to
+    the one that made the embeddings; ``steps`` and ``guidance`` to the variant's usual values. Prompt
+    ``i``'s image goes to :func:`output_paths` ``[i]``; ``worker`` (:class:`helpers.workers.Worker`,
+    default the only one): this process's share; ``resume``: images already there are kept."""
+    from helpers.embeddings import load_embeddings, read_header
+    from helpers.models import resolve_model
+    from helpers.workers import Worker, check_batch_size, share
+
+    worker = worker or Worker()
+    header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
+    check_seed(seed)
+    check_batch_size(batch_size)
+    if resume and overwrite:
+        raise UserError("--resume keeps the images already made and --overwrite makes them again: choose one.")
+    if model is None:
+        model = header.metadata.get("model") or None
+        try:
+            resolve_model(model)
+        except UserError as err:
+            raise UserError(f"{header.path} names model {model!r}, which is not usable here ({err}); pass --model.") from None
+    ref = resolve_model(model)  # once: the plan, the folder and the file's checks all ask this object
+    steps = ref.usual.steps if steps is None else steps
+    guidance = ref.usual.guidance if guidance is None else guidance
+    check_settings(height, width, steps, guidance)  # sizes and guidance, before the file is read
+    # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
+    tensors, header = load_embeddings(embeddings, **expected_inputs(ref))
+    notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length, ref.family)
+    paths = output_paths(out, header.batch)
+    calls = share(header.batch, worker, batch_size)
+    if resume:  # a call whose images are all there is not made again
+        calls = [c for c in calls if any(not paths[i].is_file() for i in c)]
+    todo = [i for c in calls for i in c if not (resume and paths[i].is_file())]
+    check_image_outputs([paths[i] for i in todo], overwrite, create_folder, several=header.batch > 1)
+    return Images(ref, header, tensors, paths, calls, todo, seed, steps, guidance, height, width, batch_size,
+                  notes, overwrite)
+
+
 def diffuse_file(
     embeddings: str | os.PathLike,
     out: str | os.PathLike,
@@ -319,110 +389,91 @@ def diffuse_file(
     transformer_file: str | os.PathLike | None = None,
     batch_size: int = 1,
     resume: bool = False,
-    worker=None,
     check_only: bool = False,
-    job=None,
 ) -> DiffuseResult | tuple[list[Path], object]:
-    """Stage 2 in one call. Every check (file, settings, budget, output) runs before any weight loads.
+    """Stage 2 in one call, for a notebook or a widget: :func:`check_images`, the job planned
+    (:func:`helpers.job.plan_job`), then :func:`run_diffusion`. Every check (file, settings, budget,
+    output) runs before any weight loads.
 
     ``model`` defaults to the one that made the embeddings; ``steps`` and ``guidance`` to the
     variant's usual values (FLUX.1-dev: 28 and 3.5; schnell: 4 and 0). ``offload``: see
-    :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``).
-    ``weights``, ``compute`` and ``transformer_file``: see :func:`diffusion_plan`.
+    :func:`load_diffusion` (``auto``: ``stream`` without a GPU tier, else ``accelerate``, settled when
+    planning). ``weights``, ``compute`` and ``transformer_file``: see :func:`diffusion_plan`.
     Prompt ``i`` is seeded with ``seed + i`` and made ``batch_size`` prompts per pipeline call (see
-    :func:`generate`); each image is saved as soon as it is made. ``worker``
-    (:class:`helpers.workers.Worker`, default the only one): this process makes its share of the
-    prompts alone. ``resume``: images already there are kept and only the missing ones are made.
-    ``check_only``: every check and the plan, then ``(the images this call would write, its job)``
-    without loading anything; the job (:class:`helpers.job.Job`: model, plan, precision, offload) is
-    what a worker runs. ``job``: run that job as its planner decided, planning nothing here (the
-    budget, precision, file and offload are the job's; the image size and batch must be its).
+    :func:`generate`); each image is saved as soon as it is made. ``resume``: images already there are
+    kept and only the missing ones are made. ``check_only``: every check and the plan, then ``(the
+    images this call would write, its job)`` without loading anything; the job
+    (:class:`helpers.job.Job`: model, plan, precision, offload) is what a worker runs.
     """
-    from helpers.embeddings import load_embeddings, read_header
-    from helpers.images import save_image
-    from helpers.memory import measure
-    from helpers.job import Request, check_job_alone, plan_job
-    from helpers.models import resolve_model
+    from helpers.job import Request, plan_job
     from helpers.offload.streamers import check_offload
-    from helpers.workers import Worker, check_batch_size, prompt_seed, share
 
-    worker = worker or Worker()
-    if job is not None:
-        check_job_alone(job, "diffusion", model, max_memory=max_memory, weights=weights, compute=compute,
-                        offload=offload, transformer_file=transformer_file)
-        model = job.model
-    header = read_header(embeddings)  # missing or unreadable files fail here, naming what makes them
-    check_seed(seed)
-    check_batch_size(batch_size)
-    if resume and overwrite:
-        raise UserError("--resume keeps the images already made and --overwrite makes them again: choose one.")
-    if model is None:
-        model = header.metadata.get("model") or None
-        try:
-            ref = resolve_model(model)
-        except UserError as err:
-            raise UserError(f"{header.path} names model {model!r}, which is not usable here ({err}); pass --model.") from None
-    ref = resolve_model(model)  # once: the plan, the folder and the file's checks all ask this object
-    family = ref.family
-    steps = ref.usual.steps if steps is None else steps
-    guidance = ref.usual.guidance if guidance is None else guidance
-    check_settings(height, width, steps, guidance)  # sizes and guidance, before the file is read
-    # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
-    tensors, header = load_embeddings(embeddings, **expected_inputs(ref))
-    notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length, family)
-    paths = output_paths(out, header.batch)
-    mine = share(header.batch, worker, batch_size)  # this worker's pipeline calls (prompt indices)
-    if resume:  # a call whose images are all there is not made again
-        mine = [c for c in mine if any(not paths[i].is_file() for i in c)]
-    todo = [i for c in mine for i in c if not (resume and paths[i].is_file())]
-    check_image_outputs([paths[i] for i in todo], overwrite, create_folder, several=header.batch > 1)
+    images = check_images(embeddings, out, model, seed=seed, steps=steps, guidance=guidance, height=height,
+                          width=width, batch_size=batch_size, overwrite=overwrite, create_folder=create_folder,
+                          resume=resume)
     check_offload(offload)
-    # room for the larger of a step's and the decode's activations at this size, per pipeline call
-    workload = Workload(height, width, min(batch_size, header.batch), header.max_sequence_length)
-    if job is None:
-        job = plan_job(Request("diffusion", ref, max_memory, workload, weights, compute, offload, transformer_file))
-    else:
-        job.check_workload(workload)
-    plan, offload = job.plan, job.offload
-    transformer_file = job.transformer_file
+    job = plan_job(Request("diffusion", images.model, max_memory, images.workload, weights, compute, offload,
+                           transformer_file))
     if check_only:
-        return [paths[i] for i in todo], job
-    if not todo:  # all made already, or more workers than prompts: nothing is loaded
-        return DiffuseResult(paths=[], images=[], plan=plan, applied={}, differences=[], notes=notes,
+        return [images.paths[i] for i in images.todo], job
+    return run_diffusion(job, images, progress=progress)
+
+
+def run_diffusion(job, images: Images, progress: bool = True) -> DiffuseResult:
+    """Run a diffusion job (:class:`helpers.job.Job`, as its planner decided it: the budget, precision,
+    transformer file and offload are the job's) on checked :class:`Images`, which must be what it was
+    planned for (the model, the image size and the batch per call). Each image is saved as soon as it is
+    made; ``progress``: progress bars while weights stream and steps run."""
+    from helpers.images import save_image
+    from helpers.job import Job
+    from helpers.memory import measure
+    from helpers.workers import prompt_seed
+
+    if not isinstance(job, Job) or job.stage != "diffusion":
+        raise UserError("run_diffusion runs a diffusion job (helpers.job.plan_job, or load_job of a saved one).")
+    if images.model.label != job.model.label:
+        raise UserError(f"the job is for model {job.model.label}, and the images are checked against "
+                        f"{images.model.label}: check them against the job's model.")
+    job.check_workload(images.workload)
+    ref, family, plan, header = job.model, job.model.family, job.plan, images.header
+    if not images.todo:  # all made already, or more workers than prompts: nothing is loaded
+        return DiffuseResult(paths=[], images=[], plan=plan, applied={}, differences=[], notes=images.notes,
                              measurement=None, step_times=[], header=header, offload="none", warnings=plan.warnings)
     # a transformer file brings the weights: of the model's transformer only its config is needed
-    parts = [c for c in family.stage_parts("diffusion") if not (transformer_file and c == family.file_component)]
-    folder = ref.folder(components=parts, configs=[family.file_component] if transformer_file else [])
-    for i in todo:  # only now, when the run can go ahead
-        paths[i].parent.mkdir(parents=True, exist_ok=True)
+    from_file = job.transformer_file is not None
+    parts = [c for c in family.stage_parts("diffusion") if not (from_file and c == family.file_component)]
+    folder = ref.folder(components=parts, configs=[family.file_component] if from_file else [])
+    for i in images.todo:  # only now, when the run can go ahead
+        images.paths[i].parent.mkdir(parents=True, exist_ok=True)
 
     fp = header.metadata.get("fingerprint", "")
-    made, images, times = [], [], []
-    wanted = set(todo)
+    settings = {"seed": images.seed, "steps": images.steps, "guidance": images.guidance, "height": images.height,
+                "width": images.width}
+    made, pictures, times = [], [], []
+    wanted = set(images.todo)
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan, offload=offload, progress=progress)
+        diffusion = load_diffusion(folder, plan, offload=job.offload, progress=progress)
         try:
-            for chunk in mine:
-                part = {k: tensors[k][chunk[0]:chunk[-1] + 1] for k in family.embedding_names}
-                result = generate(diffusion, part, seed, steps, guidance, height, width, progress=progress,
-                                  batch_size=len(chunk), first=chunk[0])
+            for chunk in images.calls:
+                part = {k: images.tensors[k][chunk[0]:chunk[-1] + 1] for k in family.embedding_names}
+                result = generate(diffusion, part, **settings, progress=progress, batch_size=len(chunk),
+                                  first=chunk[0])
                 times += result.step_times
                 for i, image in zip(chunk, result.images):
                     if i not in wanted:
                         continue
-                    save_image(image, paths[i], overwrite=overwrite, metadata={
-                        "prompt": header.prompts[i], "seed": prompt_seed(seed, i), "steps": steps,
-                        "guidance": guidance, "height": height, "width": width, "model": ref.name,
-                        "embeddings": str(header.path), "embeddings_fingerprint": fp, "batch_index": i,
-                        "batch_size": header.batch,
-                        **({"transformer_file": plan.precision.file.path.name} if plan.precision.file is not None
-                           else {}),
+                    path = images.paths[i]
+                    save_image(image, path, overwrite=images.overwrite, metadata={
+                        "prompt": header.prompts[i], **settings, "seed": prompt_seed(images.seed, i),
+                        "model": ref.name, "embeddings": str(header.path), "embeddings_fingerprint": fp,
+                        "batch_index": i, "batch_size": header.batch,
+                        **({"transformer_file": plan.precision.file.path.name} if from_file else {}),
                     })
-                    made.append(paths[i])
-                    images.append(image)
+                    made.append(path)
+                    pictures.append(image)
         finally:
             applied, differences, used = diffusion.applied, diffusion.differences, diffusion.offload
             diffusion.close()
-    return DiffuseResult(paths=made, images=images, plan=plan, applied=applied,
-                         differences=differences, notes=notes, measurement=m,
+    return DiffuseResult(paths=made, images=pictures, plan=plan, applied=applied,
+                         differences=differences, notes=images.notes, measurement=m,
                          step_times=times, header=header, offload=used, warnings=plan.warnings)

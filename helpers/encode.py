@@ -224,52 +224,69 @@ def encode_prompts(
     offload: str = "auto",
     weights: str | None = None,
     compute: str = "auto",
-    job=None,
     check_only: bool = False,
+    cpu_bf16: bool | None = None,
 ) -> EncodeResult:
-    """Stage 1 in one call: check inputs, plan, load, encode, save. Every check runs before any load.
+    """Stage 1 in one call, for a notebook or a widget: check the inputs, plan the job
+    (:func:`helpers.job.plan_job`), then run it (:func:`run_text_encoding`). Every check runs before
+    any load.
 
     ``offload``: see :func:`load_text_encoders` (``auto``: ``stream`` without a GPU tier, else
-    ``accelerate``). ``weights`` and ``compute``: see :func:`text_encoding_plan`. ``job``
-    (:class:`helpers.job.Job`): run the plan its planner made, planning nothing here (the budget,
-    precision and offload are the job's; the prompts' count and length must be what it planned for).
-    ``check_only``: every check and the plan, then the job, without loading anything.
+    ``accelerate``, settled when planning). ``weights`` and ``compute``: see :func:`text_encoding_plan`.
+    ``check_only``: every check and the plan, then the job (:class:`helpers.job.Job`), nothing loaded.
+    ``cpu_bf16``: whether the CPU that computes has native bf16 (``None``: this machine's, measured once).
     """
-    from helpers.activations import Workload
-    from helpers.embeddings import save_embeddings, weights_identity
-    from helpers.offload.streamers import check_offload
-    from helpers.memory import measure
-    from helpers.job import Request, check_job_alone, plan_job
+    from helpers.job import Request, plan_job
     from helpers.models import resolve_model
+    from helpers.offload.streamers import check_offload
 
-    if job is not None:
-        check_job_alone(job, "text_encoding", model, max_memory=max_memory, weights=weights, compute=compute,
-                        offload=offload)
-        model = job.model
     ref = resolve_model(model)  # once: the plan, the folder and the file's fingerprint all ask this object
-    prompts = check_prompts(prompts)
-    family = ref.family
-    if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
-        max_sequence_length = ref.usual.text_length
-    check_max_sequence_length(max_sequence_length, ref.variant, family)
-    out = check_embeddings_out(out, overwrite, create_folder)
+    workload = _text_workload(ref, prompts, max_sequence_length)
+    check_embeddings_out(out, overwrite, create_folder)
     check_offload(offload)
-    # the split encoder's activations for these prompts keep room on the fast tier; too many at once are refused here
-    workload = Workload(batch=len(prompts), tokens=max_sequence_length)
-    if job is None:
-        job = plan_job(Request("text_encoding", ref, max_memory, workload, weights, compute, offload))
-    else:
-        job.check_workload(workload)
+    job = plan_job(Request("text_encoding", ref, max_memory, workload, weights, compute, offload, cpu_bf16=cpu_bf16))
     if check_only:
         return job
+    return run_text_encoding(job, prompts, out, overwrite=overwrite, create_folder=create_folder)
+
+
+def _text_workload(ref, prompts, max_sequence_length: int | None):
+    """The prompts and text length checked for ``ref``'s family, as the activations they make: the
+    split encoder keeps room for them on the fast tier (too many at once are refused when planning)."""
+    from helpers.activations import Workload
+
+    prompts = check_prompts(prompts)
+    if max_sequence_length is None:  # the variant's usual: 512 tokens, FLUX.1-schnell 256
+        max_sequence_length = ref.usual.text_length
+    check_max_sequence_length(max_sequence_length, ref.variant, ref.family)
+    return Workload(batch=len(prompts), tokens=max_sequence_length)
+
+
+def run_text_encoding(job, prompts: str | list[str], out: str | os.PathLike, *, overwrite: bool = False,
+                      create_folder: bool = True) -> EncodeResult:
+    """Run a text-encoding job (:class:`helpers.job.Job`, as its planner decided it: the model, budget,
+    precision and offload are the job's) on ``prompts``, which must be what it was planned for (their
+    count and the text length), and save the embeddings to ``out``. Every check runs before any load."""
+    from helpers.embeddings import save_embeddings, weights_identity
+    from helpers.job import Job
+    from helpers.memory import measure
+
+    if not isinstance(job, Job) or job.stage != "text_encoding":
+        raise UserError("run_text_encoding runs a text-encoding job (helpers.job.plan_job, or load_job of a saved one).")
+    ref, family = job.model, job.model.family
+    length = job.workload.tokens if job.workload is not None else None
+    workload = _text_workload(ref, prompts, length)
+    job.check_workload(workload)
+    prompts, max_sequence_length = check_prompts(prompts), workload.tokens
+    out = check_embeddings_out(out, overwrite, create_folder)
     check_free_space(out.parent, family.embeddings_bytes(ref.configs, workload.batch, workload.tokens),
                      "the embeddings file")
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan, offload = job.plan, job.offload
+    plan = job.plan
     folder = ref.folder(components=list(family.stage_parts("text_encoding")))
 
     with measure("text encoding") as m:
-        encoders = load_text_encoders(folder, plan, offload=offload)
+        encoders = load_text_encoders(folder, plan, offload=job.offload)
         try:
             tokens = token_report(prompts, encoders.parts, max_sequence_length, family)
             embeds = encode(encoders, prompts, max_sequence_length)

@@ -402,7 +402,7 @@ def _activations_need(fp: Footprint, name: str, prec: Precision, workload: Workl
     (batch included, in the compute dtype; a CPU's convolution scratch counted), plus a GPU's workspace."""
     gpu = isinstance(fast, int)
     return max(stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not gpu,
-                                 family=fp.family).values()) + (
+                                 family=fp.family, bf16_native=prec.cpu_bf16).values()) + (
         WORKSPACE_GPU if gpu else 0)
 
 
@@ -483,7 +483,7 @@ def _count(fp: Footprint, name: str, prec: Precision, workload: Workload | None,
         return {}, 0, []
     try:
         return (stage_activations(name, fp.skeletons, prec.compute_dtype, workload, cpu=not isinstance(fast, int),
-                                  family=fp.family),
+                                  family=fp.family, bf16_native=prec.cpu_bf16),
                 _activations_need(fp, name, prec, workload, fast), [])
     except Exception as err:  # noqa: BLE001 - a forward the meta device cannot run: plan weights alone
         return {}, 0, [f"the activations of {fp.model} could not be counted on the meta device "
@@ -625,7 +625,7 @@ def _machine_bytes(tier: Tier) -> int | None:
 
 def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto",
                runnable: bool = True, workload: Workload | None = None, weights: str | None = None,
-               compute: str = "auto", transformer_file=None) -> StagePlan:
+               compute: str = "auto", transformer_file=None, cpu_native: bool | None = None) -> StagePlan:
     """Plan one stage of ``model`` under a budget, refusing one that is too small; builds only skeletons.
 
     ``max_memory=None`` is the method's budget (one tier down without a GPU). ``like="auto"``
@@ -638,7 +638,9 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     ``auto`` is chosen for the budget's fast tier, the one the stage computes on), planned in stored
     bytes and carried by the plan to the loaders. ``transformer_file`` (diffusion): the transformer's
     weights from one file (GGUF, single safetensors, BFL layout), checked against the model from its
-    header and planned in the bytes it stores (:mod:`helpers.formats.transformer_file`).
+    header and planned in the bytes it stores (:mod:`helpers.formats.transformer_file`). ``cpu_native``:
+    whether the CPU that computes has native bf16 (``None``: this machine's, probed once), recorded in the
+    plan's precision (``auto``'s choice and a CPU convolution's scratch depend on it).
     """
     from helpers.budget import default_budget
     from helpers.precision import check_compute, check_weights, resolve
@@ -657,7 +659,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
     weights = _stored_weights(ref, stage, weights, runnable)
     if runnable:
         check_tiers_exist(checked)
-    precision = resolve(stage, weights, compute, checked.fast, family)
+    precision = resolve(stage, weights, compute, checked.fast, family, cpu_native)
     comps = stage_of(family, stage).components
     fp = footprint(ref, components=comps)
     if transformer_file is not None:

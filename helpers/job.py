@@ -12,7 +12,8 @@ The JSON (``"job": 1``)::
     {"job": 1, "stage": "diffusion", "offload": "auto",
      "model": {"name", "kind", "repo_id", "label", "fingerprint"},
      "budget": "cpu=12GiB,disk=100GiB",          # the command-line form, exact
-     "precision": {"weights", "compute", "why", "transformer_file": PATH or null},
+     "precision": {"weights", "compute", "why", "transformer_file": PATH or null,
+                   "cpu_bf16": true/false where the stage computes on a CPU (its bf16 math native or not)},
      "workload": {"height", "width", "batch", "tokens"},
      "plan": {... every placement: see plan_as_dict}}
 """
@@ -87,7 +88,8 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 def _precision_dict(p: Precision) -> dict:
     return {"weights": p.weights, "compute": p.compute, "why": p.why,
-            "transformer_file": str(p.file.path) if p.file is not None else None}
+            "transformer_file": str(p.file.path) if p.file is not None else None,
+            **({"cpu_bf16": p.cpu_bf16} if p.cpu_bf16 is not None else {})}
 
 
 def plan_as_dict(plan: StagePlan) -> dict:
@@ -134,7 +136,10 @@ def plan_from_dict(d: dict, precision: Precision, family=None) -> StagePlan:
 
 
 def _precision_from(d: dict, file) -> Precision:
-    return Precision(d["weights"], d["compute"], d.get("why", ""), file=file)
+    native = d.get("cpu_bf16")
+    if native is not None and not isinstance(native, bool):
+        raise UserError(f"a job's precision says cpu_bf16 {native!r}: true or false; {_EDITED}.")
+    return Precision(d["weights"], d["compute"], d.get("why", ""), file=file, cpu_bf16=native)
 
 
 # --------------------------------------------------------------------------- the job
@@ -236,6 +241,8 @@ class Request:
     offload: str = "auto"
     transformer_file: object = None
     like: str | None = "auto"
+    #: whether the CPU that will compute has native bf16 (``None``: this machine's, measured once here)
+    cpu_bf16: bool | None = None
 
 
 def plan_job(request: Request) -> Job:
@@ -250,7 +257,8 @@ def plan_job(request: Request) -> Job:
     check_offload(request.offload)
     ref = resolve_model(request.model)
     plan = plan_stage(request.stage, ref, request.max_memory, request.like, workload=request.workload,
-                      weights=request.weights, compute=request.compute, transformer_file=request.transformer_file)
+                      weights=request.weights, compute=request.compute, transformer_file=request.transformer_file,
+                      cpu_native=request.cpu_bf16)
     job = Job(request.stage, ref, plan, request.offload, "asked for" if request.offload != "auto" else
               "auto: the weights are not on this machine yet; settled as they load (stream where it fits a budget "
               "without a GPU)")
@@ -356,7 +364,7 @@ def load_job(path: str | os.PathLike, stage: str | None = None) -> Job:
 
 
 def check_job_alone(job: Job, stage: str, model=None, *, max_memory=None, weights=None, compute: str = "auto",
-                    offload: str = "auto", transformer_file=None) -> None:
+                    offload: str = "auto", transformer_file=None, cpu_bf16: str = "auto") -> None:
     """Refuse knobs given beside a job (it fixes them: a run would otherwise not be the one planned)
     and a job for another stage or model."""
     if not isinstance(job, Job):
@@ -365,9 +373,11 @@ def check_job_alone(job: Job, stage: str, model=None, *, max_memory=None, weight
         raise UserError(f"the job is for {job.stage.replace('_', ' ')}, not {stage.replace('_', ' ')}.")
     given = [flag for flag, value, default in (("--max-memory", max_memory, None), ("--weights", weights, None),
                                                ("--compute", compute, "auto"), ("--offload", offload, "auto"),
-                                               ("--transformer", transformer_file, None)) if value != default]
+                                               ("--transformer", transformer_file, None),
+                                               ("--cpu-bf16", cpu_bf16, "auto")) if value != default]
     if given:
-        raise UserError(f"a job fixes the budget, the precision, the transformer file and the offload; leave out "
+        raise UserError(f"a job fixes the budget, the precision (and the CPU it was planned for), the transformer "
+                        f"file and the offload; leave out "
                         f"{', '.join(given)}, or plan again without --job.")
     if model is not None and resolve_model(model).label != job.model.label:
         raise UserError(f"the job is for model {job.model.label}, not {resolve_model(model).label}.")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,6 +78,10 @@ class Precision:
     #: the transformer's weights from one file (``--transformer FILE``: a
     #: :class:`helpers.formats.transformer_file.TransformerFile`), held as it stores them; ``weights`` is the rest's
     file: object = None
+    #: whether the CPU that computes has native bf16 matrix math (what a bf16 convolution holds there
+    #: depends on it): measured once where the plan is made (:func:`cpu_bf16`) or told (``--cpu-bf16``),
+    #: never probed again on the way; ``None``: not settled (this machine's, where it matters)
+    cpu_bf16: bool | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.weights not in PLANNED_ONLY:
@@ -170,7 +174,7 @@ def cpu_bf16() -> tuple[bool, str]:
 
 
 def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "diffusion",
-                 family=None) -> tuple[str, str]:
+                 family=None, cpu_native: bool | None = None) -> tuple[str, str]:
     """``(compute, why)`` for a stage computing on ``device`` (``"cpu"`` or a GPU index).
 
     Text encoding keeps T5's float32 math (T5 is known to overflow in fp16, and the method encodes in
@@ -178,7 +182,7 @@ def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "
     float32: fp16 has bf16's speed there but not its range (largest value 65504), and FLUX's
     activations are not kept within it; a GPU of this machine that cannot be asked (planning for a
     card elsewhere) is taken to have bf16. On a CPU, bf16 where :func:`cpu_bf16` finds it native,
-    float32 otherwise.
+    float32 otherwise (``cpu_native``: what the caller measured or was told, in place of the probe).
     """
     if stage == "text_encoding":
         return _family(family).text_compute
@@ -194,8 +198,18 @@ def auto_compute(device: str | int | torch.device | None = "cpu", stage: str = "
             return "bf16", f"GPU {index} (compute capability {major}.{minor}) has bf16"
         return "fp32", (f"GPU {index} (compute capability {major}.{minor}) has no bf16; fp16 does not hold FLUX's "
                         "activations (largest value 65504), so float32")
-    native, why = cpu_bf16()
+    native, why = cpu_bf16() if cpu_native is None else (cpu_native, told_cpu(cpu_native))
     return ("bf16" if native else "fp32"), why
+
+
+def told_cpu(native: bool) -> str:
+    """How a plan made for a CPU named by the caller (``--cpu-bf16 yes|no``) says so."""
+    return f"planned for a CPU {'with' if native else 'without'} native bf16 matrix math (as told)"
+
+
+def cpu_computes(device) -> bool:
+    """Whether a stage whose fast tier is ``device`` computes on the CPU (no GPU index)."""
+    return not isinstance(device, int) and not (isinstance(device, torch.device) and device.type == "cuda")
 
 
 def _family(family):
@@ -210,15 +224,18 @@ def stage_weights(stage: str, family=None) -> str:
 
 
 def resolve(stage: str, weights: str | None = None, compute: str = "auto", device: str | int | None = "cpu",
-            family=None) -> Precision:
+            family=None, cpu_native: bool | None = None) -> Precision:
     """The precision of ``stage`` from the flags: ``weights`` (``None``: the method's for the stage)
-    and ``compute`` (``auto``: :func:`auto_compute` for ``device``, the tier the stage computes on)."""
+    and ``compute`` (``auto``: :func:`auto_compute` for ``device``, the tier the stage computes on).
+    A stage computing on the CPU records whether that CPU has native bf16 (:attr:`Precision.cpu_bf16`):
+    ``cpu_native`` as the caller measured or was told, else this machine's (probed once per process)."""
     weights = check_weights(weights or stage_weights(stage, family))
     check_compute(compute)
+    native = (cpu_native if cpu_native is not None else cpu_bf16()[0]) if cpu_computes(device) else None
     if compute == "auto":
-        chosen, why = auto_compute(device, stage, family)
-        return Precision(weights, chosen, f"auto: {why}")
-    return Precision(weights, compute, "asked for")
+        chosen, why = auto_compute(device, stage, family, cpu_native)
+        return Precision(weights, chosen, f"auto: {why}", cpu_bf16=native)
+    return Precision(weights, compute, "asked for", cpu_bf16=native)
 
 
 def method_precision(stage: str, family=None) -> Precision:

@@ -7,8 +7,9 @@ it. A change that alters one of them on purpose writes them again (``GOLDEN_WRIT
 tests/test_golden.py``) and says in its commit which and why.
 
 Machine-bound parts are pinned so the files hold on any CPU: budgets are explicit (no probe of this
-machine's GPU or RAM), diffusion one tier down computes in bf16 by flag (``auto`` would ask the CPU), and
-the image is made in float32. The image's pixels (not the PNG's bytes: its metadata holds the time) are compared byte for byte where the CPU is of the kind that
+machine's GPU or RAM), diffusion one tier down computes in bf16 by flag (``auto`` would ask the CPU) on a
+CPU said to lack native bf16 (``--cpu-bf16 no``: what a bf16 convolution holds depends on it), the jobs
+are planned for that CPU too, and the image is made in float32. The image's pixels (not the PNG's bytes: its metadata holds the time) are compared byte for byte where the CPU is of the kind that
 wrote it (native bf16 or not: the matmul kernels differ) and to within one level in 255 elsewhere.
 """
 
@@ -29,7 +30,7 @@ GOLDEN = Path(__file__).parent / "golden"
 WRITE = bool(os.environ.get("GOLDEN_WRITE"))
 
 BUDGETS = {"method": ["--max-memory", "0=8.5GiB,cpu=30GiB"],
-           "one-tier-down": ["--max-memory", "cpu=8.5GiB,disk=30GiB", "--compute", "bf16"]}
+           "one-tier-down": ["--max-memory", "cpu=8.5GiB,disk=30GiB", "--compute", "bf16", "--cpu-bf16", "no"]}
 MODELS = ("tiny", "medium", "flux-dev", "flux-schnell")
 PROMPT = "a red circle on a blue background, on the left"
 
@@ -80,13 +81,13 @@ def test_saved_jobs_are_golden(tmp_path):
     assert run("model", "tiny").returncode == 0  # built: the jobs settle their offload on its weights
     emb, job1, job2 = tmp_path / "e.safetensors", tmp_path / "encode.json", tmp_path / "diffuse.json"
     done = run("encode", "--model", "tiny", "--prompt", PROMPT, "--out", emb, "--max-memory",
-               "cpu=8.5GiB,disk=30GiB", "--save-job", job1)
+               "cpu=8.5GiB,disk=30GiB", "--cpu-bf16", "no", "--save-job", job1)
     assert done.returncode == 0, done.stderr
     _check("job-text_encoding-tiny.json", _job_text(job1, tmp_path))
     done = run("encode", "--model", "tiny", "--prompt", PROMPT, "--out", emb)
     assert done.returncode == 0, done.stderr
     done = run("diffuse", "--embeddings", emb, "--out", tmp_path / "i.png", "--max-memory", "cpu=8.5GiB,disk=30GiB",
-               "--compute", "fp32", "--height", "64", "--width", "64", "--save-job", job2)
+               "--compute", "fp32", "--cpu-bf16", "no", "--height", "64", "--width", "64", "--save-job", job2)
     assert done.returncode == 0, done.stderr
     _check("job-diffusion-tiny.json", _job_text(job2, tmp_path))
 

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import commands
@@ -48,7 +49,11 @@ def test_stage_plans_round_trip_through_json(tiny_folder):
     data = diffusion.as_dict()
     assert data["job"] == 1 and data["stage"] == "diffusion" and data["budget"] == str(diffusion.plan.budget)
     assert data["model"]["label"] == "tiny" and data["workload"] == SMALL.as_dict()
-    assert set(data["precision"]) == {"weights", "compute", "why", "transformer_file"}
+    # the CPU it computes on was measured once, when planning, and goes with the job (it is not probed again)
+    assert set(data["precision"]) == {"weights", "compute", "why", "transformer_file", "cpu_bf16"}
+    assert _again(diffusion).precision.cpu_bf16 == diffusion.precision.cpu_bf16 is not None
+    told = Job("diffusion", ref, plan_stage("diffusion", ref, "cpu=50%,disk=100%", workload=SMALL, cpu_native=False))
+    assert _again(told).precision.cpu_bf16 is False and "as told" in told.precision.why
 
 
 def test_a_gpu_plan_round_trips_and_moves_to_a_workers_own_card():
@@ -56,6 +61,7 @@ def test_a_gpu_plan_round_trips_and_moves_to_a_workers_own_card():
     one = Job("diffusion", ref, plan_stage("diffusion", ref, "0=11GiB,cpu=30GiB", runnable=False,
                                            workload=Workload(1024, 1024, 1, 512)))
     assert _again(one).plan == one.plan
+    assert "cpu_bf16" not in one.as_dict()["precision"]  # a GPU computes: no CPU to say anything of
     moved = one.on_gpu(1)
     assert moved.budget.names == [1, "cpu"] and moved.plan.reserve.keys() == {1}
     assert {u.tier for c in moved.plan.components for u in c.units} <= {1, "cpu"}
@@ -177,7 +183,8 @@ def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_
     assert "offload accelerate" in ran.stderr and f"budget {planned.describe()}" in ran.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "job.png")), np.asarray(Image.open(tmp_path / "plain.png")))
     for extra, said in ((["--height=128", "--width=128"], "planned for"), (["--max-memory=cpu=1GiB"], "leave out"),
-                        (["--offload=stream"], "leave out"), ([f"--save-job={tmp_path / 'x.json'}"], "give one")):
+                        (["--offload=stream"], "leave out"), (["--cpu-bf16=yes"], "leave out"),
+                        ([f"--save-job={tmp_path / 'x.json'}"], "give one")):
         refused = _cli("diffuse", f"--embeddings={emb}", f"--out={tmp_path / 'no.png'}", *size, *extra,
                        f"--job={job}")
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
@@ -205,3 +212,66 @@ def test_plan_job_settles_auto_offload_and_says_why(tiny_folder):
 
     on_card = plan_stage("diffusion", str(tiny_folder), "0=1GiB,cpu=1GiB", runnable=False, workload=small)
     assert settle_offload("auto", on_card, tiny_folder)[0] == "accelerate"  # a GPU tier: accelerate's hooks
+
+
+def test_a_job_runs_through_the_runners_with_run_time_options_only(tiny_folder, tmp_path):
+    """The edge plans (``plan_job``); ``run_text_encoding`` and ``run_diffusion`` take the job and what only the
+    run knows (prompts, outputs, progress), refuse inputs the job was not planned for before loading, and
+    make what the one-call functions make."""
+    from helpers.diffuse import check_images, run_diffusion
+    from helpers.encode import run_text_encoding
+    from helpers.job import Request, plan_job
+
+    budget, prompts = "cpu=50%,disk=100%", ["a red square", "a blue circle"]
+    text = plan_job(Request("text_encoding", str(tiny_folder), budget, Workload(batch=2, tokens=32)))
+    with pytest.raises(UserError, match="planned for"):  # three prompts: not the two it kept room for
+        run_text_encoding(text, [*prompts, "a third"], tmp_path / "no.safetensors")
+    emb = run_text_encoding(text, prompts, tmp_path / "e.safetensors").path
+    one_call = encode_prompts(str(tiny_folder), prompts, tmp_path / "f.safetensors", max_memory=budget,
+                              max_sequence_length=32)
+    from safetensors.torch import load_file
+
+    a, b = load_file(emb), load_file(one_call.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    images = check_images(emb, tmp_path / "i.png", seed=3, steps=2, height=64, width=64)
+    assert images.workload == Workload(64, 64, 1, 32) and images.todo == [0, 1] and not images.paths[0].exists()
+    with pytest.raises(UserError, match="run_diffusion runs a diffusion job"):
+        run_diffusion(text, images)
+    big = plan_job(Request("diffusion", images.model, budget, Workload(128, 128, 1, 32)))
+    with pytest.raises(UserError, match="planned for"):
+        run_diffusion(big, images)
+    assert not images.paths[0].exists()  # refused before anything was made
+    job = plan_job(Request("diffusion", images.model, budget, images.workload))
+    made = run_diffusion(job, images, progress=False)
+    assert made.paths == images.paths and made.offload == job.offload
+    same = diffuse_file(emb, tmp_path / "j.png", seed=3, steps=2, height=64, width=64, max_memory=budget,
+                        progress=False)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(made.images, same.images))
+
+
+def test_planning_takes_the_cpu_it_is_told_and_probes_nothing(monkeypatch):
+    """Native bf16 or not is measured once where the plan is made (or told), recorded in the plan's precision
+    and never probed again on the way: what a bf16 convolution holds on a CPU depends on it."""
+    from helpers import precision
+    from helpers.footprint import plan_stage
+
+    def probed(*_args, **_kwargs):
+        raise AssertionError("probed the CPU")
+
+    precision.cpu_bf16.cache_clear()
+    monkeypatch.setattr(precision, "_cpu_flags", lambda: {"avx512_bf16"})  # a probe would run here
+    monkeypatch.setattr(precision, "_matmul_seconds", probed)
+    try:
+        told = {n: plan_stage("diffusion", "tiny", "cpu=8.5GiB,disk=30GiB", workload=Workload(256, 256, 1, 16),
+                              compute="bf16", cpu_native=n) for n in (True, False)}
+        assert told[True].precision.cpu_bf16 is True and told[False].precision.cpu_bf16 is False
+        # without native bf16 a 3x3 convolution unfolds its input once per kernel tap
+        assert told[False].activations["vae"] > told[True].activations["vae"]
+        auto = plan_stage("diffusion", "tiny", "cpu=8.5GiB,disk=30GiB", workload=Workload(64, 64, 1, 16),
+                          cpu_native=False)
+        assert auto.precision.compute == "fp32" and "as told" in auto.precision.why
+        with pytest.raises(AssertionError, match="probed the CPU"):  # not told: this machine's, measured
+            plan_stage("diffusion", "tiny", "cpu=8.5GiB,disk=30GiB", workload=Workload(64, 64, 1, 16))
+    finally:
+        precision.cpu_bf16.cache_clear()
