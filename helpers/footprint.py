@@ -199,6 +199,9 @@ class StagePlan:
     reference: "StagePlan | None" = field(default=None, repr=False)
     #: the model family whose components the plan places (what the loaders ask how to load them)
     family: Family = field(default_factory=default_family, repr=False, compare=False)
+    #: offload ``stream``, settled when planning: each streamed component's resident blocks, kept parts and
+    #: pool (:meth:`helpers.offload.plan.StreamPlan.choice`), which the loader keeps as they are
+    stream: dict[str, dict] = field(default_factory=dict)
 
     @property
     def dtype(self) -> torch.dtype:

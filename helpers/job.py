@@ -109,6 +109,7 @@ def plan_as_dict(plan: StagePlan) -> dict:
         "workload": plan.workload.as_dict() if plan.workload is not None else None,
         "warnings": list(plan.warnings),
         "reference": plan_as_dict(plan.reference) if plan.reference is not None else None,
+        "stream": {c: dict(choice) for c, choice in plan.stream.items()},
     }
 
 
@@ -124,6 +125,9 @@ def plan_from_dict(d: dict, precision: Precision, family=None) -> StagePlan:
                                 [Unit(str(n), _size(b, f"unit {n!r}"), _tier(t)) for n, b, t in c["units"]],
                                 {str(k): _tier(t) for k, t in c["device_map"]}) for c in d["components"]]
     ref = d.get("reference")
+    stream = d.get("stream") or {}
+    if not isinstance(stream, dict) or any(c not in known or not isinstance(v, dict) for c, v in stream.items()):
+        raise UserError(f"a job's stream names components a model does not have or is malformed; {_EDITED}.")
     return StagePlan(
         stage=d["stage"], precision=precision, budget=_budget_from(d["budget"]), components=components,
         fits=bool(d["fits"]), overflow=_size(d["overflow"], "overflow"), advice=d["advice"],
@@ -131,7 +135,7 @@ def plan_from_dict(d: dict, precision: Precision, family=None) -> StagePlan:
         activations={k: _size(v, f"activations {k!r}") for k, v in d["activations"].items()},
         workload=Workload(**d["workload"]) if d.get("workload") else None, warnings=list(d["warnings"]),
         reference=plan_from_dict(ref, _precision_from(ref["precision"], None), family) if ref else None,
-        family=family or default_family(),
+        family=family or default_family(), stream={c: dict(v) for c, v in stream.items()},
     )
 
 
@@ -201,14 +205,16 @@ class Job:
         return path
 
     def settled(self, folder) -> "Job":
-        """The job with ``auto`` offload settled on the weights in ``folder`` (:func:`plan_job` could not:
-        they were not here when it planned); a settled job as it is."""
-        if self.offload != "auto":
+        """The job with its offload settled on the weights in ``folder``: ``auto`` decided, and a stream's
+        resident blocks and pool chosen and recorded in the plan (:func:`plan_job` could not where they
+        were not here when it planned); a settled job as it is."""
+        if self.offload == "accelerate" or self.plan.stream:
             return self
         from helpers.loading import settle_offload
 
-        offload, why = settle_offload(self.offload, self.plan, folder)
-        return replace(self, offload=offload, offload_why=why)
+        offload, why, stream = settle_offload(self.offload, self.plan, folder)
+        why = self.offload_why if self.offload != "auto" else why
+        return replace(self, offload=offload, offload_why=why, plan=replace(self.plan, stream=stream))
 
     def check_workload(self, workload: Workload) -> None:
         """Refuse to run a job planned for other activations (another size, batch or prompt length)."""

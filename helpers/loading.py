@@ -126,19 +126,21 @@ def _streamed_units(model: torch.nn.Module, block_lists: list[str]) -> list[str]
     return units
 
 
-def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, str]:
-    """``(offload, why)`` for a stage's plan, settled before anything loads: ``auto`` becomes ``stream``
-    where the budget has no GPU tier and the stream of each split component fits it (planned from the
-    checkpoint's headers in ``folder``, no weight read), else ``accelerate``. What a planner records in
-    the job, so that the job says what runs (:func:`load_mapped` does the same for an unsettled one)."""
+def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, str, dict]:
+    """``(offload, why, stream)`` for a stage's plan, settled before anything loads: ``auto`` becomes
+    ``stream`` where the budget has no GPU tier and the stream of each split component fits it (planned
+    from the checkpoint's headers in ``folder``, no weight read), else ``accelerate``; ``stream``: each
+    streamed component's choice (resident blocks, kept parts, pool: :meth:`StreamPlan.choice
+    <helpers.offload.plan.StreamPlan.choice>`). What a planner records in the job, so that the job says
+    what runs (:func:`load_mapped` does the same for an unsettled one)."""
     from helpers.offload.streamers import StreamBudgetError, check_offload, choose_offload, plan_streaming, stream_budget
     from helpers.formats.sources import CheckpointFolder
 
-    if check_offload(offload) != "auto":
-        return offload, "asked for"
-    if choose_offload(offload, plan.budget) != "stream":
-        return "accelerate", "auto: a GPU tier computes, fed by accelerate's hooks"
+    asked = check_offload(offload)
+    if asked == "accelerate" or (asked == "auto" and choose_offload(offload, plan.budget) != "stream"):
+        return "accelerate", "asked for" if asked != "auto" else "auto: a GPU tier computes, fed by accelerate's hooks", {}
     family, precision, folder = plan.family, plan.precision, Path(folder)
+    choices = {}
     stage = plan.stage
     for component in family.mapped(stage):
         file = precision.file if component == family.file_component else None
@@ -146,17 +148,24 @@ def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, 
             try:
                 check_checkpoint(folder / component)
             except UserError:  # its weights are not (all) here yet: the loader settles it, as it reads them
-                return "auto", f"auto: {component}'s weights are not all on this machine yet; settled as they load"
+                if asked == "stream":
+                    return "stream", "asked for", {}
+                return "auto", f"auto: {component}'s weights are not all on this machine yet; settled as they load", {}
         cpu, device, device_bytes = stream_budget(plan.budget, whole_bytes(plan, family.whole(stage)))
         source = file if file is not None else CheckpointFolder(folder / component, precision.weights)
         dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype
         try:
-            plan_streaming(folder / component, family.component(component).load_class(), dtype, cpu,
-                           list(family.block_lists(component)), device=device, device_bytes=device_bytes,
-                           reserve=plan.reserve_bytes, compute=precision.compute_dtype, source=source)
+            _, streamed = plan_streaming(folder / component, family.component(component).load_class(), dtype, cpu,
+                                         list(family.block_lists(component)), device=device, device_bytes=device_bytes,
+                                         reserve=plan.reserve_bytes, compute=precision.compute_dtype, source=source)
         except StreamBudgetError as err:
-            return "accelerate", f"auto: the stream does not fit ({str(err).split(';')[0]}), so accelerate's hooks"
-    return "stream", "auto: no GPU tier, and the stream fits the fast tier"
+            if asked == "stream":
+                raise
+            return "accelerate", f"auto: the stream does not fit ({str(err).split(';')[0]}), so accelerate's hooks", {}
+        choices[component] = streamed.choice()
+    if asked == "stream":
+        return "stream", "asked for", choices
+    return "stream", "auto: no GPU tier, and the stream fits the fast tier", choices
 
 
 def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: str = "accelerate",
@@ -198,7 +207,8 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         source = file if file is not None else CheckpointFolder(folder, precision.weights)
         model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
                                          device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
-                                         progress=progress, compute=precision.compute_dtype, source=source)
+                                         progress=progress, compute=precision.compute_dtype, source=source,
+                                         choice=plan.stream.get(component))
         streamed = set(streamer.streamed_blocks) if streamer else set()
         fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
         applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}

@@ -204,14 +204,45 @@ def test_plan_job_settles_auto_offload_and_says_why(tiny_folder):
     assert (roomy.offload, roomy.offload_why) == ("stream", "auto: no GPU tier, and the stream fits the fast tier")
     tight = plan_job(Request("diffusion", str(tiny_folder), "cpu=10%,disk=100%", small))
     assert tight.offload == "accelerate" and "the stream does not fit" in tight.offload_why
-    assert plan_job(Request("diffusion", str(tiny_folder), "cpu=10%,disk=100%", small, offload="stream")).offload_why \
-        == "asked for"
+    with pytest.raises(UserError, match="give it at least"):  # a stream asked for that cannot fit: refused now
+        plan_job(Request("diffusion", str(tiny_folder), "cpu=10%,disk=100%", small, offload="stream"))
+    asked = plan_job(Request("diffusion", str(tiny_folder), "cpu=50%,disk=100%", small, offload="stream"))
+    assert asked.offload_why == "asked for" and asked.plan.stream == roomy.plan.stream
     again = _again(tight)  # the decision travels with the job
     assert (again.offload, again.offload_why) == (tight.offload, tight.offload_why)
     from helpers.loading import settle_offload
 
     on_card = plan_stage("diffusion", str(tiny_folder), "0=1GiB,cpu=1GiB", runnable=False, workload=small)
     assert settle_offload("auto", on_card, tiny_folder)[0] == "accelerate"  # a GPU tier: accelerate's hooks
+
+
+def test_a_jobs_stream_is_chosen_when_planning_and_loaded_as_recorded(tiny_folder):
+    """The stream's resident blocks and pool are chosen by the planner and recorded in the job; the loader
+    keeps them as they are (an edited choice loads as edited), and refuses one the budget cannot hold."""
+    from dataclasses import replace
+
+    from helpers.diffuse import load_diffusion
+    from helpers.job import Request, plan_job
+    from helpers.offload.plan import StreamBudgetError
+
+    job = plan_job(Request("diffusion", str(tiny_folder), "cpu=50%,disk=100%", Workload(64, 64, 1, 16)))
+    choice = job.plan.stream["transformer"]
+    assert set(choice) == {"resident", "kept", "pool"} and choice["pool"] >= 2 and len(choice["resident"]) > 1
+    assert _again(job).plan.stream == job.plan.stream  # it travels with the job
+    fewer = {**choice, "resident": choice["resident"][:1]}
+    edited = replace(job.plan, stream={"transformer": fewer})
+    diffusion = load_diffusion(tiny_folder, edited, offload="stream", progress=False)
+    try:
+        streamed = set(diffusion.streamer.streamed_blocks)
+        model = diffusion.pipe.transformer
+        names = {f"{lst}.{i}" for lst in job.plan.family.block_lists("transformer")
+                 for i in range(len(model.get_submodule(lst)))}
+        assert streamed == names - set(fewer["resident"])  # every block but the one left resident streams
+    finally:
+        diffusion.close()
+    greedy = replace(job.plan, stream={"transformer": {**choice, "resident": [*choice["resident"], *sorted(streamed)]}})
+    with pytest.raises(StreamBudgetError, match="plan the stage again"):
+        load_diffusion(tiny_folder, greedy, offload="stream", progress=False)
 
 
 def test_a_job_runs_through_the_runners_with_run_time_options_only(tiny_folder, tmp_path):

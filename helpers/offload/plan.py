@@ -300,6 +300,7 @@ class StreamPlan:
     room: int  # bytes of the fast tier for weights and the pool (the activations' room taken off)
     resident_bytes: int  # the resident blocks' bytes, as stored
     keys: dict[str, str] = field(default_factory=dict)  # resident parameter -> its name in the source
+    order: list[str] = field(default_factory=list)  # every block, in call order
 
     @property
     def streamed(self) -> list[str]:
@@ -315,6 +316,18 @@ class StreamPlan:
     def pool_bytes(self) -> int:
         """What the fast tier has left for the pool once the resident blocks are in."""
         return self.room - self.resident_bytes
+
+    def choice(self) -> dict:
+        """What the planner chose, as a job records it: the resident blocks and kept parts (call order)
+        and the pool's buffers; :func:`plan_stream` given it makes the same plan, choosing nothing."""
+        order = {n: i for i, n in enumerate(self.order)}
+
+        def place(name: str) -> tuple:  # a part sorts after its block's place, by name
+            block = next((b for b in (name, *(name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)))
+                          if b in order), "")
+            return order.get(block, len(order)), name
+
+        return {"resident": sorted(self.resident, key=place), "kept": sorted(self.kept, key=place), "pool": self.pool}
 
     def read_bytes(self, source: WeightsSource, on_gpu: bool) -> int:
         """The bytes loading reads: the resident weights, and on a GPU the streamed pieces (pinned)."""
@@ -403,7 +416,8 @@ def _first_two_of_each_list(model: torch.nn.Module, names: list[str]):
 
 def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str, list[str]], source: WeightsSource,
                 cpu_bytes: int, device: torch.device, device_bytes: int | None = None,
-                compute: torch.dtype | None = None, reserve: int = 0, pool: int | None = None) -> StreamPlan:
+                compute: torch.dtype | None = None, reserve: int = 0, pool: int | None = None,
+                choice: dict | None = None) -> StreamPlan:
     """What stays in the fast tier and what streams, for ``model`` (a skeleton in ``source``'s stored
     forms) under its budget: ``cpu_bytes`` (RAM; the fast tier without a GPU ``device``), the GPU's
     ``device_bytes``, ``reserve`` bytes of the fast tier left for the activations, ``compute`` the
@@ -413,7 +427,9 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
     resident, spread over the largest blocks (see :func:`_choose_resident`); the rest stream in
     ``parts`` through ``pool`` buffers the size of the largest piece (by default up to 4, within
     the bytes of two whole blocks); on a GPU the room left by whole blocks keeps some of their parts
-    resident, and the streamed pieces must fit pinned RAM (``cpu_bytes``).
+    resident, and the streamed pieces must fit pinned RAM (``cpu_bytes``). ``choice``: what a planner
+    chose before (:meth:`StreamPlan.choice`, recorded in a job), used as it is and checked against the
+    budget, so that what runs is what the job says.
     """
     from helpers.precision import stored_bytes
 
@@ -439,6 +455,8 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
         stage = dict.fromkeys(names, 0)
     other = stored_bytes(model) - sum(size.values())  # outside the blocks (tied tensors once)
     largest = max(buffer.values())
+    if choice is not None:
+        pool = _checked_choice(choice, names)
     if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
         biggest = max(sum(plans[u].nbytes if on_gpu else plans[u].read_nbytes for u in parts[n]) for n in names)
         pool = max(2, min(4, 2 * biggest // largest))
@@ -458,16 +476,24 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
         )
     room = fast_bytes - other - reserve
     lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
-    resident = _choose_resident(lists, size, buffer, stage, room, pool)
+    resident = set(choice["resident"]) if choice is not None else _choose_resident(lists, size, buffer, stage, room, pool)
     streamed = [n for n in names if n not in resident]
     # on a GPU (whose tier has the activations' room set aside) the room whole blocks leave keeps some
     # parts of the streamed blocks resident too; in RAM that room is left to the activations
     candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
     used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
     used += max((stage[n] for n in streamed), default=0)
-    kept = _keep_parts(candidates, {u: stored_bytes(model.get_submodule(u)) for u in candidates}, room - used)
+    kept_size = {u: stored_bytes(model.get_submodule(u)) for u in candidates}
+    if choice is not None:
+        kept = set(choice["kept"])
+        if not kept <= set(candidates) or used + sum(kept_size[u] for u in kept) > room:
+            raise StreamBudgetError(
+                f"the stream a job recorded ({len(resident)} resident blocks, {len(kept)} kept parts, a {pool}-buffer "
+                f"pool) does not fit the {fast_name} of {fast_bytes:,} bytes with these weights; plan the stage again.")
+    else:
+        kept = _keep_parts(candidates, kept_size, room - used)
     pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
-    plan = StreamPlan(resident, pieces, kept, plans, pool, room, sum(size[r] for r in resident))
+    plan = StreamPlan(resident, pieces, kept, plans, pool, room, sum(size[r] for r in resident), order=names)
     if on_gpu and plan.pinned_bytes > cpu_bytes:
         raise StreamBudgetError(
             f"streaming to the GPU holds the {len(plan.streamed)} blocks it cannot keep in pinned RAM: "
@@ -476,6 +502,21 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
         )
     plan.keys = _source_keys(model, source, pieces)
     return plan
+
+
+def _checked_choice(choice, names: list[str]) -> int:
+    """The pool of a recorded stream choice whose names are this model's blocks (a job read back)."""
+    known = set(names)
+    try:
+        resident, kept, pool = list(choice["resident"]), list(choice["kept"]), choice["pool"]
+    except (KeyError, TypeError):
+        raise UserError("a job's stream is malformed (want resident, kept and pool); plan the stage again.") from None
+    unknown = [n for n in resident if n not in known]
+    if unknown or not all(isinstance(n, str) for n in kept) or not isinstance(pool, int) or isinstance(pool, bool) \
+            or pool < 2:
+        raise UserError(f"a job's stream names blocks this model does not have ({', '.join(unknown[:3])}) or a "
+                        f"pool of {pool!r}; plan the stage again.")
+    return pool
 
 
 def _source_keys(model: torch.nn.Module, source: WeightsSource, pieces: dict[str, str]) -> dict[str, str]:

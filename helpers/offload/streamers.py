@@ -649,10 +649,12 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
 
 def plan_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, reserve: int = 0,
-                   split: bool = True, compute: torch.dtype | None = None, source: WeightsSource | None = None):
+                   split: bool = True, compute: torch.dtype | None = None, source: WeightsSource | None = None,
+                   choice: dict | None = None):
     """``(skeleton, plan)``: what :func:`load_streaming` would keep resident and stream, from the
     checkpoint's headers alone (no weight read); raises :class:`StreamBudgetError` where the budget
-    cannot hold it. What a planner asks to settle ``auto`` before anything loads."""
+    cannot hold it. What a planner asks to settle ``auto`` before anything loads (and records:
+    ``choice``, :meth:`helpers.offload.plan.StreamPlan.choice`, makes that plan again)."""
     device = torch.device(device or "cpu")
     source = as_source(source if source is not None else folder)
     model = skeleton_from_folder(folder, cls)
@@ -663,14 +665,14 @@ def plan_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     parts = trace_parts(model, names, dtype, split)  # before the stored forms: meta has no fp8 kernels
     source.dress(model)
     plan = plan_stream(model, block_lists, parts, source, cpu_bytes, device, device_bytes, compute or dtype, reserve,
-                       pool)
+                       pool, choice)
     return model, plan
 
 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
-                   source: WeightsSource | None = None):
+                   source: WeightsSource | None = None, choice: dict | None = None):
     """Load ``cls`` (its config from ``folder``) keeping what fits the fast tier resident and streaming
     the rest; returns ``(model, streamer)``, the streamer ``None`` when everything fits.
 
@@ -692,14 +694,15 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     of its turn on the copy stream). ``reserve``: bytes of the fast tier kept free for the forward
     pass's activations (a stage plan's :attr:`~helpers.footprint.StagePlan.reserve_bytes`);
     ``pool``: buffers in the pool (by default up to 4); ``split=False``: stream whole blocks;
-    ``progress``: a progress bar (bytes) over what loading reads.
+    ``progress``: a progress bar (bytes) over what loading reads; ``choice``: the resident set and pool
+    a planner recorded in the job (:func:`helpers.loading.settle_offload`), kept as it is.
     """
     device = torch.device(device or "cpu")
     on_gpu = device.type != "cpu"
     compute = compute or dtype
     source = as_source(source if source is not None else folder)
     model, plan = plan_streaming(folder, cls, dtype, cpu_bytes, block_lists, pool, device, device_bytes, reserve,
-                                 split, compute, source)
+                                 split, compute, source, choice)
     bar = None
     if progress:
         from tqdm.auto import tqdm
