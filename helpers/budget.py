@@ -127,7 +127,7 @@ class Budget:
     #: the text it was read from, for messages
     source: str = field(default="", compare=False)
     #: the tiers given as a share of the model ("cpu=40%"): they size the weights' split, so the room a
-    #: stage keeps for its activations comes on top of them (see ``helpers.footprint.plan_stages``)
+    #: stage keeps for its activations comes on top of them (see ``helpers.planner.plan_stages``)
     shares: frozenset = field(default=frozenset(), compare=False)
 
     def max_memory(self) -> dict[Tier, int]:

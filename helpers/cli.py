@@ -79,7 +79,8 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
-    from helpers.footprint import footprint, plan_stages, report
+    from helpers.footprint import footprint, report
+    from helpers.planner import plan_stages
     from helpers.models import resolve_model
     from helpers.precision import resolve
     from helpers.report import Table

@@ -97,9 +97,9 @@ def diffusion_plan(model=None, max_memory=None, like: str | None = "auto",
     ``workload`` (:class:`helpers.activations.Workload`: image size, prompts, text tokens; default
     one 1024x1024 image): room for the larger of a denoising step's and the VAE decode's activations
     is kept on the fast tier, and a size whose activations alone exceed it is refused, naming the
-    largest square size that fits. See :func:`helpers.footprint.plan_stage`.
+    largest square size that fits. See :func:`helpers.planner.plan_stage`.
     """
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
 
     return plan_stage("diffusion", model, max_memory, like, workload=workload, weights=weights, compute=compute,
                       transformer_file=transformer_file)

@@ -49,9 +49,9 @@ def text_encoding_plan(model=None, max_memory=None, like: str | None = "auto", w
     ``workload`` (:class:`helpers.activations.Workload`: prompts and tokens; default one prompt of
     512 tokens): T5's activations for it keep room on the fast tier, and a batch whose activations
     alone exceed it is refused with the most prompts that fit. See
-    :func:`helpers.footprint.plan_stage`: only skeletons are built, nothing is loaded.
+    :func:`helpers.planner.plan_stage`: only skeletons are built, nothing is loaded.
     """
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
 
     return plan_stage("text_encoding", model, max_memory, like, workload=workload, weights=weights, compute=compute)
 
@@ -106,7 +106,7 @@ def load_text_encoders(folder: str | os.PathLike, plan, offload_folder: str | os
     from the checkpoint without a GPU tier, converted to the compute dtype as they arrive; from pinned
     RAM to the GPU with one), keeping the plan's room for activations free; ``"auto"`` picks it where
     the budget has no GPU tier and the stream fits the budget, else ``"accelerate"``. The weights are
-    stored as :attr:`plan.precision <helpers.footprint.StagePlan.precision>` says and upcast layer by
+    stored as :attr:`plan.precision <helpers.planner.StagePlan.precision>` says and upcast layer by
     layer to its compute dtype (:mod:`helpers.loading`). ``progress``: a progress bar while a
     stream loads.
     """

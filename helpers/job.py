@@ -32,7 +32,7 @@ from helpers.budget import Budget, Tier, _parse_tier
 from helpers.devicemap import ComponentPlan, Unit
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_file
-from helpers.footprint import StagePlan
+from helpers.planner import StagePlan
 from helpers.families import default_family
 from helpers.models import ModelRef, resolve_model
 from helpers.precision import Precision
@@ -256,7 +256,7 @@ def plan_job(request: Request) -> Job:
     too small refused here), and ``auto`` offload settled where the weights are on this machine (the
     stream planned from the checkpoint's headers: :func:`helpers.loading.settle_offload`), all recorded
     in the job, which then says what runs. Nothing is loaded."""
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
     from helpers.models import local_folder
     from helpers.offload.streamers import check_offload
 

@@ -3,7 +3,7 @@
 One path for every stage and the benchmark: a component split across tiers is loaded with the
 method's accelerate map (:func:`load_mapped`, ``offload="accelerate"``) or streamed
 (``"stream"``, :mod:`helpers.offload.streamers`); one loaded whole goes to its tier (:func:`load_whole`).
-Both store the weights in the plan's :attr:`~helpers.footprint.StagePlan.precision` and, where
+Both store the weights in the plan's :attr:`~helpers.planner.StagePlan.precision` and, where
 its compute dtype differs, upcast them layer by layer as they run
 (:func:`helpers.offload.upcast.upcast_layerwise`). Before any weight loads, the checkpoint's header is
 checked for what the loaders cannot read right (fp8 weights with scales).

@@ -88,7 +88,8 @@ def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
     from diffusers import FluxTransformer2DModel
 
     from helpers.activations import activation_peak
-    from helpers.footprint import activation_bytes, component_configs
+    from helpers.footprint import activation_bytes
+    from helpers.models import component_configs
     from helpers.models import model_path
 
     _, configs = component_configs("tiny")
@@ -174,7 +175,8 @@ def test_largest_square_finds_the_last_side_that_fits_whatever_the_guess(answer,
 
 def test_affine_guess_is_close_for_real_activations():
     from helpers.activations import affine_guess
-    from helpers.footprint import activation_bytes, component_configs
+    from helpers.footprint import activation_bytes
+    from helpers.models import component_configs
 
     vae = component_configs("tiny")[1]["vae"]
     count = lambda side: activation_bytes("vae", vae, torch.bfloat16, side, side)  # noqa: E731
@@ -185,7 +187,8 @@ def test_affine_guess_is_close_for_real_activations():
 def test_counting_in_another_dtype_leaves_the_skeleton_as_it_was():
     """The plans count bfloat16 activations on the same skeletons they size in float32."""
     from helpers.activations import forward_peak
-    from helpers.footprint import footprint, plan_stages
+    from helpers.footprint import footprint
+    from helpers.planner import plan_stages
 
     fp = footprint("tiny", components=("transformer", "vae"))
     before = {n: p.dtype for n, p in fp.skeletons["transformer"].named_parameters()}
@@ -207,7 +210,7 @@ def _tiny(components=("transformer", "vae")):
 
 def test_a_plan_keeps_the_larger_of_step_and_decode_on_the_fast_tier_and_places_weights_in_the_rest(native_bf16):
     from helpers.activations import Workload, forward_peak
-    from helpers.footprint import plan_stages
+    from helpers.planner import plan_stages
 
     fp = _tiny()
     work = Workload(128, 128, batch=2, tokens=16)
@@ -233,7 +236,7 @@ def test_a_plan_keeps_the_larger_of_step_and_decode_on_the_fast_tier_and_places_
 
 def test_a_share_sizes_the_weights_and_the_activations_come_on_top():
     from helpers.activations import Workload
-    from helpers.footprint import plan_stages
+    from helpers.planner import plan_stages
 
     fp = _tiny()
     weights = plan_stages(fp, "cpu=50%,disk=100%", stages=("diffusion",))["diffusion"]
@@ -245,7 +248,8 @@ def test_a_share_sizes_the_weights_and_the_activations_come_on_top():
 
 def test_a_translated_budget_splits_the_twin_like_the_reference_and_judges_in_its_bytes(native_bf16):
     from helpers.activations import Workload
-    from helpers.footprint import footprint, plan_stages
+    from helpers.footprint import footprint
+    from helpers.planner import plan_stages
 
     fp, dev = _tiny(), footprint("flux-dev", components=("transformer", "vae"))
     spec = "cpu=8.5GiB,disk=30GiB"
@@ -332,7 +336,8 @@ def test_activations_beyond_this_machine_are_refused_even_under_a_share():
 
 def test_footprint_json_reports_the_activations_of_the_chosen_size():
     from helpers.activations import Workload
-    from helpers.footprint import footprint, plan_stages, report
+    from helpers.footprint import footprint, report
+    from helpers.planner import plan_stages
 
     fp = footprint("tiny")
     data = report(fp, plan_stages(fp, "cpu=50%,disk=100%", workload=Workload(256, 256, tokens=64)))
@@ -350,7 +355,9 @@ def test_the_twin_splits_like_the_real_model_with_the_activations_room_too(budge
     """Up to the edge: at the largest size the CPU budget runs, the reference keeps little more than
     its VAE and the transformer's modules outside the blocks; the twin must keep the same."""
     from helpers.activations import Workload
-    from helpers.footprint import STAGES, footprint, plan_stages
+    from helpers.families import STAGES
+    from helpers.footprint import footprint
+    from helpers.planner import plan_stages
 
     dev, tiny = footprint("flux-dev"), footprint("tiny")
     for work in (Workload(64, 64, tokens=16), Workload(1024, 1024, batch=2), Workload(2288, 2288)):

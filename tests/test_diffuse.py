@@ -8,7 +8,7 @@ from helpers.diffuse import check_settings, diffuse_file, grid, nearest_sizes, o
 from helpers.embeddings import fingerprint, save_embeddings
 from helpers.encode import encode_prompts
 from helpers.errors import UserError
-from helpers.footprint import component_configs
+from helpers.models import component_configs
 from helpers.images import read_image_metadata
 
 SIZE = dict(height=64, width=64)

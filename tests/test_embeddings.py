@@ -10,7 +10,7 @@ import torch
 
 from helpers.embeddings import FORMAT, fingerprint, load_embeddings, read_header, save_embeddings, validate
 from helpers.errors import UserError
-from helpers.footprint import component_configs
+from helpers.models import component_configs
 
 
 def _tensors(batch=2, tokens=8, dim=32, pooled=32):

@@ -12,7 +12,7 @@ from helpers.encode import (
     truncation_warnings,
 )
 from helpers.errors import UserError
-from helpers.footprint import component_configs
+from helpers.models import component_configs
 
 PROMPTS = ["a photo of a red cat sitting on a window", "a dog on a bridge at night"]
 ONE_TIER_DOWN = {"cpu": "8.5GiB", "disk": "30GiB"}  # the method's budget without a GPU, translated to the twin

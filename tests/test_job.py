@@ -14,7 +14,7 @@ from helpers.activations import Workload
 from helpers.diffuse import diffuse_file, diffusion_plan
 from helpers.encode import encode_prompts, text_encoding_plan
 from helpers.errors import UserError
-from helpers.footprint import plan_stage
+from helpers.planner import plan_stage
 from helpers.job import Job, job_from_dict, load_job
 from helpers.models import resolve_model
 
@@ -135,7 +135,7 @@ def test_a_stage_resolves_its_model_and_reads_its_configs_once(tiny_folder, tmp_
 
 
 def test_a_bench_child_runs_the_parents_plan_without_planning(monkeypatch):
-    import helpers.footprint
+    import helpers.planner
     from helpers.bench import _plan
 
     ref = resolve_model("tiny")
@@ -146,7 +146,7 @@ def test_a_bench_child_runs_the_parents_plan_without_planning(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a child planned again")
 
-    monkeypatch.setattr(helpers.footprint, "plan_stage", refuse)
+    monkeypatch.setattr(helpers.planner, "plan_stage", refuse)
     assert _plan(config) == job.plan
     with pytest.raises(AssertionError, match="planned again"):
         _plan({k: v for k, v in config.items() if k != "job"})
@@ -285,7 +285,7 @@ def test_planning_takes_the_cpu_it_is_told_and_probes_nothing(monkeypatch):
     """Native bf16 or not is measured once where the plan is made (or told), recorded in the plan's precision
     and never probed again on the way: what a bf16 convolution holds on a CPU depends on it."""
     from helpers import precision
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
 
     def probed(*_args, **_kwargs):
         raise AssertionError("probed the CPU")

@@ -224,7 +224,8 @@ def test_convert_writes_fp8_with_scales_and_records_it(tiny_folder, tiny_fp8):
 
 
 def test_fp8_planned_in_stored_bytes():
-    from helpers.footprint import footprint, plan_stages
+    from helpers.footprint import footprint
+    from helpers.planner import plan_stages
 
     dev = footprint("flux-dev", components=("transformer", "vae"))
     fp8 = dev.components["transformer"].nbytes("float8_e4m3fn")
@@ -275,7 +276,7 @@ def test_fp8_refused_where_the_folder_does_not_store_it(tiny_folder, tiny_fp8):
         diffusion_plan(str(tiny_folder), "cpu=50%,disk=100%", weights="fp8")
     with pytest.raises(UserError, match="stores its transformer in fp8 and is read as stored"):
         diffusion_plan(str(tiny_fp8), "cpu=50%,disk=100%", weights="bf16")
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
 
     planned = plan_stage("diffusion", str(tiny_folder), "cpu=50%,disk=100%", weights="fp8", runnable=False)
     assert planned.precision.weights == "fp8"  # a plan alone may count any format
@@ -306,7 +307,8 @@ def test_convert_command_and_its_refusals(tiny_folder, tmp_path):
 
 
 def test_advice_names_fp8_where_it_would_make_the_stage_fit():
-    from helpers.footprint import footprint, plan_stages
+    from helpers.footprint import footprint
+    from helpers.planner import plan_stages
 
     dev = footprint("flux-dev", components=("transformer", "vae"))
     tight = plan_stages(dev, "cpu=14GiB", stages=("diffusion",))["diffusion"]  # 22 GiB of bf16, no disk tier

@@ -22,7 +22,7 @@ import torch
 
 import commands
 from helpers.embeddings import FORMAT, FORMAT_VERSION, fingerprint
-from helpers.footprint import component_configs
+from helpers.models import component_configs
 
 MINE = b"the user's own file"
 

@@ -182,7 +182,7 @@ def test_one_transformer_over_two_gpus_in_one_budget():
     device here; loaded where two GPUs exist), each card within its share, the activations' room on
     the card that computes first."""
     from helpers.activations import Workload
-    from helpers.footprint import plan_stage
+    from helpers.planner import plan_stage
 
     plan = plan_stage("diffusion", "flux-dev", "0=11GiB,1=11GiB,cpu=30GiB", workload=Workload(1024, 1024, 1, 512),
                       runnable=False)

@@ -692,7 +692,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     ``compute``, and one staging buffer as stored when converting), and streamed pieces are held in
     pinned RAM as stored, which must fit ``cpu_bytes`` (:class:`HostStreamer`, decoding each ahead
     of its turn on the copy stream). ``reserve``: bytes of the fast tier kept free for the forward
-    pass's activations (a stage plan's :attr:`~helpers.footprint.StagePlan.reserve_bytes`);
+    pass's activations (a stage plan's :attr:`~helpers.planner.StagePlan.reserve_bytes`);
     ``pool``: buffers in the pool (by default up to 4); ``split=False``: stream whole blocks;
     ``progress``: a progress bar (bytes) over what loading reads; ``choice``: the resident set and pool
     a planner recorded in the job (:func:`helpers.loading.settle_offload`), kept as it is.
