@@ -405,7 +405,7 @@ def _failure(done: subprocess.CompletedProcess) -> str:
 
 def rows(data: dict) -> list[dict]:
     """The benchmark's table, one row per strategy (a failed one says so); for the CLI and notebook 05."""
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
 
     def size(n):
         return "" if n is None else format_bytes(n)

@@ -22,6 +22,7 @@ from typing import Union
 from accelerate.utils import convert_file_size_to_int
 
 from helpers.errors import UserError
+from helpers.report import format_bytes
 
 Tier = Union[int, str]
 
@@ -292,16 +293,6 @@ def default_budget(has_gpu: bool | None = None) -> dict[Tier, str]:
     if has_gpu is None:
         has_gpu = bool(detect_hardware().gpus)
     return dict(METHOD_BUDGET) if has_gpu else one_tier_down(METHOD_BUDGET)
-
-
-def format_bytes(n: int | float) -> str:
-    """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB), for people."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{int(value)} B" if unit == "B" else f"{value:.2f}".rstrip("0").rstrip(".") + f" {unit}"
-        value /= 1024
-    return f"{value:.2f}".rstrip("0").rstrip(".") + " TiB"
 
 
 # --------------------------------------------------------------------------- hardware

@@ -49,9 +49,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_model(args: argparse.Namespace) -> int:
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.files import folder_size
-    from helpers.models import TWINS, resolve_model, twin_folder, twin_is_built
+    from helpers.models import resolve_model
+    from helpers.twins.builder import twin_folder, twin_is_built, twin_specs
 
     ref = resolve_model(args.name)
     if args.components and ref.kind != "hub":
@@ -59,13 +60,13 @@ def _cmd_model(args: argparse.Namespace) -> int:
     fresh = ref.kind == "twin" and (args.rebuild or not twin_is_built(ref.name, twin_folder(ref.name)))
     start = time.perf_counter()
     if fresh:
-        weights = "trained on the shapes world" if TWINS[ref.name].trained else "random weights"
+        weights = "trained on the shapes world" if twin_specs()[ref.name].trained else "random weights"
         print(f"building the {ref.name} twin ({weights}, FLUX.1 layout)...", file=sys.stderr)
     path = ref.folder(components=args.components or None, download=args.download, rebuild=args.rebuild)
     if fresh:
         took = time.perf_counter() - start
         print(f"built in {took:.1f} s, {format_bytes(folder_size(path))} on disk", file=sys.stderr)
-    elif ref.name in TWINS:
+    elif ref.name in twin_specs():
         print(f"reusing the {ref.name} twin ({format_bytes(folder_size(path))})", file=sys.stderr)
     print(path)
     return 0
@@ -75,11 +76,13 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     import json
 
     from helpers.activations import Workload
-    from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
+    from helpers.budget import METHOD_BUDGET, parse_budget
+    from helpers.report import format_bytes
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
-    from helpers.footprint import footprint, report
+    from helpers.footprint import footprint
+    from helpers.planner import report
     from helpers.planner import plan_stages
     from helpers.models import resolve_model
     from helpers.precision import resolve
@@ -140,7 +143,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.encode import encode_prompts, run_text_encoding
     from helpers.job import check_job_alone
     from helpers.report import Table
@@ -209,7 +212,7 @@ def _settle_workload(args: argparse.Namespace, job=None) -> None:
 
 def _save_job(job, args: argparse.Namespace) -> int:
     """``--save-job FILE``: the stage checked and planned, its job written; nothing loaded."""
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
 
     path = job.save(args.save_job, overwrite=args.overwrite)
     tiers = ", ".join(f"{t} {format_bytes(b)}" for t, b in job.plan.tier_bytes().items())
@@ -274,7 +277,7 @@ def _diffusion_job(args: argparse.Namespace, job=None, worker=None):
 
 
 def _cmd_diffuse(args: argparse.Namespace) -> int:
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.diffuse import run_diffusion
     from helpers.report import Table
     from helpers.workers import check_threads, check_workers, own_gpu, own_gpu_budget, this_worker
@@ -381,7 +384,7 @@ def _diffuse_on_workers(args: argparse.Namespace, job=None) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     import json
 
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.formats.convert import convert
     from helpers.precision import FORMAT_FILE, WEIGHTS
 
@@ -474,7 +477,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
     from helpers.activations import Workload
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.diffuse import check_seed, check_settings
     from helpers.encode import check_max_sequence_length, check_prompts
     from helpers.models import resolve_model
@@ -545,10 +548,11 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from helpers.files import check_can_write, outputs_dir
-    from helpers.models import TWINS, trained_weights_path
+    from helpers.twins.builder import twin_specs
+    from helpers.twins.shipped import trained_weights_path
     from helpers.twins.training import TrainConfig, same_weights, train_twin
 
-    shipped = trained_weights_path(TWINS["tiny"])
+    shipped = trained_weights_path(twin_specs()["tiny"])
     out = Path(args.out) if args.out else outputs_dir() / "twins" / "tiny.safetensors"
     if shipped is not None and out.resolve() == shipped.resolve() and not args.overwrite:
         raise UserError(f"{out} is the file the package ships; add --overwrite to replace it.")
@@ -580,7 +584,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from helpers.bench import rows, run, title
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.files import atomic_path, check_can_write, check_writable
     from helpers.report import Table
 

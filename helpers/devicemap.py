@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from helpers.budget import Budget, Tier, format_bytes
+from helpers.budget import Budget, Tier
+from helpers.report import format_bytes
 
 #: colours of the tiers in every chart: GPUs green, mps teal, cpu blue, disk orange, overflow red
 TIER_COLOURS = {"gpu": "#2ca02c", "mps": "#17becf", "cpu": "#1f77b4", "disk": "#ff7f0e", "overflow": "#d62728"}

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from helpers.activations import Workload
-from helpers.budget import METHOD_BUDGET, format_bytes, parse_budget
+from helpers.budget import METHOD_BUDGET, parse_budget
+from helpers.report import format_bytes
 from helpers.devicemap import tier_label
 from helpers.families import STAGES, Family
 from helpers.footprint import Footprint, footprint

@@ -145,7 +145,7 @@ def check_writable(folder: str | os.PathLike, flag: str = "--out") -> None:
 def check_free_space(folder: str | os.PathLike, need: int, what: str) -> None:
     """Refuse, before the work that would fill it, to write ``need`` bytes of ``what`` into ``folder``
     (or the nearest folder above it that exists) when its disk has less free."""
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
 
     here = Path(folder).expanduser().absolute()
     while not here.exists() and here != here.parent:

@@ -11,8 +11,6 @@ under a memory budget. Explained in ``01_memory-footprint.ipynb``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 
 from helpers.activations import forward_peak
@@ -22,9 +20,6 @@ from helpers.devicemap import tier_label
 from helpers.errors import UserError
 from helpers.families import Family, default_family
 from helpers.precision import Precision, short_name, stored_bytes
-
-if TYPE_CHECKING:
-    from helpers.planner import StagePlan
 
 #: dtypes reported for every component, by the names torch gives them
 DTYPES: dict[str, torch.dtype] = {
@@ -185,18 +180,6 @@ def no_split_blocks(module: torch.nn.Module, weights: str | None = None) -> list
     no_split = list(getattr(module, "_no_split_modules", None) or [])
     return [(u, n) for u, n in model_units(module, no_split, weights)
             if u and type(module.get_submodule(u)).__name__ in no_split]
-
-
-def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:
-    """The JSON of ``python -m helpers footprint --json``."""
-    workload = next((p.workload for p in plans.values() if p.workload is not None), None)
-    return {
-        "model": fp.model,
-        "components": fp.as_dict(),
-        "activations": {"workload": workload.as_dict() if workload else None,
-                        "bytes": {c: n for p in plans.values() for c, n in p.activations.items()}},
-        "plan": {name: plan.as_dict() for name, plan in plans.items()},
-    }
 
 
 # --------------------------------------------------------------------------- charts

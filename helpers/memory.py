@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from helpers.budget import format_bytes
+from helpers.report import format_bytes
 
 _STATUS = Path("/proc/self/status")
 _ACTIVE: list["Measurement"] = []

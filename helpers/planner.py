@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from helpers.activations import WORKSPACE_GPU, Workload, affine_guess, largest_square, stage_activations
-from helpers.budget import METHOD_BUDGET, Budget, Tier, format_bytes, parse_budget, round_up_size
+from helpers.budget import METHOD_BUDGET, Budget, Tier, parse_budget, round_up_size
+from helpers.report import format_bytes
 from helpers.devicemap import ComponentPlan, plan_component, remaining, tier_label
 from helpers.errors import UserError
 from helpers.families import STAGES, Family, default_family
@@ -595,3 +596,15 @@ def _stranded(plan, stage: str, family: Family) -> tuple[str, int] | None:
         if all(u.tier == "disk" for u in comp.units) or (whole and any(u.tier == "disk" for u in comp.units)):
             return comp.component, (sum(u.nbytes for u in comp.units) if whole else max(u.nbytes for u in comp.units))
     return None
+
+
+def report(fp: Footprint, plans: dict[str, StagePlan]) -> dict:
+    """The JSON of ``python -m helpers footprint --json``."""
+    workload = next((p.workload for p in plans.values() if p.workload is not None), None)
+    return {
+        "model": fp.model,
+        "components": fp.as_dict(),
+        "activations": {"workload": workload.as_dict() if workload else None,
+                        "bytes": {c: n for p in plans.values() for c, n in p.activations.items()}},
+        "plan": {name: plan.as_dict() for name, plan in plans.items()},
+    }

@@ -1,4 +1,5 @@
-"""Small tables that read well both in a notebook (HTML) and in a terminal (aligned text).
+"""Small tables that read well both in a notebook (HTML) and in a terminal (aligned text), and byte
+counts as people read them (:func:`format_bytes`).
 
 Explained in ``00_environment-check.ipynb``.
 """
@@ -7,6 +8,16 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
+
+
+def format_bytes(n: int | float) -> str:
+    """``8.5 GiB``-style text for a byte count (binary units, as accelerate's GiB), for people."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f}".rstrip("0").rstrip(".") + f" {unit}"
+        value /= 1024
+    return f"{value:.2f}".rstrip("0").rstrip(".") + " TiB"
 
 
 class Table:

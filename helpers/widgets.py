@@ -142,7 +142,7 @@ def encode_panel(model: str, prompts: list[str], max_sequence_length: int, out_n
     """
     from IPython.display import display
 
-    from helpers.budget import format_bytes
+    from helpers.report import format_bytes
     from helpers.encode import embeddings_path, encode_prompts
     from helpers.report import Table
 

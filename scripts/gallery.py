@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from helpers.twins import world
-from helpers.models import build_twin
+from helpers.twins.builder import build_twin
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "gallery"

@@ -88,6 +88,6 @@ def no_network(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """A tiny twin built once for the session, in its own folder."""
-    from helpers.models import build_twin
+    from helpers.twins.builder import build_twin
 
     return build_twin("tiny", tmp_path_factory.mktemp("twin") / "tiny")

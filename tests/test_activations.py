@@ -336,7 +336,8 @@ def test_activations_beyond_this_machine_are_refused_even_under_a_share():
 
 def test_footprint_json_reports_the_activations_of_the_chosen_size():
     from helpers.activations import Workload
-    from helpers.footprint import footprint, report
+    from helpers.footprint import footprint
+    from helpers.planner import report
     from helpers.planner import plan_stages
 
     fp = footprint("tiny")

@@ -1,16 +1,8 @@
 import pytest
 from accelerate.utils import convert_file_size_to_int, infer_auto_device_map
 
-from helpers.budget import (
-    ACCEPTED_FORMS,
-    METHOD_BUDGET,
-    Budget,
-    BudgetError,
-    detect_hardware,
-    format_bytes,
-    parse_budget,
-    parse_size,
-)
+from helpers.budget import ACCEPTED_FORMS, METHOD_BUDGET, Budget, BudgetError, detect_hardware, parse_budget, parse_size
+from helpers.report import format_bytes
 from helpers.errors import UserError
 
 GiB = 2**30

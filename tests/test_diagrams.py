@@ -11,7 +11,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from helpers.budget import format_bytes  # noqa: E402
+from helpers.report import format_bytes  # noqa: E402
 from helpers.diagrams import draw_memory_over_time, draw_stages, method_bytes  # noqa: E402
 from helpers.footprint import footprint  # noqa: E402
 

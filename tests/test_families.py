@@ -100,7 +100,7 @@ FLUX1_NAMES = {c.class_name for c in flux1.COMPONENTS} | {"FluxPipeline", "CLIPT
                                                            "single_transformer_blocks", "transformer_blocks", "T5DenseActDense", "T5DenseGatedActDense",
                                                            "encoder.block"}
 #: the twins and the shapes world: they build FLUX.1's own models (the family's twin builder)
-ALLOWED = {"families", "twins", "models.py"}
+ALLOWED = {"families", "twins"}
 
 
 def flux1_names(path: Path) -> list[tuple[int, str]]:

@@ -11,7 +11,8 @@ from helpers.devicemap import draw_plan, model_units, plan_component, remaining,
 from helpers.errors import UserError
 from helpers.precision import stored_bytes
 from helpers.families import default_family
-from helpers.footprint import DTYPES, footprint, plot_footprint, report, skeleton, stage_of
+from helpers.footprint import DTYPES, footprint, plot_footprint, skeleton, stage_of
+from helpers.planner import report
 from helpers.families import STAGES
 from helpers.models import component_configs
 from helpers.planner import plan_stages

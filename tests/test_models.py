@@ -9,20 +9,9 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import default_family
-from helpers.models import (
-    MARKER,
-    TWINS,
-    build_twin,
-    clip_vocab,
-    default_model,
-    describe_pipeline,
-    hub_patterns,
-    hub_snapshot,
-    model_path,
-    resolve_model,
-    twin_configs,
-    twin_is_built,
-)
+from helpers.families.flux1.twin import TWINS, clip_vocab, twin_configs
+from helpers.models import default_model, describe_pipeline, hub_patterns, hub_snapshot, model_path, resolve_model
+from helpers.twins.builder import MARKER, build_twin, twin_is_built
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -198,17 +187,17 @@ def test_stale_twin_is_rebuilt_and_foreign_folders_are_refused(tmp_path, tiny_fo
 def test_a_build_that_finishes_second_keeps_the_first_ones_folder(tmp_path, tiny_folder, monkeypatch):
     """Two builds at once: the one that finishes second must not delete the folder the first put in
     place (another process may already read it)."""
-    from helpers import models
+    from helpers.twins import builder
 
     twin = tmp_path / "tiny"
-    write = models._write_twin
+    write = builder._write_twin
 
     def meanwhile(spec, folder):  # while this build writes, another one finishes
         write(spec, folder)
         shutil.copytree(tiny_folder, twin)
         (twin / "theirs").write_text("in use")
 
-    monkeypatch.setattr(models, "_write_twin", meanwhile)
+    monkeypatch.setattr(builder, "_write_twin", meanwhile)
     assert build_twin("tiny", twin) == twin
     assert (twin / "theirs").read_text() == "in use"  # their folder, not replaced by ours
     assert twin_is_built("tiny", twin) and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -364,12 +353,12 @@ def test_flux_dev_random_is_flux_dev_with_random_weights():
 
 def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypatch, capsys):
     """Built small (the tiny twin's widths): the same code writes the full-size one on a GPU machine."""
-    import helpers.models as models
     from diffusers import FluxTransformer2DModel
 
-    from helpers.models import build_random
+    from helpers.twins import random
+    from helpers.twins.random import build_random
 
-    monkeypatch.setattr(models, "_SHARD_BYTES", 300_000)  # several shards and an index, as the real one
+    monkeypatch.setattr(random, "_SHARD_BYTES", 300_000)  # several shards and an index, as the real one
     configs = twin_configs(TWINS["tiny"])
     a = build_random("flux-dev-random", tmp_path / "a", components=["scheduler", "transformer"], configs=configs)
     b = build_random("flux-dev-random", tmp_path / "b", components=["transformer"], configs=configs)
@@ -400,15 +389,15 @@ def test_random_build_is_real_layout_deterministic_and_loads(tmp_path, monkeypat
 def test_random_build_checks_disk_space_first(tmp_path, monkeypatch):
     import collections
 
-    import helpers.models as models
+    from helpers.twins import random
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(models.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(random.shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UserError, match=r"writes 22\.\d GiB; .* GiB free"):
-        models.build_random("flux-dev-random", tmp_path / "r", components=["transformer"])
+        random.build_random("flux-dev-random", tmp_path / "r", components=["transformer"])
     assert not (tmp_path / "r" / "transformer").exists()
     with pytest.raises(UserError, match="random weights and no tokenizer: it is made for .python -m helpers bench"):
-        models.build_random("flux-dev-random", tmp_path / "r", components=["tokenizer"])
+        random.build_random("flux-dev-random", tmp_path / "r", components=["tokenizer"])
 
 
 def test_random_t5_stores_its_shared_embedding_once(tmp_path):
@@ -416,7 +405,7 @@ def test_random_t5_stores_its_shared_embedding_once(tmp_path):
     from safetensors import safe_open
     from transformers import T5EncoderModel
 
-    from helpers.models import build_random
+    from helpers.twins.random import build_random
     from helpers.offload.streamers import load_streaming
 
     folder = build_random("flux-dev-random", tmp_path / "r", components=["text_encoder_2"],

@@ -193,7 +193,7 @@ def test_row_scales_beat_plain_casting():
     """Per-row scales against casting straight to e4m3, on FLUX.1-dev-sized linear weights as
     flux-dev-random draws them (uniform in +-1/sqrt(3072), where plain e4m3 is coarse: its normal
     range starts at 2**-6), and on weights four times smaller (a layer of a wider model)."""
-    from helpers.models import random_weight
+    from helpers.twins.random import random_weight
     from helpers.formats.codecs import dequantize_rows, quantize_rows
 
     for shrink, better in ((1, 1.8), (4, 3.0)):

@@ -12,7 +12,7 @@ import torch
 
 from helpers.twins import world
 from helpers.errors import UserError
-from helpers.models import TRAINED_COMPONENTS, TWINS, twin_modules
+from helpers.families.flux1.twin import TRAINED_COMPONENTS, TWINS, twin_modules
 
 #: the notebooks' default image size
 SIZE = 64
@@ -103,11 +103,12 @@ def test_a_twin_builds_from_trained_weights_and_says_so(tmp_path, quick_weights,
 
     from safetensors.torch import load_file
 
-    from helpers import models
+    from helpers.families.flux1 import twin as flux1_twin
+    from helpers.twins import builder, shipped
 
     file, summary = quick_weights
     spec = replace(TWINS["tiny"], trained=str(file))
-    monkeypatch.setitem(models.TWINS, "tiny", spec)
+    monkeypatch.setitem(flux1_twin.TWINS, "tiny", spec)
     trained, seeded = twin_modules(spec), twin_modules(spec, trained=False)
     stored = load_file(str(file))
     for component in TRAINED_COMPONENTS:
@@ -119,16 +120,16 @@ def test_a_twin_builds_from_trained_weights_and_says_so(tmp_path, quick_weights,
                for k, v in trained["text_encoder_2"].state_dict().items())
     assert trained["vae"].config.scaling_factor == pytest.approx(summary["vae_scaling_factor"])
 
-    folder = models.build_twin("tiny", tmp_path / "tiny")
-    marker = json.loads((folder / models.MARKER).read_text())
+    folder = builder.build_twin("tiny", tmp_path / "tiny")
+    marker = json.loads((folder / builder.MARKER).read_text())
     assert marker["weights_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     assert "shapes world" in marker["note"]
     out = world.draw(folder, ["a red circle on a blue background"], seeds=(0,), steps=1)
     assert out[0].image.size == (SIZE, SIZE)
 
-    monkeypatch.setitem(models.TWINS, "tiny", replace(spec, trained=str(tmp_path / "missing.safetensors")))
+    monkeypatch.setitem(flux1_twin.TWINS, "tiny", replace(spec, trained=str(tmp_path / "missing.safetensors")))
     with pytest.raises(UserError, match="trained weights of this twin are missing"):
-        models.twin_configs(models.TWINS["tiny"])
+        flux1_twin.twin_configs(flux1_twin.TWINS["tiny"])
 
 
 #: what the shipped twin must draw right, at least (the detector on 24 prompts x 3 seeds)
@@ -160,15 +161,16 @@ def test_the_shipped_twin_draws_what_it_is_told(tiny_folder):
 
 
 def test_the_shipped_weights_load_and_build_the_same_twin(tmp_path):
-    from helpers import models
+    from helpers.families.flux1 import twin as flux1_twin
+    from helpers.twins import builder, shipped
 
-    shipped = models.trained_weights_path(TWINS["tiny"])
+    shipped = shipped.trained_weights_path(TWINS["tiny"])
     assert shipped.is_file() and shipped.stat().st_size < 20e6
-    a = models.build_twin("tiny", tmp_path / "a")
-    b = models.build_twin("tiny", tmp_path / "b")
+    a = builder.build_twin("tiny", tmp_path / "a")
+    b = builder.build_twin("tiny", tmp_path / "b")
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    marker = json.loads((a / models.MARKER).read_text())
+    marker = json.loads((a / builder.MARKER).read_text())
     assert marker["weights_sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()

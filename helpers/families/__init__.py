@@ -94,6 +94,10 @@ class Family:
     names: dict[str, str] = field(default_factory=dict)
     gated: frozenset = frozenset()
     shipped: dict[str, str] = field(default_factory=dict)
+    #: its twins by name (``tiny``, ``medium``): specs that know their configs (``configs()``), what their
+    #: weights are (``note(trained)``) and how to write themselves in the layout (``write(folder)``); see
+    #: :mod:`helpers.twins.builder`
+    twins: dict = field(default_factory=dict)
     #: the module of the single-file key layout (BFL's) of its transformer
     layout: str | None = None
     #: the pipeline class that runs it (library, class); the family's own by default
@@ -190,6 +194,11 @@ class Family:
 
 #: every family this process knows, by pipeline class
 _FAMILIES: dict[str, Family] = {}
+
+
+def family_of_repo(repo_id: str | None) -> Family | None:
+    """The family whose model (a name's repository, or a shipped config's) ``repo_id`` is; None if none."""
+    return next((f for f in families() if repo_id in f.names.values() or repo_id in f.shipped), None)
 
 
 def register(family: Family) -> Family:

@@ -18,7 +18,7 @@ no dataset is stored):
 
 The held-out colour pairs (:data:`helpers.twins.world.HELD_OUT`) are never shown. The result is one
 safetensors file of bfloat16 weights (CLIP, T5, transformer, VAE) with the VAE's scale and shift and
-a summary of the run in its metadata, which :func:`helpers.models.build_twin` reads for a twin whose
+a summary of the run in its metadata, which :func:`helpers.twins.builder.build_twin` reads for a twin whose
 spec names it (``TwinSpec.trained``).
 """
 
@@ -211,7 +211,8 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
     from safetensors.torch import save_file
     from transformers import CLIPTextModel
 
-    from helpers.models import TRAINED_COMPONENTS, TRAINED_DIR, TWINS, twin_modules
+    from helpers.families.flux1.twin import TRAINED_COMPONENTS, TWINS, twin_modules
+    from helpers.twins.shipped import TRAINED_DIR
 
     spec = TWINS["tiny"] if config.flux_heads is None else replace(TWINS["tiny"], flux_heads=config.flux_heads)
     out = Path(out) if out is not None else TRAINED_DIR / "tiny.safetensors"

@@ -14,6 +14,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import Component, Family, Variant
+from helpers.families.flux1.twin import TWINS
 
 TEXT, DIFFUSION = "text_encoding", "diffusion"
 
@@ -229,7 +230,7 @@ def checks(variant: str | None, length: int) -> str | None:
 
 
 FAMILY = Family(
-    name="flux1", title="FLUX.1", pipeline="FluxPipeline", components=COMPONENTS, variants=VARIANTS,
+    name="flux1", title="FLUX.1", pipeline="FluxPipeline", components=COMPONENTS, variants=VARIANTS, twins=TWINS,
     variant_of=variant_of, embedding_names=("prompt_embeds", "pooled_prompt_embeds"),
     embedding_shapes=embedding_shapes, optional_embeddings=("text_ids",),
     stage_weights={DIFFUSION: "bf16", TEXT: "fp32"},
