@@ -906,17 +906,60 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
     """
     import math
 
-    from helpers.budget import default_budget, parse_budget
-    from helpers.diffuse import check_settings
-    from helpers.footprint import activation_bytes
-    from helpers.images import psnr
+    from helpers.budget import default_budget
+    from helpers.job import plan_job
     from helpers.models import resolve_model
 
     ref = resolve_model(model)
+    tokens = _check_run(ref, stage, steps, height, width, tokens, rounds, timeout, cache, strategies)
+    name = ref.name if ref.kind != "local" else str(ref.path)
+    # no budget: the default, translated for a twin as the stages translate it (so a twin still splits)
+    config = {"model": name, "max_memory": max_memory, "steps": steps, "height": height, "width": width,
+              "stage": stage, "tokens": tokens, "weights": weights, "compute": compute}
+    if transformer_file is not None:
+        if stage != "diffusion":
+            raise UserError("--transformer is the diffusion transformer's file; benchmark it with --stage diffusion.")
+        config["transformer_file"] = str(Path(transformer_file).expanduser().resolve())
+    # checks the budget, the size, the precision and the file, before anything runs; every strategy's child
+    # runs this job's plan, as made here
+    job = plan_job(_request(config, ref))
+    precision = job.plan.precision
+    config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
+    gpu = job.plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
+    cache = resolve_cache(cache, job.plan.budget)
+    if cache == "cold":
+        import os
+
+        if not hasattr(os, "posix_fadvise"):
+            raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
+    bench = _Bench(ref, job, config, _chosen_strategies(strategies, stage, gpu, precision), rounds,
+                   max_memory if max_memory is not None else default_budget(torch.cuda.is_available()), cache)
+    family = ref.family
+    needs = [c for c in family.stage_parts(stage) if family.component(c).role != "tokenizer"]
+    bench.folder = ref.folder(components=needs)
+    config.update(folder=str(bench.folder), cache=cache, gpu=gpu, job=job.as_dict())
+    processes = _Processes(timeout)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.closing(processes):
+        config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
+        if "resident" in bench.strategies:  # the float32 reference every result's error is measured against
+            bench.run_reference(processes, Path(tmp), progress)
+        if image and stage == "diffusion" and not bench.method and "resident" in bench.strategies:
+            bench.run_image(processes, Path(tmp), progress, math.isinf)
+        for round_ in range(rounds):
+            bench.run_round(processes, Path(tmp), progress, round_, on_result)
+    return bench.report(complete=True)
+
+
+def _check_run(ref, stage: str, steps: int, height: int, width: int, tokens, rounds, timeout, cache: str,
+               strategies) -> int:
+    """``bench``'s settings checked before anything is planned or run; the text tokens, defaulted."""
+    import math
+
+    from helpers.diffuse import check_settings
+
     if stage not in STRATEGIES:
         raise UserError(f"stage must be one of {', '.join(STRATEGIES)}, not {stage!r}.")
-    family = ref.family
-    component, allowed = family.main(stage), STRATEGIES[stage]
+    family, allowed = ref.family, STRATEGIES[stage]
     check_settings(height, width, steps, 0.0)
     tokens = TOKENS[stage] if tokens is None else tokens
     most = max(v.max_text_length for v in family.variants.values())
@@ -939,163 +982,176 @@ def run(model: str | None, max_memory=None, steps: int = 3, height: int = 64, wi
             raise UserError(f"strategy {s!r} is not benchmarked for {stage}; use {', '.join(allowed)}.")
         if s in GPU_ONLY and not has_gpu:
             raise UserError(f"strategy {s!r} needs a GPU; this machine has none.")
-    name = ref.name if ref.kind != "local" else str(ref.path)
-    # no budget: the default, translated for a twin as the stages translate it (so a twin still splits)
-    config = {"model": name, "max_memory": max_memory, "steps": steps, "height": height, "width": width,
-              "stage": stage, "tokens": tokens, "weights": weights, "compute": compute}
-    if transformer_file is not None:
-        if stage != "diffusion":
-            raise UserError("--transformer is the diffusion transformer's file; benchmark it with --stage diffusion.")
-        config["transformer_file"] = str(Path(transformer_file).expanduser().resolve())
-    from helpers.job import plan_job
+    return tokens
 
-    # checks the budget, the size, the precision and the file, before anything runs; every strategy's child
-    # runs this job's plan, as made here
-    job = plan_job(_request(config, ref))
-    plan = job.plan
-    precision = plan.precision
-    file_format = precision.file.label if precision.file is not None else None
-    config.update(weights=precision.weights, compute=precision.compute)  # the children run what auto chose
-    # the bench's precision is the method's (a transformer file never is)
-    method = (precision.weights, precision.compute) == ("bf16", "bf16") and file_format is None
-    budget_spec = max_memory if max_memory is not None else default_budget(has_gpu)
-    gpu = plan.budget.gpu  # the plan has refused a GPU tier on a machine without one
-    cache = resolve_cache(cache, plan.budget)
-    if cache == "cold":
-        import os
 
-        if not hasattr(os, "posix_fadvise"):
-            raise UserError("this system cannot drop a file's cached pages; run the benchmark with cache 'warm'.")
+def _is_method(precision) -> bool:
+    """Whether the bench's precision is the method's: bf16 weights and math (a transformer file never is)."""
+    return (precision.weights, precision.compute) == ("bf16", "bf16") and precision.file is None
+
+
+def _chosen_strategies(strategies, stage: str, gpu, precision) -> list[str]:
+    """The strategies asked for, or every one this stage, budget and file has (``method`` beside
+    ``accelerate`` where the precision is not the method's)."""
     for s in strategies or ():
         if s in GPU_ONLY and gpu is None:
             raise UserError(f"strategy {s!r} needs a GPU tier in the budget, e.g. \"0=8.5GiB,cpu=30GiB\".")
-    everything = CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES
     if strategies:
-        strategies = list(strategies)
-    else:
-        strategies = [s for s in everything if s in allowed and (s not in FILE_ONLY or file_format is not None)]
-        if stage == "diffusion" and not method and "accelerate" in strategies:
-            strategies.insert(strategies.index("accelerate") + 1, METHOD)
-    needs = [c for c in family.stage_parts(stage) if family.component(c).role != "tokenizer"]
-    folder = ref.folder(components=needs)
-    # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
-    # the report: a model whose forward the meta device cannot run still benchmarks
-    try:
-        activations = activation_bytes(component, ref.configs[component], precision.compute_dtype,
-                                       height=height, width=width, tokens=tokens, family=family)
-    except Exception:  # noqa: BLE001
-        activations = None
-    config.update(folder=str(folder), cache=cache, gpu=gpu, job=job.as_dict())
-    runs: dict[str, list[dict]] = {s: [] for s in strategies}
-    errors: dict[str, str] = {}
-    if precision.file is not None and precision.file.scaled:  # not run: said in the results, with why
-        errors.update({s: f"not run: {DIFFUSERS_SCALED}" for s in strategies if s.startswith("diffusers")})
-    outputs: dict[str, torch.Tensor] = {}
-    picture: dict = {}
+        return list(strategies)
+    everything = CPU_STRATEGIES + GPU_ONLY if gpu is not None else CPU_STRATEGIES
+    chosen = [s for s in everything if s in STRATEGIES[stage] and (s not in FILE_ONLY or precision.file is not None)]
+    if stage == "diffusion" and not _is_method(precision) and "accelerate" in chosen:
+        chosen.insert(chosen.index("accelerate") + 1, METHOD)
+    return chosen
 
-    def report(complete: bool) -> dict:
+
+class _Bench:
+    """One benchmark's state: the job every child runs, what each strategy measured (``runs``, its
+    ``outputs``), what failed (``errors``) and the image pair; :meth:`report` is its JSON."""
+
+    def __init__(self, ref, job, config: dict, strategies: list[str], rounds: int, budget_spec, cache: str):
+        from helpers.footprint import activation_bytes
+
+        self.ref, self.job, self.config, self.strategies, self.rounds = ref, job, config, strategies, rounds
+        self.budget_spec, self.cache, self.folder = budget_spec, cache, None
+        self.plan, self.precision, self.family = job.plan, job.plan.precision, ref.family
+        self.stage = config["stage"]
+        self.component = self.family.main(self.stage)
+        self.file_format = self.precision.file.label if self.precision.file is not None else None
+        self.method = _is_method(self.precision)
+        self.gpu = self.plan.budget.gpu
+        self.runs: dict[str, list[dict]] = {s: [] for s in strategies}
+        self.errors: dict[str, str] = {}
+        if self.precision.file is not None and self.precision.file.scaled:  # not run: said in the results, with why
+            self.errors.update({s: f"not run: {DIFFUSERS_SCALED}" for s in strategies if s.startswith("diffusers")})
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.picture: dict = {}
+        # what one call holds beyond its weights (meta-device count; a stream to a GPU keeps it free there), for
+        # the report: a model whose forward the meta device cannot run still benchmarks
+        try:
+            self.activations = activation_bytes(self.component, ref.configs[self.component],
+                                                self.precision.compute_dtype, height=config["height"],
+                                                width=config["width"], tokens=config["tokens"], family=self.family)
+        except Exception:  # noqa: BLE001
+            self.activations = None
+
+    def run_reference(self, processes, tmp: Path, progress) -> None:
+        """The float32 resident run every result's ``rel_error_vs_fp32`` is measured against."""
+        progress("float32 reference (resident, fp32 weights and math): running in its own process...")
+        out = tmp / _FP32
+        error = processes.run("resident", {**_without_file(self.config), "weights": "fp32", "compute": "fp32"}, out)
+        if error is None:
+            self.outputs[_FP32] = torch.load(out.with_suffix(".pt"))
+        else:
+            progress(f"float32 reference: failed, no rel_error_vs_fp32: {error}")
+
+    def run_image(self, processes, tmp: Path, progress, infinite) -> None:
+        """One image in this precision and one in the method's bf16 (resident, every step and the decode),
+        for the PSNR between them."""
+        from PIL import Image
+
+        from helpers.images import psnr
+
+        progress("image in this precision and in the method's bf16 (resident, every step and the decode)...")
+        pngs = {}
+        for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):
+            out = tmp / f"{_IMAGE}-{key}"
+            error = processes.run(_IMAGE, {**(_without_file(self.config) if knobs else self.config), **knobs}, out)
+            if error is not None:
+                progress(f"image: failed, no PSNR: {error}")
+                return
+            with Image.open(out.with_suffix(".png")) as img:
+                pngs[key] = img.convert("RGB")
+        value = psnr(pngs["this"], pngs["bf16"])
+        self.picture.update(seed=0, steps=self.config["steps"], guidance=0.0, reference="bf16 weights, bf16 math",
+                            psnr_vs_bf16_db=None if infinite(value) else round(value, 2), identical=infinite(value))
+        progress(f"image: PSNR against bf16 {value:.2f} dB")
+
+    def run_round(self, processes, tmp: Path, progress, round_: int, on_result) -> None:
+        """Every strategy not failed yet, each in its own process, one after the other."""
+        for s in self.strategies:
+            if s in self.errors:
+                continue
+            when = f" (round {round_ + 1} of {self.rounds})" if self.rounds > 1 else ""
+            progress(f"{s}: running in its own process{when}...")
+            out = tmp / s
+            error = processes.run(s, self.config, out)
+            if error is not None:
+                progress(f"{s}: failed: {error}")
+                self.errors[s] = error
+            else:
+                self.runs[s].append(json.loads(out.with_suffix(".json").read_text()))
+                self.outputs[s] = torch.load(out.with_suffix(".pt"))
+                progress(f"{s}: {self.runs[s][-1]['s_per_step']:.4f} s/step")
+            if on_result is not None:  # the last one too: the floor is still to be measured
+                on_result(self.report(complete=False))
+
+    def _results(self) -> list[dict]:
+        method_knobs = {"weights": "bf16", "compute": "bf16"}
+        return [({"strategy": s, "error": self.errors[s], "s_per_step": None, "peak_rss_bytes": None,
+                  "peak_gpu_bytes": None, "bytes_streamed_per_step": None, **(method_knobs if s == METHOD else {})}
+                 if not self.runs[s] else {**_combine(self.runs[s]), **({"error": self.errors[s]} if s in self.errors
+                                                                          else {})})
+                for s in self.strategies if s in self.errors or self.runs[s]]
+
+    def _row(self, r: dict) -> dict:
+        """A result as reported: its precision and file, and its output against resident's and float32's."""
+        precision, reference, exact = self.precision, self.outputs.get("resident"), self.outputs.get(_FP32)
+        r = {k: v for k, v in r.items() if k != "baseline_rss_bytes"}
+        out = self.outputs.get(r["strategy"])
+        r.setdefault("weights", precision.weights)
+        r.setdefault("compute", precision.compute)
+        r["file_format"] = self.file_format if r["strategy"] not in (METHOD, _FP32) else None
+        alike = (r["weights"], r["compute"]) == (precision.weights, precision.compute)  # resident's precision
+        r["max_abs_diff_vs_resident"] = (None if reference is None or out is None or not alike
+                                         else float((out.float() - reference.float()).abs().max()))
+        r["rel_error_vs_fp32"] = (None if exact is None or out is None
+                                  else float((out.float() - exact.float()).norm() / exact.float().norm()))
+        return r
+
+    def _floor(self, rows: list[dict]) -> dict:
+        """The fastest a step can be here: the larger of resident's compute and moving the bytes the
+        method's map keeps off the fast tier at the measured bandwidth."""
+        gpu = self.gpu
+        bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
+                     else disk_bandwidth(self.folder, self.cache, component=self.component))
+        compute = next((r["s_per_step"] for r in rows if r["strategy"] == "resident" and r["s_per_step"]), None)
+        slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
+        streamed = sum(u.nbytes for p in self.plan.components if p.component == self.component for u in p.units
+                       if u.tier == slow)
+        return {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
+                "compute_s_per_step": compute, "s_per_step": max(compute or 0.0, streamed / bandwidth)}
+
+    def report(self, complete: bool) -> dict:
         """The JSON so far; the floor is measured once every strategy has run (none of them shares the
         machine with the measurement), so a partial report has none."""
-        reference = outputs.get("resident")
-        exact = outputs.get(_FP32)
-        method_knobs = {"weights": "bf16", "compute": "bf16"}
-        results = [({"strategy": s, "error": errors[s], "s_per_step": None, "peak_rss_bytes": None,
-                     "peak_gpu_bytes": None, "bytes_streamed_per_step": None, **(method_knobs if s == METHOD else {})}
-                    if not runs[s] else {**_combine(runs[s]), **({"error": errors[s]} if s in errors else {})})
-                   for s in strategies if s in errors or runs[s]]
-        rows_ = []
-        for r in results:
-            r = {k: v for k, v in r.items() if k != "baseline_rss_bytes"}
-            out = outputs.get(r["strategy"])
-            r.setdefault("weights", precision.weights)
-            r.setdefault("compute", precision.compute)
-            r["file_format"] = file_format if r["strategy"] not in (METHOD, _FP32) else None
-            alike = (r["weights"], r["compute"]) == (precision.weights, precision.compute)  # resident's precision
-            r["max_abs_diff_vs_resident"] = (None if reference is None or out is None or not alike
-                                             else float((out.float() - reference.float()).abs().max()))
-            r["rel_error_vs_fp32"] = (None if exact is None or out is None
-                                      else float((out.float() - exact.float()).norm() / exact.float().norm()))
-            rows_.append(r)
-        floor = None
-        if complete:
-            bandwidth = (host_to_device_bandwidth(gpu) if gpu is not None
-                         else disk_bandwidth(folder, cache, component=component))
-            compute = next((r["s_per_step"] for r in rows_ if r["strategy"] == "resident" and r["s_per_step"]), None)
-            slow = "cpu" if gpu is not None else "disk"  # where the method's map keeps the blocks that must move
-            streamed = sum(u.nbytes for p in plan.components if p.component == component for u in p.units
-                           if u.tier == slow)
-            floor = {"bandwidth_bytes_per_s": bandwidth, "bytes_to_move_per_step": streamed,
-                     "compute_s_per_step": compute, "s_per_step": max(compute or 0.0, streamed / bandwidth)}
+        from helpers.budget import parse_budget
+
+        results = self._results()
+        rows_ = [self._row(r) for r in results]
+        floor = self._floor(rows_) if complete else None
         for r in rows_:
             r["ratio_to_floor"] = (r["s_per_step"] / floor["s_per_step"]
                                    if floor and floor["s_per_step"] and r["s_per_step"] else None)
         baselines = [r["baseline_rss_bytes"] for r in results if r.get("baseline_rss_bytes")]
+        config, gpu, spec = self.config, self.gpu, self.budget_spec
         return {
-            "model": config["model"], "stage": stage, "component": component,
-            "component_short": family.component(component).short,
+            "model": config["model"], "stage": self.stage, "component": self.component,
+            "component_short": self.family.component(self.component).short,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
             "machine": machine(),
-            "max_memory": budget_spec if isinstance(budget_spec, str) else str(parse_budget(budget_spec)),
-            "budget_scaled_like": ref.family.reference_model if plan.reference is not None else None,
-            "max_memory_bytes": {str(t): b for t, b in plan.budget.tiers},
+            "max_memory": spec if isinstance(spec, str) else str(parse_budget(spec)),
+            "budget_scaled_like": self.family.reference_model if self.plan.reference is not None else None,
+            "max_memory_bytes": {str(t): b for t, b in self.plan.budget.tiers},
             "baseline_rss_bytes": min(baselines) if baselines else None,
-            "steps": steps, "height": height, "width": width, "tokens": tokens,
-            "cache": cache, "complete": complete, "strategies": strategies, "rounds": rounds,
-            "activation_bytes": activations,
-            "precision": precision.as_dict(),
-            "image": picture or None,
+            "steps": config["steps"], "height": config["height"], "width": config["width"], "tokens": config["tokens"],
+            "cache": self.cache, "complete": complete, "strategies": self.strategies, "rounds": self.rounds,
+            "activation_bytes": self.activations,
+            "precision": self.precision.as_dict(),
+            "image": self.picture or None,
             "floor": floor,
             "results": rows_,
         }
-
-    processes = _Processes(timeout)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.closing(processes):
-        config["work_root"] = tmp  # the children's offload folders: gone with it, whatever happens to them
-        if "resident" in strategies:  # the float32 reference every result's error is measured against
-            progress("float32 reference (resident, fp32 weights and math): running in its own process...")
-            out = Path(tmp) / _FP32
-            error = processes.run("resident", {**_without_file(config), "weights": "fp32", "compute": "fp32"}, out)
-            if error is None:
-                outputs[_FP32] = torch.load(out.with_suffix(".pt"))
-            else:
-                progress(f"float32 reference: failed, no rel_error_vs_fp32: {error}")
-        if image and stage == "diffusion" and not method and "resident" in strategies:  # whole models, as resident
-            progress("image in this precision and in the method's bf16 (resident, every step and the decode)...")
-            pngs = {}
-            for key, knobs in (("this", {}), ("bf16", {"weights": "bf16", "compute": "bf16"})):
-                out = Path(tmp) / f"{_IMAGE}-{key}"
-                error = processes.run(_IMAGE, {**(_without_file(config) if knobs else config), **knobs}, out)
-                if error is not None:
-                    progress(f"image: failed, no PSNR: {error}")
-                    break
-                from PIL import Image
-
-                with Image.open(out.with_suffix(".png")) as img:
-                    pngs[key] = img.convert("RGB")
-            if len(pngs) == 2:
-                value = psnr(pngs["this"], pngs["bf16"])
-                picture.update(seed=0, steps=steps, guidance=0.0, reference="bf16 weights, bf16 math",
-                               psnr_vs_bf16_db=None if math.isinf(value) else round(value, 2),
-                               identical=math.isinf(value))
-                progress(f"image: PSNR against bf16 {value:.2f} dB")
-        for round_ in range(rounds):
-            for s in strategies:
-                if s in errors:
-                    continue
-                when = f" (round {round_ + 1} of {rounds})" if rounds > 1 else ""
-                progress(f"{s}: running in its own process{when}...")
-                out = Path(tmp) / s
-                error = processes.run(s, config, out)
-                if error is not None:
-                    progress(f"{s}: failed: {error}")
-                    errors[s] = error
-                else:
-                    runs[s].append(json.loads(out.with_suffix(".json").read_text()))
-                    outputs[s] = torch.load(out.with_suffix(".pt"))
-                    progress(f"{s}: {runs[s][-1]['s_per_step']:.4f} s/step")
-                if on_result is not None:  # the last one too: the floor is still to be measured
-                    on_result(report(complete=False))
-    return report(complete=True)
 
 
 if __name__ == "__main__":  # python -m helpers.bench --serve, or one strategy: STRATEGY CONFIG OUT

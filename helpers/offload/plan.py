@@ -460,7 +460,39 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
     if pool is None:  # up to 4 buffers, in no more room than two whole blocks would take (T5: 3)
         biggest = max(sum(plans[u].nbytes if on_gpu else plans[u].read_nbytes for u in parts[n]) for n in names)
         pool = max(2, min(4, 2 * biggest // largest))
-    least = other + pool * largest + max(stage.values()) + reserve
+    _check_least(other, pool, largest, max(stage.values()), reserve, fast_bytes, fast_name)
+    room = fast_bytes - other - reserve
+    lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
+    resident = set(choice["resident"]) if choice is not None else _choose_resident(lists, size, buffer, stage, room, pool)
+    streamed = [n for n in names if n not in resident]
+    # on a GPU (whose tier has the activations' room set aside) the room whole blocks leave keeps some
+    # parts of the streamed blocks resident too; in RAM that room is left to the activations
+    candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
+    used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
+    used += max((stage[n] for n in streamed), default=0)
+    kept_size = {u: stored_bytes(model.get_submodule(u)) for u in candidates}
+    if choice is None:
+        kept = _keep_parts(candidates, kept_size, room - used)
+    else:
+        kept = _recorded_parts(choice, kept_size, room - used, f"{len(resident)} resident blocks, a {pool}-buffer "
+                               f"pool", f"{fast_name} of {fast_bytes:,} bytes")
+    pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
+    plan = StreamPlan(resident, pieces, kept, plans, pool, room, sum(size[r] for r in resident), order=names)
+    if on_gpu and plan.pinned_bytes > cpu_bytes:
+        raise StreamBudgetError(
+            f"streaming to the GPU holds the {len(plan.streamed)} blocks it cannot keep in pinned RAM: "
+            f"{plan.pinned_bytes:,} bytes, more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least "
+            f"{plan.pinned_bytes:,} bytes, or use offload 'accelerate', which can add a disk tier."
+        )
+    plan.keys = _source_keys(model, source, pieces)
+    return plan
+
+
+def _check_least(other: int, pool: int, largest: int, staging: int, reserve: int, fast_bytes: int,
+                 fast_name: str) -> None:
+    """Refuse a fast tier that cannot hold the least a stream needs: the non-block weights, a pool of
+    ``pool`` buffers of the ``largest`` piece, one ``staging`` buffer and the activations' ``reserve``."""
+    least = other + pool * largest + staging + reserve
     if largest > fast_bytes:
         raise StreamBudgetError(
             f"one piece of this model ({largest:,} bytes) is larger than the whole {fast_name} ({fast_bytes:,} bytes); "
@@ -474,34 +506,16 @@ def plan_stream(model: torch.nn.Module, block_lists: list[str], parts: dict[str,
             + (f"{kept} and room for its activations ({reserve:,})" if reserve else f" and{kept[1:]}")
             + f"; give it at least {least:,} bytes."
         )
-    room = fast_bytes - other - reserve
-    lists = [[f"{lst}.{i}" for i in range(len(model.get_submodule(lst)))] for lst in block_lists]
-    resident = set(choice["resident"]) if choice is not None else _choose_resident(lists, size, buffer, stage, room, pool)
-    streamed = [n for n in names if n not in resident]
-    # on a GPU (whose tier has the activations' room set aside) the room whole blocks leave keeps some
-    # parts of the streamed blocks resident too; in RAM that room is left to the activations
-    candidates = [u for n in streamed for u in parts[n] if u != n] if on_gpu else []
-    used = sum(size[n] for n in resident) + pool * max((buffer[n] for n in streamed), default=0)
-    used += max((stage[n] for n in streamed), default=0)
-    kept_size = {u: stored_bytes(model.get_submodule(u)) for u in candidates}
-    if choice is not None:
-        kept = set(choice["kept"])
-        if not kept <= set(candidates) or used + sum(kept_size[u] for u in kept) > room:
-            raise StreamBudgetError(
-                f"the stream a job recorded ({len(resident)} resident blocks, {len(kept)} kept parts, a {pool}-buffer "
-                f"pool) does not fit the {fast_name} of {fast_bytes:,} bytes with these weights; plan the stage again.")
-    else:
-        kept = _keep_parts(candidates, kept_size, room - used)
-    pieces = {u: n for n in streamed for u in parts[n] if u not in kept}  # streamed piece -> its block, call order
-    plan = StreamPlan(resident, pieces, kept, plans, pool, room, sum(size[r] for r in resident), order=names)
-    if on_gpu and plan.pinned_bytes > cpu_bytes:
-        raise StreamBudgetError(
-            f"streaming to the GPU holds the {len(plan.streamed)} blocks it cannot keep in pinned RAM: "
-            f"{plan.pinned_bytes:,} bytes, more than the cpu tier ({cpu_bytes:,}); give the cpu tier at least "
-            f"{plan.pinned_bytes:,} bytes, or use offload 'accelerate', which can add a disk tier."
-        )
-    plan.keys = _source_keys(model, source, pieces)
-    return plan
+
+
+def _recorded_parts(choice: dict, size: dict[str, int], room: int, what: str, where: str) -> set[str]:
+    """The parts a recorded stream keeps beside its blocks (those of ``size``: the candidates), refused
+    where they are not candidates or do not fit the ``room`` the blocks and pool leave (nor that room)."""
+    kept = set(choice["kept"])
+    if room < 0 or not kept <= set(size) or sum(size[u] for u in kept) > room:
+        raise StreamBudgetError(f"the stream a job recorded ({what}, {len(kept)} kept parts) does not fit the {where} "
+                                "with these weights; plan the stage again.")
+    return kept
 
 
 def _checked_choice(choice, names: list[str]) -> int:

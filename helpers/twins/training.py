@@ -201,38 +201,10 @@ def _bf16(x: torch.Tensor) -> torch.Tensor:
     return x + (x.to(torch.bfloat16).float() - x).detach()
 
 
-def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = TrainConfig(),
-               progress=None, log=print, overwrite: bool = False) -> dict:
-    """Train the tiny twin and write its weights file (atomically) to ``out``; returns the summary.
-
-    ``out``: default ``helpers/twins/tiny.safetensors``, where the package keeps a trained twin's weights.
-    ``progress``: a tqdm-like wrapper for the step loops (None: none).
-    """
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
-
-    from helpers.families.flux1.twin import TRAINED_COMPONENTS, TWINS, twin_modules
-    from helpers.twins.shipped import TRAINED_DIR
-
-    spec = TWINS["tiny"] if config.flux_heads is None else replace(TWINS["tiny"], flux_heads=config.flux_heads)
-    out = Path(out) if out is not None else TRAINED_DIR / "tiny.safetensors"
-    check_can_write(out, overwrite)  # before any work
-    wrap = progress or (lambda it, **kw: it)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    train_scenes = world.scenes(held_out=False)[:config.max_scenes]
-    parts = twin_modules(spec, trained=False)
-    vae, transformer = parts["vae"], parts["transformer"]
-    clip: CLIPTextModel = parts["text_encoder"]
-    t5 = parts["text_encoder_2"]
-    summary: dict = {"config": asdict(config), "scenes": len(train_scenes),
-                     "held_out_pairs": [list(p) for p in world.HELD_OUT], "torch": torch.__version__,
-                     "threads": torch.get_num_threads()}
-    start = time.perf_counter()
-
-    # ---- 1. the VAE
+def _train_vae(vae, config: TrainConfig, rng: random.Random, train_scenes: list, wrap, summary: dict, log,
+               start: float) -> tuple[float, float]:
+    """Step 1: the VAE reconstructs the scenes (or comes from an earlier file); then, in bfloat16 as the
+    twin stores it, the latent statistics FluxPipeline undoes. Returns ``(shift, scale)``."""
     if config.vae_from:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -283,8 +255,26 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
     if config.vae_from:
         shift, scale = float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"])
     summary["vae_shift_factor"], summary["vae_scaling_factor"] = shift, scale
+    return shift, scale
 
-    # ---- 2. the text encoders: T5's 512 tokens once, CLIP learns to name the scene
+
+@dataclass
+class _Text:
+    """What step 2 leaves for step 3: the captions' tokens and T5 words, CLIP's namer and parameters."""
+
+    clip_ids: torch.Tensor
+    words_all: torch.Tensor
+    namer: torch.nn.Module
+    clip_params: list
+    labels: torch.Tensor
+    index: dict
+
+
+def _train_text(parts: dict, config: TrainConfig, rng: random.Random, train_scenes: list, wrap, summary: dict,
+                start: float) -> _Text:
+    """Step 2, the text encoders: T5's 512 tokens once (its seeded weights kept), CLIP learns to name the scene."""
+    clip = parts["text_encoder"]
+    t5 = parts["text_encoder_2"]
     tok, tok2 = parts["tokenizer"], parts["tokenizer_2"]
     captions = [s.caption for s in train_scenes]
     index = {c: i for i, c in enumerate(captions)}
@@ -314,8 +304,15 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
         right = 0.9 * right + 0.1 * right_now if step else right_now
     summary["clip_named"] = {name: round(float(r), 3) for (name, _), r in zip(ATTRIBUTES, right)}
     summary["text_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
+    return _Text(clip_ids, words_all, namer, clip_params, labels, index)
 
-    # ---- 3. the transformer and CLIP, rectified flow on the VAE's latents
+
+def _train_flow(parts: dict, text: _Text, shift: float, scale: float, config: TrainConfig, rng: random.Random,
+                train_scenes: list, wrap, summary: dict, log, start: float) -> None:
+    """Step 3, the transformer and CLIP together: rectified flow on the VAE's latents, CLIP still naming."""
+    vae, transformer, clip = parts["vae"], parts["transformer"], parts["text_encoder"]
+    clip_ids, words_all, namer, clip_params = text.clip_ids, text.words_all, text.namer, text.clip_params
+    labels, index = text.labels, text.index
     scheduler = parts["scheduler"]
     sigma_pool = {size: [s for n in config.schedule_steps for s in _schedule_sigmas(scheduler, n, (size // 16) ** 2)]
                   for size in SIZES}
@@ -367,6 +364,38 @@ def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = Train
     summary["seconds"] = round(time.perf_counter() - start, 1)
     log(f"transformer + CLIP: flow loss {summary['flow_loss']:.4f} (mean squared error of the predicted velocity), "
         f"naming loss {summary['name_loss']:.3f}, {summary['flow_seconds']:.0f} s; all of it {summary['seconds']:.0f} s")
+
+
+def train_twin(out: str | os.PathLike | None = None, config: TrainConfig = TrainConfig(),
+               progress=None, log=print, overwrite: bool = False) -> dict:
+    """Train the tiny twin and write its weights file (atomically) to ``out``; returns the summary.
+
+    ``out``: default ``helpers/twins/tiny.safetensors``, where the package keeps a trained twin's weights.
+    ``progress``: a tqdm-like wrapper for the step loops (None: none).
+    """
+    from safetensors.torch import save_file
+
+    from helpers.families.flux1.twin import TRAINED_COMPONENTS, TWINS, twin_modules
+    from helpers.twins.shipped import TRAINED_DIR
+
+    spec = TWINS["tiny"] if config.flux_heads is None else replace(TWINS["tiny"], flux_heads=config.flux_heads)
+    out = Path(out) if out is not None else TRAINED_DIR / "tiny.safetensors"
+    check_can_write(out, overwrite)  # before any work
+    wrap = progress or (lambda it, **kw: it)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    train_scenes = world.scenes(held_out=False)[:config.max_scenes]
+    parts = twin_modules(spec, trained=False)
+    summary: dict = {"config": asdict(config), "scenes": len(train_scenes),
+                     "held_out_pairs": [list(p) for p in world.HELD_OUT], "torch": torch.__version__,
+                     "threads": torch.get_num_threads()}
+    start = time.perf_counter()
+
+    shift, scale = _train_vae(parts["vae"], config, rng, train_scenes, wrap, summary, log, start)
+    text = _train_text(parts, config, rng, train_scenes, wrap, summary, start)
+    _train_flow(parts, text, shift, scale, config, rng, train_scenes, wrap, summary, log, start)
 
     tensors = {}
     for component in TRAINED_COMPONENTS:
