@@ -340,15 +340,23 @@ def test_t5_stored_in_bf16_encodes_bit_for_bit_as_the_method(tmp_path, offload):
 def test_decode_into_gives_the_formulas_bits():
     """fp8 by moving bits equals ``dequantize_rows`` bit for bit: every e4m3fn byte (subnormals, both
     zeros), rows of every size of scale, and a scale too large for the trick (the formula then)."""
-    from helpers.formats.codecs import decode_into, dequantize_rows
+    from helpers.formats.codecs import _e4m3_bits, decode_into, dequantize_rows
 
     codes = torch.tensor([b for b in range(256) if b not in (0x7F, 0xFF)], dtype=torch.uint8)  # not the NaNs
     q = codes.repeat(7, 3).view(torch.float8_e4m3fn)
     scale = torch.tensor([1e-30, 3e-7, 1e-4, 0.01, 1.0, 100.0, 1000.0])  # the last: past the trick's range
+    odd = torch.tensor([1.17e-38, 0.0123457, 3.3333333e-3, 0.7071068, 1.9921875, 7.77, 127.9])  # bf16 rounds them
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = torch.empty(q.shape, dtype=dtype)
         decode_into(q, out, scale)
         assert torch.equal(out, dequantize_rows(q, scale, dtype)), dtype
+        for rows in (scale[:-1], odd):  # within range: the bits are moved (float16 has no room for 2**-120)
+            moved = torch.empty(len(rows), q.shape[1], dtype=dtype)
+            assert _e4m3_bits(q[:len(rows)], rows, moved) == (dtype != torch.float16)
+            if dtype != torch.float16:
+                want = dequantize_rows(q[:len(rows)], rows, dtype)
+                assert torch.equal(moved.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                   want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), dtype
     w = torch.randn(33, 17).to(torch.bfloat16)
     assert torch.equal(decode_into(w, torch.empty(33, 17)), w.float())  # exact widening
     assert torch.equal(decode_into(w, torch.empty(33, 17, dtype=torch.bfloat16)), w)
