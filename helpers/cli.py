@@ -100,8 +100,10 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
     like_ref = resolve_model(like_name) if like_name else None
     if like_ref is not None:
         like_ref.configs  # a bad --like fails here, before any skeleton is built
-    fp = footprint(ref)
-    like = footprint(like_ref) if like_ref is not None else None
+    fp = footprint(ref)  # each component as stored; the plans place what each stage runs of it
+    trims = any(c.computes is not None for c in ref.family.components)
+    planned = footprint(ref, computed=True) if trims else fp
+    like = footprint(like_ref, computed=True) if like_ref is not None else None
     fast = parse_budget(spec, model_bytes=2**40).fast
     precisions = {"text_encoding": resolve("text_encoding", args.weights, "auto", fast, ref.family, cpu_native(args)),
                   "diffusion": resolve("diffusion", args.weights, args.compute, fast, ref.family, cpu_native(args))}
@@ -112,7 +114,7 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
             raise UserError("--like translates a budget between models; a transformer file is planned in its own bytes.")
         file = open_transformer_file(args.transformer, fp.skeletons[fp.family.file_component].config, fp.family)
         precisions["diffusion"] = precisions["diffusion"].with_file(file)
-    plans = plan_stages(fp, spec, like=like, workload=workload, precisions=precisions)
+    plans = plan_stages(planned, spec, like=like, workload=workload, precisions=precisions)
     data = report(fp, plans)
     data["max_memory"] = str(spec) if isinstance(spec, str) else str(parse_budget(spec))
     if like is not None:

@@ -133,10 +133,12 @@ class Footprint:
         }
 
 
-def footprint(model=None, tie: bool = True, components=None) -> Footprint:
+def footprint(model=None, tie: bool = True, components=None, computed: bool = False) -> Footprint:
     """Footprint of the components of ``model`` (all by default), built on meta.
 
-    Configs come from :func:`component_configs`: no weights, no download.
+    Configs come from :func:`component_configs`: no weights, no download. ``computed``: of each
+    component only the part its stage runs (:meth:`helpers.families.Component.computed`: an LLM
+    encoder up to the deepest layer read), what a plan places; by default each as stored.
     """
     from helpers.models import resolve_model
 
@@ -145,6 +147,8 @@ def footprint(model=None, tie: bool = True, components=None) -> Footprint:
     comps, skels = {}, {}
     for comp in [c for c in family.models if components is None or c in components]:
         module = skeleton(comp, configs[comp], tie=tie, family=family)
+        if computed:
+            module = family.component(comp).computed(module)
         skels[comp] = module
         comps[comp] = ComponentFootprint(comp, type(module).__name__, count_params(module),
                                          {dt: stored_bytes(module, short_name(dt)) for dt in DTYPES})

@@ -507,7 +507,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
         check_tiers_exist(checked)
     precision = resolve(stage, weights, compute, checked.fast, family, cpu_native)
     comps = stage_of(family, stage).components
-    fp = footprint(ref, components=comps)
+    fp = footprint(ref, components=comps, computed=True)  # what the stage runs
     if transformer_file is not None:
         if family.file_component not in comps:
             raise UserError(f"--transformer is a file of the diffusion stage's {family.file_component}, not of {stage}.")
@@ -517,7 +517,7 @@ def plan_stage(stage: str, model=None, max_memory=None, like: str | None = "auto
             transformer_file, fp.skeletons[family.file_component].config, family)
         precision = precision.with_file(file)
         like = None  # a file's bytes are its own: the budget is used as given
-    like_fp = footprint(like, components=comps) if like else None
+    like_fp = footprint(like, components=comps, computed=True) if like else None
     plan = plan_stages(fp, max_memory, like=like_fp, stages=(stage,), workload=workload,
                        precisions={stage: precision})[stage]
     what = stage.replace("_", " ")

@@ -82,3 +82,51 @@ def test_the_text_path_is_the_embeddings_and_the_layers_read(variant):
         0 if cfg.tie_word_embeddings else cfg.vocab_size * h)  # the later layers, the final norm, lm_head if untied
     if variant.endswith("4B"):  # tied: lm_head is the embeddings, held once
         assert round(path / whole, 2) == 0.77
+
+
+# --------------------------------------------------------------------------- the family, planned
+
+
+@pytest.fixture()
+def flux2():
+    """The FLUX.2 [klein] family registered for one test (it is not by default until its stages run)."""
+    from helpers.families import register, unregister
+    from helpers.families.flux2 import FAMILY
+
+    register(FAMILY)
+    try:
+        yield FAMILY
+    finally:
+        unregister(FAMILY)
+
+
+@pytest.mark.parametrize("name, size", [("flux2-klein-4b", "4B"), ("flux2-klein-9b", "9B")])
+def test_klein_is_measured_whole_and_its_text_stage_planned_as_the_text_path(flux2, name, size):
+    """The footprint reports the encoder as stored (tied weights once); the text stage's plan places its
+    embeddings and layers 1-27 only: no later layer, no final norm, no head, under the method's budget and
+    one tier down (the 4B's path fits GPU 0 alone; the 9B's spills to RAM, or to disk one tier down)."""
+    from helpers.activations import Workload
+    from helpers.footprint import footprint
+    from helpers.models import resolve_model
+    from helpers.planner import plan_stage
+
+    ref = resolve_model(name)
+    assert ref.family is flux2 and ref.variant == "klein" and ref.usual.steps == 4
+    fp = footprint(ref)
+    transformer, encoder, vae = PUBLISHED[size]
+    assert [fp.components[c].params for c in ("transformer", "text_encoder", "vae")] == [transformer, encoder, vae]
+    # bf16 as stored: every parameter at 2 bytes, plus the rotary embedding's 64 float32 frequencies (a buffer)
+    assert fp.components["text_encoder"].nbytes("bfloat16") == TEXT_INDEX_TOTAL[size] + 256
+    te = _skeletons(f"FLUX.2-klein-{size}")["text_encoder"]
+    path_bytes = 2 * (_params(te.model.embed_tokens) + sum(_params(layer) for layer in te.model.layers[:LAYERS_READ]))
+    for budget, tiers in (("0=8.5GiB,cpu=30GiB", [0] if size == "4B" else [0, "cpu"]),
+                          ("cpu=8.5GiB,disk=30GiB", ["cpu"] if size == "4B" else ["cpu", "disk"])):
+        plan = plan_stage("text_encoding", ref, budget, runnable=False, workload=Workload(tokens=512))
+        assert plan.fits and list(plan.tier_bytes()) == tiers
+        assert sum(plan.tier_bytes().values()) == path_bytes  # the path, not the encoder's whole bytes
+        placed = {u.name.split(".", 1)[1] for c in plan.components for u in c.units if u.nbytes}  # past "text_encoder."
+        assert f"model.layers.{LAYERS_READ - 1}" in placed and "model.embed_tokens" in placed
+        assert not any(m.startswith(f"model.layers.{LAYERS_READ}") or m in ("lm_head", "model.norm") for m in placed)
+        assert plan.activations["text_encoder"] > 0 and not plan.warnings  # counted on the meta device
+    diffusion = plan_stage("diffusion", ref, "0=8.5GiB,cpu=30GiB", runnable=False, compute="bf16")
+    assert diffusion.fits and set(diffusion.activations) == {"transformer", "vae"}

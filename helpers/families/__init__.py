@@ -47,9 +47,16 @@ class Component:
     fp8_stream_only: str = ""
     #: its module classes whose own code reads a child's weight dtype: upcast as one when they run
     upcast_groups: tuple[str, ...] = ()
+    #: the part of it its stage computes, cut from a skeleton (an LLM encoder read up to a middle layer:
+    #: its later layers, final norm and head are never run); None: all of it. Plans place this part.
+    computes: Callable | None = None
 
     def load_class(self):
         return getattr(importlib.import_module(self.library), self.class_name)
+
+    def computed(self, module):
+        """The part of ``module`` (its skeleton) that its stage runs: :attr:`computes`, or all of it."""
+        return self.computes(module) if self.computes is not None else module
 
     def skeleton(self, config: dict):
         """The module from ``config`` (call under :func:`helpers.architecture.empty_weights` for a skeleton)."""

@@ -1,0 +1,146 @@
+"""FLUX.2 [klein] (4B, 9B; distilled and base): one Qwen3 LLM text encoder read up to its 27th layer,
+``Flux2Transformer2DModel`` and ``AutoencoderKLFlux2``.
+
+What the planner needs is here: the components and their classes, which stage loads each and how (the
+encoder split, and of it only the text path: its embeddings and layers 1-27, since the pipeline stacks
+hidden states 9, 18 and 27; layers 28-36, the final norm and ``lm_head`` are never run), the block lists,
+the embeddings file's tensors (``prompt_embeds`` ``[batch, tokens, 3 x hidden]``; no pooled embeddings),
+the usual settings of the distilled and base variants, and the example inputs of each forward for the
+activation count. The published configs ship with ``helpers`` (``helpers/configs/FLUX.2-klein-*``).
+
+Not registered yet (:func:`helpers.families.register` adds it): the loader that reads the text path
+alone, the encode call on it and the klein twins come next, and until then a registered FLUX.2 model
+could be planned but not run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from helpers.errors import UserError
+from helpers.families import Component, Family, Variant
+
+TEXT, DIFFUSION = "text_encoding", "diffusion"
+
+#: the encoder's hidden states the pipeline stacks (index 0 is the embeddings' output): the text path
+#: runs the layers up to the deepest of them
+HIDDEN_STATES = (9, 18, 27)
+
+
+def text_path(module: torch.nn.Module) -> torch.nn.Module:
+    """A ``Qwen3ForCausalLM`` skeleton cut to what stage 1 runs: its embeddings and the layers up to the
+    deepest hidden state read; the later layers and the head removed, the final norm made a no-op (the
+    body's forward calls it; the hidden states read are the layers' own outputs). A tied head is the
+    embeddings: they stay, once."""
+    body = module.model
+    deepest = max(HIDDEN_STATES)
+    if len(body.layers) < deepest:
+        raise UserError(f"the text encoder has {len(body.layers)} layers; FLUX.2 [klein] reads its hidden state "
+                        f"{deepest}: not a klein text encoder.")
+    body.layers = torch.nn.ModuleList(list(body.layers)[:deepest])
+    body.norm = torch.nn.Identity()
+    del module.lm_head  # never run: stage 1 runs the body (module.model) alone
+    module.config.num_hidden_layers = deepest  # its own copy: what is left has no head to tie either
+    module.config.tie_word_embeddings = False
+    return module
+
+
+COMPONENTS = (
+    Component("scheduler", "diffusers", "FlowMatchEulerDiscreteScheduler", role="scheduler", stage=DIFFUSION),
+    Component("text_encoder", "transformers", "Qwen3ForCausalLM", stage=TEXT, placement="mapped",
+              config_class="Qwen3Config", required_key="num_hidden_layers", block_lists=("model.layers",),
+              short="Qwen3", long="Qwen3 text encoder", colour="#8c564b", activation="the Qwen3 text path",
+              fingerprint_keys=("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings"),
+              computes=text_path),
+    Component("tokenizer", "transformers", "Qwen2TokenizerFast", role="tokenizer", stage=TEXT),
+    Component("transformer", "diffusers", "Flux2Transformer2DModel", stage=DIFFUSION, placement="mapped",
+              required_key="num_single_layers", block_lists=("transformer_blocks", "single_transformer_blocks"),
+              short="transformer", long="transformer", colour="#e377c2", activation="a denoising step"),
+    Component("vae", "diffusers", "AutoencoderKLFlux2", stage=DIFFUSION, placement="whole", required_key="latent_channels",
+              short="VAE", long="VAE", colour="#bcbd22", activation="the VAE's decode"),
+)
+
+VARIANTS = {
+    # distilled: 4 steps without classifier-free guidance (the pipeline ignores guidance above 1)
+    "klein": Variant(steps=4, guidance=1.0, text_length=512, max_text_length=512, guidance_embedder=False),
+    # base: 50 steps with classifier-free guidance (the pipeline's own defaults)
+    "klein-base": Variant(steps=50, guidance=4.0, text_length=512, max_text_length=512, guidance_embedder=False),
+}
+
+
+def variant_of(transformer_config: dict) -> str:
+    """The distilled and base transformers share one config: the variant is the pipeline's
+    ``is_distilled`` (``model_index.json``), read where the model is named; this says ``klein``."""
+    return "klein"
+
+
+def embedding_shapes(configs: dict, batch: int, tokens: int) -> dict[str, tuple[int, ...]]:
+    cfg = configs.get("transformer", {})
+    return {"prompt_embeds": (batch, tokens, cfg.get("joint_attention_dim"))}
+
+
+class _Decode(torch.nn.Module):
+    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents):
+        return self.vae.decode(latents, return_dict=False)[0]
+
+
+def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
+                   width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
+    """``(module, inputs)`` for one forward of ``component``, batch 1, tensors empty on ``device``: the
+    transformer's denoising step (512 text tokens and the image's 16x16 patches, 4 position axes), the
+    text path on one prompt, the VAE's decode (32 latent channels at an eighth of the size)."""
+    device = torch.device(device)
+    if component == "transformer":
+        cfg = module.config
+        n = (height // 16) * (width // 16)
+        inputs = dict(hidden_states=torch.empty(1, n, cfg.in_channels, dtype=dtype, device=device),
+                      encoder_hidden_states=torch.empty(1, tokens, cfg.joint_attention_dim, dtype=dtype, device=device),
+                      timestep=torch.empty(1, dtype=dtype, device=device),
+                      img_ids=torch.zeros(1, n, 4, dtype=torch.long, device=device),
+                      txt_ids=torch.zeros(1, tokens, 4, dtype=torch.long, device=device), return_dict=False)
+        return module, inputs
+    if component == "text_encoder":
+        # the causal mask as the layers take it (a fused kernel's; building it reads values, which meta has not)
+        return module.model, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=False,
+                                  attention_mask={"full_attention": None})
+    if component == "vae":
+        scale = 2 ** (len(module.config.block_out_channels) - 1)
+        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype,
+                              device=device)
+        return _Decode(module), dict(latents=latents)
+    raise UserError(f"activations are estimated for transformer, vae and text_encoder, not {component!r}.")
+
+
+def block_counts(module) -> str:
+    """The repeated blocks of a FLUX.2 component, as text (``5 double + 20 single``, ``27 of 36 layers``)."""
+    name = type(module).__name__
+    if name == "Flux2Transformer2DModel":
+        return f"{len(module.transformer_blocks)} double + {len(module.single_transformer_blocks)} single"
+    if name == "Qwen3ForCausalLM":
+        return f"{len(module.model.layers)} of {module.config.num_hidden_layers} Qwen3DecoderLayer"
+    return ""
+
+
+FAMILY = Family(
+    name="flux2", title="FLUX.2 [klein]", pipeline="Flux2KleinPipeline", components=COMPONENTS, variants=VARIANTS,
+    variant_of=variant_of, embedding_names=("prompt_embeds",), embedding_shapes=embedding_shapes,
+    optional_embeddings=("text_ids",),
+    stage_weights={DIFFUSION: "bf16", TEXT: "bf16"},
+    text_compute=("bf16", "Qwen3 is stored in bf16 and computes in it"),
+    method_budget="0=8.5GiB,cpu=30GiB", reference_model="flux2-klein-4b",
+    names={"flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B", "flux2-klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+           "flux2-klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+           "flux2-klein-base-9b": "black-forest-labs/FLUX.2-klein-base-9B"},
+    gated=frozenset({"black-forest-labs/FLUX.2-klein-9B", "black-forest-labs/FLUX.2-klein-base-9B"}),
+    shipped={"black-forest-labs/FLUX.2-klein-4B": "FLUX.2-klein-4B", "black-forest-labs/FLUX.2-klein-9B": "FLUX.2-klein-9B",
+             "black-forest-labs/FLUX.2-klein-base-4B": "FLUX.2-klein-base-4B",
+             "black-forest-labs/FLUX.2-klein-base-9B": "FLUX.2-klein-base-9B"},
+    example_inputs=example_inputs, block_counts=block_counts,
+)
