@@ -63,6 +63,13 @@ class Component:
         cls = self.load_class()
         if self.config_class is not None:
             return cls(getattr(importlib.import_module(self.library), self.config_class).from_dict(config))
+        # a published config may keep a key its class no longer takes (FLUX.2's VAE: force_upcast), which
+        # diffusers would warn of at every skeleton: the class's own arguments only
+        import inspect
+
+        takes = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+            config = {k: v for k, v in config.items() if k in takes or k.startswith("_")}
         return cls.from_config(config)
 
 
