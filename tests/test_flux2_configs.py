@@ -130,3 +130,42 @@ def test_klein_is_measured_whole_and_its_text_stage_planned_as_the_text_path(flu
         assert plan.activations["text_encoder"] > 0 and not plan.warnings  # counted on the meta device
     diffusion = plan_stage("diffusion", ref, "0=8.5GiB,cpu=30GiB", runnable=False, compute="bf16")
     assert diffusion.fits and set(diffusion.activations) == {"transformer", "vae"}
+
+
+def test_klein_tiny_is_built_in_the_real_layout_and_the_one_piece_pipeline_runs_it(flux2, tmp_path):
+    """klein-tiny: klein's structure (5 + 20 blocks, Qwen3's 36 layers, tied embeddings, 32 latent
+    channels) at tiny widths, deterministic, in the layout diffusers reads; its tokenizer renders a prompt
+    as the real chat template does; planned from its folder like the real model, text path and all."""
+    import hashlib
+
+    from diffusers import Flux2KleinPipeline
+
+    from helpers.models import resolve_model
+    from helpers.planner import plan_stage
+    from helpers.twins.builder import build_twin, twin_is_built
+
+    folder = build_twin("klein-tiny", tmp_path / "klein-tiny")
+    again = build_twin("klein-tiny", tmp_path / "again", rebuild=True)
+
+    def hashes(root):
+        return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(root.rglob("*"))
+                if f.is_file()}
+
+    assert hashes(folder) == hashes(again) and twin_is_built("klein-tiny", folder)
+    assert (folder / "tokenizer" / "chat_template.jinja").is_file()
+    ref = resolve_model(str(folder))
+    assert ref.family is flux2 and ref.kind == "local"
+    pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=torch.float32)
+    assert pipe.config.is_distilled and len(pipe.text_encoder.model.layers) == 36
+    assert len(pipe.transformer.transformer_blocks) == 5 and len(pipe.transformer.single_transformer_blocks) == 20
+    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": "a red circle"}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=False)
+    assert text == "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    embeds, ids = pipe.encode_prompt("a red circle", device="cpu")
+    assert embeds.shape == (1, 512, 3 * pipe.text_encoder.config.hidden_size) and ids.shape == (1, 512, 4)
+    image = pipe(prompt="a red circle", height=64, width=64, num_inference_steps=2, guidance_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    plan = plan_stage("text_encoding", ref, "cpu=50%,disk=100%", runnable=False)
+    layers = {u.name.split(".")[3] for c in plan.components for u in c.units if u.name.count(".") >= 3}
+    assert layers == {str(i) for i in range(LAYERS_READ)}  # the text path: layers 0-26 of 36

@@ -5,8 +5,9 @@ What the planner needs is here: the components and their classes, which stage lo
 encoder split, and of it only the text path: its embeddings and layers 1-27, since the pipeline stacks
 hidden states 9, 18 and 27; layers 28-36, the final norm and ``lm_head`` are never run), the block lists,
 the embeddings file's tensors (``prompt_embeds`` ``[batch, tokens, 3 x hidden]``; no pooled embeddings),
-the usual settings of the distilled and base variants, and the example inputs of each forward for the
-activation count. The published configs ship with ``helpers`` (``helpers/configs/FLUX.2-klein-*``).
+the usual settings of the distilled and base variants, the example inputs of each forward for the
+activation count, and its twin (:mod:`.twin`: ``klein-tiny``). The published configs ship with ``helpers``
+(``helpers/configs/FLUX.2-klein-*``).
 
 Not registered yet (:func:`helpers.families.register` adds it): the loader that reads the text path
 alone, the encode call on it and the klein twins come next, and until then a registered FLUX.2 model
@@ -19,6 +20,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import Component, Family, Variant
+from helpers.families.flux2.twin import TWINS
 
 TEXT, DIFFUSION = "text_encoding", "diffusion"
 
@@ -130,6 +132,7 @@ def block_counts(module) -> str:
 
 FAMILY = Family(
     name="flux2", title="FLUX.2 [klein]", pipeline="Flux2KleinPipeline", components=COMPONENTS, variants=VARIANTS,
+    twins=TWINS,
     variant_of=variant_of, embedding_names=("prompt_embeds",), embedding_shapes=embedding_shapes,
     optional_embeddings=("text_ids",),
     stage_weights={DIFFUSION: "bf16", TEXT: "bf16"},

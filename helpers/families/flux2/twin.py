@@ -1,0 +1,132 @@
+"""FLUX.2 [klein]'s twins: klein's real structure at tiny widths, built in code in the real diffusers layout.
+
+``klein-tiny``: ``Flux2Transformer2DModel`` with klein's 5 double and 20 single blocks, a ``Qwen3ForCausalLM``
+with Qwen3-4B's 36 layers and tied embeddings, an ``AutoencoderKLFlux2`` with 32 latent channels (2x2
+patches: the transformer's 128 input channels), klein's scheduler, and a byte-level BPE tokenizer written
+here with a chat template that renders a user's prompt as the real one does (thinking off). Random
+weights from fixed seeds (its images are noise): it is what the stages, the loaders and the one-piece
+pipeline are checked against; :mod:`helpers.twins.builder` builds it into a folder on first use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+#: the chat template's rendering of one user message, thinking off (the pipeline asks for that)
+CHAT_TEMPLATE = (
+    "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def byte_chars() -> dict[int, str]:
+    """Byte-level BPE's printable stand-in for each byte: printable Latin-1 bytes as themselves, the
+    others moved past 255 in order (so every byte is one visible symbol of the vocabulary)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    out, moved = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + moved)
+            moved += 1
+    return out
+
+
+def tokenizer():
+    """A ``Qwen2TokenizerFast`` of the 256 bytes and the chat's special tokens, no merges, 512 tokens
+    long at most, padded with ``<|endoftext|>``, with the chat template above."""
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(byte_chars().values())}
+    vocab[SPECIAL[0]] = len(vocab)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=512)
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIAL[1:])})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@dataclass(frozen=True)
+class KleinTwinSpec:
+    """Widths of a klein twin; depths are klein 4B's own."""
+
+    hidden: int = 32  # Qwen3's; the transformer's joint attention takes three of its hidden states
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 8
+    intermediate: int = 64
+    layers: int = 36
+    flux_heads: int = 2
+    flux_head_dim: int = 16  # four rope axes of 4
+    double: int = 5
+    single: int = 20
+    vae_channels: tuple[int, int, int, int] = (16, 16, 32, 32)
+    vae_groups: int = 8
+    seed: int = 0
+    distilled: bool = True
+    trained: str | None = None
+    family: str = "flux2"
+
+    @property
+    def variant(self) -> str:
+        return "klein" if self.distilled else "klein-base"
+
+    def note(self, trained: bool) -> str:
+        return "Random weights in the FLUX.2 [klein] layout, built offline; its images are noise."
+
+    def configs(self, trained: bool = True) -> dict[str, dict]:
+        """Its components' configs: klein 4B's with these widths."""
+        shipped = resources.files("helpers") / "configs" / "FLUX.2-klein-4B"
+        te = json.loads((shipped / "text_encoder" / "config.json").read_text())
+        te.update(hidden_size=self.hidden, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                  head_dim=self.head_dim, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                  layer_types=["full_attention"] * self.layers, max_window_layers=self.layers,
+                  vocab_size=256 + len(SPECIAL), max_position_embeddings=1024,
+                  bos_token_id=256, eos_token_id=258)  # <|endoftext|> and <|im_end|>, as the real ones
+        tr = json.loads((shipped / "transformer" / "config.json").read_text())
+        tr.update(num_layers=self.double, num_single_layers=self.single, num_attention_heads=self.flux_heads,
+                  attention_head_dim=self.flux_head_dim, axes_dims_rope=[self.flux_head_dim // 4] * 4,
+                  joint_attention_dim=3 * self.hidden, timestep_guidance_channels=32)
+        vae = json.loads((shipped / "vae" / "config.json").read_text())
+        vae.update(block_out_channels=list(self.vae_channels), norm_num_groups=self.vae_groups)
+        scheduler = json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())
+        return {"text_encoder": te, "transformer": tr, "vae": vae, "scheduler": scheduler}
+
+    def modules(self) -> dict:
+        """Every part in memory, float32, from fixed seeds: the models, the tokenizer and the scheduler."""
+        import torch
+        from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        configs = self.configs()
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
+            torch.manual_seed(self.seed)
+            text_encoder = Qwen3ForCausalLM(Qwen3Config.from_dict(configs["text_encoder"])).eval()
+            torch.manual_seed(self.seed + 1)
+            transformer = Flux2Transformer2DModel.from_config(configs["transformer"]).eval()
+            torch.manual_seed(self.seed + 2)
+            vae = AutoencoderKLFlux2.from_config(
+                {k: v for k, v in configs["vae"].items() if k != "force_upcast"}).eval()
+        return dict(text_encoder=text_encoder, transformer=transformer, vae=vae, tokenizer=tokenizer(),
+                    scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]))
+
+    def write(self, folder: Path) -> None:
+        """Save it in ``folder`` in the diffusers layout, weights in bfloat16 as the real checkpoints."""
+        import torch
+        from diffusers import Flux2KleinPipeline
+
+        parts = self.modules()
+        for component in ("text_encoder", "transformer", "vae"):
+            for tensor in (*parts[component].parameters(), *parts[component].buffers()):
+                if tensor.is_floating_point():
+                    tensor.data = tensor.data.to(torch.bfloat16)
+        Flux2KleinPipeline(**parts, is_distilled=self.distilled).save_pretrained(folder)
+
+
+TWINS = {"klein-tiny": KleinTwinSpec()}
