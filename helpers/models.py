@@ -102,11 +102,16 @@ class ModelRef:
             return twin_specs()[self.name].variant if self.kind == "twin" else "dev"
         repo = self.repo_id
         if repo in self.family.shipped:
-            return self.family.variant_of(self._configs["transformer"])
+            from importlib import resources
+
+            shipped = resources.files("helpers") / "configs" / self.family.shipped[repo]
+            return self.family.variant_of(self._configs["transformer"],
+                                          json.loads((shipped / "model_index.json").read_text()))
         if self.path is not None:
             try:
                 cfg = json.loads((self.path / "transformer" / "config.json").read_text())
-                return self.family.variant_of(cfg)
+                index = json.loads((self.path / "model_index.json").read_text())
+                return self.family.variant_of(cfg, index if isinstance(index, dict) else None)
             except (OSError, ValueError):
                 return None
         return None

@@ -112,6 +112,8 @@ def test_klein_is_measured_whole_and_its_text_stage_planned_as_the_text_path(flu
 
     ref = resolve_model(name)
     assert ref.family is flux2 and ref.variant == "klein" and ref.usual.steps == 4
+    base = resolve_model(name.replace("klein-", "klein-base-"))  # its model_index has no is_distilled: CFG
+    assert base.variant == "klein-base" and (base.usual.steps, base.usual.guidance) == (50, 4.0)
     fp = footprint(ref)
     transformer, encoder, vae = PUBLISHED[size]
     assert [fp.components[c].params for c in ("transformer", "text_encoder", "vae")] == [transformer, encoder, vae]
@@ -154,7 +156,7 @@ def test_klein_tiny_is_built_in_the_real_layout_and_the_one_piece_pipeline_runs_
     assert hashes(folder) == hashes(again) and twin_is_built("klein-tiny", folder)
     assert (folder / "tokenizer" / "chat_template.jinja").is_file()
     ref = resolve_model(str(folder))
-    assert ref.family is flux2 and ref.kind == "local"
+    assert ref.family is flux2 and ref.kind == "local" and ref.variant == "klein"  # its index: is_distilled
     pipe = Flux2KleinPipeline.from_pretrained(folder, dtype=torch.float32)
     assert pipe.config.is_distilled and len(pipe.text_encoder.model.layers) == 36
     assert len(pipe.transformer.transformer_blocks) == 5 and len(pipe.transformer.single_transformer_blocks) == 20

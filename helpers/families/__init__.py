@@ -91,8 +91,9 @@ class Family:
     pipeline: str  # model_index.json's _class_name
     components: tuple[Component, ...]
     variants: dict[str, Variant]
-    #: the variant a transformer config is: its name in ``variants``
-    variant_of: Callable[[dict], str]
+    #: the variant a model is, from its transformer config and its ``model_index.json`` (``None`` where
+    #: not known): its name in ``variants``
+    variant_of: Callable[..., str]
     #: the embeddings file's tensors (the text stage's outputs), the first the text's [batch, tokens, width]
     embedding_names: tuple[str, ...]
     #: their shapes from (configs, batch, tokens): what diffusion expects and the file holds

@@ -49,8 +49,8 @@ VARIANTS = {
 }
 
 
-def variant_of(transformer_config: dict) -> str:
-    """dev when the transformer has a guidance embedder, else schnell."""
+def variant_of(transformer_config: dict, index: dict | None = None) -> str:
+    """dev when the transformer has a guidance embedder, else schnell (the pipeline's index says nothing more)."""
     return "dev" if transformer_config.get("guidance_embeds") else "schnell"
 
 

@@ -71,10 +71,11 @@ VARIANTS = {
 }
 
 
-def variant_of(transformer_config: dict) -> str:
+def variant_of(transformer_config: dict, index: dict | None = None) -> str:
     """The distilled and base transformers share one config: the variant is the pipeline's
-    ``is_distilled`` (``model_index.json``), read where the model is named; this says ``klein``."""
-    return "klein"
+    ``is_distilled`` in ``model_index.json`` (the base repositories leave it out: classifier-free
+    guidance); without an index, the distilled one."""
+    return "klein" if index is None or index.get("is_distilled") else "klein-base"
 
 
 def embedding_shapes(configs: dict, batch: int, tokens: int) -> dict[str, tuple[int, ...]]:
