@@ -14,6 +14,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import Component, Family, Variant
+from helpers.families.common import vae_decode_inputs
 from helpers.families.flux1.twin import TWINS
 
 TEXT, DIFFUSION = "text_encoding", "diffusion"
@@ -118,17 +119,6 @@ def pipeline_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {"prompt_embeds": tensors["prompt_embeds"], "pooled_prompt_embeds": tensors["pooled_prompt_embeds"]}
 
 
-class _Decode(torch.nn.Module):
-    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]
-
-
 def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
                    width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
     """``(module, inputs)`` for one forward of ``component``, batch 1, tensors empty on ``device``: the
@@ -148,10 +138,7 @@ def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, 
     if component == "text_encoder_2":
         return module, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device))
     if component == "vae":
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
-        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype,
-                              device=device)
-        return _Decode(module), dict(latents=latents)
+        return vae_decode_inputs(module, dtype, height, width, device)
     raise UserError(f"activations are estimated for transformer, vae and text_encoder_2, not {component!r}.")
 
 

@@ -20,6 +20,7 @@ import torch
 
 from helpers.errors import UserError
 from helpers.families import Component, Family, Variant
+from helpers.families.common import vae_decode_inputs
 from helpers.families.flux2.twin import TWINS
 
 TEXT, DIFFUSION = "text_encoding", "diffusion"
@@ -83,17 +84,6 @@ def embedding_shapes(configs: dict, batch: int, tokens: int) -> dict[str, tuple[
     return {"prompt_embeds": (batch, tokens, cfg.get("joint_attention_dim"))}
 
 
-class _Decode(torch.nn.Module):
-    """The VAE's decode as a forward pass (what the pipeline calls after the last step)."""
-
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latents):
-        return self.vae.decode(latents, return_dict=False)[0]
-
-
 def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int = 1024,
                    width: int = 1024, tokens: int = 512, device="meta") -> tuple[torch.nn.Module, dict]:
     """``(module, inputs)`` for one forward of ``component``, batch 1, tensors empty on ``device``: the
@@ -114,10 +104,7 @@ def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, 
         return module.model, dict(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), use_cache=False,
                                   attention_mask={"full_attention": None})
     if component == "vae":
-        scale = 2 ** (len(module.config.block_out_channels) - 1)
-        latents = torch.empty(1, module.config.latent_channels, height // scale, width // scale, dtype=dtype,
-                              device=device)
-        return _Decode(module), dict(latents=latents)
+        return vae_decode_inputs(module, dtype, height, width, device)
     raise UserError(f"activations are estimated for transformer, vae and text_encoder, not {component!r}.")
 
 
