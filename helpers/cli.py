@@ -77,16 +77,14 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
     from helpers.activations import Workload
     from helpers.budget import METHOD_BUDGET, parse_budget
-    from helpers.report import format_bytes
+    from helpers.report import Table, format_bytes
     from helpers.devicemap import summarise, tier_label
     from helpers.diffuse import check_settings
     from helpers.encode import check_max_sequence_length
     from helpers.footprint import footprint
-    from helpers.planner import report
-    from helpers.planner import plan_stages
+    from helpers.planner import plan_stages, report
     from helpers.models import resolve_model
     from helpers.precision import resolve
-    from helpers.report import Table
 
     ref = resolve_model(args.model)
     spec = args.max_memory if args.max_memory is not None else METHOD_BUDGET
@@ -145,10 +143,9 @@ def _cmd_footprint(args: argparse.Namespace) -> int:
 
 
 def _cmd_encode(args: argparse.Namespace) -> int:
-    from helpers.report import format_bytes
+    from helpers.report import Table, format_bytes
     from helpers.encode import encode_prompts, run_text_encoding
     from helpers.job import check_job_alone
-    from helpers.report import Table
 
     job = _read_job(args, "text_encoding")
     create_folder = in_outputs(Path(args.out).parent)
@@ -279,9 +276,8 @@ def _diffusion_job(args: argparse.Namespace, job=None, worker=None):
 
 
 def _cmd_diffuse(args: argparse.Namespace) -> int:
-    from helpers.report import format_bytes
+    from helpers.report import Table, format_bytes
     from helpers.diffuse import run_diffusion
-    from helpers.report import Table
     from helpers.workers import check_threads, check_workers, own_gpu, own_gpu_budget, this_worker
 
     job = _read_job(args, "diffusion")
@@ -586,9 +582,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from helpers.bench import rows, run, title
-    from helpers.report import format_bytes
+    from helpers.report import Table, format_bytes
     from helpers.files import atomic_path, check_can_write, check_writable
-    from helpers.report import Table
 
     def save(data: dict) -> None:
         with atomic_path(args.json, overwrite=True) as tmp:  # replaced whole or not at all

@@ -89,8 +89,7 @@ def test_activation_bytes_on_meta_match_a_real_forward_of_the_tiny_twin():
 
     from helpers.activations import activation_peak
     from helpers.footprint import activation_bytes
-    from helpers.models import component_configs
-    from helpers.models import model_path
+    from helpers.models import component_configs, model_path
 
     _, configs = component_configs("tiny")
     model = FluxTransformer2DModel.from_pretrained(model_path("tiny") / "transformer", dtype=torch.bfloat16).eval()
@@ -337,8 +336,7 @@ def test_activations_beyond_this_machine_are_refused_even_under_a_share():
 def test_footprint_json_reports_the_activations_of_the_chosen_size():
     from helpers.activations import Workload
     from helpers.footprint import footprint
-    from helpers.planner import report
-    from helpers.planner import plan_stages
+    from helpers.planner import plan_stages, report
 
     fp = footprint("tiny")
     data = report(fp, plan_stages(fp, "cpu=50%,disk=100%", workload=Workload(256, 256, tokens=64)))

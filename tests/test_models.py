@@ -343,8 +343,7 @@ def test_medium_builds_and_loads(tmp_path):
 
 def test_flux_dev_random_is_flux_dev_with_random_weights():
     from helpers.architecture import shipped_configs
-    from helpers.models import component_configs
-    from helpers.models import resolve_model
+    from helpers.models import component_configs, resolve_model
 
     ref = resolve_model("flux-dev-random")
     assert ref.kind == "random" and ref.variant == "dev" and not ref.gated
