@@ -134,6 +134,17 @@ def _tier_of(unit: str, device_map: dict[str, Tier]) -> Tier:
     return tier
 
 
+def _buffers_on_the_fast_tier(model: torch.nn.Module, device_map: dict, budget: Budget) -> None:
+    """A module the map names that holds no parameters (an LLM's rotary tables, a norm made a no-op)
+    goes to the fastest tier the map uses, not where accelerate's order left it (after the last
+    block: the disk, whose hooks would have no value for a buffer made at build time)."""
+    used = set(device_map.values())
+    fast = next((t for t in budget.names if t in used and t != "disk"), None)
+    for key, tier in device_map.items():
+        if fast is not None and tier != fast and key and not any(True for _ in model.get_submodule(key).parameters()):
+            device_map[key] = fast
+
+
 def plan_component(
     model: torch.nn.Module,
     budget: Budget,
@@ -166,6 +177,7 @@ def plan_component(
             device_map = infer_auto_device_map(
                 model, max_memory=budget.max_memory(), no_split_module_classes=no_split, dtype=dtype
             )
+        _buffers_on_the_fast_tier(model, device_map, budget)
     plan = ComponentPlan(component=component, dtype=dtype, device_map=dict(device_map))
     seen: set[int] = set()
     for name, nbytes in units:

@@ -148,7 +148,7 @@ class Diffusion:
 
 
 def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.PathLike | None = None,
-                   offload: str = "accelerate", progress: bool = True) -> Diffusion:
+                   offload: str = "accelerate", progress: bool = True, variant: str | None = None) -> Diffusion:
     """Load the transformer split as the plan says and the VAE whole, in the plan's precision.
 
     The transformer is loaded with an explicit device map (diffusers' ``device_map="auto"`` fails on
@@ -162,12 +162,14 @@ def load_diffusion(folder: str | os.PathLike, plan, offload_folder: str | os.Pat
     plan's room for the activations free; ``"auto"`` picks it where the budget has no GPU tier and
     the stream fits the budget, else ``"accelerate"``. The weights are stored as the plan's
     precision says and upcast layer by layer to its compute dtype (:mod:`helpers.loading`).
-    ``progress``: a progress bar while a stream loads.
+    ``progress``: a progress bar while a stream loads. ``variant``: the model's (:attr:`helpers.models.ModelRef.variant`),
+    where a family's pipeline runs differently by variant (FLUX.2 [klein]'s base models guide, the
+    distilled ones never do).
     """
     from helpers.loading import load_stage
 
     loaded, parts = load_stage(folder, plan, offload, offload_folder, progress)
-    pipe = plan.family.diffusion_pipeline(plan.family, parts)
+    pipe = plan.family.diffusion_pipeline(plan.family, parts, variant)
     return Diffusion(pipe=pipe, plan=plan, applied=loaded.applied, differences=loaded.differences,
                      device=loaded.device, offload_folder=loaded.offload_folder, temporary=loaded.temporary,
                      streamer=loaded.streamer, offload=loaded.offload)
@@ -360,6 +362,9 @@ def check_images(embeddings: str | os.PathLike, out: str | os.PathLike, model=No
     # header, names, shapes, dtypes, fingerprint, then every value finite: still no weight loaded
     tensors, header = load_embeddings(embeddings, **expected_inputs(ref))
     notes = check_settings(height, width, steps, guidance, ref.variant, header.max_sequence_length, ref.family)
+    refusal = ref.family.embeddings_check(ref.variant, guidance, tensors) if ref.family.embeddings_check else None
+    if refusal:
+        raise UserError(f"{header.path}: {refusal}")
     paths = output_paths(out, header.batch)
     calls = share(header.batch, worker, batch_size)
     if resume:  # a call whose images are all there is not made again
@@ -452,10 +457,10 @@ def run_diffusion(job, images: Images, progress: bool = True) -> DiffuseResult:
     made, pictures, times = [], [], []
     wanted = set(images.todo)
     with measure("diffusion") as m:
-        diffusion = load_diffusion(folder, plan, offload=job.offload, progress=progress)
+        diffusion = load_diffusion(folder, plan, offload=job.offload, progress=progress, variant=ref.variant)
         try:
             for chunk in images.calls:
-                part = {k: images.tensors[k][chunk[0]:chunk[-1] + 1] for k in family.embedding_names}
+                part = {k: v[chunk[0]:chunk[-1] + 1] for k, v in family.pipeline_inputs(images.tensors).items()}
                 result = generate(diffusion, part, **settings, progress=progress, batch_size=len(chunk),
                                   first=chunk[0])
                 times += result.step_times

@@ -164,14 +164,16 @@ def truncation_warnings(rows: list[dict], max_sequence_length: int, family=None)
     return (family or default_family()).truncation_warnings(rows, max_sequence_length)
 
 
-def encode(encoders: TextEncoders, prompts: list[str], max_sequence_length: int) -> dict[str, torch.Tensor]:
+def encode(encoders: TextEncoders, prompts: list[str], max_sequence_length: int,
+           variant: str | None = None) -> dict[str, torch.Tensor]:
     """The pipeline's ``encode_prompt`` with only the encoders and tokenizers: the method's stage 1.
 
     Returns the family's embeddings by name (FLUX.1: ``prompt_embeds``, ``pooled_prompt_embeds`` and
-    ``text_ids``), in float32.
+    ``text_ids``, in float32; FLUX.2 [klein]'s base ``variant`` adds the empty prompt's embeddings, its
+    classifier-free guidance's negative).
     """
     family = encoders.family
-    return family.encode(family, encoders.parts, prompts, encoders.device, max_sequence_length)
+    return family.encode(family, encoders.parts, prompts, encoders.device, max_sequence_length, variant)
 
 
 # --------------------------------------------------------------------------- all of it
@@ -289,11 +291,12 @@ def run_text_encoding(job, prompts: str | list[str], out: str | os.PathLike, *, 
         encoders = load_text_encoders(folder, plan, offload=job.offload)
         try:
             tokens = token_report(prompts, encoders.parts, max_sequence_length, family)
-            embeds = encode(encoders, prompts, max_sequence_length)
+            embeds = encode(encoders, prompts, max_sequence_length, ref.variant)
+            facts = family.embeddings_facts(encoders.parts) if family.embeddings_facts else {}
             path = save_embeddings(
                 out, embeds, model=ref.label, family=family,
                 fingerprint=ref.fingerprint, weights=weights_identity(folder, family),
-                prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite,
+                prompts=prompts, max_sequence_length=max_sequence_length, overwrite=overwrite, extra=facts,
             )
         finally:
             used = encoders.offload

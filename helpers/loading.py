@@ -20,6 +20,7 @@ import torch
 from helpers.budget import Tier
 from helpers.errors import UserError
 from helpers.files import check_free_space, remove_folder, run_folder
+from helpers.formats.sources import CheckpointFolder
 from helpers.precision import FP8_REST
 
 
@@ -134,7 +135,6 @@ def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, 
     <helpers.offload.plan.StreamPlan.choice>`). What a planner records in the job, so that the job says
     what runs (:func:`load_mapped` does the same for an unsettled one)."""
     from helpers.offload.streamers import StreamBudgetError, check_offload, choose_offload, plan_streaming, stream_budget
-    from helpers.formats.sources import CheckpointFolder
 
     asked = check_offload(offload)
     if asked == "accelerate" or (asked == "auto" and choose_offload(offload, plan.budget) != "stream"):
@@ -155,9 +155,10 @@ def settle_offload(offload: str, plan, folder: str | os.PathLike) -> tuple[str, 
         source = file if file is not None else CheckpointFolder(folder / component, precision.weights)
         dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype
         try:
-            _, streamed = plan_streaming(folder / component, family.component(component).load_class(), dtype, cpu,
-                                         list(family.block_lists(component)), device=device, device_bytes=device_bytes,
-                                         reserve=plan.reserve_bytes, compute=precision.compute_dtype, source=source)
+            spec = family.component(component)
+            _, streamed = plan_streaming(folder / component, spec.load_class(), dtype, cpu, list(spec.block_lists),
+                                         device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
+                                         compute=precision.compute_dtype, source=source, part=spec.computes)
         except StreamBudgetError as err:
             if asked == "stream":
                 raise
@@ -184,7 +185,6 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
     """
     from helpers.offload.streamers import StreamBudgetError, check_offload, choose_offload, load_streaming, stream_budget
     from helpers.offload.upcast import upcast_layerwise
-    from helpers.formats.sources import CheckpointFolder
 
     folder = Path(folder)
     _check_loadable(plan.precision)
@@ -208,7 +208,7 @@ def load_mapped(folder: str | os.PathLike, cls, component: str, plan, offload: s
         model, streamer = load_streaming(folder, cls, FP8_REST if fp8 else precision.storage_dtype, cpu, blocks,
                                          device=device, device_bytes=device_bytes, reserve=plan.reserve_bytes,
                                          progress=progress, compute=precision.compute_dtype, source=source,
-                                         choice=plan.stream.get(component))
+                                         choice=plan.stream.get(component), part=family.component(component).computes)
         streamed = set(streamer.streamed_blocks) if streamer else set()
         fast, slow = (device.index, "cpu") if device is not None else ("cpu", "disk")
         applied = {u: slow if u in streamed else fast for u in _streamed_units(model, blocks)}
@@ -246,9 +246,12 @@ def _load_accelerate(folder: Path, cls, component: str, plan, file, offload_fold
             raise
     else:
         offload_folder = None
+    part = family.component(component).computes
     try:
-        if file is not None:
-            model = _dispatch_file(file, folder, cls, device_map, offload_folder)
+        if file is not None or part is not None:  # read by offsets: of a cut part, only what it computes
+            source = file if file is not None else CheckpointFolder(folder, precision.weights)
+            model = _dispatch_source(source, _stored_skeleton(folder, cls, part, source, precision), device_map,
+                                     offload_folder)
         elif precision.weights == "fp8":
             model = _dispatch_fp8(folder, cls, device_map, offload_folder)
         else:
@@ -258,7 +261,7 @@ def _load_accelerate(folder: Path, cls, component: str, plan, file, offload_fold
         if temporary:
             remove_folder(offload_folder)
         raise
-    applied = dict(getattr(model, "hf_device_map", None) or {"": "cpu"})
+    applied = dict(getattr(model, "hf_device_map", None) or (device_map if part is not None else {"": "cpu"}))
     used = set(device_map.values())
     fastest = next((t for t in plan.budget.names if t in used and t != "disk"), "cpu")  # the budget's order
     return Loaded(model.eval(), applied, torch_device(fastest), "accelerate", offload_folder=offload_folder,
@@ -314,41 +317,60 @@ def _dispatch_fp8(folder: Path, cls, device_map: dict, offload_folder) -> torch.
     return model
 
 
-def _dispatch_file(file, folder: Path, cls, device_map: dict, offload_folder) -> torch.nn.Module:
-    """A transformer file (:class:`helpers.formats.transformer_file.TransformerFile`) held as it stores its
-    weights and dispatched by accelerate with the plan's map: each tensor read by offset straight to
-    its tier, the disk tier's written to ``offload_folder`` one at a time (RAM never holds the whole
-    file), GGUF types and fp8 scales beside their weights (``offload_buffers``)."""
+def _stored_skeleton(folder: Path, cls, part, source, precision) -> torch.nn.Module:
+    """``cls``'s skeleton from ``folder`` (cut to ``part``, the component's computed part), its parameters in the
+    dtype they are held in and dressed in ``source``'s stored forms (fp8 and its scales, GGUF blocks)."""
+    from helpers.offload.streamers import skeleton_from_folder
+
+    model = skeleton_from_folder(folder, cls)
+    if part is not None:
+        model = part(model)
+    if isinstance(source, CheckpointFolder):  # a file's stored forms name every tensor's dtype themselves
+        dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype
+        for t in model.parameters():  # on meta; a tensor read is held in its parameter's dtype (fp8: as stored)
+            if t.is_floating_point():
+                t.data = t.data.to(dtype)
+    return source.dress(model)
+
+
+def _dispatch_source(source, model: torch.nn.Module, device_map: dict, offload_folder) -> torch.nn.Module:
+    """``model`` (a skeleton in ``source``'s stored forms) filled from ``source`` (a transformer file,
+    :class:`helpers.formats.transformer_file.TransformerFile`, or a checkpoint folder) as stored and
+    dispatched by accelerate with the plan's map: each tensor read by offset straight to its tier, the
+    disk tier's written to ``offload_folder`` one at a time (RAM never holds the whole file; tensors
+    the model does not hold are never read), GGUF types and fp8 scales beside their weights
+    (``offload_buffers``)."""
     from accelerate import dispatch_model
     from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
 
-    from helpers.offload.streamers import skeleton_from_folder
-
-    model = file.dress(skeleton_from_folder(folder, cls))
     # the plan's units (no-split blocks, or "" for the whole model): a tensor goes where its unit does
     units = sorted(device_map, key=len, reverse=True)
+    fastest = next((t for t in device_map.values() if t != "disk"), "cpu")
 
     def tier_of(name: str):
-        return device_map[next(u for u in units if u == "" or name == u or name.startswith(u + "."))]
+        unit = next((u for u in units if u == "" or name == u or name.startswith(u + ".")), None)
+        return fastest if unit is None else device_map[unit]
 
     offloaded: dict = {}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         tier = tier_of(name)
-        value = file.read(name) if name in file.index else t
+        value = source.read(name) if name in source.index else t
         if value.device.type == "meta":
-            raise UserError(f"{name} has no value in {file.path.name}; cannot load this transformer.")
+            raise UserError(f"{name} has no value in {source.where}; cannot load this model.")
         if tier == "disk":
             offload_weight(value, name, str(offload_folder), index=offloaded)
             set_module_tensor_to_device(model, name, "meta")
         else:
             set_module_tensor_to_device(model, name, torch_device(tier), value=value)
     save_offload_index(offloaded, str(offload_folder))
-    main = next((torch_device(t) for t in device_map.values() if t != "disk"), torch.device("cpu"))
+    main = torch_device(fastest)
     if set(device_map.values()) == {"cpu"} or device_map == {"": "cpu"}:
         return model
-    return dispatch_model(model, device_map={u: (t if t == "disk" else torch_device(t)) for u, t in device_map.items()},
-                          main_device=main, offload_dir=str(offload_folder) if offloaded else None,
-                          offload_buffers=True)
+    model = dispatch_model(model, device_map={u: (t if t == "disk" else torch_device(t)) for u, t in device_map.items()},
+                           main_device=main, offload_dir=str(offload_folder) if offloaded else None,
+                           offload_buffers=True)
+    model.hf_device_map = dict(device_map)  # what was applied, in the plan's tier names (0, "cpu", "disk")
+    return model
 
 
 def load_stage(folder: str | os.PathLike, plan, offload: str = "accelerate",

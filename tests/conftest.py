@@ -91,3 +91,11 @@ def tiny_folder(tmp_path_factory) -> Path:
     from helpers.twins.builder import build_twin
 
     return build_twin("tiny", tmp_path_factory.mktemp("twin") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def klein_folder(tmp_path_factory) -> Path:
+    """FLUX.2 [klein]'s tiny twin built once for the session, in its own folder."""
+    from helpers.twins.builder import build_twin
+
+    return build_twin("klein-tiny", tmp_path_factory.mktemp("twin") / "klein-tiny")

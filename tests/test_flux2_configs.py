@@ -89,15 +89,10 @@ def test_the_text_path_is_the_embeddings_and_the_layers_read(variant):
 
 @pytest.fixture()
 def flux2():
-    """The FLUX.2 [klein] family registered for one test (it is not by default until its stages run)."""
-    from helpers.families import register, unregister
-    from helpers.families.flux2 import FAMILY
+    """The FLUX.2 [klein] family, as the code finds it by name."""
+    from helpers.families import family_named
 
-    register(FAMILY)
-    try:
-        yield FAMILY
-    finally:
-        unregister(FAMILY)
+    return family_named("flux2")
 
 
 @pytest.mark.parametrize("name, size", [("flux2-klein-4b", "4B"), ("flux2-klein-9b", "9B")])

@@ -118,10 +118,11 @@ class Family:
     #: the pipeline class that runs it (library, class); the family's own by default
     pipeline_class_path: tuple[str, str] | None = None
     #: calls that differ between families, given the family's loaded parts
-    encode: Callable | None = None  # (family, parts, prompts, device, length) -> {tensor: value}
+    encode: Callable | None = None  # (family, parts, prompts, device, length, variant) -> {tensor: value}
+    embeddings_facts: Callable | None = None  # (parts) -> what else decides the embeddings, for the file's header
     token_report: Callable | None = None  # (parts, prompts, length) -> rows
     truncation_warnings: Callable | None = None  # (rows, length) -> [warning]
-    diffusion_pipeline: Callable | None = None  # (family, {part: module}) -> pipeline without encoders
+    diffusion_pipeline: Callable | None = None  # (family, {part: module}, variant) -> pipeline without encoders
     pipeline_inputs: Callable | None = None  # (tensors) -> keyword arguments of the pipeline's call
     example_inputs: Callable | None = None  # (component, module, dtype, h, w, tokens, device) -> (module, inputs)
     block_counts: Callable | None = None  # (module) -> text
@@ -129,6 +130,8 @@ class Family:
     bench_inputs: Callable | None = None  # (component, module, dtype, h, w, tokens) -> seeded random inputs
     diffusers_single_file: Callable | None = None  # (folder, file, compute) -> diffusers' own reading of a file
     setting_notes: Callable | None = None  # (variant, steps, guidance, text_length) -> notes; raises a refusal
+    #: (variant, guidance, the file's tensor names) -> a refusal of an embeddings file the run cannot use, or None
+    embeddings_check: Callable | None = None
 
     # ------------------------------------------------------------------ questions asked of a family
 
@@ -275,9 +278,10 @@ def family_of_class(class_name: str) -> tuple[Family, Component] | None:
 
 def _load_builtin() -> None:
     if not _FAMILIES:
-        from helpers.families import flux1
+        from helpers.families import flux1, flux2
 
         register(flux1.FAMILY)
+        register(flux2.FAMILY)
 
 
 __all__ = ["Component", "Family", "STAGES", "Variant", "block_lists_of", "family_of_class", "default_family", "families",

@@ -352,6 +352,19 @@ def _structure(model: torch.nn.Module) -> str | None:
     return f"{type(model).__module__}.{type(model).__qualname__}:" + json.dumps(as_dict, sort_keys=True, default=str)
 
 
+def _split_as_run(model: torch.nn.Module, blocks: list[str], example: tuple) -> dict[str, list[str]]:
+    """:func:`split_blocks` with a family's example ``(runner, inputs)``: where the stage runs a part of
+    the model (an LLM's body, its head never run), that part is traced and its names given back in the
+    model's."""
+    runner, inputs = example
+    prefix = next((n for n, m in model.named_modules() if m is runner), None)
+    if prefix is None or not all(b.startswith(prefix + ".") or not prefix for b in blocks):
+        return {b: [b] for b in blocks}  # the forward runs something else: whole blocks
+    cut = len(prefix) + 1 if prefix else 0
+    found = split_blocks(runner, [b[cut:] for b in blocks], inputs)
+    return {prefix + "." * bool(prefix) + b: [prefix + "." * bool(prefix) + p for p in parts] for b, parts in found.items()}
+
+
 def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, split: bool = True) -> dict[str, list[str]]:
     """Each block's pieces in call order (:func:`split_blocks`), traced with the example inputs of the
     model's component (on the meta device, before any stored form: it has no fp8 kernels); whole
@@ -368,7 +381,7 @@ def trace_parts(model: torch.nn.Module, names: list[str], dtype: torch.dtype, sp
         from helpers.activations import example_inputs
 
         with _first_two_of_each_list(model, names) as (traced, alike):
-            parts = split_blocks(model, traced, example_inputs(component, model, dtype, 32, 32, 8, family=family)[1])
+            parts = _split_as_run(model, traced, example_inputs(component, model, dtype, 32, 32, 8, family=family))
         for blocks in alike:  # the rest of a list of alike blocks is split as its second block is
             second = blocks[1]
             parts.update({b: [b + p[len(second):] for p in parts[second]] for b in blocks[2:]})

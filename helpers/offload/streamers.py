@@ -650,16 +650,20 @@ def skeleton_from_folder(folder: str | Path, cls) -> torch.nn.Module:
 def plan_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, reserve: int = 0,
                    split: bool = True, compute: torch.dtype | None = None, source: WeightsSource | None = None,
-                   choice: dict | None = None):
+                   choice: dict | None = None, part=None):
     """``(skeleton, plan)``: what :func:`load_streaming` would keep resident and stream, from the
     checkpoint's headers alone (no weight read); raises :class:`StreamBudgetError` where the budget
     cannot hold it. What a planner asks to settle ``auto`` before anything loads (and records:
-    ``choice``, :meth:`helpers.offload.plan.StreamPlan.choice`, makes that plan again)."""
+    ``choice``, :meth:`helpers.offload.plan.StreamPlan.choice`, makes that plan again). ``part``: the
+    cut of the skeleton that is computed (:attr:`helpers.families.Component.computes`): only its
+    weights are planned and read."""
     device = torch.device(device or "cpu")
     source = as_source(source if source is not None else folder)
     model = skeleton_from_folder(folder, cls)
+    if part is not None:
+        model = part(model)
     for t in (*model.parameters(), *model.buffers()):  # on meta: cheap; streamed blocks keep this dtype
-        if t.is_floating_point():
+        if t.is_floating_point() and t.device.type == "meta":  # a buffer made real (rotary tables) keeps its own
             t.data = t.data.to(dtype)
     names = [f"{lst}.{i}" for lst in block_lists for i in range(len(model.get_submodule(lst)))]
     parts = trace_parts(model, names, dtype, split)  # before the stored forms: meta has no fp8 kernels
@@ -672,8 +676,8 @@ def plan_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
 def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, block_lists: list[str],
                    pool: int | None = None, device=None, device_bytes: int | None = None, progress: bool = False,
                    reserve: int = 0, split: bool = True, compute: torch.dtype | None = None,
-                   source: WeightsSource | None = None, choice: dict | None = None):
-    """Load ``cls`` (its config from ``folder``) keeping what fits the fast tier resident and streaming
+                   source: WeightsSource | None = None, choice: dict | None = None, part=None):
+    """Load ``cls`` (its config from ``folder``; of it only ``part``, see :func:`plan_streaming`) keeping what fits the fast tier resident and streaming
     the rest; returns ``(model, streamer)``, the streamer ``None`` when everything fits.
 
     Four steps, each in its own room: the skeleton on the meta device, in ``dtype`` and traced into
@@ -702,7 +706,7 @@ def load_streaming(folder: str | Path, cls, dtype: torch.dtype, cpu_bytes: int, 
     compute = compute or dtype
     source = as_source(source if source is not None else folder)
     model, plan = plan_streaming(folder, cls, dtype, cpu_bytes, block_lists, pool, device, device_bytes, reserve,
-                                 split, compute, source, choice)
+                                 split, compute, source, choice, part)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -61,7 +61,8 @@ def embedding_shapes(configs: dict, batch: int, tokens: int) -> dict[str, tuple[
             "pooled_prompt_embeds": (batch, cfg.get("pooled_projection_dim"))}
 
 
-def encode(family: Family, parts: dict, prompts: list[str], device, length: int) -> dict[str, torch.Tensor]:
+def encode(family: Family, parts: dict, prompts: list[str], device, length: int,
+           variant: str | None = None) -> dict[str, torch.Tensor]:
     """``FluxPipeline.encode_prompt`` with only the encoders and tokenizers: the method's stage 1.
     Returns ``prompt_embeds``, ``pooled_prompt_embeds`` and ``text_ids`` in float32."""
     pipe = family.pipeline_class()(scheduler=None, vae=None, transformer=None, **parts)
@@ -93,7 +94,7 @@ def truncation_warnings(rows: list[dict], length: int, clip_max: int = 77) -> li
     return out
 
 
-def diffusion_pipeline(family: Family, parts: dict):
+def diffusion_pipeline(family: Family, parts: dict, variant: str | None = None):
     """The pipeline with the diffusion stage's parts (scheduler, transformer, VAE) and no encoders."""
     return family.pipeline_class()(**parts, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
 

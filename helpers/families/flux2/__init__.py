@@ -9,12 +9,15 @@ the usual settings of the distilled and base variants, the example inputs of eac
 activation count, and its twin (:mod:`.twin`: ``klein-tiny``). The published configs ship with ``helpers``
 (``helpers/configs/FLUX.2-klein-*``).
 
-Not registered yet (:func:`helpers.families.register` adds it): the loader that reads the text path
-alone, the encode call on it and the klein twins come next, and until then a registered FLUX.2 model
-could be planned but not run.
+The stages' calls: :func:`encode` (the pipeline's own ``encode_prompt`` on the text path; the base
+variants add the empty prompt's embeddings, their guidance's negative), :func:`diffusion_pipeline`
+(``Flux2KleinPipeline`` without its encoder, distilled or not as the variant is), and the checks of a
+file against a variant (:func:`embeddings_check`).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -108,6 +111,94 @@ def example_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, 
     raise UserError(f"activations are estimated for transformer, vae and text_encoder, not {component!r}.")
 
 
+def encode(family: Family, parts: dict, prompts: list[str], device, length: int,
+           variant: str | None = None) -> dict[str, torch.Tensor]:
+    """``Flux2KleinPipeline.encode_prompt`` with only the text path and the tokenizer: the chat
+    template, the body run to layer 27, hidden states 9, 18 and 27 side by side. The base variants run
+    classifier-free guidance against the empty prompt (the pipeline's negative), encoded here too.
+    Returns ``prompt_embeds`` (in the encoder's dtype), ``text_ids`` and, for the base variants,
+    ``negative_prompt_embeds``."""
+    body = parts["text_encoder"].model  # the text path: stage 1 never runs the head
+    pipe = family.pipeline_class()(scheduler=None, vae=None, transformer=None, text_encoder=body,
+                                   tokenizer=parts["tokenizer"])
+    embeds, ids = pipe.encode_prompt(prompt=prompts, device=device, max_sequence_length=length,
+                                     text_encoder_out_layers=HIDDEN_STATES)
+    out = {"prompt_embeds": embeds, "text_ids": ids}
+    if variant == "klein-base":
+        out["negative_prompt_embeds"], _ = pipe.encode_prompt(prompt=[""] * len(prompts), device=device,
+                                                              max_sequence_length=length,
+                                                              text_encoder_out_layers=HIDDEN_STATES)
+    return out
+
+
+def _chat(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+def token_report(parts: dict, prompts: list[str], length: int) -> list[dict]:
+    """Tokens per prompt as Qwen3 reads it (inside the chat template), and whether ``length`` cuts it."""
+    tok = parts["tokenizer"]
+    rows = []
+    for i, p in enumerate(prompts):
+        n = len(tok(_chat(tok, p)).input_ids)
+        rows.append({"prompt": i, "qwen3 tokens": n, "cut": "Qwen3" if n > length else ""})
+    return rows
+
+
+def truncation_warnings(rows: list[dict], length: int) -> list[str]:
+    return [f"prompt {i} is {r['qwen3 tokens']} Qwen3 tokens in the chat template; only the first {length} are "
+            "used (raise max_sequence_length, up to 512, or shorten it)." for i, r in enumerate(rows)
+            if r["qwen3 tokens"] > length]
+
+
+def embeddings_facts(parts: dict) -> dict[str, str]:
+    """What else decides the embeddings, recorded in the file: the hidden states read (and so the layers
+    run) and the chat template the prompts were wrapped in (its hash)."""
+    template = parts["tokenizer"].chat_template or ""
+    return {"hidden_states": ",".join(map(str, HIDDEN_STATES)),
+            "text_encoder_layers_read": str(max(HIDDEN_STATES)),
+            "chat_template": hashlib.sha256(template.encode()).hexdigest()[:16]}
+
+
+def diffusion_pipeline(family: Family, parts: dict, variant: str | None = None):
+    """The pipeline with the diffusion stage's parts (scheduler, transformer, VAE) and no encoder; the
+    base variants run classifier-free guidance (against the file's negative embeddings), the
+    distilled ones never do."""
+    return family.pipeline_class()(**parts, text_encoder=None, tokenizer=None, is_distilled=variant != "klein-base")
+
+
+def pipeline_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's embeddings as the pipeline takes them (it makes the text's position ids itself)."""
+    return {k: tensors[k] for k in ("prompt_embeds", "negative_prompt_embeds") if k in tensors}
+
+
+def setting_notes(variant: str | None, steps: int, guidance: float, length: int | None) -> list[str]:
+    """Notes on unusual but valid choices for the distilled and base variants."""
+    notes = []
+    if variant == "klein-base":
+        if guidance <= 1:
+            notes.append(f"guidance {guidance:g}: the base model runs without classifier-free guidance (its usual "
+                         "is 4.0, with the empty prompt as the negative).")
+    else:
+        if steps != 4:
+            notes.append(f"FLUX.2 [klein] is distilled for 4 steps; {steps} works but is unusual.")
+        if guidance != 1:
+            notes.append("FLUX.2 [klein] is distilled: it runs without classifier-free guidance, so guidance "
+                         f"{guidance:g} is not used.")
+    return notes
+
+
+def embeddings_check(variant: str | None, guidance: float, names) -> str | None:
+    """A refusal, before any weight loads, of a file the run cannot use: a base model's guidance needs
+    the empty prompt's embeddings, which only an encoding for a base model writes."""
+    if variant == "klein-base" and guidance > 1 and "negative_prompt_embeds" not in names:
+        return ("the base model runs classifier-free guidance, against the empty prompt's embeddings, and this file "
+                "has none (it was encoded for a distilled klein): encode the prompts with the base model, or run "
+                "with --guidance 1 (no guidance).")
+    return None
+
+
 def block_counts(module) -> str:
     """The repeated blocks of a FLUX.2 component, as text (``5 double + 20 single``, ``27 of 36 layers``)."""
     name = type(module).__name__
@@ -122,7 +213,7 @@ FAMILY = Family(
     name="flux2", title="FLUX.2 [klein]", pipeline="Flux2KleinPipeline", components=COMPONENTS, variants=VARIANTS,
     twins=TWINS,
     variant_of=variant_of, embedding_names=("prompt_embeds",), embedding_shapes=embedding_shapes,
-    optional_embeddings=("text_ids",),
+    optional_embeddings=("text_ids", "negative_prompt_embeds"),
     stage_weights={DIFFUSION: "bf16", TEXT: "bf16"},
     text_compute=("bf16", "Qwen3 is stored in bf16 and computes in it"),
     method_budget="0=8.5GiB,cpu=30GiB", reference_model="flux2-klein-4b",
@@ -134,4 +225,7 @@ FAMILY = Family(
              "black-forest-labs/FLUX.2-klein-base-4B": "FLUX.2-klein-base-4B",
              "black-forest-labs/FLUX.2-klein-base-9B": "FLUX.2-klein-base-9B"},
     example_inputs=example_inputs, block_counts=block_counts,
+    encode=encode, token_report=token_report, truncation_warnings=truncation_warnings,
+    embeddings_facts=embeddings_facts, diffusion_pipeline=diffusion_pipeline, pipeline_inputs=pipeline_inputs,
+    setting_notes=setting_notes, embeddings_check=embeddings_check,
 )
