@@ -74,6 +74,11 @@ def _load_text(strategy: str, config: dict, work: Path):
     cls = _family(config).component(main).load_class()
     folder = Path(config["folder"]) / main
     gpu = _gpu(config)
+    part = _family(config).component(main).computes
+    if strategy == "resident" and part is not None:  # the part the stage computes (an LLM's text path), whole
+        from helpers.loading import load_whole
+
+        return load_whole(folder, cls, gpu.index if gpu is not None else "cpu", _precision(config), part), lambda: 0, None
     if strategy == "resident":  # no plan: the whole model, as the parent resolved its precision
         return _resident(cls, folder, _precision(config), gpu), lambda: 0, None
     if strategy in ("accelerate", "stream"):

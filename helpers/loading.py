@@ -268,16 +268,20 @@ def _load_accelerate(folder: Path, cls, component: str, plan, file, offload_fold
                   temporary=temporary, differences=compare_maps(device_map, applied))
 
 
-def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision) -> torch.nn.Module:
+def load_whole(folder: str | os.PathLike, cls, tier: Tier, precision, part=None) -> torch.nn.Module:
     """A component the plan loads whole on ``tier`` (CLIP, the VAE), in ``precision``; in an fp8
-    stage one that was not converted (the VAE, by default) is stored in bf16."""
+    stage one that was not converted (the VAE, by default) is stored in bf16. ``part``: of it only the
+    part a stage computes (:attr:`helpers.families.Component.computes`), read by offsets."""
     from helpers.precision import folder_format
     from helpers.offload.upcast import upcast_layerwise
 
     folder = Path(folder)
     _check_loadable(precision)
     check_checkpoint(folder)
-    if precision.weights == "fp8" and folder_format(folder) == "fp8":
+    if part is not None:
+        source = CheckpointFolder(folder, precision.weights)
+        model = _dispatch_source(source, _stored_skeleton(folder, cls, part, source, precision), {"": tier}, None)
+    elif precision.weights == "fp8" and folder_format(folder) == "fp8":
         model = _dispatch_fp8(folder, cls, {"": tier}, None)
     else:
         dtype = FP8_REST if precision.weights == "fp8" else precision.storage_dtype

@@ -35,9 +35,9 @@ HIDDEN_STATES = (9, 18, 27)
 
 def text_path(module: torch.nn.Module) -> torch.nn.Module:
     """A ``Qwen3ForCausalLM`` skeleton cut to what stage 1 runs: its embeddings and the layers up to the
-    deepest hidden state read; the later layers and the head removed, the final norm made a no-op (the
-    body's forward calls it; the hidden states read are the layers' own outputs). A tied head is the
-    embeddings: they stay, once."""
+    deepest hidden state read; the later layers removed, the final norm and the head made no-ops (the
+    forward calls them; the hidden states read are the layers' own outputs, and a forward of the whole
+    returns the deepest one as its "logits"). A tied head is the embeddings: they stay, once."""
     body = module.model
     deepest = max(HIDDEN_STATES)
     if len(body.layers) < deepest:
@@ -45,7 +45,7 @@ def text_path(module: torch.nn.Module) -> torch.nn.Module:
                         f"{deepest}: not a klein text encoder.")
     body.layers = torch.nn.ModuleList(list(body.layers)[:deepest])
     body.norm = torch.nn.Identity()
-    del module.lm_head  # never run: stage 1 runs the body (module.model) alone
+    module.lm_head = torch.nn.Identity()  # never run by stage 1, which runs the body (module.model) alone
     module.config.num_hidden_layers = deepest  # its own copy: what is left has no head to tie either
     module.config.tie_word_embeddings = False
     return module
@@ -199,6 +199,25 @@ def embeddings_check(variant: str | None, guidance: float, names) -> str | None:
     return None
 
 
+def bench_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, height: int | None, width: int | None,
+                 tokens: int) -> dict:
+    """One call's inputs of ``component`` with seeded random values, the same in every precision (drawn
+    in float32, rounded to bf16, given in ``dtype``): the text path one prompt of random token ids; the
+    transformer a denoising step of a ``height`` x ``width`` image, with the pipeline's position ids."""
+    g = torch.Generator().manual_seed(0)
+    if component == "text_encoder":
+        return {"input_ids": torch.randint(0, module.config.vocab_size, (1, tokens), generator=g), "use_cache": False}
+    pipe, cfg = FAMILY.pipeline_class(), module.config
+    h, w = height // 16, width // 16
+    return dict(
+        hidden_states=torch.randn(1, h * w, cfg.in_channels, generator=g).to(torch.bfloat16).to(dtype),
+        encoder_hidden_states=torch.randn(1, tokens, cfg.joint_attention_dim, generator=g).to(torch.bfloat16).to(dtype),
+        timestep=torch.tensor([0.5], dtype=dtype),
+        img_ids=pipe._prepare_latent_ids(torch.zeros(1, 1, h, w)), txt_ids=pipe._prepare_text_ids(torch.zeros(1, tokens, 1)),
+        return_dict=False,
+    )
+
+
 def block_counts(module) -> str:
     """The repeated blocks of a FLUX.2 component, as text (``5 double + 20 single``, ``27 of 36 layers``)."""
     name = type(module).__name__
@@ -227,5 +246,5 @@ FAMILY = Family(
     example_inputs=example_inputs, block_counts=block_counts,
     encode=encode, token_report=token_report, truncation_warnings=truncation_warnings,
     embeddings_facts=embeddings_facts, diffusion_pipeline=diffusion_pipeline, pipeline_inputs=pipeline_inputs,
-    setting_notes=setting_notes, embeddings_check=embeddings_check,
+    setting_notes=setting_notes, embeddings_check=embeddings_check, bench_inputs=bench_inputs,
 )
