@@ -698,8 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from the Hugging Face cache, fetched only with --download.",
         epilog=_EPILOG,
     )
-    p.add_argument("name", metavar="MODEL", help="tiny, medium, flux-dev, flux-schnell, flux-dev-random (GPU "
-                   "benchmarks: random weights, 22 GiB and more), a hub id, or a local folder")
+    p.add_argument("name", metavar="MODEL", help="tiny, medium, klein-tiny, klein-medium, flux-dev, flux-schnell, "
+                   "flux2-klein-4b (-9b, -base-4b, -base-9b), flux-dev-random or flux2-klein-4b-random (GPU "
+                   "benchmarks: random weights, 7 GiB and more), a hub id, or a local folder")
     p.add_argument("--download", action="store_true", help="fetch a hub model that is not cached yet")
     p.add_argument("--rebuild", action="store_true", help="build a twin again even if it exists")
     p.add_argument("--components", nargs="+", metavar="NAME", help="hub models: fetch only these components")
@@ -715,7 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--model", default=None, metavar="MODEL",
-                   help="tiny, medium, flux-dev, flux-schnell, flux-dev-random, a hub id or a local folder (default: "
+                   help="tiny, medium, klein-tiny, klein-medium, flux-dev, flux-schnell, flux2-klein-4b (-9b, "
+                   "-base-4b, -base-9b), flux-dev-random, flux2-klein-4b-random, a hub id or a local folder (default: "
                    "$FLUX_MODEL or tiny)")
     p.add_argument("--max-memory", metavar="SPEC",
                    help='budget per tier, e.g. "0=8.5GiB,cpu=30GiB" (default: the method\'s) or shares "0=40%%,cpu=100%%"')

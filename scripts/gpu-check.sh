@@ -9,7 +9,7 @@
 #                                         carried along: installs those wheels without an index, runs
 #                                         the tests that need CUDA, then the full-size benchmarks
 #                                         (FLUX.1-dev's transformer with random weights at 1024x1024 in
-#                                         bf16, as a Q8_0 GGUF file, with two workers on the card, in
+#                                         bf16, FLUX.2 [klein] 4B's in bf16, as a Q8_0 GGUF file, with two workers on the card, in
 #                                         fp8, as Q4_0, and T5 on one 512-token prompt: most wanted
 #                                         first), writing their JSON and a log to OUT. Every step has
 #                                         its own time limit and the whole run a deadline
@@ -78,6 +78,10 @@ run() {
   step 60 "flux-dev-random: build the transformer (22 GiB, random bf16)" "$py" -m helpers model flux-dev-random
   step 120 "bf16 transformer at 1024x1024" "$py" "${b[@]}" "${big[@]}" \
     --strategies resident accelerate stream --json "$out/flux-dev-random-1024-bf16.json" --overwrite
+  step 60 "flux2-klein-4b-random: build the transformer (7.2 GiB, random bf16)" "$py" -m helpers model flux2-klein-4b-random
+  step 90 "FLUX.2 [klein] 4B transformer at 1024x1024" "$py" -m helpers bench --model flux2-klein-4b-random \
+    --max-memory "$budget" "${big[@]}" --strategies resident accelerate stream \
+    --json "$out/flux2-klein-4b-random-1024-bf16.json" --overwrite
   mkdir -p "$files"
   step 60 "Q8_0 GGUF file of the transformer (quantized on the GPU)" "$py" -m helpers convert --model flux-dev-random \
     --weights q8_0 --out "$files/transformer-q8_0.gguf"

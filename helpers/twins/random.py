@@ -1,4 +1,4 @@
-"""Full-size models with random weights (``flux-dev-random``): a family's real architecture from its
+"""Full-size models with random weights (``flux-dev-random``, ``flux2-klein-4b-random``): a family's real architecture from its
 shipped configs, written here on first use in bfloat16 and in the real checkpoint's shards, for
 full-size benchmarks without a download. Deterministic: each tensor from its name and a seed.
 """
@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 from helpers.errors import UserError
-from helpers.families import family_of_repo
+from helpers.families import default_family, family_of_repo
 from helpers.twins.builder import twin_folder
 
 #: full-size models with random weights: name -> the repository whose shipped configs they copy
-RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev"}
+RANDOM = {"flux-dev-random": "black-forest-labs/FLUX.1-dev",
+          "flux2-klein-4b-random": "black-forest-labs/FLUX.2-klein-4B"}
 
 #: what ``flux-dev-random`` builds unless asked for more: the diffusion stage
 RANDOM_DEFAULT = ("scheduler", "transformer", "vae")
@@ -45,8 +46,10 @@ def random_weight(name: str, shape: list[int], dtype, seed: int):
     return torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=g)
 
 
-def write_random_component(component: str, config: dict, folder: Path, seed: int = 0, progress=None) -> None:
-    """``component`` from ``config`` with random bfloat16 weights, saved in the diffusers layout.
+def write_random_component(component: str, config: dict, folder: Path, seed: int = 0, progress=None,
+                           family=None) -> None:
+    """``component`` of ``family`` (FLUX.1 by default) from ``config`` with random bfloat16 weights, saved
+    in the diffusers layout.
 
     Built tensor by tensor from the meta skeleton, one shard (up to 10 GB) in memory at a time.
     """
@@ -57,7 +60,7 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
 
     from helpers.architecture import skeleton
 
-    module = skeleton(component, config)
+    module = skeleton(component, config, family=family)
     # each tensor once, under its first name: T5's shared embedding is stored as "shared.weight"
     # only, as in the real checkpoint (two names seeded apart would give two different tables)
     tensors = dict(module.named_parameters())
@@ -92,7 +95,7 @@ def write_random_component(component: str, config: dict, folder: Path, seed: int
         (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     cfg = dict(config)
     if not transformers_style:
-        cfg.setdefault("_class_name", {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}[component])
+        cfg.setdefault("_class_name", (family or default_family()).component(component).class_name)
     cfg["torch_dtype" if transformers_style else "_dtype"] = "bfloat16"
     (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -117,18 +120,18 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
     shipped = resources.files("helpers") / "configs" / family.shipped[RANDOM[name]]
     folder = Path(folder) if folder is not None else twin_folder(name)
     configs = configs or shipped_configs(family.shipped[RANDOM[name]], family)
-    unknown = [c for c in components if c not in ("scheduler", "text_encoder", "text_encoder_2", "transformer", "vae")]
+    known = ("scheduler", *family.models)
+    unknown = [c for c in components if c not in known]
     if unknown:
         raise UserError(f"{name} has random weights and no {', '.join(unknown)}: it is made for `python -m helpers "
-                        "bench` (its components: scheduler, text_encoder, text_encoder_2, transformer, vae); to make "
-                        "images use tiny, medium, flux-dev or flux-schnell.")
+                        f"bench` (its components: {', '.join(known)}); to make images use a twin or a real model.")
 
     def built(component: str) -> bool:
         marker = "scheduler_config.json" if component == "scheduler" else "config.json"
         return not rebuild and (folder / component / marker).is_file()
 
     todo = [c for c in components if not built(c)]
-    need = sum(count_params(skeleton(c, configs[c])) * 2 for c in todo if c != "scheduler")
+    need = sum(count_params(skeleton(c, configs[c], family=family)) * 2 for c in todo if c != "scheduler")
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if need > free:
@@ -146,7 +149,7 @@ def build_random(name: str = "flux-dev-random", folder: str | os.PathLike | None
                 tmp.mkdir()
                 (tmp / "scheduler_config.json").write_bytes(shipped.joinpath("scheduler", "scheduler_config.json").read_bytes())
             else:
-                write_random_component(component, configs[component], tmp, progress=tqdm)
+                write_random_component(component, configs[component], tmp, progress=tqdm, family=family)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
