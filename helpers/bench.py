@@ -155,14 +155,14 @@ def _source(folder: Path) -> Path:
     return Path(source)
 
 
-def _resident(cls, folder: Path, precision, gpu, transformer_file=None):
+def _resident(cls, folder: Path, precision, gpu, transformer_file=None, family=None):
     """The whole model in RAM (or on the GPU), stored and computed as ``precision`` says (a transformer
-    file: held as it stores its weights, decoded layer by layer)."""
+    file of ``family``'s: held as it stores its weights, decoded layer by layer)."""
     if transformer_file is not None:
         from helpers.formats.transformer_file import load_transformer_file
 
         return load_transformer_file(transformer_file, cls.load_config(folder), precision.compute_dtype,
-                                     gpu if gpu is not None else "cpu")
+                                     gpu if gpu is not None else "cpu", family)
     from helpers.loading import _dispatch_fp8
     from helpers.offload.upcast import upcast_layerwise
     from helpers.precision import FP8_REST, folder_format
@@ -218,7 +218,7 @@ def _load(strategy: str, config: dict, work: Path):
     precision = _precision(config)
     if strategy == "resident":  # no plan: the whole model (the float32 reference too)
         return _resident(cls, folder / main, precision, gpu,
-                         config.get("transformer_file")), lambda: 0, None
+                         config.get("transformer_file"), family), lambda: 0, None
     plan = _plan(config)
     everything = sum(u.nbytes for p in plan.components if p.component == main for u in p.units)
     if strategy in ("accelerate", "stream"):
@@ -316,7 +316,7 @@ def _image(config: dict, out: Path) -> None:
     ref = resolve_model(config["model"])
     family, main = ref.family, ref.family.main("diffusion")
     parts = {main: _resident(family.component(main).load_class(), folder / main, precision, gpu,
-                             config.get("transformer_file")).eval()}
+                             config.get("transformer_file"), family).eval()}
     for name in family.whole("diffusion"):
         parts[name] = load_whole(folder / name, family.component(name).load_class(),
                                  config.get("gpu") if gpu is not None else "cpu", precision)

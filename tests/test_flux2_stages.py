@@ -166,3 +166,55 @@ def test_klein_random_builds_the_real_layout_and_its_text_path_loads_alone(tmp_p
     inputs = family.bench_inputs("transformer", transformer, torch.bfloat16, 32, 32, 8)
     with torch.no_grad():
         assert torch.isfinite(transformer(**inputs)[0]).all()
+
+
+def test_the_bfl_layout_is_the_one_diffusers_converts_and_round_trips(klein_folder):
+    """Our map of FLUX.2's BFL keys, checked against diffusers' own conversion of a FLUX.2 single file:
+    the file we write is read by diffusers as the same model, and by us back to the same tensors."""
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from helpers.families.flux2.layout import PREFIX, bfl_layout, from_bfl, to_bfl
+
+    model = Flux2Transformer2DModel.from_pretrained(klein_folder / "transformer", dtype=torch.bfloat16)
+    state = model.state_dict()
+    bfl = to_bfl(state, model.config)
+    assert "double_blocks.4.img_attn.qkv.weight" in bfl and "single_blocks.19.linear1.weight" in bfl
+    assert len(bfl) == len(state) - 2 * 2 * 5  # a double block's q, k, v are one tensor per stream
+    theirs = convert_flux2_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert set(theirs) == set(state) and all(torch.equal(theirs[k], state[k]) for k in state)
+    back = from_bfl({PREFIX + k: v for k, v in bfl.items()}, model.config)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    half = model.config.num_attention_heads * model.config.attention_head_dim  # shift and scale swap places
+    assert torch.equal(bfl["final_layer.adaLN_modulation.1.weight"][:half], state["norm_out.linear.weight"][half:])
+    assert not any(k.startswith("guidance_in") for k in bfl)  # klein: no guidance embedder (FLUX.2 [dev] has one)
+    assert any(r.key.startswith("guidance_in") for rows in bfl_layout({**model.config, "guidance_embeds": True}).values()
+               for r in rows)
+
+
+@pytest.mark.slow
+def test_single_files_of_klein_give_the_folders_image_and_a_flux1_file_is_refused(klein_folder, tiny_folder, tmp_path):
+    """``convert`` writes klein's transformer as one file in BFL's FLUX.2 layout (safetensors bf16 and fp8
+    with row scales, GGUF Q8_0); each is planned from its header, streamed or dispatched as stored, and
+    draws the folder's image within its format's error; bf16 exactly."""
+    from helpers.diffuse import diffuse_file
+    from helpers.encode import encode_prompts
+    from helpers.formats.transformer_file import write_transformer_file
+
+    emb = tmp_path / "e.safetensors"
+    encode_prompts(str(klein_folder), PROMPTS[:1], emb, max_memory=RESIDENT)
+    settings = dict(height=64, width=64, max_memory=SPLIT, compute="bf16", progress=False)
+    folder_image = _pixels(diffuse_file(emb, tmp_path / "folder.png", str(klein_folder), **settings).paths[0])
+    bounds = {"bf16": (0, 0.0), "fp8": (40, 3.0), "q8_0": (40, 3.0)}  # measured: fp8 13 / 1.27, q8_0 9 / 0.91
+    for fmt, (most, mean) in bounds.items():
+        path = write_transformer_file(str(klein_folder), fmt, tmp_path / f"klein-{fmt}.{'gguf' if fmt == 'q8_0' else 'safetensors'}",
+                                      progress=False)
+        for offload in ("accelerate", "stream"):
+            result = diffuse_file(emb, tmp_path / f"{fmt}-{offload}.png", str(klein_folder), offload=offload,
+                                  transformer_file=path, **settings)
+            diff = np.abs(_pixels(result.paths[0]) - folder_image)
+            print(f"{fmt} {offload}: max {diff.max()}, mean {diff.mean():.3f}")
+            assert result.offload == offload and diff.max() <= most and diff.mean() <= mean
+    flux1 = write_transformer_file(str(tiny_folder), "bf16", tmp_path / "flux1.safetensors", progress=False)
+    with pytest.raises(UserError, match="not a FLUX.2 \\[klein\\] transformer in the BFL layout"):
+        diffuse_file(emb, tmp_path / "never.png", str(klein_folder), transformer_file=flux1, **settings)

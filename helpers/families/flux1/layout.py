@@ -14,9 +14,7 @@ quantizes along rows). :func:`to_bfl` and :func:`from_bfl` convert whole state d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from helpers.errors import UserError
+from helpers.families.common import Rows, gather_rows, scatter_rows
 
 #: a checkpoint key prefix some single files carry (ComfyUI's full-model saves)
 PREFIX = "model.diffusion_model."
@@ -40,15 +38,6 @@ def other_variant(name: str, has: str, wants: str) -> str:
     """The refusal of a file of the other variant."""
     return (f"{name} is a FLUX.1-{has} transformer (it {'has' if has == 'dev' else 'lacks'} guidance_in) and the "
             f"model is FLUX.1-{wants}: use --model flux-{has} (or a twin of it), or the {wants} file.")
-
-
-@dataclass(frozen=True)
-class Rows:
-    """Rows ``start:stop`` (the first dimension) of the BFL tensor ``key``."""
-
-    key: str
-    start: int | None = None
-    stop: int | None = None
 
 
 def _widths(config) -> tuple[int, int, int, int, bool]:
@@ -117,34 +106,10 @@ def bfl_layout(config) -> dict[str, list[Rows]]:
 def from_bfl(state: dict, config) -> dict:
     """A BFL state dict (torch tensors; the ``model.diffusion_model.`` prefix allowed) in diffusers'
     names. Missing or unexpected keys are a :class:`UserError` naming them (a file of another model)."""
-    import torch
-
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in state.items()}
-    layout = bfl_layout(config)
-    wanted = {p.key for pieces in layout.values() for p in pieces}
-    missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
-    if missing or extra:
-        raise UserError(f"these weights are not a FLUX.1 transformer of this model's widths in the BFL layout: "
-                        f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                        f"{extra[:3]}{'...' if len(extra) > 3 else ''}; use the file made for this model "
-                        "(dev or schnell, and its size).")
-    return {name: torch.cat([state[p.key][p.start:p.stop] for p in pieces]) if len(pieces) > 1
-            else state[pieces[0].key][pieces[0].start:pieces[0].stop]
-            for name, pieces in layout.items()}
+    return gather_rows(state, bfl_layout(config), PREFIX, "a FLUX.1 transformer (dev or schnell)")
 
 
 def to_bfl(state: dict, config) -> dict:
     """A diffusers state dict of the transformer in BFL's names and fused tensors (the inverse of
     :func:`from_bfl`, and of diffusers' own conversion of single files)."""
-    import torch
-
-    layout = bfl_layout(config)
-    parts: dict[str, list[tuple[int, object]]] = {}
-    for name, pieces in layout.items():
-        tensor, at = state[name], 0
-        for p in pieces:
-            n = (p.stop - p.start) if p.stop is not None else tensor.shape[0]
-            parts.setdefault(p.key, []).append((p.start or 0, tensor[at:at + n]))
-            at += n
-    return {key: torch.cat([t for _, t in sorted(pieces, key=lambda x: x[0])]) if len(pieces) > 1 else pieces[0][1]
-            for key, pieces in parts.items()}
+    return scatter_rows(state, bfl_layout(config))

@@ -218,6 +218,18 @@ def bench_inputs(component: str, module: torch.nn.Module, dtype: torch.dtype, he
     )
 
 
+def diffusers_single_file(folder, path, compute: torch.dtype):
+    """The transformer as diffusers reads a single file itself: ``from_single_file`` with this model's
+    config (diffusers takes any FLUX.2 file for FLUX.2 [dev]'s otherwise), its own key conversion; a
+    GGUF file with its ``GGUFQuantizationConfig`` (weights held as stored, each dequantized whole at
+    every call)."""
+    from diffusers import Flux2Transformer2DModel, GGUFQuantizationConfig
+
+    extra = {"quantization_config": GGUFQuantizationConfig(compute_dtype=compute)} if str(path).endswith(".gguf") else {}
+    return Flux2Transformer2DModel.from_single_file(str(path), config=str(folder.parent), subfolder=folder.name,
+                                                    dtype=compute, local_files_only=True, **extra)
+
+
 def block_counts(module) -> str:
     """The repeated blocks of a FLUX.2 component, as text (``5 double + 20 single``, ``27 of 36 layers``)."""
     name = type(module).__name__
@@ -247,4 +259,5 @@ FAMILY = Family(
     encode=encode, token_report=token_report, truncation_warnings=truncation_warnings,
     embeddings_facts=embeddings_facts, diffusion_pipeline=diffusion_pipeline, pipeline_inputs=pipeline_inputs,
     setting_notes=setting_notes, embeddings_check=embeddings_check, bench_inputs=bench_inputs,
+    layout="helpers.families.flux2.layout", diffusers_single_file=diffusers_single_file,
 )
