@@ -545,13 +545,17 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
 
     from tqdm.auto import tqdm
 
-    from helpers.files import check_can_write, outputs_dir
+    from helpers.files import check_can_write, check_file, outputs_dir
     from helpers.twins.builder import twin_specs
     from helpers.twins.shipped import trained_weights_path
+    from dataclasses import replace
+
+    from helpers.families.flux2.training import KLEIN_TRAIN
     from helpers.twins.training import TrainConfig, same_weights, train_twin
 
-    shipped = trained_weights_path(twin_specs()["tiny"])
-    out = Path(args.out) if args.out else outputs_dir() / "twins" / "tiny.safetensors"
+    klein = args.twin == "klein-tiny"
+    shipped = trained_weights_path(twin_specs()[args.twin])
+    out = Path(args.out) if args.out else outputs_dir() / "twins" / f"{args.twin}.safetensors"
     if shipped is not None and out.resolve() == shipped.resolve() and not args.overwrite:
         raise UserError(f"{out} is the file the package ships; add --overwrite to replace it.")
     check_can_write(out, args.overwrite)  # before any work, and before saying it starts
@@ -559,12 +563,24 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
                                ("--clip-steps", args.clip_steps, 0), ("--scenes", args.scenes, 1)):
         if value is not None and value < least:
             raise UserError(f"{flag} must be a whole number, {least} or more, not {value}.")
-    config = TrainConfig(seed=args.seed, vae_steps=args.vae_steps, flow_steps=args.flow_steps,
-                         clip_steps=args.clip_steps, max_scenes=args.scenes)
+    defaults = KLEIN_TRAIN if klein else TrainConfig()
+    if args.vae_from and not klein:
+        raise UserError("--vae-from is for --twin klein-tiny.")
+    if args.vae_from:
+        check_file(Path(args.vae_from), "a weights file of train-twin", "give the .safetensors an earlier run wrote")
+    config = replace(defaults, seed=args.seed, max_scenes=args.scenes, vae_from=args.vae_from,
+                     **{k: v for k, v in (("vae_steps", args.vae_steps), ("flow_steps", args.flow_steps),
+                                          ("clip_steps", args.clip_steps)) if v is not None})
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
-    log(f"training the tiny twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
-        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores (25-32 minutes on 2)")
-    summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
+    log(f"training the {args.twin} twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
+        f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores "
+        f"({'about 15 minutes' if klein else '25-32 minutes'} on 2)")
+    if klein:
+        from helpers.families.flux2.training import train_klein
+
+        summary = train_klein(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
+    else:
+        summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
     log(f"final losses: VAE {summary['vae_loss']:.4f}, flow {summary['flow_loss']:.4f}; "
         f"{summary['seconds'] / 60:.1f} minutes; {summary['megabytes']:.1f} MB")
     if shipped is not None and shipped.is_file() and out.resolve() != shipped.resolve():
@@ -677,6 +693,7 @@ def _transformer_arg(q: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from helpers.families.flux2.training import KLEIN_TRAIN
     from helpers.twins.training import TrainConfig
 
     TRAIN_DEFAULTS = TrainConfig()
@@ -913,17 +930,24 @@ def build_parser() -> argparse.ArgumentParser:
         "downloaded; `tiny` builds from the package's file, never from this command's.",
         epilog=_EPILOG,
     )
+    p.add_argument("--twin", choices=["tiny", "klein-tiny"], default="tiny",
+                   help="tiny (FLUX.1: VAE, CLIP and transformer learn) or klein-tiny (FLUX.2 [klein]: VAE and "
+                   "transformer learn; the Qwen3 text path keeps its seeded weights) (default tiny)")
     p.add_argument("--out", metavar="FILE",
-                   help="the .safetensors file to write (default: outputs/twins/tiny.safetensors)")
+                   help="the .safetensors file to write (default: outputs/twins/TWIN.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seeds the weights' start and the pictures (default 0)")
-    p.add_argument("--vae-steps", type=int, default=TRAIN_DEFAULTS.vae_steps, metavar="N",
-                   help=f"VAE training steps (default {TRAIN_DEFAULTS.vae_steps})")
-    p.add_argument("--flow-steps", type=int, default=TRAIN_DEFAULTS.flow_steps, metavar="N",
-                   help=f"transformer + CLIP training steps (default {TRAIN_DEFAULTS.flow_steps})")
-    p.add_argument("--clip-steps", type=int, default=TRAIN_DEFAULTS.clip_steps, metavar="N",
+    p.add_argument("--vae-steps", type=int, default=None, metavar="N",
+                   help=f"VAE training steps (default {TRAIN_DEFAULTS.vae_steps}; klein-tiny {KLEIN_TRAIN.vae_steps})")
+    p.add_argument("--flow-steps", type=int, default=None, metavar="N",
+                   help=f"transformer (+ CLIP) training steps (default {TRAIN_DEFAULTS.flow_steps}; klein-tiny "
+                   f"{KLEIN_TRAIN.flow_steps})")
+    p.add_argument("--clip-steps", type=int, default=None, metavar="N",
                    help=f"CLIP's steps alone, learning to name the scene, before the transformer's "
                    f"(default {TRAIN_DEFAULTS.clip_steps})")
+    p.add_argument("--vae-from", default=None, metavar="FILE",
+                   help="klein-tiny: take the VAE from an earlier weights file of this command instead of training "
+                   "it (the same seed then gives the same weights as a whole run, in less time)")
     p.add_argument("--scenes", type=int, default=None, metavar="N",
                    help="train on the first N scenes of the world only: a quick run that shows the whole "
                    "recipe in seconds (default: every scene but the held-out pairs)")

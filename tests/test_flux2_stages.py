@@ -205,7 +205,7 @@ def test_single_files_of_klein_give_the_folders_image_and_a_flux1_file_is_refuse
     encode_prompts(str(klein_folder), PROMPTS[:1], emb, max_memory=RESIDENT)
     settings = dict(height=64, width=64, max_memory=SPLIT, compute="bf16", progress=False)
     folder_image = _pixels(diffuse_file(emb, tmp_path / "folder.png", str(klein_folder), **settings).paths[0])
-    bounds = {"bf16": (0, 0.0), "fp8": (40, 3.0), "q8_0": (40, 3.0)}  # measured: fp8 13 / 1.27, q8_0 9 / 0.91
+    bounds = {"bf16": (0, 0.0), "fp8": (25, 6.0), "q8_0": (16, 3.0)}  # measured: fp8 14 / 3.79, q8_0 8 / 1.62
     for fmt, (most, mean) in bounds.items():
         path = write_transformer_file(str(klein_folder), fmt, tmp_path / f"klein-{fmt}.{'gguf' if fmt == 'q8_0' else 'safetensors'}",
                                       progress=False)

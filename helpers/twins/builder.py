@@ -18,7 +18,7 @@ from helpers.files import outputs_dir
 from helpers.twins.shipped import trained_weights_info
 
 #: Bump when the builder changes what it writes; older twin folders are then rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 MARKER = "twin.json"
 
 

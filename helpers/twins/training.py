@@ -4,7 +4,7 @@ Three phases, each on pictures rendered by :mod:`helpers.twins.world` as it goes
 no dataset is stored):
 
 1. the VAE learns to encode and decode the world's pictures (64x64 and 128x128), its loss weighing
-   the pixels at a shape's edge five times (:func:`_edges`), then the latent scale and shift of its
+   the pixels at a shape's edge five times (:func:`edges`), then the latent scale and shift of its
    config are measured on them, as FLUX.1's were;
 2. the text encoders: T5 keeps its seeded weights and reads every caption once at the notebooks'
    512 tokens; CLIP learns to name the scene from its pooled embedding (background, shape colour,
@@ -78,20 +78,20 @@ class TrainConfig:
     flux_heads: int | None = None
 
 
-def _images(scenes, size: int, rng: random.Random) -> torch.Tensor:
+def images(scenes, size: int, rng: random.Random) -> torch.Tensor:
     """Rendered pictures as the VAE sees them: ``[n, 3, size, size]`` in [-1, 1]."""
     batch = np.stack([world.render(s, size, size, rng) for s in scenes])
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _edges(x: torch.Tensor) -> torch.Tensor:
+def edges(x: torch.Tensor) -> torch.Tensor:
     """``[n, 1, h, w]``: 1 where a pixel's 3x3 neighbourhood holds more than one colour (a shape's edge), else 0."""
     high = torch.nn.functional.max_pool2d(x, 3, 1, 1)
     low = -torch.nn.functional.max_pool2d(-x, 3, 1, 1)
     return ((high - low).sum(1, keepdim=True) > 0.05).float()
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine down to a tenth."""
     if step < warmup:
         return base * (step + 1) / warmup
@@ -137,7 +137,7 @@ def _zero_modulation(transformer) -> None:
         transformer.proj_out.bias.zero_()
 
 
-def _sigma(rng: random.Random, schedule: list[float], config: TrainConfig) -> float:
+def noise_level(rng: random.Random, schedule: list[float], config: TrainConfig) -> float:
     """A noise level to train at: one the sampler visits (``schedule_share`` of the time), one from the
     top, 0.7-1 (``high_share``: there the picture comes from the words alone, and a 4-step sampler
     takes its first, layout-setting step), else logit-normal around 0.62 (as FLUX.1's training)."""
@@ -196,7 +196,7 @@ def _group_bias(batch: int, image_tokens: int) -> torch.Tensor:
     return bias[None, None, None, :].expand(batch, 1, 1, -1)
 
 
-def _bf16(x: torch.Tensor) -> torch.Tensor:
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
     """``x`` rounded to bfloat16 on the way forward (the embeddings file stores bfloat16); gradients pass."""
     return x + (x.to(torch.bfloat16).float() - x).detach()
 
@@ -219,14 +219,14 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, train_scenes: list,
     losses = []
     for step in wrap(range(0 if config.vae_from else config.vae_steps), desc="1/3 VAE"):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, config.vae_steps, config.vae_lr, config.warmup)
+            group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, config.warmup)
         size = SIZES[1] if step % 8 == 7 else SIZES[0]
         batch = config.vae_batch if size == SIZES[0] else max(1, config.vae_batch // 4)
-        x = _images(rng.choices(train_scenes, k=batch), size, rng)
+        x = images(rng.choices(train_scenes, k=batch), size, rng)
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + 0.1 * posterior.std * torch.randn_like(posterior.mean)
         recon = vae.decode(z).sample
-        weight = 1 + config.vae_edge_weight * _edges(x)
+        weight = 1 + config.vae_edge_weight * edges(x)
         err = recon - x
         rec = (weight * (err.abs() + err ** 2)).mean() / weight.mean()
         kl = posterior.kl().mean() / x[0].numel()
@@ -248,7 +248,7 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, train_scenes: list,
         t.data = t.data.to(torch.bfloat16).float()
     with torch.no_grad():
         stats_rng = random.Random(config.seed + 1)
-        z = torch.cat([vae.encode(_images(stats_rng.choices(train_scenes, k=32), SIZES[0], stats_rng)).latent_dist.mean
+        z = torch.cat([vae.encode(images(stats_rng.choices(train_scenes, k=32), SIZES[0], stats_rng)).latent_dist.mean
                        for _ in range(8)])
     shift = float(z.mean())
     scale = float(1 / z.std())
@@ -294,7 +294,7 @@ def _train_text(parts: dict, config: TrainConfig, rng: random.Random, train_scen
     right = torch.zeros(len(ATTRIBUTES))
     for step in wrap(range(config.clip_steps), desc="2/3 CLIP names the scene"):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, config.clip_steps, config.clip_lr, config.warmup)
+            group["lr"] = lr_at(step, config.clip_steps, config.clip_lr, config.warmup)
         rows = torch.tensor(rng.choices(range(len(captions)), k=config.flow_batch))
         loss, right_now = _naming_loss(namer(clip(clip_ids[rows]).pooler_output), labels[rows])
         opt.zero_grad(set_to_none=True)
@@ -328,15 +328,15 @@ def _train_flow(parts: dict, text: _Text, shift: float, scale: float, config: Tr
     bar = wrap(range(config.flow_steps), desc="3/3 transformer + CLIP")
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, config.flow_steps, group["base"], config.warmup)
+            group["lr"] = lr_at(step, config.flow_steps, group["base"], config.warmup)
         size = SIZES[1] if rng.random() < config.large_share else SIZES[0]
         batch = rng.choices(train_scenes, k=config.flow_batch)
         rows = torch.tensor([index[s.caption] for s in batch])
         with torch.no_grad():
-            z = vae.encode(_images(batch, size, rng)).latent_dist.mean
+            z = vae.encode(images(batch, size, rng)).latent_dist.mean
             x0 = _pack((z - shift) * scale)
         noise = torch.randn_like(x0)
-        sigmas = torch.tensor([_sigma(rng, sigma_pool[size], config) for _ in batch])
+        sigmas = torch.tensor([noise_level(rng, sigma_pool[size], config) for _ in batch])
         s = sigmas[:, None, None]
         xt = (1 - s) * x0 + s * noise
         clip_out = clip(clip_ids[rows]).pooler_output
@@ -344,7 +344,7 @@ def _train_flow(parts: dict, text: _Text, shift: float, scale: float, config: Tr
         h = w = size // 16
         pred = transformer(
             hidden_states=xt, timestep=sigmas, guidance=torch.tensor([rng.uniform(1, 5) for _ in batch]),
-            pooled_projections=_bf16(clip_out), encoder_hidden_states=words_all[rows],
+            pooled_projections=bf16_round(clip_out), encoder_hidden_states=words_all[rows],
             txt_ids=text_ids, img_ids=_image_ids(h, w), return_dict=False,
             joint_attention_kwargs={"attention_mask": _group_bias(len(batch), h * w)},
         )[0]

@@ -271,20 +271,27 @@ class Drawn:
 
 def draw(folder, prompts: list[str], seeds=(0,), height: int = 64, width: int = 64, steps: int = 4,
          guidance: float = 3.5, dtype=None) -> list[Drawn]:
-    """Each prompt drawn by the one-piece ``FluxPipeline`` of model ``folder`` with each seed (a CPU
-    generator per seed, all prompts in one batch), and read back by :func:`detect`.
+    """Each prompt drawn by the one-piece pipeline of model ``folder`` (the one its ``model_index.json``
+    names: FLUX.1's or FLUX.2 [klein]'s) with each seed (a CPU generator per seed, all
+    prompts in one batch), and read back by :func:`detect`.
 
-    ``dtype``: the pipeline's (default float32). The notebooks' defaults: 64x64, 4 steps, guidance 3.5.
+    ``dtype``: the pipeline's (default float32). The notebooks' defaults: 64x64, 4 steps, guidance 3.5
+    (klein is distilled: its guidance is not used).
     """
+    import importlib
+    import json
+    from pathlib import Path
+
     import torch
-    from diffusers import FluxPipeline
 
     parsed = [parse(p) for p in prompts]  # refused before anything loads
-    pipe = FluxPipeline.from_pretrained(folder, dtype=dtype or torch.float32)
+    name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]  # the pipeline the folder is
+    pipeline = getattr(importlib.import_module("diffusers"), name)
+    pipe = pipeline.from_pretrained(folder, dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for seed in seeds:
-        images = pipe(prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+        images = pipe(prompt=prompts, height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
                       generator=torch.Generator("cpu").manual_seed(seed)).images
         out += [Drawn(s, seed, im, detect(im)) for s, im in zip(parsed, images)]
     return out

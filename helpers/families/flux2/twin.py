@@ -11,6 +11,7 @@ pipeline are checked against; :mod:`helpers.twins.builder` builds it into a fold
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,14 +40,45 @@ def byte_chars() -> dict[int, str]:
     return out
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-level BPE of one pre-token (its bytes' stand-ins): merge the best-ranked adjacent pair until none applies."""
+    pieces = list(word)
+    while len(pieces) > 1:
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+        if rank == math.inf:
+            break
+        pieces[i:i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
+def word_merges() -> list[tuple[str, str]]:
+    """Merges that make every word of the shapes world one token, after a space (``Ġred``) and without
+    one (a prompt's first word), whatever the other words' merges do: each word gets merges, ranked after
+    all earlier ones, for the pieces the earlier merges leave it in."""
+    from helpers.twins.world import WORDS
+
+    space = byte_chars()[ord(" ")]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in (*(space + w for w in WORDS), *WORDS):
+        while len(pieces := _bpe(word, ranks)) > 1:
+            ranks[(pieces[0], pieces[1])] = len(merges)
+            merges.append((pieces[0], pieces[1]))
+    return merges
+
+
 def tokenizer():
-    """A ``Qwen2TokenizerFast`` of the 256 bytes and the chat's special tokens, no merges, 512 tokens
+    """A ``Qwen2TokenizerFast`` of the 256 bytes, the shapes world's words whole (:func:`word_merges`: a
+    caption is a dozen tokens, as a real tokenizer makes it) and the chat's special tokens, 512 tokens
     long at most, padded with ``<|endoftext|>``, with the chat template above."""
     from transformers import Qwen2TokenizerFast
 
     vocab = {ch: i for i, ch in enumerate(byte_chars().values())}
+    merges = word_merges()
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab[SPECIAL[0]] = len(vocab)
-    tok = Qwen2TokenizerFast(vocab=vocab, merges=[], model_max_length=512)
+    tok = Qwen2TokenizerFast(vocab=vocab, merges=merges, model_max_length=512)
     tok.add_special_tokens({"additional_special_tokens": list(SPECIAL[1:])})
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -78,17 +110,21 @@ class KleinTwinSpec:
         return "klein" if self.distilled else "klein-base"
 
     def note(self, trained: bool) -> str:
+        if trained:
+            return ("Trained on the shapes world (helpers.families.flux2.training): draws a coloured circle, square or "
+                    "triangle on a coloured background where its prompt says; the text path keeps seeded weights.")
         return "Random weights in the FLUX.2 [klein] layout, built offline; its images are noise."
 
     def configs(self, trained: bool = True) -> dict[str, dict]:
         """Its components' configs: klein 4B's with these widths."""
         shipped = resources.files("helpers") / "configs" / "FLUX.2-klein-4B"
         te = json.loads((shipped / "text_encoder" / "config.json").read_text())
+        tok = tokenizer()
         te.update(hidden_size=self.hidden, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
                   head_dim=self.head_dim, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
                   layer_types=["full_attention"] * self.layers, max_window_layers=self.layers,
-                  vocab_size=256 + len(SPECIAL), max_position_embeddings=1024,
-                  bos_token_id=256, eos_token_id=258)  # <|endoftext|> and <|im_end|>, as the real ones
+                  vocab_size=len(tok), max_position_embeddings=1024,  # <|endoftext|> and <|im_end|>, as the real ones
+                  bos_token_id=tok.convert_tokens_to_ids(SPECIAL[0]), eos_token_id=tok.convert_tokens_to_ids(SPECIAL[2]))
         tr = json.loads((shipped / "transformer" / "config.json").read_text())
         tr.update(num_layers=self.double, num_single_layers=self.single, num_attention_heads=self.flux_heads,
                   attention_head_dim=self.flux_head_dim, axes_dims_rope=[self.flux_head_dim // 4] * 4,
@@ -98,8 +134,9 @@ class KleinTwinSpec:
         scheduler = json.loads((shipped / "scheduler" / "scheduler_config.json").read_text())
         return {"text_encoder": te, "transformer": tr, "vae": vae, "scheduler": scheduler}
 
-    def modules(self) -> dict:
-        """Every part in memory, float32, from fixed seeds: the models, the tokenizer and the scheduler."""
+    def modules(self, trained: bool = True) -> dict:
+        """Every part in memory, float32, from fixed seeds: the models, the tokenizer and the scheduler;
+        a trained twin's transformer and VAE from its shipped weights (unless ``trained=False``)."""
         import torch
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -108,11 +145,26 @@ class KleinTwinSpec:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
             torch.manual_seed(self.seed)
             text_encoder = Qwen3ForCausalLM(Qwen3Config.from_dict(configs["text_encoder"])).eval()
+            # token embeddings of unit scale (the default's 0.02 leaves a word's identity a few hundredths
+            # of the hidden states the pipeline reads: with random layers, captions that differ by a word
+            # came out nearly alike), so the seeded text path tells the world's words apart
+            torch.nn.init.normal_(text_encoder.model.embed_tokens.weight, std=1.0)
             torch.manual_seed(self.seed + 1)
             transformer = Flux2Transformer2DModel.from_config(configs["transformer"]).eval()
             torch.manual_seed(self.seed + 2)
             vae = AutoencoderKLFlux2.from_config(
                 {k: v for k, v in configs["vae"].items() if k != "force_upcast"}).eval()
+        if trained and self.trained:
+            from safetensors.torch import load_file
+
+            from helpers.twins.shipped import trained_weights_info, trained_weights_path
+
+            trained_weights_info(self)  # a clear error if the file is missing
+            state = load_file(str(trained_weights_path(self)))
+            for name, module in (("transformer", transformer), ("vae", vae)):
+                mine = {k[len(name) + 1:]: v.float() if v.is_floating_point() else v for k, v in state.items()
+                        if k.startswith(name + ".")}
+                module.load_state_dict(mine, strict=True)
         return dict(text_encoder=text_encoder, transformer=transformer, vae=vae, tokenizer=tokenizer(),
                     scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]))
 
@@ -130,7 +182,8 @@ class KleinTwinSpec:
 
 
 TWINS = {
-    "klein-tiny": KleinTwinSpec(),
+    # trained on the shapes world (helpers.families.flux2.training): its transformer and VAE; Qwen3 keeps its seeds
+    "klein-tiny": KleinTwinSpec(trained="klein-tiny.safetensors"),
     # about 1.1 GB in bfloat16 (a 0.84 GB transformer 1024 wide, a 0.25 GB Qwen3 512 wide): the CPU benchmarks' model
     "klein-medium": KleinTwinSpec(hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536, flux_heads=8,
                                   flux_head_dim=128, vae_channels=(32, 64, 128, 128), vae_groups=32),

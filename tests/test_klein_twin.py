@@ -1,0 +1,102 @@
+"""klein-tiny, FLUX.2 [klein]'s twin, trained on the shapes world (:mod:`helpers.families.flux2.training`):
+its tokenizer holds the world's words whole, a training run repeats byte for byte, the builder makes the
+twin from the shipped weights and says so, and the twin draws what it is told."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.errors import UserError
+from helpers.twins import world
+
+#: a run of the trainer small enough for a test: the same code as `train-twin --twin klein-tiny`, fewer steps
+QUICK = dict(vae_steps=3, flow_steps=3, vae_batch=2, flow_batch=2, max_scenes=8, warmup=1, clip_steps=0)
+
+
+def test_the_worlds_words_are_whole_tokens_of_the_klein_tokenizer(klein_folder):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(klein_folder / "tokenizer")
+    for word in world.WORDS:
+        assert tok.tokenize(" " + word) == ["\u0120" + word], word  # after a space, as inside a caption
+        assert tok.tokenize(word) == [word], word  # a prompt's first word
+    caption = "a red circle on a blue background, on the left"
+    assert len(tok.tokenize(caption)) == 11  # ten words and the comma
+
+
+@pytest.fixture(scope="module")
+def quick_klein(tmp_path_factory):
+    from helpers.families.flux2.training import train_klein
+    from helpers.twins.training import TrainConfig
+
+    out = tmp_path_factory.mktemp("klein") / "klein-tiny.safetensors"
+    return out, train_klein(out, TrainConfig(**QUICK), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_klein_training_repeats_byte_for_byte(tmp_path, quick_klein):
+    from helpers.families.flux2.training import train_klein
+    from helpers.twins.training import TrainConfig, same_weights
+
+    first, summary = quick_klein
+    train_klein(tmp_path / "again.safetensors", TrainConfig(**QUICK), log=lambda _: None)
+    assert same_weights(first, tmp_path / "again.safetensors")
+    other = train_klein(tmp_path / "seed1.safetensors", TrainConfig(**{**QUICK, "seed": 1}), log=lambda _: None)
+    assert not same_weights(first, tmp_path / "seed1.safetensors") and other["flow_loss"] != summary["flow_loss"]
+    assert np.isfinite([summary["vae_loss"], summary["flow_loss"]]).all() and summary["scenes"] == 8
+    with pytest.raises(UserError, match="already exists"):  # refused before any work
+        train_klein(first, TrainConfig(**QUICK), log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_klein_builds_from_trained_weights_and_says_so(tmp_path, quick_klein, monkeypatch):
+    """The builder's path for a trained klein twin: the seeded modules, then the file's transformer and VAE
+    (its latents' statistics in ``bn``) loaded strictly; the text path keeps its seeded weights."""
+    from safetensors.torch import load_file
+
+    from helpers.families.flux2 import twin as klein_twin
+    from helpers.twins import builder
+
+    file, _ = quick_klein
+    spec = replace(klein_twin.TWINS["klein-tiny"], trained=str(file))
+    monkeypatch.setitem(klein_twin.TWINS, "klein-tiny", spec)
+    trained, seeded = spec.modules(), spec.modules(trained=False)
+    stored = load_file(str(file))
+    for component in ("transformer", "vae"):
+        for name, tensor in trained[component].state_dict().items():
+            assert torch.equal(tensor.to(stored[f"{component}.{name}"].dtype), stored[f"{component}.{name}"]), name
+    assert float(trained["vae"].bn.running_var.mean()) != 1.0  # measured, not the initial 1
+    assert all(torch.equal(v, seeded["text_encoder"].state_dict()[k])
+               for k, v in trained["text_encoder"].state_dict().items())
+    folder = builder.build_twin("klein-tiny", tmp_path / "klein-tiny")
+    marker = json.loads((folder / builder.MARKER).read_text())
+    assert marker["weights_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert "shapes world" in marker["note"]
+    out = world.draw(folder, ["a red circle on a blue background"], seeds=(0,), steps=1, guidance=1.0)
+    assert out[0].image.size == (64, 64)
+
+
+#: measured with the shipped weights (24 prompts x 3 seeds): background 0.44, shape colour 0.15, shape 0.33,
+#: place 0.19; held-out pairs 0.28, 0.03, 0.36, 0.22. Chance: 0.125 for a colour, 0.33 for a shape. Only the
+#: background is read from the prompt well above chance yet: that is what the test holds it to.
+BACKGROUND_BAR = 0.35
+
+
+@pytest.mark.slow
+def test_the_shipped_klein_twin_draws_the_background_it_is_told(klein_folder):
+    """The shipped weights at the notebooks' defaults (64x64, klein's 4 steps without guidance, bfloat16,
+    the text path's 512 tokens): 24 prompts of the grammar, 3 seeds each, read back by the detector. The
+    background comes from the prompt (about 3.5x chance); the same seed draws the same picture."""
+    prompts = world.sample_prompts(24, seed=1)
+    drawn = world.draw(klein_folder, prompts, seeds=(0, 1, 2), guidance=1.0, dtype=torch.bfloat16)
+    scores = world.score([(d.scene, d.detection) for d in drawn])
+    print("all pairs:", scores)
+    assert scores["background"] >= BACKGROUND_BAR, scores
+    again = world.draw(klein_folder, prompts, seeds=(1,), guidance=1.0, dtype=torch.bfloat16)
+    assert [np.asarray(d.image).tobytes() for d in again] == [np.asarray(d.image).tobytes() for d in drawn[24:48]]
