@@ -36,6 +36,8 @@ NOT_HERE = {
     "06-4": "a terminal command; bench --compute fp32 is tested in test_offload",
     "06-5": "FULL = True writes all five files; each format is tested in test_transformer_file",
     "07-4": "a terminal command; --save-job and --job are tested in test_job",
+    "08-2": "edits a code cell (offload=\"stream\"); the stream's parity is tested in test_flux2_stages",
+    "08-3": "copies the twin's folder; a base model's negative and its refusal are tested in test_flux2_stages",
 }
 
 
@@ -317,3 +319,17 @@ def test_07_exercises_1_2_and_3_a_third_worker_resume_and_a_job_that_refuses_ano
     refused = "assert done.returncode != 0 and 'planned for' in done.stderr, done.stderr[-500:]"
     _run(NOTEBOOKS["07"], "assert 'nothing to make' in done.stderr, done.stderr[-800:]", keep, third, resumed,
          "HEIGHT = WIDTH = 128", refuse, refused, parameters="WORKERS = 3")
+
+
+# ---------------------------------------------------------------- 08
+
+
+def test_08_exercise_1_a_budget_that_holds_the_text_path_in_ram():
+    """``MAX_MEMORY = "cpu=1GiB"``: section 4's plan puts every unit of the text path on cpu, none on disk."""
+    from helpers.activations import Workload
+    from helpers.encode import text_encoding_plan
+
+    plan = text_encoding_plan("klein-tiny", "cpu=1GiB", workload=Workload(batch=2, tokens=512))
+    assert {u.tier for c in plan.components for u in c.units} == {"cpu"}
+    split = text_encoding_plan("klein-tiny", "cpu=80%,disk=100%", workload=Workload(batch=2, tokens=512))
+    assert {u.tier for c in split.components for u in c.units} == {"cpu", "disk"}  # the notebook's own budget
