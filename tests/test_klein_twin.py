@@ -39,6 +39,18 @@ def quick_klein(tmp_path_factory):
     return out, train_klein(out, TrainConfig(**QUICK), log=lambda _: None)
 
 
+def test_a_vae_from_another_twins_file_is_refused_before_training(tmp_path):
+    """``--vae-from`` with the FLUX.1 twin's weights (another VAE): refused, naming the file, nothing written."""
+    from helpers.families.flux2.training import train_klein
+    from helpers.twins.shipped import TRAINED_DIR
+    from helpers.twins.training import TrainConfig
+
+    flux1 = str(TRAINED_DIR / "tiny.safetensors")
+    with pytest.raises(UserError, match="does not hold klein-tiny's VAE"):
+        train_klein(tmp_path / "k.safetensors", TrainConfig(**{**QUICK, "vae_from": flux1}), log=lambda _: None)
+    assert not (tmp_path / "k.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_klein_training_repeats_byte_for_byte(tmp_path, quick_klein):
     from helpers.families.flux2.training import train_klein

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from helpers.errors import UserError
 from helpers.files import atomic_path, check_can_write
 from helpers.twins import world
 from helpers.twins.training import TrainConfig, bf16_round, edges, images, lr_at, noise_level
@@ -59,6 +60,10 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, scenes: list, wrap,
 
         earlier = {k[4:]: v.float() for k, v in load_file(config.vae_from).items()
                    if k.startswith("vae.") and v.is_floating_point() and not k.startswith("vae.bn.")}
+        wanted = {k: v.shape for k, v in vae.state_dict().items() if v.is_floating_point() and not k.startswith("bn.")}
+        if {k: v.shape for k, v in earlier.items()} != wanted:
+            raise UserError(f"{config.vae_from} does not hold klein-tiny's VAE (its vae.* tensors differ in names or "
+                            "shapes): give a file that train-twin --twin klein-tiny wrote.")
         vae.load_state_dict(earlier, strict=False)
         summary["vae_from"] = Path(config.vae_from).name
     vae.train()
