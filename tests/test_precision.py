@@ -362,6 +362,24 @@ def test_decode_into_gives_the_formulas_bits():
     assert torch.equal(decode_into(w, torch.empty(33, 17, dtype=torch.bfloat16)), w)
 
 
+def test_the_row_factors_kept_for_the_next_decode_follow_the_scales():
+    """The bit decode keeps each layer's row factors on its scale tensor: a second decode reads them,
+    and scales changed in place (a load into the same buffer) or another dtype are worked out again."""
+    from helpers.formats.codecs import decode_into, dequantize_rows, quantize_rows
+
+    q, scale = quantize_rows(torch.randn(8, 40))
+    for dtype in (torch.bfloat16, torch.float32, torch.bfloat16):
+        first, again = torch.empty(8, 40, dtype=dtype), torch.empty(8, 40, dtype=dtype)
+        decode_into(q, first, scale)
+        decode_into(q, again, scale)
+        assert torch.equal(first, again) and torch.equal(first, dequantize_rows(q, scale, dtype))
+    assert scale._e4m3_factors[0][0] == torch.bfloat16
+    scale.mul_(3)  # in place: the kept factors are stale
+    now = torch.empty(8, 40, dtype=torch.bfloat16)
+    decode_into(q, now, scale)
+    assert torch.equal(now, dequantize_rows(q, scale, torch.bfloat16)) and not torch.equal(now, first)
+
+
 def test_fp8_moves_to_the_device_as_stored_and_is_decoded_there(tiny_fp8):
     """RAM -> device (the CPU standing in for the GPU): pinned RAM and every copy hold fp8 bytes, and
     the pieces are dequantized from the staging buffer into the pool, giving the disk stream's output."""

@@ -75,14 +75,39 @@ def _e4m3_bits(q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor) -> bool:
     place = _E4M3_PLACE.get(out.dtype)
     if place is None or q.dim() != 2 or scale.dtype != torch.float32:
         return False
-    if not bool((scale.abs() < 2.0 ** 7).all()) or bool(torch.tensor(1e-39) * 1.0 == 0):
+    factors = _row_factors(scale, out.dtype)
+    if factors is None or bool(_TINY.mul(1.0).eq(0)):
         return False
     view, shift, mask = place
     bits = out.view(view)
     bits.copy_(q.view(torch.int8))  # sign-extended
     bits.bitwise_left_shift_(shift).bitwise_and_(mask)
-    out.mul_((scale.to(out.dtype).to(torch.float32) * _E4M3_SHIFT).to(out.dtype)[:, None])
+    out.mul_(factors)
     return True
+
+
+#: a float32 subnormal: a product of it that reads zero says this thread flushes subnormals
+_TINY = torch.tensor(1e-39)
+
+
+def _row_factors(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``scale * 2**120`` rounded as the formula rounds the scale, ``[rows, 1]`` in ``dtype``; ``None``
+    where a row's scale is past the trick's range. Kept on the scale tensor for its next decode (the
+    same layer's, every step), until that tensor changes (its version counter) or another dtype asks:
+    working it out again cost about as much as moving a small layer's bits."""
+    try:
+        key = (dtype, scale._version, scale.device, scale.data_ptr())
+    except RuntimeError:  # an inference-mode tensor keeps no version: worked out each time
+        key = None
+    kept = getattr(scale, "_e4m3_factors", None)
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[1]
+    factors = None
+    if bool((scale.abs() < 2.0 ** 7).all()):
+        factors = (scale.to(dtype).to(torch.float32) * _E4M3_SHIFT).to(dtype)[:, None]
+    if key is not None:
+        scale._e4m3_factors = (key, factors)
+    return factors
 
 
 def gguf_shape(stored_shape, qtype: QuantType) -> tuple[int, ...]:
