@@ -573,12 +573,13 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"training the {args.twin} twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
         f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores "
-        f"({'about 24 minutes' if klein else '25-32 minutes'} on 2)")
+        f"({'about 20 minutes' if klein else '25-32 minutes'} on 2)")
     if klein:
         summary = train_klein(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
     else:
         summary = train_twin(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
-    log(f"final losses: VAE {summary['vae_loss']:.4f}, flow {summary['flow_loss']:.4f}; "
+    vae = f"VAE {summary['vae_loss']:.4f}" if summary.get("vae_loss") is not None else f"VAE from {args.vae_from}"
+    log(f"final losses: {vae}, flow {summary['flow_loss']:.4f}; "
         f"{summary['seconds'] / 60:.1f} minutes; {summary['megabytes']:.1f} MB")
     if shipped is not None and shipped.is_file() and out.resolve() != shipped.resolve():
         log("the same weights as the package's" if same_weights(out, shipped) else
@@ -928,8 +929,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
     )
     p.add_argument("--twin", choices=["tiny", "klein-tiny"], default="tiny",
-                   help="tiny (FLUX.1: VAE, CLIP and transformer learn) or klein-tiny (FLUX.2 [klein]: VAE and "
-                   "transformer learn; the Qwen3 text path keeps its seeded weights) (default tiny)")
+                   help="tiny (FLUX.1: VAE, CLIP and transformer learn) or klein-tiny (FLUX.2 [klein]: VAE, the Qwen3 "
+                   "text path and the transformer learn) (default tiny)")
     p.add_argument("--out", metavar="FILE",
                    help="the .safetensors file to write (default: outputs/twins/TWIN.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -940,8 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"transformer (+ CLIP) training steps (default {TRAIN_DEFAULTS.flow_steps}; klein-tiny "
                    f"{KLEIN_TRAIN.flow_steps})")
     p.add_argument("--clip-steps", type=int, default=None, metavar="N",
-                   help=f"CLIP's steps alone, learning to name the scene, before the transformer's "
-                   f"(default {TRAIN_DEFAULTS.clip_steps})")
+                   help=f"CLIP's steps alone (klein-tiny: the text path's), learning to name the scene, before the "
+                   f"transformer's (default {TRAIN_DEFAULTS.clip_steps}; klein-tiny {KLEIN_TRAIN.clip_steps})")
     p.add_argument("--vae-from", default=None, metavar="FILE",
                    help="klein-tiny: take the VAE from an earlier weights file of this command instead of training "
                    "it (the transformer's phase draws from its own seed, so only the VAE's 4-5 minutes are skipped)")

@@ -213,3 +213,19 @@ def test_train_twin_prints_time_losses_and_its_file_and_keeps_an_existing_one(tm
     assert_user_error(run("train-twin", "--scenes", "0", "--out", str(tmp_path / "none.safetensors")),
                       "--scenes must be a whole number, 1 or more")
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_train_twin_klein_with_the_vae_of_a_file_says_where_its_vae_came_from(tmp_path):
+    """`--vae-from`: no VAE steps, so no VAE loss to print; the run says which file's VAE it took."""
+    import json
+
+    from helpers.twins.shipped import TRAINED_DIR
+
+    out = tmp_path / "klein.safetensors"
+    vae = TRAINED_DIR / "klein-tiny.safetensors"
+    done = run("train-twin", "--twin", "klein-tiny", "--vae-from", str(vae), "--flow-steps", "2", "--clip-steps", "1",
+               "--scenes", "8", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["vae_from"] == vae.name and summary["vae_loss"] is None and out.is_file()
+    assert f"final losses: VAE from {vae}, flow" in done.stderr

@@ -53,7 +53,7 @@ class TrainConfig:
     #: decoder blurs a triangle's apex away and rounds a square's corners (90% of shapes read back
     #: from its reconstructions at 64x64; 97% with 4)
     vae_edge_weight: float = 4.0
-    #: CLIP alone first: its pooled embedding learns to name the scene (:data:`ATTRIBUTES`, :func:`_naming_loss`)
+    #: CLIP alone first: its pooled embedding learns to name the scene (:data:`ATTRIBUTES`, :func:`naming_loss`)
     clip_steps: int = 300
     flow_steps: int = 3000
     flow_batch: int = 16
@@ -154,19 +154,43 @@ ATTRIBUTES = (("background", len(world.COLOURS)), ("shape_colour", len(world.COL
               ("shape", len(world.SHAPES)), ("place", len(world.PLACES) + 1))
 
 
-def _scene_labels(scenes) -> torch.Tensor:
+def scene_labels(scenes) -> torch.Tensor:
     """``[n, 4]``: each scene's background, shape colour, shape and place as class numbers."""
     colours, places = list(world.COLOURS), [*world.PLACES, None]
     return torch.tensor([[colours.index(s.background), colours.index(s.shape_colour),
                           world.SHAPES.index(s.shape), places.index(s.place)] for s in scenes])
 
 
-def _naming_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def naming_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of the four attributes, summed, and how often each is named right (``[4]``)."""
     pieces = torch.split(logits, [n for _, n in ATTRIBUTES], dim=1)
     loss = sum(torch.nn.functional.cross_entropy(x, labels[:, i]) for i, x in enumerate(pieces))
     right = torch.stack([(x.argmax(1) == labels[:, i]).float().mean() for i, x in enumerate(pieces)])
     return loss, right
+
+
+def learn_to_name(params: list, width: int, summary_of, labels: torch.Tensor, config: TrainConfig,
+                  rng: random.Random, batch: int, wrap, desc: str) -> tuple[torch.nn.Module, list, torch.Tensor]:
+    """``config.clip_steps`` steps in which a text encoder (its ``params``) learns to name the scene in a
+    ``[batch, width]`` summary of its captions, ``summary_of(rows)`` (FLUX.1: CLIP's pooled vector;
+    klein: the mean of the pads' hidden states), read by a new linear namer (:func:`naming_loss`).
+    Returns the namer, the parameters that learned (``params`` and the namer's) and how often each
+    attribute was named right (``[4]``, a running mean)."""
+    namer = torch.nn.Linear(width, sum(n for _, n in ATTRIBUTES))
+    params = [*params, *namer.parameters()]
+    opt = torch.optim.AdamW(params, lr=config.clip_lr, weight_decay=0.0)
+    right = torch.zeros(len(ATTRIBUTES))
+    for step in wrap(range(config.clip_steps), desc=desc):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, config.clip_steps, config.clip_lr, config.warmup)
+        rows = torch.tensor(rng.choices(range(len(labels)), k=batch))
+        loss, right_now = naming_loss(namer(summary_of(rows)), labels[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        right = 0.9 * right + 0.1 * right_now if step else right_now
+    return namer, params, right
 
 
 #: T5's tokens kept one by one (every caption is shorter), then the pads in groups that end here
@@ -278,7 +302,7 @@ def _train_text(parts: dict, config: TrainConfig, rng: random.Random, train_scen
     tok, tok2 = parts["tokenizer"], parts["tokenizer_2"]
     captions = [s.caption for s in train_scenes]
     index = {c: i for i, c in enumerate(captions)}
-    labels = _scene_labels(train_scenes)
+    labels = scene_labels(train_scenes)
     clip_ids = tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     # T5 keeps its seeded weights: trained at 512 tokens it would cost 1.7 s a step; its tokens still
     # tell the words apart for the transformer, and give it a place to measure image positions from
@@ -288,20 +312,9 @@ def _train_text(parts: dict, config: TrainConfig, rng: random.Random, train_scen
     with torch.no_grad():  # float32 math on its bfloat16 weights, rounded to bfloat16 as the embeddings file
         words_all = torch.cat([_pad_groups(t5(t5_ids[i:i + 16]).last_hidden_state.to(torch.bfloat16).float())
                                for i in wrap(range(0, len(captions), 16), desc="2/3 T5, 512 tokens")])
-    namer = torch.nn.Linear(clip.config.hidden_size, sum(n for _, n in ATTRIBUTES))
-    clip_params = [*clip.parameters(), *namer.parameters()]
-    opt = torch.optim.AdamW(clip_params, lr=config.clip_lr, weight_decay=0.0)
-    right = torch.zeros(len(ATTRIBUTES))
-    for step in wrap(range(config.clip_steps), desc="2/3 CLIP names the scene"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.clip_steps, config.clip_lr, config.warmup)
-        rows = torch.tensor(rng.choices(range(len(captions)), k=config.flow_batch))
-        loss, right_now = _naming_loss(namer(clip(clip_ids[rows]).pooler_output), labels[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
-        opt.step()
-        right = 0.9 * right + 0.1 * right_now if step else right_now
+    namer, clip_params, right = learn_to_name(
+        list(clip.parameters()), clip.config.hidden_size, lambda rows: clip(clip_ids[rows]).pooler_output, labels,
+        config, rng, config.flow_batch, wrap, "2/3 CLIP names the scene")
     summary["clip_named"] = {name: round(float(r), 3) for (name, _), r in zip(ATTRIBUTES, right)}
     summary["text_seconds"] = round(time.perf_counter() - start - summary["vae_seconds"], 1)
     return _Text(clip_ids, words_all, namer, clip_params, labels, index)
@@ -340,7 +353,7 @@ def _train_flow(parts: dict, text: _Text, shift: float, scale: float, config: Tr
         s = sigmas[:, None, None]
         xt = (1 - s) * x0 + s * noise
         clip_out = clip(clip_ids[rows]).pooler_output
-        name_loss, _ = _naming_loss(namer(clip_out), labels[rows])
+        name_loss, _ = naming_loss(namer(clip_out), labels[rows])
         h = w = size // 16
         pred = transformer(
             hidden_states=xt, timestep=sigmas, guidance=torch.tensor([rng.uniform(1, 5) for _ in batch]),

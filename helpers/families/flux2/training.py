@@ -7,15 +7,25 @@ pictures rendered as they go:
    a shape's edge five times; then the statistics of its latents, in 2x2 patches of 128 channels, are
    measured into its ``bn`` layer's running mean and variance, which ``Flux2KleinPipeline`` undoes
    before decoding (FLUX.2's form of FLUX.1's scale and shift);
-2. the text path keeps its seeded weights (as the FLUX.1 twin's T5 does): every caption is encoded
-   once, as stage 1 encodes it (the chat template, 512 tokens, hidden states 9, 18 and 27, in bfloat16
-   as the twin stores it), its words one token each (the twin's tokenizer holds them whole);
+2. the text path (Qwen3's embeddings and layers 1-27, all that stage 1 runs) learns to name the scene in
+   its padding: the mean of the pads' hidden states 9, 18 and 27 (what ``prompt_embeds`` stacks) feeds a
+   linear namer of background, shape colour, shape and place, as the FLUX.1 twin's CLIP names the scene
+   in its pooled embedding. klein has no pooled embedding, and a seeded 32-wide Qwen3 barely changes its
+   tokens (hidden state 27 is within 3% of the token embeddings): each word's state held the word alone,
+   so "a red circle on a blue background" and "a blue circle on a red background" differed only in where
+   two words sat, and the transformer learned little beyond the background (44%). Named in the pads, every
+   caption's scene is in each of its 480-odd pad tokens, where the transformer's attention finds it.
+   Every caption is then encoded once, as stage 1 encodes it (the chat template, 512 tokens, in bfloat16
+   as the twin stores it);
 3. the transformer learns rectified flow on the normalised latents (predict noise minus image), with
-   the pipeline's own position ids for text and image, noise levels leaning to the top as FLUX.1's did.
+   the pipeline's own position ids for text and image, noise levels leaning to the top as FLUX.1's did:
+   first on the captions' first :data:`SHORT_TOKENS` tokens (their words and 30-odd pads, which the
+   causal text path computes alike at any padded length; 6.6x faster a step than 512), then the last
+   :data:`LONG_SHARE` of its steps on all 512, as the pipeline hands them over.
 
 The held-out colour pairs are never shown. The result is one safetensors file of bfloat16 weights
-(transformer and VAE, the VAE's ``bn`` statistics included) with a summary of the run in its
-metadata, which the twin's builder reads (``KleinTwinSpec.trained``).
+(text encoder, transformer and VAE, the VAE's ``bn`` statistics included) with a summary of the run in
+its metadata, which the twin's builder reads (``KleinTwinSpec.trained``).
 """
 
 from __future__ import annotations
@@ -33,13 +43,19 @@ import torch
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_can_write
 from helpers.twins import world
-from helpers.twins.training import TrainConfig, bf16_round, edges, images, lr_at, noise_level
+from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name, lr_at,
+                                    noise_level, scene_labels)
 
-#: klein-tiny's recipe: FLUX.1's settings where they apply (no CLIP steps: its text path is not trained)
-KLEIN_TRAIN = TrainConfig(vae_steps=1200, flow_steps=1600, flow_batch=8, clip_steps=0)
-#: the parts whose weights the file holds (the text path keeps its seeded ones)
-TRAINED_COMPONENTS = ("transformer", "vae")
+#: klein-tiny's recipe: FLUX.1's settings where they apply; ``clip_steps`` are the text path's naming steps
+KLEIN_TRAIN = TrainConfig(vae_steps=1200, flow_steps=4000, flow_batch=16, clip_steps=250, clip_lr=3e-3)
+#: the parts whose weights the file holds
+TRAINED_COMPONENTS = ("text_encoder", "transformer", "vae")
+#: the text length the pipeline pads to, and the one the transformer's first steps see
 TOKENS = 512
+SHORT_TOKENS = 64
+#: the share of the transformer's steps on all 512 tokens (the last ones), and their batch
+LONG_SHARE = 0.1
+LONG_BATCH = 8
 SIZE = 64
 
 
@@ -106,8 +122,49 @@ def _zero_modulation(transformer) -> None:
         transformer.proj_out.weight.zero_()
 
 
+def _chat(tokenizer, caption: str) -> str:
+    """A caption in the chat template, as ``Flux2KleinPipeline`` gives it to the text encoder."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+def _train_text_path(parts: dict, config: TrainConfig, rng: random.Random, scenes: list, wrap, summary: dict,
+                     log) -> None:
+    """Phase 2a: the text path learns to name the scene in its pads (see the module's docstring), at
+    :data:`SHORT_TOKENS` tokens; the layers past the 27th, never run by stage 1, keep their seeds."""
+    from helpers.families.flux2 import HIDDEN_STATES
+
+    text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+    tokens = tokenizer([_chat(tokenizer, s.caption) for s in scenes], padding="max_length", max_length=SHORT_TOKENS,
+                       truncation=True, return_tensors="pt")
+    if bool(tokens.attention_mask[:, -1].any()):
+        raise UserError(f"a caption fills all {SHORT_TOKENS} tokens: it leaves no pads to name the scene in.")
+    labels = scene_labels(scenes)
+    body = text_encoder.model
+    every, norm = body.layers, body.norm
+    # the text path only, as stage 1 runs it: the later layers cut, the final norm a no-op (the last hidden
+    # state the model returns is its normed output; the pipeline reads layer 27's own, before layer 28)
+    body.layers, body.norm = every[:max(HIDDEN_STATES)], torch.nn.Identity()
+    body.train()
+
+    def pads_mean(rows: torch.Tensor) -> torch.Tensor:  # [batch, 3 x hidden]: what the pads say of the scene
+        out = body(input_ids=tokens.input_ids[rows], attention_mask=tokens.attention_mask[rows],
+                   output_hidden_states=True, use_cache=False)
+        states = torch.cat([out.hidden_states[k] for k in HIDDEN_STATES], dim=-1)
+        pads = (1 - tokens.attention_mask[rows]).to(states.dtype)[..., None]
+        return (states * pads).sum(1) / pads.sum(1)
+
+    _, _, right = learn_to_name(list(body.parameters()), len(HIDDEN_STATES) * text_encoder.config.hidden_size,
+                                pads_mean, labels, config, rng, 32, wrap, "2/3 text path names the scene")
+    body.layers, body.norm = every, norm
+    text_encoder.eval()
+    summary["text_path_named"] = {name: round(float(r), 3) for (name, _), r in zip(ATTRIBUTES, right)}
+    if config.clip_steps:
+        log("text path: its pads name " + ", ".join(f"{k} {v:.0%}" for k, v in summary["text_path_named"].items()))
+
+
 def _encode_captions(parts: dict, captions: list[str], wrap) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2: every caption as stage 1 hands it over (the text path in bfloat16, the file's bfloat16)."""
+    """Phase 2b: every caption as stage 1 hands it over (the text path in bfloat16, the file's bfloat16)."""
     from diffusers import Flux2KleinPipeline
 
     from helpers.families.flux2 import HIDDEN_STATES
@@ -121,6 +178,7 @@ def _encode_captions(parts: dict, captions: list[str], wrap) -> tuple[torch.Tens
             embeds, _ = pipe.encode_prompt(captions[i:i + 32], device="cpu", max_sequence_length=TOKENS,
                                            text_encoder_out_layers=HIDDEN_STATES)
             chunks.append(embeds.to(torch.bfloat16))
+    parts["text_encoder"].float()  # as the other parts, until the file stores it in bfloat16 again (exact)
     embeds = torch.cat(chunks)
     return embeds, Flux2KleinPipeline._prepare_text_ids(embeds[:1])
 
@@ -149,10 +207,14 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
     image_ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, side, side))
     schedule = _schedule(parts["scheduler"], 4, side * side)
     losses = []
+    long_from = config.flow_steps - round(LONG_SHARE * config.flow_steps)
     for step in wrap(range(config.flow_steps), desc="3/3 transformer"):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config.flow_steps, config.flow_lr, config.warmup)
-        rows = [rng.randrange(len(scenes)) for _ in range(config.flow_batch)]
+        long = step >= long_from
+        tokens = TOKENS if long else SHORT_TOKENS
+        rows = [rng.randrange(len(scenes)) for _ in range(min(LONG_BATCH, config.flow_batch) if long
+                                                           else config.flow_batch)]
         with torch.no_grad():
             z = _patchify(vae.encode(images([scenes[r] for r in rows], SIZE, rng)).latent_dist.mean)
             x0 = Flux2KleinPipeline._pack_latents((z - mean) / std)
@@ -160,9 +222,9 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
         noise = torch.randn_like(x0)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         n = len(rows)
-        pred = transformer(hidden_states=bf16_round(xt), encoder_hidden_states=embeds[rows].float(), timestep=sigma,
-                           img_ids=image_ids.expand(n, -1, -1), txt_ids=text_ids.expand(n, -1, -1),
-                           return_dict=False)[0]
+        pred = transformer(hidden_states=bf16_round(xt), encoder_hidden_states=embeds[rows, :tokens].float(),
+                           timestep=sigma, img_ids=image_ids.expand(n, -1, -1),
+                           txt_ids=text_ids[:, :tokens].expand(n, -1, -1), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -195,6 +257,8 @@ def train_klein(out: str | os.PathLike, config: TrainConfig = KLEIN_TRAIN, progr
                      "held_out_pairs": [list(p) for p in world.HELD_OUT], "threads": torch.get_num_threads()}
     start = time.perf_counter()
     _train_vae(parts["vae"], config, rng, scenes, wrap, summary, log)
+    torch.manual_seed(config.seed + 1)  # the text path's phase on its own draws too
+    _train_text_path(parts, config, random.Random(config.seed + 1), scenes, wrap, summary, log)
     embeds, text_ids = _encode_captions(parts, [s.caption for s in scenes], wrap)
     torch.manual_seed(config.seed + 2)  # the transformer's phase on its own draws: a VAE from an earlier file
     flow = random.Random(config.seed + 2)  # (--vae-from) gives the same weights as one trained here

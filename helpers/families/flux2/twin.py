@@ -94,7 +94,7 @@ class KleinTwinSpec:
     head_dim: int = 8
     intermediate: int = 64
     layers: int = 36
-    flux_heads: int = 2
+    flux_heads: int = 4  # 64 wide: at 32 (two heads) it learned the background and little else
     flux_head_dim: int = 16  # four rope axes of a quarter of it
     double: int = 5
     single: int = 20
@@ -112,7 +112,7 @@ class KleinTwinSpec:
     def note(self, trained: bool) -> str:
         if trained:
             return ("Trained on the shapes world (helpers.families.flux2.training): draws a coloured circle, square or "
-                    "triangle on a coloured background where its prompt says; the text path keeps seeded weights.")
+                    "triangle on a coloured background where its prompt says; its text path names the scene in its pads.")
         return "Random weights in the FLUX.2 [klein] layout, built offline; its images are noise."
 
     def configs(self, trained: bool = True) -> dict[str, dict]:
@@ -136,7 +136,7 @@ class KleinTwinSpec:
 
     def modules(self, trained: bool = True) -> dict:
         """Every part in memory, float32, from fixed seeds: the models, the tokenizer and the scheduler;
-        a trained twin's transformer and VAE from its shipped weights (unless ``trained=False``)."""
+        a trained twin's text encoder, transformer and VAE from its shipped weights (unless ``trained=False``)."""
         import torch
         from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
         from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -161,7 +161,7 @@ class KleinTwinSpec:
 
             trained_weights_info(self)  # a clear error if the file is missing
             state = load_file(str(trained_weights_path(self)))
-            for name, module in (("transformer", transformer), ("vae", vae)):
+            for name, module in (("text_encoder", text_encoder), ("transformer", transformer), ("vae", vae)):
                 mine = {k[len(name) + 1:]: v.float() if v.is_floating_point() else v for k, v in state.items()
                         if k.startswith(name + ".")}
                 module.load_state_dict(mine, strict=True)
@@ -182,7 +182,7 @@ class KleinTwinSpec:
 
 
 TWINS = {
-    # trained on the shapes world (helpers.families.flux2.training): its transformer and VAE; Qwen3 keeps its seeds
+    # trained on the shapes world (helpers.families.flux2.training): its text path, transformer and VAE
     "klein-tiny": KleinTwinSpec(trained="klein-tiny.safetensors"),
     # about 1.1 GB in bfloat16 (a 0.84 GB transformer 1024 wide, a 0.25 GB Qwen3 512 wide): the CPU benchmarks' model
     "klein-medium": KleinTwinSpec(hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536, flux_heads=8,
