@@ -333,3 +333,27 @@ def test_08_exercise_1_a_budget_that_holds_the_text_path_in_ram():
     assert {u.tier for c in plan.components for u in c.units} == {"cpu"}
     split = text_encoding_plan("klein-tiny", "cpu=80%,disk=100%", workload=Workload(batch=2, tokens=512))
     assert {u.tier for c in split.components for u in c.units} == {"cpu", "disk"}  # the notebook's own budget
+
+
+@pytest.mark.slow
+def test_notebook_05_runs_on_the_klein_twin():
+    """Not an exercise: notebook 05 with ``MODEL = "klein-tiny"`` (its parameters take FLUX.2 [klein]): the
+    pipeline and transformer classes come from the folder's model_index.json, no pooled embedding is
+    made, every strategy's latents equal the whole model's, and the benchmark measures klein's transformer."""
+    _run(NOTEBOOKS["05"], "\n".join([
+        'assert (Pipeline.__name__, Transformer.__name__) == ("Flux2KleinPipeline", "Flux2Transformer2DModel")',
+        'assert set(outputs) >= {"accelerate", "diffusers-group", "stream"}',
+        'assert all(float((out - whole).abs().max()) == 0 for out in outputs.values()), {k: float((v - whole).abs().max()) for k, v in outputs.items()}',
+        'assert data["model"] == "klein-tiny" and {r["strategy"] for r in data["results"]} >= {"resident", "stream"}',
+    ]), parameters='MODEL = "klein-tiny"')
+
+
+@pytest.mark.slow
+def test_notebook_06_runs_on_the_klein_twin():
+    """Not an exercise: notebook 06 with ``MODEL = "klein-tiny"``: bf16 math against float32 on klein's
+    transformer (the upcast equal to float32 weights), its fp8 copy and a Q4_0 GGUF file of it, each drawn."""
+    _run(NOTEBOOKS["06"], "\n".join([
+        'assert Transformer.__name__ == "Flux2Transformer2DModel" and same',
+        'assert runs["fp8 weights"].plan.precision.weights == "fp8" and set(file_runs) == {"q4_0"}',
+        'assert all(r.images[0].size == (WIDTH, HEIGHT) for r in [*runs.values(), *file_runs.values()])',
+    ]), parameters='MODEL = "klein-tiny"')
