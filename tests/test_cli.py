@@ -196,6 +196,7 @@ def test_folders_inside_outputs_are_made_on_demand_elsewhere_refused(tmp_path):
                       "does not exist")
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_train_twin_prints_time_losses_and_its_file_and_keeps_an_existing_one(tmp_path):
     import json
 
@@ -215,6 +216,7 @@ def test_train_twin_prints_time_losses_and_its_file_and_keeps_an_existing_one(tm
     assert not (tmp_path / "none.safetensors").exists()
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_train_twin_klein_with_the_vae_of_a_file_says_where_its_vae_came_from(tmp_path):
     """`--vae-from`: no VAE steps, so no VAE loss to print; the run says which file's VAE it took."""
     import json

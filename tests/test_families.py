@@ -62,6 +62,7 @@ def toy(tiny_folder, tmp_path):
         unregister(family)
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_a_family_added_alone_is_planned_saved_as_a_job_and_run(toy, tiny_folder, tmp_path):
     family, folder = toy
     assert resolve_model(str(folder)).family is family

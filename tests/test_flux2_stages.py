@@ -86,7 +86,7 @@ def _pixels(path_or_image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
-@pytest.mark.parametrize("offload", ["accelerate", "stream"])
+@pytest.mark.parametrize("offload", ["accelerate", pytest.param("stream", marks=pytest.mark.slow)])
 def test_generate_from_the_file_equals_the_one_piece_pipeline(klein_folder, one_piece, tmp_path, offload):
     from helpers.diffuse import diffuse_file
     from helpers.encode import encode_prompts
@@ -105,6 +105,7 @@ def test_generate_from_the_file_equals_the_one_piece_pipeline(klein_folder, one_
         assert diff.max() <= 2 and diff.mean() < 0.05
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_a_base_model_guides_against_the_files_negative_and_refuses_a_file_without_one(klein_folder, base_folder,
                                                                                       tmp_path):
     from diffusers import Flux2KleinPipeline

@@ -156,6 +156,7 @@ def _cli(*args):
     return commands.run(*args)  # in this process (tests/commands.py)
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_save_job_then_job_runs_that_plan_and_refuses_what_would_change_it(tiny_folder, tmp_path):
     emb = tmp_path / "e.safetensors"
     done = _cli("encode", f"--model={tiny_folder}", "--prompt=a green circle", "--max-sequence-length=32",

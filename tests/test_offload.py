@@ -220,6 +220,7 @@ def _descendants() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_bench_json_shape_and_equal_outputs(tmp_path):
     from helpers.bench import rows, run, title
 

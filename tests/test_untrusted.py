@@ -353,6 +353,7 @@ def test_a_stop_signal_ends_every_worker(tmp_path, good, stop, group):
     assert not [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_a_killed_convert_leaves_a_temporary_that_the_next_run_removes(tmp_path, tiny_folder):
     import subprocess
     import sys
