@@ -82,6 +82,7 @@ def test_footprint_json_for_flux_dev_needs_no_download():
     assert data["plan"]["text_encoding"]["dtype"] == "float32" and data["plan"]["diffusion"]["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_footprint_table_for_tiny_and_a_custom_budget():
     result = run("footprint", "--model", "tiny")
     assert result.returncode == 0 and "scaled to tiny as flux-dev would be split" in result.stdout

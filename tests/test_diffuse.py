@@ -183,6 +183,7 @@ def test_settings_notes_and_sizes():
     assert sheet.size == (32, 16)
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_widget_generates_and_shows_errors(tmp_path, monkeypatch, embeddings):
     import shutil
 

@@ -246,6 +246,7 @@ def test_a_jobs_stream_is_chosen_when_planning_and_loaded_as_recorded(tiny_folde
         load_diffusion(tiny_folder, greedy, offload="stream", progress=False)
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_a_job_runs_through_the_runners_with_run_time_options_only(tiny_folder, tmp_path):
     """The edge plans (``plan_job``); ``run_text_encoding`` and ``run_diffusion`` take the job and what only the
     run knows (prompts, outputs, progress), refuse inputs the job was not planned for before loading, and

@@ -138,6 +138,7 @@ def test_the_plan_carries_the_precision_and_counts_activations_in_its_compute_dt
     assert fp32.as_dict()["precision"] == {"weights": "bf16", "compute": "fp32", "why": "asked for"}
 
 
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
 def test_load_diffusion_stores_bf16_and_computes_fp32_for_both_offloads(tiny_folder):
     from helpers.activations import Workload
     from helpers.diffuse import diffusion_plan, generate, load_diffusion

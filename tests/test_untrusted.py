@@ -316,7 +316,8 @@ def test_a_stop_signal_ends_generate_as_ctrl_c_does(tmp_path, stop, group):
     assert run_.nothing_left() == ["x.safetensors"]  # stage 1's file kept, no partial image, no stage left
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", pytest.param("SIGHUP", marks=pytest.mark.slow)])
+@pytest.mark.slow  # moved to the full suite: the quick one stays within 5 minutes on 2 cores
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
 def test_a_stop_signal_ends_encode_while_it_loads(tmp_path, stop):
     signum, said = STOPS[stop]
     where = "helpers.formats.sources:read_tensor"
