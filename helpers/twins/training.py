@@ -169,6 +169,24 @@ def naming_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return loss, right
 
 
+def optimise(params: list, steps: int, lr: float, config: TrainConfig, wrap, desc: str, step_loss) -> list[float]:
+    """The loop every phase of both twins' training runs: ``steps`` AdamW steps of ``params`` (no weight
+    decay, the learning rate :func:`lr_at`, gradients clipped to norm 1), each on ``step_loss(step)``,
+    which returns ``(loss, what to record)``. Returns the records."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    records = []
+    for step in wrap(range(steps), desc=desc):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, config.warmup)
+        loss, record = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        records.append(record)
+    return records
+
+
 def learn_to_name(params: list, width: int, summary_of, labels: torch.Tensor, config: TrainConfig,
                   rng: random.Random, batch: int, wrap, desc: str) -> tuple[torch.nn.Module, list, torch.Tensor]:
     """``config.clip_steps`` steps in which a text encoder (its ``params``) learns to name the scene in a
@@ -178,17 +196,14 @@ def learn_to_name(params: list, width: int, summary_of, labels: torch.Tensor, co
     attribute was named right (``[4]``, a running mean)."""
     namer = torch.nn.Linear(width, sum(n for _, n in ATTRIBUTES))
     params = [*params, *namer.parameters()]
-    opt = torch.optim.AdamW(params, lr=config.clip_lr, weight_decay=0.0)
-    right = torch.zeros(len(ATTRIBUTES))
-    for step in wrap(range(config.clip_steps), desc=desc):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.clip_steps, config.clip_lr, config.warmup)
+
+    def step_loss(step: int):
         rows = torch.tensor(rng.choices(range(len(labels)), k=batch))
-        loss, right_now = naming_loss(namer(summary_of(rows)), labels[rows])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        return naming_loss(namer(summary_of(rows)), labels[rows])
+
+    right = torch.zeros(len(ATTRIBUTES))
+    for step, right_now in enumerate(optimise(params, config.clip_steps, config.clip_lr, config, wrap, desc,
+                                              step_loss)):
         right = 0.9 * right + 0.1 * right_now if step else right_now
     return namer, params, right
 
@@ -239,11 +254,8 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, train_scenes: list,
             meta = f.metadata()
         summary["vae_from"] = Path(config.vae_from).name
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    losses = []
-    for step in wrap(range(0 if config.vae_from else config.vae_steps), desc="1/3 VAE"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, config.warmup)
+
+    def step_loss(step: int):
         size = SIZES[1] if step % 8 == 7 else SIZES[0]
         batch = config.vae_batch if size == SIZES[0] else max(1, config.vae_batch // 4)
         x = images(rng.choices(train_scenes, k=batch), size, rng)
@@ -254,12 +266,10 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, train_scenes: list,
         err = recon - x
         rec = (weight * (err.abs() + err ** 2)).mean() / weight.mean()
         kl = posterior.kl().mean() / x[0].numel()
-        loss = rec + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(float(rec.detach()))
+        return rec + 1e-4 * kl, float(rec.detach())
+
+    losses = optimise(list(vae.parameters()), 0 if config.vae_from else config.vae_steps, config.vae_lr, config,
+                      wrap, "1/3 VAE", step_loss)
     vae.eval()
     summary["vae_loss"] = float(np.mean(losses[-50:])) if losses else None
     summary["vae_seconds"] = round(time.perf_counter() - start, 1)

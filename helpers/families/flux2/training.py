@@ -44,7 +44,7 @@ from helpers.errors import UserError
 from helpers.files import atomic_path, check_can_write
 from helpers.twins import world
 from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name, lr_at,
-                                    noise_level, scene_labels)
+                                    noise_level, optimise, scene_labels)
 
 #: klein-tiny's recipe: FLUX.1's settings where they apply; ``clip_steps`` are the text path's naming steps
 KLEIN_TRAIN = TrainConfig(vae_steps=1200, flow_steps=4000, flow_batch=16, clip_steps=250, clip_lr=3e-3)
@@ -83,21 +83,17 @@ def _train_vae(vae, config: TrainConfig, rng: random.Random, scenes: list, wrap,
         vae.load_state_dict(earlier, strict=False)
         summary["vae_from"] = Path(config.vae_from).name
     vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    losses = []
-    for step in wrap(range(0 if config.vae_from else config.vae_steps), desc="1/3 VAE"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.vae_steps, config.vae_lr, config.warmup)
+
+    def step_loss(step: int):
         x = images(rng.choices(scenes, k=config.vae_batch), SIZE, rng)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.mean + 0.1 * posterior.std * torch.randn_like(posterior.mean)).sample
         weight = 1 + config.vae_edge_weight * edges(x)
         loss = ((recon - x) ** 2 * weight).mean() + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        return loss, loss.item()
+
+    losses = optimise(list(vae.parameters()), 0 if config.vae_from else config.vae_steps, config.vae_lr, config,
+                      wrap, "1/3 VAE", step_loss)
     vae.eval()
     with torch.no_grad():  # in bfloat16, as the twin stores it: the statistics the pipeline will undo
         stored = {k: v.to(torch.bfloat16).float() for k, v in vae.state_dict().items() if v.is_floating_point()}
