@@ -43,7 +43,7 @@ import torch
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_can_write
 from helpers.twins import world
-from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name, lr_at,
+from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name,
                                     noise_level, optimise, scene_labels)
 
 #: klein-tiny's recipe: FLUX.1's settings where they apply; ``clip_steps`` are the text path's naming steps
@@ -198,15 +198,13 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
     _zero_modulation(transformer)
     transformer.train()
-    opt = torch.optim.AdamW(transformer.parameters(), lr=config.flow_lr, weight_decay=0.0)
     side = SIZE // 16
     image_ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, side, side))
     schedule = _schedule(parts["scheduler"], 4, side * side)
-    losses = []
     long_from = config.flow_steps - round(LONG_SHARE * config.flow_steps)
-    for step in wrap(range(config.flow_steps), desc="3/3 transformer"):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config.flow_steps, config.flow_lr, config.warmup)
+    losses = []
+
+    def step_loss(step: int):
         long = step >= long_from
         tokens = TOKENS if long else SHORT_TOKENS
         rows = [rng.randrange(len(scenes)) for _ in range(min(LONG_BATCH, config.flow_batch) if long
@@ -222,13 +220,13 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
                            timestep=sigma, img_ids=image_ids.expand(n, -1, -1),
                            txt_ids=text_ids[:, :tokens].expand(n, -1, -1), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
         losses.append(loss.item())
         if step % 250 == 0:
             log(f"step {step}: flow loss {np.mean(losses[-50:]):.4f}")
+        return loss, losses[-1]
+
+    optimise(list(transformer.parameters()), config.flow_steps, config.flow_lr, config, wrap, "3/3 transformer",
+             step_loss)
     transformer.eval()
     summary["flow_loss"] = float(np.mean(losses[-100:]))
 
