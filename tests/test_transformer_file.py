@@ -267,6 +267,7 @@ def test_bench_runs_a_file_and_says_so_per_result(files, tiny_folder):
                "diffusers-group", "diffusers-resident"], compute="fp32", transformer_file=path, image=False, progress=lambda _: None)
     by = {r["strategy"]: r for r in data["results"]}
     assert data["precision"]["transformer_file"]["path"] == path.name  # a name, no folder
+    assert data["model"] == tiny_folder.name  # the model folder by its name too
     assert by["resident"]["file_format"] == by["stream"]["file_format"] == "Q4_0 GGUF"
     assert by["method"]["file_format"] is None and by["method"]["weights"] == "bf16"
     assert by["stream"]["max_abs_diff_vs_resident"] == 0.0  # the file streamed = the file held
