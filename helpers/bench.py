@@ -1142,7 +1142,8 @@ class _Bench:
         config, gpu, spec = self.config, self.gpu, self.budget_spec
         model = Path(config["model"])  # a local folder by its name: no machine's path in a shared result
         return {
-            "model": model.name if model.is_absolute() else config["model"], "stage": self.stage, "component": self.component,
+            "model": model.name if model.is_absolute() else config["model"],
+            "stage": self.stage, "component": self.component,
             "component_short": self.family.component(self.component).short,
             "device": f"cuda:{gpu} ({torch.cuda.get_device_name(gpu)})" if gpu is not None else "cpu",
             "machine": machine(),
