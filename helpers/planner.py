@@ -391,6 +391,10 @@ def plan_stages(
     the reference, and gives this model room for its own activations on top, so the verdict and the
     largest size are the reference's and the split is the same. Without one, weights alone.
     """
+    if like is not None and like.family.name != fp.family.name:
+        raise UserError(f"{fp.model} cannot be planned like {like.model}: they are of different families "
+                        f"({fp.family.title}, {like.family.title}), so their blocks do not correspond. Give a twin of "
+                        f"{like.family.title} ({', '.join(like.family.twins)}).")
     plans = {}
     for name in stages:
         stage = fp.stage(name)

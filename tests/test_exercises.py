@@ -165,6 +165,24 @@ def test_01_exercise_5_the_medium_twin_splits_at_the_same_blocks():
          parameters='MODEL = "medium"')
 
 
+@pytest.mark.slow
+def test_01_exercise_6_klein_4b_measured_the_same_way():
+    """klein 4B through every section: its classes from the configs, Qwen3-4B's head untied in a fresh skeleton
+    (1.45 GiB too many in float32) and tied after the fix, the base sibling the same network, the twin's split."""
+    _run(NOTEBOOKS["01"], "\n".join([
+        'assert (Transformer.__name__, Encoder.__name__) == ("Flux2Transformer2DModel", "Qwen3ForCausalLM")',
+        'assert set(diff) == {"text_encoder", "transformer", "vae"} and set(diff.values()) == {0}',
+        'assert SIBLING[REAL] == "flux2-klein-base-4b"',
+        'with init_empty_weights():\n    fresh = Encoder(transformers.AutoConfig.for_model(**configs[encoder_name]))',
+        'assert sum(p.numel() for p in fresh.parameters()) == 4_411_424_256  # the trap: the head counted apart',
+        'fresh.tie_weights()',
+        'assert fresh.lm_head.weight is fresh.model.embed_tokens.weight',
+        'assert sum(p.numel() for p in fresh.parameters()) == 4_022_468_096',
+        'assert all(r[f"{REAL} units"] == r[f"{MODEL} units"] for r in rows), rows',
+        'assert {r["component"] for r in rows} >= {"text_encoder", "transformer"}',
+    ]), parameters='REAL = "flux2-klein-4b"\nMODEL = "klein-tiny"')
+
+
 # ---------------------------------------------------------------- 02
 
 @pytest.mark.slow

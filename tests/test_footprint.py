@@ -190,6 +190,18 @@ def test_tiny_splits_exactly_like_the_real_model(dev, tiny, budget):
             assert tier == "disk" or nbytes <= twin[stage].budget[tier]
 
 
+def test_klein_tiny_splits_like_klein_4b_and_a_twin_of_another_family_is_refused(tiny):
+    real, twin = footprint("flux2-klein-4b"), footprint("klein-tiny")
+    dtypes = {"text_encoding": "fp32", "diffusion": "bf16"}  # notebook 01's: the text path splits GPU 0 and RAM
+    planned, like = plan_stages(real, METHOD_BUDGET, dtypes=dtypes), plan_stages(twin, METHOD_BUDGET, dtypes=dtypes, like=real)
+    for stage in STAGES:
+        for a, b in zip(planned[stage].components, like[stage].components):
+            assert [u.tier for u in a.units] == [u.tier for u in b.units], (stage, a.component)
+    assert set(planned["text_encoding"].tier_bytes()) == {0, "cpu"}
+    with pytest.raises(UserError, match="different families .*Give a twin of FLUX.2 \\[klein\\] \\(klein-tiny"):
+        plan_stages(tiny, METHOD_BUDGET, like=real)  # FLUX.1's twin has no Qwen3 to split like klein's
+
+
 def test_shares_are_of_the_stage(tiny):
     plans = plan_stages(tiny, "0=40%,cpu=100%")
     for name, plan in plans.items():
