@@ -17,11 +17,12 @@ pictures rendered as they go:
    caption's scene is in each of its 480-odd pad tokens, where the transformer's attention finds it.
    Every caption is then encoded once, as stage 1 encodes it (the chat template, 512 tokens, in bfloat16
    as the twin stores it);
-3. the transformer learns rectified flow on the normalised latents (predict noise minus image), with
-   the pipeline's own position ids for text and image, noise levels leaning to the top as FLUX.1's did:
-   first on the captions' first :data:`SHORT_TOKENS` tokens (their words and 30-odd pads, which the
-   causal text path computes alike at any padded length; 6.6x faster a step than 512), then the last
-   :data:`LONG_SHARE` of its steps on all 512, as the pipeline hands them over.
+3. the transformer (as wide as its 128-channel patches: a narrower one cannot see all of a noisy latent,
+   and leaves noise in what it draws) learns rectified flow on the normalised latents (predict noise
+   minus image), with the pipeline's own position ids for text and image, noise levels leaning to the
+   top as FLUX.1's did: first on the captions' first :data:`SHORT_TOKENS` tokens (their words and 30-odd
+   pads, which the causal text path computes alike at any padded length; nearly 8x faster a picture
+   than 512), then the last :data:`LONG_SHARE` of its steps on all 512, as the pipeline hands them over.
 
 The held-out colour pairs are never shown. The result is one safetensors file of bfloat16 weights
 (text encoder, transformer and VAE, the VAE's ``bn`` statistics included) with a summary of the run in

@@ -94,8 +94,9 @@ class KleinTwinSpec:
     head_dim: int = 8
     intermediate: int = 64
     layers: int = 36
-    flux_heads: int = 4  # 64 wide: at 32 (two heads) it learned the background and little else
-    flux_head_dim: int = 16  # four rope axes of a quarter of it
+    flux_heads: int = 4  # 128 wide, as wide as its 128-channel patches (see flux_head_dim)
+    flux_head_dim: int = 32  # four rope axes of a quarter of it; narrower than the patches, the transformer
+    # cannot see all of a noisy latent, and the noise it cannot see stays in the picture it draws
     double: int = 5
     single: int = 20
     vae_channels: tuple[int, int, int, int] = (16, 16, 32, 32)
