@@ -1,10 +1,11 @@
-"""The tiny twin's gallery: the tests' 24 prompts x 3 seeds and 12 held-out prompts, drawn and read back.
+"""The trained twins' gallery: the tests' 24 prompts x 3 seeds and 12 held-out prompts, drawn and read back.
 
     .venv/bin/python scripts/gallery.py        # writes docs/gallery/ (PNG sheets and README.md)
 
-Uses the shipped trained weights (it builds the tiny twin if needed) at the notebooks' defaults
-(64x64, 4 steps, guidance 3.5, bfloat16, T5 padded to 512 tokens). The tables are the detector's
-reading of each picture.
+Uses the shipped trained weights (it builds the twins if needed) at the notebooks' defaults: ``tiny``
+(FLUX.1) at 64x64, 4 steps, guidance 3.5, bfloat16, T5 padded to 512 tokens; ``klein-tiny`` (FLUX.2
+[klein]) the same without guidance (it is distilled), Qwen3's text path padded to 512 tokens. The tables
+are the detector's reading of each picture.
 """
 
 from __future__ import annotations
@@ -46,16 +47,23 @@ def main() -> int:
     start = time.perf_counter()
     prompts = world.sample_prompts(24, seed=1)
     held = world.sample_prompts(12, seed=2, held_out=True)
-    lines = ["# What the tiny twin draws", "",
+    lines = ["# What the trained twins draw", "",
              "Made by `scripts/gallery.py` with the shipped weights: the one-piece `FluxPipeline` at the notebooks' "
              "defaults (64x64, 4 steps, guidance 3.5, bfloat16), each picture enlarged 2x. The detector "
              "(`helpers.twins.world.detect`) reads each picture back: the background's colour from the border, the shape's colour from the pixels that "
              "differ, the shape from how much of its bounding box it fills, the place from its centre. The same "
-             "prompts and bars are in `tests/test_world.py`.", ""]
+             "prompts and bars are in `tests/test_world.py` (FLUX.1) and `tests/test_klein_twin.py` (klein).", ""]
     drawn = world.draw(folder, prompts, SEEDS, dtype=torch.bfloat16)
-    lines += section("24 prompts of the grammar", "prompts", drawn, prompts)
-    lines += section("12 prompts with held-out colour pairs (never seen in training)", "held-out",
+    lines += section("tiny (FLUX.1): 24 prompts of the grammar", "prompts", drawn, prompts)
+    lines += section("tiny (FLUX.1): 12 prompts with held-out colour pairs (never seen in training)", "held-out",
                      world.draw(folder, held, SEEDS, dtype=torch.bfloat16), held)
+    klein = build_twin("klein-tiny")
+    lines += ["The same prompts drawn by `klein-tiny` (FLUX.2 [klein]: `Flux2KleinPipeline`, 4 steps without "
+              "guidance).", ""]
+    lines += section("klein-tiny (FLUX.2 [klein]): 24 prompts of the grammar", "klein-prompts",
+                     world.draw(klein, prompts, SEEDS, guidance=1.0, dtype=torch.bfloat16), prompts)
+    lines += section("klein-tiny (FLUX.2 [klein]): 12 prompts with held-out colour pairs", "klein-held-out",
+                     world.draw(klein, held, SEEDS, guidance=1.0, dtype=torch.bfloat16), held)
     (OUT / "README.md").write_text("\n".join(lines))
     print(f"wrote {OUT.relative_to(ROOT)} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
