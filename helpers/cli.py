@@ -920,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-twin",
-        help="train the tiny twin on the shapes world (CPU, seeded, about 30 minutes on 2 cores)",
+        help="train a twin on the shapes world (CPU, seeded; on 2 cores tiny about 25 minutes, klein-tiny about an hour)",
         description="Train the tiny twin: its VAE, then its transformer with CLIP, on pictures of the shapes "
         "world rendered as it goes (helpers.twins.world; the held-out colour pairs never shown), seeded, and write CLIP, "
         "transformer and VAE in bfloat16 to --out. Prints the time and the final losses on stderr and the file on "
