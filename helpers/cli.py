@@ -573,7 +573,7 @@ def _cmd_train_twin(args: argparse.Namespace) -> int:
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     log(f"training the {args.twin} twin on the shapes world: {config.vae_steps} VAE steps, {config.flow_steps} "
         f"transformer steps, seed {config.seed}, {os.cpu_count()} CPU cores "
-        f"({'about 30 minutes' if klein else '25-32 minutes'} on 2)")
+        f"({'about an hour' if klein else '25-32 minutes'} on 2)")
     if klein:
         summary = train_klein(out, config, progress=tqdm, log=log, overwrite=args.overwrite)
     else:

@@ -15,14 +15,15 @@ pictures rendered as they go:
    so "a red circle on a blue background" and "a blue circle on a red background" differed only in where
    two words sat, and the transformer learned little beyond the background (44%). Named in the pads, every
    caption's scene is in each of its 480-odd pad tokens, where the transformer's attention finds it.
-   Every caption is then encoded once, as stage 1 encodes it (the chat template, 512 tokens, in bfloat16
-   as the twin stores it);
 3. the transformer (as wide as its 128-channel patches: a narrower one cannot see all of a noisy latent,
    and leaves noise in what it draws) learns rectified flow on the normalised latents (predict noise
    minus image), with the pipeline's own position ids for text and image, noise levels leaning to the
    top as FLUX.1's did: first on the captions' first :data:`SHORT_TOKENS` tokens (their words and 30-odd
    pads, which the causal text path computes alike at any padded length; nearly 8x faster a picture
-   than 512), then the last :data:`LONG_SHARE` of its steps on all 512, as the pipeline hands them over.
+   than 512), the text path training along as the FLUX.1 twin's CLIP does (the flow loss reaches it, and
+   it goes on naming the scene); then every caption is encoded once, as stage 1 encodes it (the chat
+   template, 512 tokens, in bfloat16 as the twin stores it), and the last :data:`LONG_SHARE` of the steps
+   read those, as the pipeline hands them over.
 
 The held-out colour pairs are never shown. The result is one safetensors file of bfloat16 weights
 (text encoder, transformer and VAE, the VAE's ``bn`` statistics included) with a summary of the run in
@@ -44,7 +45,7 @@ import torch
 from helpers.errors import UserError
 from helpers.files import atomic_path, check_can_write
 from helpers.twins import world
-from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name,
+from helpers.twins.training import (ATTRIBUTES, TrainConfig, bf16_round, edges, images, learn_to_name, naming_loss,
                                     noise_level, optimise, scene_labels)
 
 #: klein-tiny's recipe: FLUX.1's settings where they apply; ``clip_steps`` are the text path's naming steps
@@ -125,43 +126,66 @@ def _chat(tokenizer, caption: str) -> str:
                                          add_generation_prompt=True, enable_thinking=False)
 
 
-def _train_text_path(parts: dict, config: TrainConfig, rng: random.Random, scenes: list, wrap, summary: dict,
-                     log) -> None:
+class _TextPath:
+    """The text path as stage 1 runs it (Qwen3's embeddings and layers 1-27; the later layers cut, the final
+    norm a no-op: the last hidden state the model returns is its normed output, and the pipeline reads layer
+    27's own, before layer 28), trainable: the captions' chat-template tokens at :data:`SHORT_TOKENS`, and
+    what the pads say of each scene."""
+
+    def __init__(self, parts: dict, scenes: list) -> None:
+        from helpers.families.flux2 import HIDDEN_STATES
+
+        self.text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
+        self.tokens = tokenizer([_chat(tokenizer, s.caption) for s in scenes], padding="max_length",
+                                max_length=SHORT_TOKENS, truncation=True, return_tensors="pt")
+        if bool(self.tokens.attention_mask[:, -1].any()):
+            raise UserError(f"a caption fills all {SHORT_TOKENS} tokens: it leaves no pads to name the scene in.")
+        self.labels = scene_labels(scenes)
+        self.layers = HIDDEN_STATES
+        self.width = len(HIDDEN_STATES) * self.text_encoder.config.hidden_size
+        self.namer = None
+
+    @property
+    def body(self):
+        return self.text_encoder.model
+
+    def cut(self) -> None:
+        body = self.body
+        self._kept = body.layers, body.norm
+        body.layers, body.norm = body.layers[:max(self.layers)], torch.nn.Identity()
+        body.train()
+
+    def restore(self) -> None:
+        self.body.layers, self.body.norm = self._kept
+        self.text_encoder.eval()
+
+    def parameters(self) -> list:
+        return [*self.body.parameters(), *self.namer.parameters()]
+
+    def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [batch, SHORT_TOKENS, 3 x hidden], the pads' mean [batch, 3 x hidden])``."""
+        mask = self.tokens.attention_mask[rows]
+        out = self.body(input_ids=self.tokens.input_ids[rows], attention_mask=mask, output_hidden_states=True,
+                        use_cache=False)
+        states = torch.cat([out.hidden_states[k] for k in self.layers], dim=-1)
+        pads = (1 - mask).to(states.dtype)[..., None]
+        return states, (states * pads).sum(1) / pads.sum(1)
+
+
+def _train_text_path(text: _TextPath, config: TrainConfig, rng: random.Random, wrap, summary: dict, log) -> None:
     """Phase 2a: the text path learns to name the scene in its pads (see the module's docstring), at
     :data:`SHORT_TOKENS` tokens; the layers past the 27th, never run by stage 1, keep their seeds."""
-    from helpers.families.flux2 import HIDDEN_STATES
-
-    text_encoder, tokenizer = parts["text_encoder"], parts["tokenizer"]
-    tokens = tokenizer([_chat(tokenizer, s.caption) for s in scenes], padding="max_length", max_length=SHORT_TOKENS,
-                       truncation=True, return_tensors="pt")
-    if bool(tokens.attention_mask[:, -1].any()):
-        raise UserError(f"a caption fills all {SHORT_TOKENS} tokens: it leaves no pads to name the scene in.")
-    labels = scene_labels(scenes)
-    body = text_encoder.model
-    every, norm = body.layers, body.norm
-    # the text path only, as stage 1 runs it: the later layers cut, the final norm a no-op (the last hidden
-    # state the model returns is its normed output; the pipeline reads layer 27's own, before layer 28)
-    body.layers, body.norm = every[:max(HIDDEN_STATES)], torch.nn.Identity()
-    body.train()
-
-    def pads_mean(rows: torch.Tensor) -> torch.Tensor:  # [batch, 3 x hidden]: what the pads say of the scene
-        out = body(input_ids=tokens.input_ids[rows], attention_mask=tokens.attention_mask[rows],
-                   output_hidden_states=True, use_cache=False)
-        states = torch.cat([out.hidden_states[k] for k in HIDDEN_STATES], dim=-1)
-        pads = (1 - tokens.attention_mask[rows]).to(states.dtype)[..., None]
-        return (states * pads).sum(1) / pads.sum(1)
-
-    _, _, right = learn_to_name(list(body.parameters()), len(HIDDEN_STATES) * text_encoder.config.hidden_size,
-                                pads_mean, labels, config, rng, 32, wrap, "2/3 text path names the scene")
-    body.layers, body.norm = every, norm
-    text_encoder.eval()
+    text.cut()
+    text.namer, _, right = learn_to_name(list(text.body.parameters()), text.width, lambda rows: text(rows)[1],
+                                         text.labels, config, rng, 32, wrap, "2/3 text path names the scene")
+    text.restore()
     summary["text_path_named"] = {name: round(float(r), 3) for (name, _), r in zip(ATTRIBUTES, right)}
     if config.clip_steps:
         log("text path: its pads name " + ", ".join(f"{k} {v:.0%}" for k, v in summary["text_path_named"].items()))
 
 
 def _encode_captions(parts: dict, captions: list[str], wrap) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2b: every caption as stage 1 hands it over (the text path in bfloat16, the file's bfloat16)."""
+    """Every caption as stage 1 hands it over (the text path in bfloat16, the file's bfloat16)."""
     from diffusers import Flux2KleinPipeline
 
     from helpers.families.flux2 import HIDDEN_STATES
@@ -171,7 +195,7 @@ def _encode_captions(parts: dict, captions: list[str], wrap) -> tuple[torch.Tens
                               tokenizer=parts["tokenizer"])
     chunks = []
     with torch.no_grad():
-        for i in wrap(range(0, len(captions), 32), desc="2/3 text path, 512 tokens"):
+        for i in wrap(range(0, len(captions), 32), desc="3/3 text path, 512 tokens"):
             embeds, _ = pipe.encode_prompt(captions[i:i + 32], device="cpu", max_sequence_length=TOKENS,
                                            text_encoder_out_layers=HIDDEN_STATES)
             chunks.append(embeds.to(torch.bfloat16))
@@ -189,9 +213,12 @@ def _schedule(scheduler, steps: int, image_tokens: int) -> list[float]:
     return [float(s) for s in scheduler.sigmas[:-1]]
 
 
-def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, config: TrainConfig, rng: random.Random,
-                scenes: list, wrap, summary: dict, log) -> None:
-    """Phase 3: rectified flow on the VAE's normalised latents, the captions' embeddings as the text."""
+def _train_flow(parts: dict, text: _TextPath, config: TrainConfig, rng: random.Random, scenes: list, wrap,
+                summary: dict, log) -> None:
+    """Phase 3: rectified flow on the VAE's normalised latents. On the short steps the text path trains
+    along (the flow loss reaches it, and it keeps naming the scene in its pads, ``config.name_weight``), as
+    the FLUX.1 twin's CLIP trains with its transformer; then every caption is encoded once at 512 tokens
+    as stage 1 hands it over, and the long steps read those, the text path as the file stores it."""
     from diffusers import Flux2KleinPipeline
 
     vae, transformer = parts["vae"], parts["transformer"]
@@ -203,13 +230,18 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
     image_ids = Flux2KleinPipeline._prepare_latent_ids(torch.zeros(1, 1, side, side))
     schedule = _schedule(parts["scheduler"], 4, side * side)
     long_from = config.flow_steps - round(LONG_SHARE * config.flow_steps)
-    losses = []
+    losses, named = [], []
+    held: dict = {}  # the 512-token embeddings, once the text path stops learning
+    text.cut()
 
     def step_loss(step: int):
         long = step >= long_from
+        if long and not held:
+            text.restore()
+            held["embeds"], held["text_ids"] = _encode_captions(parts, [s.caption for s in scenes], wrap)
         tokens = TOKENS if long else SHORT_TOKENS
-        rows = [rng.randrange(len(scenes)) for _ in range(min(LONG_BATCH, config.flow_batch) if long
-                                                           else config.flow_batch)]
+        rows = torch.tensor([rng.randrange(len(scenes)) for _ in range(min(LONG_BATCH, config.flow_batch) if long
+                                                                        else config.flow_batch)])
         with torch.no_grad():
             z = _patchify(vae.encode(images([scenes[r] for r in rows], SIZE, rng)).latent_dist.mean)
             x0 = Flux2KleinPipeline._pack_latents((z - mean) / std)
@@ -217,19 +249,30 @@ def _train_flow(parts: dict, embeds: torch.Tensor, text_ids: torch.Tensor, confi
         noise = torch.randn_like(x0)
         xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
         n = len(rows)
-        pred = transformer(hidden_states=bf16_round(xt), encoder_hidden_states=embeds[rows, :tokens].float(),
-                           timestep=sigma, img_ids=image_ids.expand(n, -1, -1),
-                           txt_ids=text_ids[:, :tokens].expand(n, -1, -1), return_dict=False)[0]
+        if long:
+            words, text_ids, name_loss = held["embeds"][rows].float(), held["text_ids"][:, :tokens], None
+        else:
+            words, pads = text(rows)
+            words, text_ids = bf16_round(words), Flux2KleinPipeline._prepare_text_ids(words[:1])
+            name_loss, _ = naming_loss(text.namer(pads), text.labels[rows])
+            named.append(name_loss.item())
+        pred = transformer(hidden_states=bf16_round(xt), encoder_hidden_states=words, timestep=sigma,
+                           img_ids=image_ids.expand(n, -1, -1), txt_ids=text_ids.expand(n, -1, -1),
+                           return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
         losses.append(loss.item())
         if step % 250 == 0:
-            log(f"step {step}: flow loss {np.mean(losses[-50:]):.4f}")
-        return loss, losses[-1]
+            log(f"step {step}: flow loss {np.mean(losses[-50:]):.4f}"
+                + (f", naming loss {np.mean(named[-50:]):.3f}" if named and not long else ""))
+        return (loss if name_loss is None else loss + config.name_weight * name_loss), losses[-1]
 
-    optimise(list(transformer.parameters()), config.flow_steps, config.flow_lr, config, wrap, "3/3 transformer",
-             step_loss)
+    optimise([*transformer.parameters(), *text.parameters()], config.flow_steps, config.flow_lr, config, wrap,
+             "3/3 transformer + text path", step_loss)
+    if not held:  # no long steps: the text path as it ends is the file's
+        text.restore()
     transformer.eval()
     summary["flow_loss"] = float(np.mean(losses[-100:]))
+    summary["name_loss"] = float(np.mean(named[-100:])) if named else None
 
 
 def train_klein(out: str | os.PathLike, config: TrainConfig = KLEIN_TRAIN, progress=None, log=print,
@@ -253,11 +296,11 @@ def train_klein(out: str | os.PathLike, config: TrainConfig = KLEIN_TRAIN, progr
     start = time.perf_counter()
     _train_vae(parts["vae"], config, rng, scenes, wrap, summary, log)
     torch.manual_seed(config.seed + 1)  # the text path's phase on its own draws too
-    _train_text_path(parts, config, random.Random(config.seed + 1), scenes, wrap, summary, log)
-    embeds, text_ids = _encode_captions(parts, [s.caption for s in scenes], wrap)
+    text = _TextPath(parts, scenes)
+    _train_text_path(text, config, random.Random(config.seed + 1), wrap, summary, log)
     torch.manual_seed(config.seed + 2)  # the transformer's phase on its own draws: a VAE from an earlier file
     flow = random.Random(config.seed + 2)  # (--vae-from) gives the same weights as one trained here
-    _train_flow(parts, embeds, text_ids, config, flow, scenes, wrap, summary, log)
+    _train_flow(parts, text, config, flow, scenes, wrap, summary, log)
     summary["seconds"] = round(time.perf_counter() - start, 1)
 
     tensors = {f"{c}.{name}": (t.detach().to(torch.bfloat16) if t.is_floating_point() else t.detach()).contiguous()
