@@ -240,6 +240,18 @@ def resolve_model(name: str | ModelRef | None = None) -> ModelRef:
     )
 
 
+def shipped_model(name: str | ModelRef) -> ModelRef:
+    """A real model whose published configs ship with ``helpers`` (``flux-dev``, ``flux2-klein-4b``, ...):
+    what a footprint of the real thing reads, with no download. Anything else (a twin, a folder, another
+    hub id) is a :class:`UserError` that names them."""
+    ref = resolve_model(name)
+    if ref.kind != "hub" or ref.repo_id not in ref.family.shipped:
+        shipped = [short for f in families() for short, repo in f.names.items() if repo in f.shipped]
+        raise UserError(f"{ref.name!r} is not a real model whose configs ship with helpers; name one of "
+                        f"{', '.join(shipped)} (a twin or a folder is planned by MODEL, not measured as REAL).")
+    return ref
+
+
 def hub_patterns(components: tuple[str, ...] | list[str] | None = None, configs=(), family=None) -> list[str]:
     """The files to fetch for ``components`` only (all by default), never the single-file checkpoints;
     of ``configs``, only their ``config.json`` (a transformer whose weights come from a file of its own)."""

@@ -424,3 +424,27 @@ def test_random_t5_stores_its_shared_embedding_once(tmp_path):
             assert torch.equal(whole(ids).last_hidden_state, model(ids).last_hidden_state)
     finally:
         streamer.close()
+
+
+def test_shipped_model_is_a_published_model_with_configs_here_else_a_user_error_naming_them(tmp_path, tiny_folder):
+    """Notebook 01's REAL: a twin, a folder or an unknown hub id used to fail in its first footprint cell with a
+    bare ``KeyError: None``; now the parameters are refused with the names that work, and its SIBLING table holds
+    exactly those."""
+    import nbformat
+
+    from helpers.families import families
+    from helpers.models import shipped_model
+
+    shipped = sorted(short for f in families() for short, repo in f.names.items() if repo in f.shipped)
+    assert {"flux-dev", "flux-schnell", "flux2-klein-4b", "flux2-klein-9b"} <= set(shipped)
+    for name in shipped:
+        ref = shipped_model(name)
+        assert ref.repo_id in ref.family.shipped
+    for name in ("tiny", "klein-tiny", str(tiny_folder), "someone/flux-finetune"):
+        with pytest.raises(UserError) as err:
+            shipped_model(name)
+        assert all(short in str(err.value) for short in shipped), str(err.value)
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "01_memory-footprint.ipynb", as_version=4)
+    cell = next(c.source for c in nb.cells if c.source.startswith("SIBLING = "))
+    sibling = eval(cell[len("SIBLING = "):cell.index("}") + 1])  # noqa: S307 - our own notebook's literal
+    assert sorted(sibling) == shipped and set(sibling.values()) == set(shipped)
