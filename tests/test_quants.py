@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers.errors import UserError
+from helpers.formats import quants
 from helpers.formats.quants import TYPES, dequantize, quant_type, quantize, quantize_q6_k
 from helpers.formats.sources import read_weights_file
 
@@ -22,9 +23,10 @@ FACTORS = {"Q8_0": [0], "Q2_K": [80, 82], "Q3_K": [108], "Q4_0": [0], "Q4_1": [0
 
 
 @pytest.mark.parametrize("name", sorted(FACTORS))
-def test_every_block_type_decodes_to_the_reference_values(name):
+def test_every_block_type_decodes_to_the_reference_values(name, monkeypatch):
     """Random blocks (every bit pattern of the quants, finite factors): the same float32 values as
-    gguf's numpy reference, bit for bit, and bf16 those rounded once."""
+    gguf's numpy reference, bit for bit, and bf16 those rounded once (also decoded into a bf16 ``out``
+    slice by slice through the float32 scratch, here of 2 blocks, so 15 blocks take 8 slices)."""
     t, rng = TYPES[name], np.random.default_rng(len(name))
     rows, cols = 5, 3 * t.block
     raw = rng.integers(0, 256, (rows, cols // t.block, t.nbytes), dtype=np.uint8)
@@ -39,6 +41,11 @@ def test_every_block_type_decodes_to_the_reference_values(name):
     out = torch.full((rows, cols), float("nan"))  # decoded straight into it (Q8_0, Q4_0) or copied: the same bits
     assert dequantize(torch.from_numpy(raw.copy()), t, (rows, cols), out=out) is out
     assert np.array_equal(out.numpy(), expected)
+    monkeypatch.setattr(quants, "_SCRATCH_VALUES", 2 * t.block)
+    for dtype in (torch.bfloat16, torch.float32):
+        out = torch.full((rows, cols), float("nan"), dtype=dtype)
+        assert dequantize(torch.from_numpy(raw.copy()), t, (rows, cols), out=out) is out
+        assert torch.equal(out, torch.from_numpy(expected).to(dtype))
 
 
 @pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])

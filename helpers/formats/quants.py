@@ -205,6 +205,24 @@ def _into_q4_0(b, out):
 #: Q4_0 1.7x the speed of decoding then copying, on 2 cores)
 _INTO = {"Q8_0": _into_q8_0, "Q4_0": _into_q4_0}
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+#: values a CPU decodes at a time into another dtype (bfloat16): a float32 scratch of 1 MiB, reused, stays in
+#: cache and is never paged in afresh, where a float32 copy of the whole tensor is (a 3072x3072 Q8_0 weight
+#: into bfloat16: see docs/benchmarks/README.md)
+_SCRATCH_VALUES = 1 << 18
+
+
+def _through_scratch(blocks: torch.Tensor, qtype: QuantType, out: torch.Tensor) -> None:
+    """Decode ``blocks`` into ``out`` (blocks x values, any float dtype) a slice at a time through one float32
+    scratch: the float32 values of :data:`_INTO` / :data:`_BLOCKS`, each rounded once, as ``copy_`` rounds them."""
+    step = max(1, _SCRATCH_VALUES // qtype.block)
+    scratch = torch.empty(min(step, len(blocks)), qtype.block, dtype=torch.float32)
+    for i in range(0, len(blocks), step):
+        part, values = blocks[i:i + step], scratch[:min(step, len(blocks) - i)]
+        if qtype.name in _INTO:
+            _INTO[qtype.name](part, values)
+        else:
+            values.copy_(_BLOCKS[qtype.name](part).view(-1, qtype.block))
+        out[i:i + step].copy_(values)
 
 
 def tensor_bytes(qtype: QuantType, shape) -> int:
@@ -227,6 +245,9 @@ def dequantize(raw: torch.Tensor, qtype: QuantType | str, shape, dtype: torch.dt
         raise ValueError(f"{qtype.name} {tuple(shape)} takes {need} bytes, not {raw.numel()} of {raw.dtype}")
     if out is not None and qtype.name in _INTO and out.dtype == torch.float32 and out.is_contiguous():
         _INTO[qtype.name](raw.reshape(-1, qtype.nbytes), out)
+        return out
+    if out is not None and qtype.name not in _PLAIN and raw.device.type == "cpu" and out.is_contiguous():
+        _through_scratch(raw.reshape(-1, qtype.nbytes), qtype, out.view(-1, qtype.block))
         return out
     if qtype.name in _PLAIN:
         values = raw.view(_PLAIN[qtype.name]).reshape(shape)
