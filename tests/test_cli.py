@@ -232,3 +232,8 @@ def test_train_twin_klein_with_the_vae_of_a_file_says_where_its_vae_came_from(tm
     summary = json.loads(done.stdout)
     assert summary["vae_from"] == vae.name and summary["vae_loss"] is None and out.is_file()
     assert f"final losses: VAE from {vae}, flow" in done.stderr
+    from safetensors import safe_open
+
+    with safe_open(out, framework="pt") as f:  # the file names the earlier one, not where it lay
+        stored = json.loads(f.metadata()["summary"])
+    assert stored["config"]["vae_from"] == stored["vae_from"] == vae.name, stored["config"]

@@ -56,7 +56,7 @@ TRAINED_COMPONENTS = ("text_encoder", "transformer", "vae")
 TOKENS = 512
 SHORT_TOKENS = 64
 #: the share of the transformer's steps on all 512 tokens (the last ones), and their batch
-LONG_SHARE = 0.1
+LONG_SHARE = 0.25
 LONG_BATCH = 8
 SIZE = 64
 
@@ -291,7 +291,9 @@ def train_klein(out: str | os.PathLike, config: TrainConfig = KLEIN_TRAIN, progr
     rng = random.Random(config.seed)
     scenes = world.scenes(held_out=False)[:config.max_scenes]
     parts = TWINS["klein-tiny"].modules(trained=False)
-    summary: dict = {"config": asdict(config), "scenes": len(scenes), "torch": torch.__version__,
+    recipe = asdict(config)  # an earlier file by its name: the weights file does not carry where it lay
+    recipe["vae_from"] = Path(config.vae_from).name if config.vae_from else None
+    summary: dict = {"config": recipe, "scenes": len(scenes), "torch": torch.__version__,
                      "held_out_pairs": [list(p) for p in world.HELD_OUT], "threads": torch.get_num_threads()}
     start = time.perf_counter()
     _train_vae(parts["vae"], config, rng, scenes, wrap, summary, log)
