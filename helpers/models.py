@@ -248,7 +248,7 @@ def shipped_model(name: str | ModelRef) -> ModelRef:
     if ref.kind != "hub" or ref.repo_id not in ref.family.shipped:
         shipped = [short for f in families() for short, repo in f.names.items() if repo in f.shipped]
         raise UserError(f"{ref.name!r} is not a real model whose configs ship with helpers; name one of "
-                        f"{', '.join(shipped)} (a twin or a folder is planned by MODEL, not measured as REAL).")
+                        f"{', '.join(shipped)} (a twin or a folder holds its own configs: footprint() measures it as it is).")
     return ref
 
 

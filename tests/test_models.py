@@ -426,7 +426,7 @@ def test_random_t5_stores_its_shared_embedding_once(tmp_path):
         streamer.close()
 
 
-def test_shipped_model_is_a_published_model_with_configs_here_else_a_user_error_naming_them(tmp_path, tiny_folder):
+def test_shipped_model_is_a_published_model_with_configs_here_else_a_user_error_naming_them(tiny_folder):
     """Notebook 01's REAL: a twin, a folder or an unknown hub id used to fail in its first footprint cell with a
     bare ``KeyError: None``; now the parameters are refused with the names that work, and its SIBLING table holds
     exactly those."""
